@@ -1,0 +1,38 @@
+"""Shared test set-up.
+
+Triton kernels run on CPU only under the interpreter, and TRITON_INTERPRET must be set before any kernel
+module is imported: this conftest is imported first, so it sets it here when there is no CUDA device.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SCANET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def wiki_root() -> Path:
+    root = SHARED_DATA / "wiki"
+    if not (root / "trainset_txt_img_cat.list").exists():
+        pytest.skip(f"real Eng-Wiki data not found at {root} (set SCANET_SHARED_DATA)")
+    return root
+
+
+def devices():
+    """Devices a kernel test runs on: CPU (interpreted Triton) always, CUDA when present."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
