@@ -1,0 +1,92 @@
+"""The word graph: kNN by cosine of word embeddings -> symmetric weights -> normalized Laplacian -> L~.
+
+Prepared once per dataset (PyG's ChebConv and cnn_graph do the same): the propagation only ever sees L~ in CSR.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+
+
+def knn_graph(embeddings: np.ndarray, k: int = 8, chunk: int = 2048) -> sp.csr_matrix:
+    """Symmetric weighted adjacency of the k nearest neighbours by cosine distance.
+
+    Weights follow cnn_graph (Defferrard et al.): w_ij = exp(-d_ij^2 / sigma^2), d the cosine distance and
+    sigma the mean distance to the k-th neighbour. Symmetrized by max(W, W^T): j in kNN(i) or i in kNN(j).
+    """
+    X = np.asarray(embeddings, dtype=np.float32)
+    V = X.shape[0]
+    if V < 2:
+        return sp.csr_matrix((V, V), dtype=np.float32)
+    k = min(k, V - 1)
+    Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    rows = np.repeat(np.arange(V), k)
+    cols = np.empty(V * k, np.int64)
+    dist = np.empty(V * k, np.float32)
+    for s in range(0, V, chunk):                     # chunks bound memory at chunk x V similarities
+        sim = Xn[s:s + chunk] @ Xn.T
+        np.fill_diagonal(sim[:, s:s + chunk], -np.inf)   # no self neighbour
+        nn_idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        nn_sim = np.take_along_axis(sim, nn_idx, axis=1)
+        order = np.argsort(-nn_sim, axis=1, kind="stable")
+        cols[s * k:(s + len(sim)) * k] = np.take_along_axis(nn_idx, order, axis=1).ravel()
+        dist[s * k:(s + len(sim)) * k] = np.clip(1.0 - np.take_along_axis(nn_sim, order, axis=1), 0, 2).ravel()
+    sigma = float(dist.reshape(V, k)[:, -1].mean()) or 1.0
+    w = np.exp(-(dist / sigma) ** 2).astype(np.float32)
+    W = sp.csr_matrix((w, (rows, cols)), shape=(V, V))
+    W = W.maximum(W.T).tocsr()
+    W.sort_indices()
+    return W
+
+
+def normalized_laplacian(adjacency: sp.spmatrix) -> sp.csr_matrix:
+    """L = I - D^{-1/2} W D^{-1/2}. An isolated vertex gets L_ii = 1 (its D^{-1/2} is taken as 0)."""
+    W = sp.csr_matrix(adjacency, dtype=np.float64)
+    d = np.asarray(W.sum(axis=1)).ravel()
+    inv_sqrt = np.zeros_like(d)
+    inv_sqrt[d > 0] = 1.0 / np.sqrt(d[d > 0])
+    Dm = sp.diags(inv_sqrt)
+    L = sp.identity(W.shape[0], format="csr") - Dm @ W @ Dm
+    L = sp.csr_matrix(L)
+    L.sort_indices()
+    return L
+
+
+def largest_eigenvalue(laplacian: sp.spmatrix) -> float:
+    """lmax of a symmetric Laplacian, exactly (ARPACK); <= 2 for a normalized Laplacian."""
+    L = sp.csr_matrix(laplacian, dtype=np.float64)
+    if L.shape[0] <= 2:
+        return float(np.linalg.eigvalsh(L.toarray()).max())
+    return float(spla.eigsh(L, k=1, which="LA", return_eigenvectors=False, tol=1e-6)[0])
+
+
+def rescale_laplacian(laplacian: sp.spmatrix, lmax: float) -> sp.csr_matrix:
+    """L~ = 2 L / lmax - I, whose spectrum lies in [-1, 1] (the Chebyshev polynomials' domain)."""
+    if not lmax > 0:
+        raise ValueError(f"lmax must be positive, got {lmax}")
+    L = sp.csr_matrix(laplacian, dtype=np.float64)
+    Lt = sp.csr_matrix((2.0 / lmax) * L - sp.identity(L.shape[0], format="csr"))
+    Lt.eliminate_zeros()
+    Lt.sort_indices()
+    return Lt.astype(np.float32)
+
+
+def to_torch_csr(csr: sp.spmatrix, dtype=torch.float32, device=None) -> torch.Tensor:
+    csr = sp.csr_matrix(csr)
+    csr.sort_indices()
+    return torch.sparse_csr_tensor(torch.from_numpy(csr.indptr.astype(np.int64)),
+                                   torch.from_numpy(csr.indices.astype(np.int64)),
+                                   torch.from_numpy(csr.data).to(dtype), csr.shape, device=device,
+                                   check_invariants=False)
+
+
+def word_graph(embeddings: np.ndarray, k: int = 8, lmax: float | str = "exact") -> tuple[sp.csr_matrix, float]:
+    """The whole preparation: rescaled Laplacian L~ (float32 CSR) and the lmax used.
+
+    lmax="exact" computes the largest eigenvalue; a number (2.0, as PyG and cnn_graph default to) is used as is.
+    """
+    L = normalized_laplacian(knn_graph(embeddings, k))
+    lm = largest_eigenvalue(L) if lmax == "exact" else float(lmax)
+    return rescale_laplacian(L, lm), lm

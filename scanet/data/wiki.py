@@ -1,0 +1,181 @@
+"""Eng-Wiki (Rasiwasia et al. 2010) in its standard layout.
+
+    ROOT/trainset_txt_img_cat.list   text_id <TAB> image_id <TAB> category (1-based)
+    ROOT/testset_txt_img_cat.list    same
+    ROOT/categories.list             class names (optional)
+    ROOT/texts/<text_id>.xml         <document ...><text>...</text>...</document>
+    ROOT/raw_features.mat            I_tr/I_te 128-d SIFT BoVW, T_tr/T_te 10-d LDA, rows in list order
+    ROOT/stopwords.txt               optional stop-word list
+    ROOT/images/                     optional raw images (not in the copy available here)
+
+888 of the 2,866 real texts are not well-formed XML (a raw '&' or '<' inside the text), so the text is taken with
+a regular expression rather than an XML parser.
+"""
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scanet.data.embeddings import WordVectors, load_word_vectors
+from scanet.data.graph import word_graph
+from scanet.data.prepared import PreparedDataset, Split, cached, hash_files
+from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer, read_stopwords
+
+_TEXT = re.compile(r"<text>(.*?)</text>", re.DOTALL)
+_TAG = re.compile(r"<[^>]{0,200}>")
+
+
+@dataclass
+class ListEntry:
+    text_id: str
+    image_id: str
+    label: int          # 1-based as in the file
+
+
+def read_list(path: Path) -> list[ListEntry]:
+    """Parse a ``*_txt_img_cat.list`` file, with errors that name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"list file not found: {path}")
+    entries = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) != 3:
+            raise ValueError(f"{path}:{n}: expected 'text_id<TAB>image_id<TAB>category', got {line!r}")
+        try:
+            label = int(parts[2])
+        except ValueError:
+            raise ValueError(f"{path}:{n}: category {parts[2]!r} is not an integer") from None
+        if label < 1:
+            raise ValueError(f"{path}:{n}: categories are 1-based, got {label}")
+        entries.append(ListEntry(parts[0].strip(), parts[1].strip(), label))
+    if not entries:
+        raise ValueError(f"list file {path} is empty")
+    return entries
+
+
+def read_wiki_text(path: Path) -> str:
+    """The text of one Wiki document: the body of <text>, markup removed, entities decoded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file missing: {path}")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    m = _TEXT.search(raw)
+    if m is None:
+        raise ValueError(f"{path}: no <text>...</text> element")
+    return html.unescape(_TAG.sub(" ", m.group(1)))
+
+
+def read_raw_features(path: Path, n_train: int, n_test: int) -> dict[str, np.ndarray]:
+    """I_tr, I_te (SIFT-128) and T_tr, T_te (LDA-10) from raw_features.mat, checked against the list sizes."""
+    import scipy.io
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image features not found: {path}")
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises several types for a broken file
+        raise ValueError(f"cannot read {path}: {e}") from e
+    out = {}
+    for key, n in (("I_tr", n_train), ("I_te", n_test), ("T_tr", n_train), ("T_te", n_test)):
+        if key not in mat:
+            raise ValueError(f"{path} has no variable {key!r} (has {sorted(k for k in mat if not k.startswith('__'))})")
+        a = np.asarray(mat[key], dtype=np.float32)
+        if a.ndim != 2 or a.shape[0] != n:
+            raise ValueError(f"{path}: {key} has shape {a.shape}, expected {n} rows (one per list entry)")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path}: {key} contains NaN or inf")
+        out[key] = a
+    return out
+
+
+def _check_root(root: Path) -> None:
+    if not root.is_dir():
+        raise FileNotFoundError(f"Wiki data directory not found: {root}")
+    for f in ("trainset_txt_img_cat.list", "testset_txt_img_cat.list"):
+        if not (root / f).is_file():
+            raise FileNotFoundError(f"{root} does not look like the Eng-Wiki layout: {f} is missing")
+    if not (root / "texts").is_dir():
+        raise FileNotFoundError(f"{root}/texts/ is missing (one <text_id>.xml per list entry)")
+
+
+def load_texts(root: Path, entries: list[ListEntry]) -> list[str]:
+    missing = [e.text_id for e in entries if not (root / "texts" / f"{e.text_id}.xml").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} text ids have no text file in {root / 'texts'}, "
+                                f"e.g. {missing[:3]}")
+    return [read_wiki_text(root / "texts" / f"{e.text_id}.xml") for e in entries]
+
+
+def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: int = 10_055, knn: int = 8,
+            embeddings: str = "glove-6b-50d", lmax: str | float = "exact", image_features: str = "sift",
+            progress=print) -> PreparedDataset:
+    """Prepare Eng-Wiki (cached in ``out_dir``, default ``prepared/wiki``).
+
+    image_features: "sift" (raw_features.mat, 128-d) or a path to an .npy matrix (train rows then test rows,
+    in list order) such as CNN features extracted from ROOT/images.
+    """
+    root = Path(root)
+    _check_root(root)
+    out_dir = Path(out_dir or Path("prepared") / "wiki")
+    lists = [root / "trainset_txt_img_cat.list", root / "testset_txt_img_cat.list"]
+    text_files = sorted((root / "texts").glob("*.xml"))
+    feature_file = root / "raw_features.mat" if image_features == "sift" else Path(image_features)
+    inputs = {"lists": hash_files(lists), "texts": hash_files(text_files),
+              "image_features": hash_files([feature_file]) if feature_file.is_file() else "missing"}
+    if (root / "stopwords.txt").is_file():
+        inputs["stopwords"] = hash_files([root / "stopwords.txt"])
+    params = {"dataset": "wiki", "vocab_size": vocab_size, "knn": knn, "embeddings": str(embeddings),
+              "lmax": lmax, "image_features": str(image_features), "tokenizer": "english-v1"}
+
+    def build() -> PreparedDataset:
+        train_e, test_e = read_list(lists[0]), read_list(lists[1])
+        progress(f"reading {len(train_e) + len(test_e)} texts from {root / 'texts'}")
+        stop = read_stopwords(root / "stopwords.txt") if (root / "stopwords.txt").is_file() else set()
+        tok = english_tokenizer(stop)
+        train_tok = [tok(t) for t in load_texts(root, train_e)]
+        test_tok = [tok(t) for t in load_texts(root, test_e)]
+        if image_features == "sift":
+            feats = read_raw_features(feature_file, len(train_e), len(test_e))
+            img_tr, img_te = feats["I_tr"], feats["I_te"]
+        else:
+            if not feature_file.is_file():
+                raise FileNotFoundError(f"image feature matrix not found: {feature_file}")
+            m = np.load(feature_file).astype(np.float32)
+            if m.ndim != 2 or m.shape[0] != len(train_e) + len(test_e):
+                raise ValueError(f"{feature_file}: expected ({len(train_e) + len(test_e)}, D), got {m.shape}")
+            img_tr, img_te = m[:len(train_e)], m[len(train_e):]
+        return build_text_dataset("wiki", train_e, test_e, train_tok, test_tok, img_tr, img_te,
+                                  _class_names(root, train_e + test_e), embeddings, vocab_size, knn, lmax, progress)
+
+    return cached(out_dir, params, inputs, build, progress)
+
+
+def _class_names(root: Path, entries: list[ListEntry]) -> list[str]:
+    n = max(e.label for e in entries)
+    f = root / "categories.list"
+    names = f.read_text(encoding="utf-8").split() if f.is_file() else []
+    return names if len(names) == n else [str(i + 1) for i in range(n)]
+
+
+def build_text_dataset(name, train_e, test_e, train_tok, test_tok, img_tr, img_te, classes,
+                       embeddings: str | WordVectors, vocab_size, knn, lmax, progress=print) -> PreparedDataset:
+    """Shared by every dataset in the list layout: vocabulary with embeddings, word graph, bag-of-words."""
+    wv = embeddings if isinstance(embeddings, WordVectors) else load_word_vectors(embeddings)
+    vocab = build_vocabulary(train_tok, vocab_size, keep=wv.__contains__)
+    progress(f"vocabulary: {len(vocab)} words with a vector in {wv.name}; building the {knn}-NN word graph")
+    lap, lm = word_graph(wv.lookup(vocab), knn, lmax)
+
+    def split(entries, toks, imgs):
+        return Split([e.text_id for e in entries], [e.image_id for e in entries], bag_of_words(toks, vocab),
+                     np.ascontiguousarray(imgs, dtype=np.float32), np.asarray([e.label - 1 for e in entries], np.int64))
+
+    return PreparedDataset(name, vocab, lap, lm, classes, split(train_e, train_tok, img_tr),
+                           split(test_e, test_tok, img_te))
