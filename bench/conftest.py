@@ -69,10 +69,13 @@ def _synchronized(fn, device):
 
 @pytest.fixture
 def measure():
-    """measure(benchmark, fn, *, op, case, provider, device, bytes=None, flops=None, rounds=None)."""
+    """measure(benchmark, fn, *, op, case, provider, device, bytes=None, flops=None, rounds=None, derived=None).
+
+    ``derived`` maps a field name to a function of the median (seconds), e.g. a projected schedule time.
+    """
 
     def _measure(benchmark, fn, *, op: str, case: str, provider: str, device=None, bytes=None, flops=None,
-                 rounds: int | None = None, **extra):
+                 rounds: int | None = None, derived: dict | None = None, **extra):
         run = _synchronized(fn, device)
         run()  # warm-up: compilation, autotuning, allocator
         if rounds is None:
@@ -86,6 +89,9 @@ def measure():
             row["GB/s"] = bytes / median / 1e9
         if flops:
             row["TFLOP/s"] = flops / median / 1e12
+        for key, from_median in (derived or {}).items():      # fields computed from the median
+            row[key] = from_median(median)
+            benchmark.extra_info[key] = row[key]
         _ROWS.append(row)
         return median
 

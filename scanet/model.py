@@ -87,15 +87,28 @@ class TextEncoder(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """One FC layer from the fixed CNN (or SIFT) feature into the common space."""
+    """Standardize the fixed CNN (or SIFT) feature, then one FC layer into the common space.
+
+    The per-dimension mean and standard deviation are buffers set once from the training images
+    (``set_input_statistics``), so they travel with the checkpoint. Raw SIFT-BoVW histograms sum to 1 (entries
+    near 1/128): unstandardized, the image path would start 100x smaller than the text path.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, activation: str = "none"):
         super().__init__()
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_std", torch.ones(in_dim))
         self.fc = nn.Linear(in_dim, out_dim)
         self.act = _activation(activation)
 
+    @torch.no_grad()
+    def set_input_statistics(self, images) -> None:
+        x = torch.as_tensor(images, dtype=self.input_mean.dtype, device=self.input_mean.device)
+        self.input_mean.copy_(x.mean(0))
+        self.input_std.copy_(x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(self.input_std))
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.act(self.fc(image))
+        return self.act(self.fc((image - self.input_mean) / self.input_std))
 
 
 class StackedCoAttention(nn.Module):
@@ -240,6 +253,14 @@ class SCANet(nn.Module):
 
     def _pair_logits(self, f_t, f_i, chunk_size, progress=False):
         L = self.coattention.num_layers
+        # Two layers: the fused Triton scorer (scanet.fused.pair_scores, layer 2 streamed, no per-pair tensors).
+        # model.pair_scorer = "auto" (default): on CUDA float32 tensors; "always": also on CPU under
+        # TRITON_INTERPRET=1 (tests); "never": the chunked eager path below.
+        scorer = getattr(self, "pair_scorer", "auto")
+        if L == 2 and (scorer == "always" or (scorer == "auto" and f_t.is_cuda and f_t.dtype == torch.float32)):
+            from scanet.fused._pair_scores import pair_scores
+
+            return pair_scores(self, f_t, f_i)
         w = self.head.fc.weight.squeeze(0)
         b = self.head.fc.bias
         if L == 0:

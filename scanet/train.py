@@ -47,10 +47,11 @@ def make_pairs(labels: np.ndarray, n_pos: int, n_neg: int, seed: int):
         return (labels[a] == labels[b]) if labels.ndim == 1 else (labels[a] & labels[b]).any(axis=-1)
 
     nt, ni = rng.integers(0, n, n_neg), rng.integers(0, n, n_neg)
-    for _ in range(100):                                         # redraw the pairs that happen to match
+    for _ in range(1000):                                        # redraw the pairs that happen to match
         bad = np.flatnonzero(matches(nt, ni))
         if bad.size == 0:
             break
+        nt[bad] = rng.integers(0, n, bad.size)   # redraw both: an item may share a label with every other
         ni[bad] = rng.integers(0, n, bad.size)
     else:
         raise ValueError("could not draw non-matching pairs: does every training item share a class?")
@@ -100,7 +101,10 @@ def preset_from_dict(d: dict) -> Preset:
 
 
 def build_model(preset: Preset, dataset: PreparedDataset, fused: bool = False) -> SCANet:
-    return SCANet(dataset.vocab_size, dataset.image_dim, dataset.laplacian, preset.model, fused=fused)
+    """A fresh model for the dataset, its image standardization fitted on the training images."""
+    model = SCANet(dataset.vocab_size, dataset.image_dim, dataset.laplacian, preset.model, fused=fused)
+    model.image_encoder.set_input_statistics(dataset.train.images)
+    return model
 
 
 def load_model(checkpoint: str | Path | dict, dataset: PreparedDataset | None = None, device="cpu",
@@ -183,8 +187,9 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
 
     step_model = torch.compile(model) if compile else model
     tr = dataset.train
-    texts = torch.as_tensor(tr.text_matrix(), device=device)
-    images = torch.as_tensor(tr.images, device=device)
+    texts = torch.as_tensor(tr.text_matrix(), device=device, dtype=torch.float32)
+    images = torch.as_tensor(tr.images, device=device, dtype=torch.float32)
+
     ti, ii, target = (torch.as_tensor(a, device=device) for a in
                       make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed))
     n_pairs = len(target)
