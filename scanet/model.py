@@ -212,6 +212,13 @@ class SCANet(nn.Module):
         self.coattention = coatt_cls(N, config.coattention_layers, scale)
         self.head = SimilarityHead(N, config.dropout)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.fused:
+            from scanet.fused._cheb import clear_cheb_cache
+
+            clear_cheb_cache()   # the Laplacian buffers were overwritten in place: forget checks keyed on them
+
     # -- parts ------------------------------------------------------------------------------------------------
     def laplacian(self) -> torch.Tensor:
         V = self.laplacian_crow.numel() - 1

@@ -1,0 +1,136 @@
+"""Fused co-attention step: ``coattention`` (the op) and ``StackedCoAttention`` (the drop-in module).
+
+``coattention(f, g, weight, bias, *, scale=1.0, precision="fp32")`` has the signature and the result of
+scanet.reference.coattention. It checks its inputs with reference.check_coattention_inputs, then dispatches:
+
+  * float32 CUDA tensors               -> the Triton kernels (scanet.kernels.coattention);
+  * float32 CPU tensors, TRITON_INTERPRET=1 at import -> the same kernels, interpreted (slow; for tests);
+  * anything else (CPU without the interpreter, float64/float16/bfloat16) -> the eager reference.
+
+Non-contiguous inputs are accepted as they are: the kernels take strides, so nothing is copied.
+
+The kernels run behind two torch.library custom ops, ``scanet::coattention_forward`` and
+``scanet::coattention_backward``, with fake (meta) implementations and the autograd formula registered, so
+torch.compile (fullgraph=True included) keeps the op in its graph instead of breaking it. custom_op is used
+rather than triton_op so that the same code works on torch 2.11 and 2.13 and under the CPU interpreter; the
+op is opaque to Inductor, which has nothing to fuse into it anyway (the GEMM epilogue is already fused).
+
+``precision`` ("fp32" default, "tf32", "bf16") chooses the GEMMs' operand precision on CUDA; accumulation and
+every output stay fp32. The errors against the float64 reference are documented in scanet.kernels.coattention
+(fp32 measured on CPU: at most 1.1e-6 of max |out| for out, 1.3e-6 for the gradients; tf32 ~1e-3 and
+bf16 ~4e-3 expected, unmeasured: no GPU here). On CPU the interpreter computes in fp32 whatever the precision.
+"""
+from __future__ import annotations
+
+import torch
+
+from scanet import model as eager_model
+from scanet import reference
+from scanet.kernels import coattention as kernels
+
+PRECISIONS = kernels.PRECISIONS
+
+
+def _check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+# -------------------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("scanet::coattention_forward", mutates_args=())
+def _forward_op(f: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float,
+                precision: str, save_for_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, a, lse); a = relu(f W^T + b) and lse are saved for backward (empty when not saved)."""
+    return kernels.coattention_forward(f, g, weight, bias, scale, precision, save_for_backward)
+
+
+@_forward_op.register_fake
+def _forward_fake(f, g, weight, bias, scale, precision, save_for_backward):
+    M, N = f.shape
+    saved_mn = (M, N) if save_for_backward else (0,)
+    saved_m = (M,) if save_for_backward else (0,)
+    return f.new_empty((M, N)), f.new_empty(saved_mn), f.new_empty(saved_m)
+
+
+@torch.library.custom_op("scanet::coattention_backward", mutates_args=())
+def _backward_op(dout: torch.Tensor, out: torch.Tensor, a: torch.Tensor, lse: torch.Tensor, f: torch.Tensor,
+                 g: torch.Tensor, weight: torch.Tensor, scale: float, precision: str, need_df: bool,
+                 need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(df, dg, dweight, dbias); df, or dweight and dbias, are empty when not needed."""
+    return kernels.coattention_backward(dout, out, a, lse, f, g, weight, scale, precision, need_df, need_dweight)
+
+
+@_backward_op.register_fake
+def _backward_fake(dout, out, a, lse, f, g, weight, scale, precision, need_df, need_dweight):
+    M, N = f.shape
+    return (f.new_empty((M, N) if need_df else (0,)), f.new_empty((M, N)),
+            f.new_empty((N, N) if need_dweight else (0,)), f.new_empty((N,) if need_dweight else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    f, g, weight, bias, scale, precision, _save = inputs
+    out, a, lse = output
+    ctx.save_for_backward(out, a, lse, f, g, weight)
+    ctx.scale, ctx.precision = scale, precision
+
+
+def _backward(ctx, dout, _grad_a, _grad_lse):
+    # a and lse are internal outputs (coattention returns only out): their gradients are ignored.
+    out, a, lse, f, g, weight = ctx.saved_tensors
+    need_df, need_dg, need_dw, need_db = ctx.needs_input_grad[:4]
+    df, dg, dw, db = _backward_op(dout, out, a, lse, f, g, weight, ctx.scale, ctx.precision,
+                                  need_df, need_dw or need_db)
+    return (df if need_df else None, dg if need_dg else None, dw if need_dw else None,
+            db if need_db else None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- public op
+def uses_kernels(f: torch.Tensor) -> bool:
+    """True when ``coattention`` on tensors like ``f`` runs the Triton kernels (else the eager reference)."""
+    if f.dtype != torch.float32 or f.numel() == 0:
+        return False
+    return f.device.type == "cuda" or (f.device.type == "cpu" and kernels.INTERPRETED)
+
+
+def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str = "fp32") -> torch.Tensor:
+    """softmax(relu(f @ weight.T + bias), dim=-1) * g * scale, fused (see the module docstring).
+
+    f, g: (M, N); weight: (N, N); bias: (N,); one device and one floating dtype. Differentiable in all four.
+    """
+    reference.check_coattention_inputs(f, g, weight, bias)
+    _check_precision(precision)
+    if not uses_kernels(f):
+        return reference.coattention(f, g, weight, bias, scale=scale)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (f, g, weight, bias))
+    out, _, _ = _forward_op(f, g, weight, bias, float(scale), precision, save)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- module
+class StackedCoAttention(eager_model.StackedCoAttention):
+    """scanet.model.StackedCoAttention with the fused op: same constructor, parameters and state_dict.
+
+    ``precision`` (constructor keyword or attribute; "fp32" default, "tf32", "bf16") is passed to every step.
+    ``attention()`` (used by SCANet.score_all) stays the eager computation of the maps.
+    """
+
+    op = staticmethod(coattention)
+
+    def __init__(self, dim: int, num_layers: int = 2, scale: float = 1.0, *, precision: str = "fp32"):
+        super().__init__(dim, num_layers, scale)
+        _check_precision(precision)
+        self.precision = precision
+
+    def layer(self, k: int, f_t: torch.Tensor, f_i: torch.Tensor):
+        op = type(self).op
+        new_i = op(f_t, f_i, self.text_fc[k].weight, self.text_fc[k].bias, scale=self.scale,
+                   precision=self.precision)                                                    # p_T * f_I
+        new_t = op(f_i, f_t, self.image_fc[k].weight, self.image_fc[k].bias, scale=self.scale,
+                   precision=self.precision)                                                    # p_I * f_T
+        return new_t, new_i
+
+    def extra_repr(self):
+        return f"dim={self.dim}, num_layers={self.num_layers}, scale={self.scale}, precision={self.precision!r}"
