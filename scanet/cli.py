@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 # Modules that add their own subcommands: each defines add_commands(subparsers).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["scanet.retrieve"]
 
 
 def _dataset_options(p: argparse.ArgumentParser) -> None:

@@ -126,13 +126,16 @@ def retrieval_report(scores, text_labels, image_labels, ks=(10, 50, 100)) -> dic
 
 def evaluate_model(model, dataset, split: str = "test", chunk_size: int = 64, device=None,
                    progress: bool = False) -> tuple[dict, np.ndarray]:
-    """Score every test text against every test image with ``model.score_all`` and report MAP both ways."""
+    """Score every test text against every test image with ``model.score_all`` and report MAP both ways.
+
+    Ranks by the logits (the similarity's ranking without float32 sigmoid saturation); returns them too.
+    """
     s = getattr(dataset, split)
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     texts = torch.as_tensor(s.text_matrix(), device=device, dtype=dtype)
     images = torch.as_tensor(s.images, device=device, dtype=dtype)
-    scores = model.score_all(texts, images, chunk_size=chunk_size, progress=progress).cpu().numpy()
+    scores = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True).cpu().numpy()
     return retrieval_report(scores, s.labels, s.labels), scores
 
 

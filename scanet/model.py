@@ -242,19 +242,21 @@ class SCANet(nn.Module):
     # -- all pairs --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def score_all(self, texts: torch.Tensor, images: torch.Tensor, chunk_size: int = 64,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, logits: bool = False) -> torch.Tensor:
         """Similarity of every text with every image: (Nt, Ni), equal to ``forward`` on each pair.
 
         Co-attention layer 1 depends on one modality only, so its attention maps are computed once per item;
         with one layer the whole score is a GEMM. Layers >= 2 are per pair: they run over ``chunk_size`` texts
-        at a time, so peak memory is O(Nt * Ni + chunk_size * Ni * N).
+        at a time, so peak memory is O(Nt * Ni + chunk_size * Ni * N). ``logits=True`` returns the logits: the
+        same ranking, without the float32 sigmoid's saturation to exactly 1.0 (ties) above a logit of ~16.
         """
         was_training = self.training
         self.eval()
         try:
             f_t = self.encode_text(texts)
             f_i = self.encode_image(images)
-            return torch.sigmoid(self._pair_logits(f_t, f_i, chunk_size, progress))
+            out = self._pair_logits(f_t, f_i, chunk_size, progress)
+            return out if logits else torch.sigmoid(out)
         finally:
             self.train(was_training)
 

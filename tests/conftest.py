@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests use small tensors, where torch's OpenMP threads cost more than they give (and spin-wait badly on
+# a loaded 2-core machine). Tests that need more threads set them explicitly.
+torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
