@@ -86,7 +86,7 @@ def cmd_train(args) -> None:
     out = Path(args.out or Path("runs") / preset.name)
     t0 = time.perf_counter()
     result = train(preset, dataset, out, device=args.device, fused=args.fused, resume=args.resume,
-                   compile=args.compile)
+                   compile=args.compile, cuda_graphs=args.cuda_graphs)
     wall = time.perf_counter() - t0
     reports = {"SCANet": result["report"]}
     if not args.no_baseline:
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--fused", action="store_true", help="use the fused modules of scanet.fused")
     p.add_argument("--compile", action="store_true", help="run the training step under torch.compile")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the whole training step in a CUDA graph (CUDA only; drops each epoch's partial batch)")
     p.add_argument("--no-baseline", action="store_true", help="skip the CCA baseline")
     p.set_defaults(func=cmd_train)
 

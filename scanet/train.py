@@ -155,20 +155,60 @@ def _plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+class GraphedStep:
+    """The whole training step (forward, loss, backward, Adam) captured once in a CUDA graph and replayed.
+
+    Only the batch's pair indices change between steps: they are copied into a static index tensor, and the
+    step gathers its texts, images and targets from the device-resident training set. The first
+    ``warmup`` steps run eagerly on a side stream (they are real steps on real batches: they compile the Triton
+    kernels, fill Adam's state and the Laplacian checks) and then the step is captured. Shapes must not change,
+    so with graphs each epoch drops its last partial batch. Needs Adam(capturable=True).
+    """
+
+    def __init__(self, step_fn, batch_size: int, device, warmup: int = 3):
+        self.step_fn, self.warmup, self.calls = step_fn, warmup, 0
+        self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.graph, self.static_loss = None, None
+        self.side = torch.cuda.Stream(device=device)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        self.static_idx.copy_(idx)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.static_loss
+        self.calls += 1
+        if self.calls <= self.warmup:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                loss = self.step_fn(self.static_idx, zero_grad=True)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return loss
+        self.step_fn.zero_grad()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self.step_fn(self.static_idx, zero_grad=False)
+        self.graph.replay()                    # capture records without running: run this batch's step now
+        return self.static_loss
+
+
 def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device: str = "cpu",
-          fused: bool = False, resume: bool = False, compile: bool = False, progress: bool = True,
-          stop_after_epoch: int | None = None, log=print) -> dict:
+          fused: bool = False, resume: bool = False, compile: bool = False, cuda_graphs: bool = False,
+          progress: bool = True, stop_after_epoch: int | None = None, log=print) -> dict:
     """Train, evaluate on the test split, checkpoint every epoch. Returns the last metrics row.
 
     ``stop_after_epoch`` ends the run early (for tests of resume); ``resume`` continues from out_dir/last.pt.
+    ``compile`` runs the model under torch.compile; ``cuda_graphs`` captures the whole step in a CUDA graph
+    (CUDA only; each epoch then drops its last partial batch, see GraphedStep).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc = preset.train
     device = torch.device(device)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
     torch.manual_seed(tc.seed)
     model = build_model(preset, dataset, fused=fused).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, capturable=cuda_graphs)
     history: list[dict] = []
     start_epoch = 0
     ckpt_path = out / "last.pt"
@@ -193,7 +233,19 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     ti, ii, target = (torch.as_tensor(a, device=device) for a in
                       make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed))
     n_pairs = len(target)
-    steps = math.ceil(n_pairs / tc.batch_size)
+    steps = n_pairs // tc.batch_size if cuda_graphs else math.ceil(n_pairs / tc.batch_size)
+
+    def step_fn(idx, zero_grad=True):
+        sim = step_model(texts[ti[idx]], images[ii[idx]])
+        loss, _ = scanet_loss(sim, target[idx], tc.margin, tc.lam)
+        if zero_grad:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step_fn.zero_grad = lambda: opt.zero_grad(set_to_none=True)
+    graphed = GraphedStep(step_fn, tc.batch_size, device) if cuda_graphs else None
 
     for epoch in range(start_epoch, tc.epochs):
         model.train()
@@ -209,12 +261,8 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
             bar = tqdm(bar, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step", leave=False)
         for s in bar:
             idx = order[s * tc.batch_size:(s + 1) * tc.batch_size]
-            sim = step_model(texts[ti[idx]], images[ii[idx]])
-            loss, _ = scanet_loss(sim, target[idx], tc.margin, tc.lam)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
+            loss = graphed(idx) if graphed is not None else step_fn(idx)
+            loss_sum += loss
             if progress and s % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         if device.type == "cuda":

@@ -116,3 +116,10 @@ def test_presets_and_overrides():
         get_preset("nope")
     with pytest.raises(ValueError, match="unknown config key"):
         apply_overrides(p, ["nope=1"])
+
+
+def test_cuda_graphs_need_cuda(dataset, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the CPU error path does not apply")
+    with pytest.raises(ValueError, match="CUDA"):
+        train(_preset(epochs=1), dataset, tmp_path, cuda_graphs=True, progress=False, log=lambda s: None)
