@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ def load_dataset(args, preset):
     if preset.dataset == "synthetic":
         return prepare("synthetic", out_dir=Path(args.prepared_dir) / "synthetic")
     if not args.root:
-        raise SystemExit(f"error: preset {preset.name!r} needs --root DIR (the raw {preset.dataset} data) or --data")
+        raise ValueError(f"preset {preset.name!r} needs --root DIR (the raw {preset.dataset} data) or --data")
     return prepare(preset.dataset, args.root, Path(args.prepared_dir) / preset.dataset,
                    vocab_size=preset.vocab_size, knn=preset.knn)
 
@@ -64,6 +65,21 @@ def _write_results(out: Path, reports: dict, extra: dict) -> None:
     print(f"\nwritten: {out / 'results.json'}, {out / 'pr_curves.png'}")
 
 
+def use_fused(args) -> bool:
+    """--fused / --eager, else auto: the fused modules on CUDA, and on CPU when the native backend is built."""
+    if getattr(args, "eager", False):
+        return False
+    if args.fused:
+        return True
+    import torch
+
+    if torch.device(args.device).type == "cuda":
+        return True
+    import scanet.native
+
+    return scanet.native.available()
+
+
 def cmd_prepare(args) -> None:
     from scanet.data import prepare
 
@@ -85,7 +101,9 @@ def cmd_train(args) -> None:
     dataset = load_dataset(args, preset)
     out = Path(args.out or Path("runs") / preset.name)
     t0 = time.perf_counter()
-    result = train(preset, dataset, out, device=args.device, fused=args.fused, resume=args.resume,
+    fused = use_fused(args)
+    print(f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}")
+    result = train(preset, dataset, out, device=args.device, fused=fused, resume=args.resume,
                    compile=args.compile, cuda_graphs=args.cuda_graphs)
     wall = time.perf_counter() - t0
     reports = {"SCANet": result["report"]}
@@ -103,7 +121,7 @@ def cmd_evaluate(args) -> None:
     state = load_checkpoint(args.checkpoint)
     preset = preset_from_dict(state["preset"])
     dataset = load_dataset(args, preset)
-    model, _ = load_model(state, dataset, device=args.device, fused=args.fused)
+    model, _ = load_model(state, dataset, device=args.device, fused=use_fused(args))
     report, _ = evaluate_model(model, dataset, "test", args.chunk_size, progress=True)
     reports = {"SCANet": report}
     if args.baseline:
@@ -137,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. epochs=10")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--fused", action="store_true", help="use the fused modules of scanet.fused")
+    p.add_argument("--fused", action="store_true",
+                   help="use the fused modules of scanet.fused (default: on CUDA, and on CPU when the native "
+                        "backend is built)")
+    p.add_argument("--eager", action="store_true", help="use the eager modules of scanet.model")
     p.add_argument("--compile", action="store_true", help="run the training step under torch.compile")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the whole training step in a CUDA graph (CUDA only; drops each epoch's partial batch)")
@@ -149,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_options(p)
     p.add_argument("--out", help="output folder (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--fused", action="store_true")
+    p.add_argument("--fused", action="store_true", help="fused modules (default: auto, as for train)")
+    p.add_argument("--eager", action="store_true", help="eager modules")
     p.add_argument("--chunk-size", type=int, default=64, help="texts scored at a time (bounds memory)")
     p.add_argument("--baseline", action="store_true", help="also run the CCA baseline")
     p.set_defaults(func=cmd_evaluate)
@@ -160,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # On a shared machine OpenMP threads that spin while waiting slow every op down badly; passive waiting
+    # costs little on a dedicated one. Set before torch is imported (the commands import it lazily).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -140,7 +140,7 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", **tiles) -
             return _triton_cheb_conv(_interpreted_kernels(), laplacian_csr, x, weight, bias, activation, entry,
                                      **tiles)
         native = _native_module()
-        if native is not None:
+        if native is not None and x.dtype in (torch.float32, torch.float64):
             return native.cheb_conv(laplacian_csr, x, weight, bias, activation)
     return reference.cheb_conv(laplacian_csr, x, weight, bias, activation)
 

@@ -1,0 +1,52 @@
+"""The command line end to end on synthetic data, and its errors."""
+import json
+
+import pytest
+
+from scanet.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    rc = main(["train", "--prepared-dir", str(root / "prepared"), "--out", str(root / "run"), "--eager",
+               "--set", "epochs=2", "--set", "positive_pairs=500", "--set", "negative_pairs=500"])
+    assert rc == 0
+    return root
+
+
+def test_train_writes_results_and_checkpoint(trained, capsys):
+    run = trained / "run"
+    for name in ("last.pt", "metrics.json", "training_curve.png", "evaluation.json", "results.json",
+                 "pr_curves.png"):
+        assert (run / name).is_file(), name
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["map"]) == {"SCANet", "CCA (bag-of-words SVD-100, same image features)"}
+    for row in results["map"].values():
+        assert 0 < row["text2image"] <= 1 and row["mean"] == pytest.approx((row["text2image"] + row["image2text"]) / 2)
+    assert results["epochs"] == 2 and len(results["seconds_per_epoch"]) == 2
+
+
+def test_evaluate_reproduces_training_map(trained, capsys):
+    run = trained / "run"
+    rc = main(["evaluate", "--checkpoint", str(run / "last.pt"), "--prepared-dir", str(trained / "prepared"),
+               "--out", str(trained / "eval"), "--eager"])
+    assert rc == 0
+    trained_map = json.loads((run / "evaluation.json").read_text())["mean_map"]
+    again = json.loads((trained / "eval" / "results.json").read_text())["map"]["SCANet"]["mean"]
+    assert again == pytest.approx(trained_map, abs=1e-9)
+
+
+def test_errors_are_clear(trained, tmp_path, capsys):
+    assert main(["train", "--preset", "wiki"]) == 2
+    assert "needs --root" in capsys.readouterr().err
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["train", "--set", "nope=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+    assert main(["prepare", "wiki", "--root", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["evaluate", "--checkpoint", str(bad)]) == 2
+    assert "corrupt" in capsys.readouterr().err
