@@ -24,7 +24,8 @@ class TrainConfig:
     epochs: int = 80
     batch_size: int = 256
     lr: float = 1e-4
-    weight_decay: float = 0.005       # L2, coupled (Adam's weight_decay adds wd * w to the gradient)
+    weight_decay: float = 0.005       # the paper's L2 0.005
+    decoupled_weight_decay: bool = True   # True: AdamW; False: L2 in the gradient (Adam weight_decay), see README
     margin: float = 0.6               # m of eq. 10
     lam: float = 0.35                 # lambda of eq. 10
     positive_pairs: int = 40_000

@@ -210,8 +210,9 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     model = build_model(preset, dataset, fused=fused).to(device)
     # fused=True: one multi-tensor kernel instead of a loop over parameters (on CPU the default Adam costs a
     # fifth of the Wiki step); it supports capturable for CUDA graphs.
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, capturable=cuda_graphs,
-                           fused=device.type in ("cpu", "cuda"))
+    adam = torch.optim.AdamW if tc.decoupled_weight_decay else torch.optim.Adam
+    opt = adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, capturable=cuda_graphs,
+               fused=device.type in ("cpu", "cuda"))
     history: list[dict] = []
     start_epoch = 0
     ckpt_path = out / "last.pt"
