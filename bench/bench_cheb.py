@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from scanet import reference
@@ -71,16 +70,11 @@ _GRAPHS: dict = {}
 
 def random_graph_laplacian(V: int, k: int = DEGREE, seed: int = 0):
     """(adjacency, rescaled Laplacian L~) of a random symmetric graph, k random neighbours per vertex."""
-    from scanet.data.graph import normalized_laplacian, rescale_laplacian
+    from scanet.data import graph
 
     if V not in _GRAPHS:
-        rng = np.random.default_rng(seed)
-        rows = np.repeat(np.arange(V), k)
-        cols = (rows + rng.integers(1, V, size=V * k)) % V          # never a self loop
-        A = sp.csr_matrix((rng.uniform(0.1, 1.0, V * k).astype(np.float32), (rows, cols)), shape=(V, V))
-        A = A.maximum(A.T).tocsr()
-        A.sort_indices()
-        _GRAPHS[V] = (A, rescale_laplacian(normalized_laplacian(A), 2.0))
+        A = graph.random_graph(V, k, seed)
+        _GRAPHS[V] = (A, graph.rescale_laplacian(graph.normalized_laplacian(A), 2.0))
     return _GRAPHS[V]
 
 

@@ -31,12 +31,11 @@ vs torch.compile vs fused (SCANet(fused=True), CUDA only). Each row records proj
 from __future__ import annotations
 
 
-import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from scanet import reference
+from scanet.data.graph import random_graph_laplacian
 
 M_FULL = (256, 4096, 65536)
 N_FULL = (256, 500, 1024, 4096)
@@ -139,23 +138,6 @@ def test_coattention(benchmark, measure, bench_device, full_sweep, monkeypatch, 
 
 
 # ----------------------------------------------------------------------------------------- training step
-def _random_knn_laplacian(V: int, k: int, seed: int = 0) -> sp.csr_matrix:
-    """L~ = 2L/lmax - I with lmax = 2 of a random graph of k out-neighbours a vertex, symmetrized (OR):
-    about 2 k V non-zeros, the size of the Wiki word graph (V = 10,055, k = 8: ~160k)."""
-    rng = np.random.default_rng(seed)
-    rows = np.repeat(np.arange(V), k)
-    cols = rng.integers(0, V, size=V * k)
-    adj = sp.csr_matrix((np.ones(V * k), (rows, cols)), shape=(V, V))
-    adj = ((adj + adj.T) > 0).astype(np.float64)
-    adj.setdiag(0)
-    adj.eliminate_zeros()
-    deg = np.asarray(adj.sum(1)).ravel()
-    d = sp.diags(1.0 / np.sqrt(np.maximum(deg, 1)))
-    lap = (-(d @ adj @ d)).tocsr()
-    lap.sort_indices()
-    return lap
-
-
 @pytest.mark.parametrize("provider", ("eager", "compile", "fused"))
 def test_train_step(benchmark, measure, bench_device, provider):
     from scanet.config import get_preset
@@ -175,7 +157,7 @@ def test_train_step(benchmark, measure, bench_device, provider):
     preset = get_preset("wiki")
     V, B, D = preset.vocab_size, preset.train.batch_size, 128
     torch.manual_seed(0)
-    lap = _random_knn_laplacian(V, preset.knn)
+    lap = random_graph_laplacian(V, preset.knn)
     net = SCANet(V, D, lap, preset.model, fused=(provider == "fused")).to(bench_device)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=preset.train.lr, weight_decay=preset.train.weight_decay)

@@ -41,7 +41,6 @@ import math
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from scanet import native, reference

@@ -154,7 +154,7 @@ def top_k_inner_product(queries: torch.Tensor, keys: torch.Tensor, k: int, backe
     """
     if backend not in ("torch", "faiss", "auto"):
         raise ValueError(f"backend must be 'torch', 'faiss' or 'auto', got {backend!r}")
-    Q, C = queries.shape[0], keys.shape[0]
+    C = keys.shape[0]
     if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
         raise ValueError(f"queries and keys must be (Q, N) and (C, N), got {tuple(queries.shape)} and "
                          f"{tuple(keys.shape)}")

@@ -116,7 +116,6 @@ def load_model(checkpoint: str | Path | dict, dataset: PreparedDataset | None = 
             state["dataset_fingerprint"] != dataset.fingerprint:
         raise ValueError(f"checkpoint was trained on prepared data {state['dataset_fingerprint']} but the given "
                          f"dataset is {dataset.fingerprint} (different vocabulary, graph or features)")
-    from scanet.data.graph import to_torch_csr  # noqa: F401  (kept for symmetry with training)
     V = state["vocab_size"]
     crow = state["model"]["laplacian_crow"]
     model = SCANet(V, state["image_dim"], torch.sparse_csr_tensor(

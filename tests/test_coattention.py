@@ -5,7 +5,6 @@ small; CUDA, when present, runs the same tests plus larger shapes and the tf32/b
 """
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 import scanet.fused as fused
@@ -13,6 +12,7 @@ from conftest import devices
 from scanet import model as eager_model
 from scanet import reference
 from scanet.config import ModelConfig
+from scanet.data.graph import random_graph_laplacian
 from scanet.fused import _coattention as fused_impl
 from scanet.kernels import coattention as kernels
 
@@ -272,19 +272,6 @@ def test_stacked_coattention_is_a_drop_in(device):
     torch.testing.assert_close(drop_in.attention(1, "image", f_i), eager.attention(1, "image", f_i))
 
 
-def _random_laplacian(V: int, k: int, seed: int) -> sp.csr_matrix:
-    rng = np.random.default_rng(seed)
-    rows = np.repeat(np.arange(V), k)
-    cols = rng.integers(0, V, size=V * k)
-    adj = sp.csr_matrix((np.ones(V * k), (rows, cols)), shape=(V, V))
-    adj = ((adj + adj.T) > 0).astype(np.float64)
-    adj.setdiag(0)
-    adj.eliminate_zeros()
-    deg = np.asarray(adj.sum(1)).ravel()
-    d = sp.diags(1.0 / np.sqrt(np.maximum(deg, 1)))
-    return (-(d @ adj @ d)).tocsr()               # L~ = 2L/2 - I = -D^-1/2 A D^-1/2 (lmax = 2)
-
-
 def _train_losses(net, bow, image, labels, steps=3):
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses = []
@@ -300,7 +287,7 @@ def _train_losses(net, bow, image, labels, steps=3):
 def _tiny_problem(seed=0):
     V, D, B, N = 30, 12, 8, 16
     gen = torch.Generator().manual_seed(seed)
-    lap = _random_laplacian(V, 3, seed)
+    lap = random_graph_laplacian(V, 3, seed)
     bow = (torch.rand(B, V, generator=gen) < 0.3).float()
     image = torch.randn(B, D, generator=gen)
     labels = (torch.rand(B, generator=gen) < 0.5).float()

@@ -1,5 +1,4 @@
 """The eager model: score_all equals per-pair scoring, attention scale, errors."""
-import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch

@@ -29,16 +29,6 @@ TOL = 3e-5
 FP32_FLOOR = 5e-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: OpenMP's barriers cost more than the work (a 64x200x64 product measured 20 ms with 2
-    # threads on a busy 2-core machine, 15 us with one), so these tests run single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(N, layers=2, scale="n", seed=0, device="cpu"):
     """A float64 SCANet with random weights: encoder FC weights ~ N(0, 1) so that items differ clearly;
     co-attention weights random normal, scaled so that every layer's pre-activations have std 2 on sample items

@@ -19,16 +19,6 @@ from scanet.train import load_checkpoint, load_model, save_checkpoint, train
 from test_pair_scores import make_items, make_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: OpenMP's barriers cost more than the work (a 64x200x64 product measured 20 ms with 2
-    # threads on a busy 2-core machine, 15 us with one), so these tests run single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def encoded(model, n_text, n_image, seed):
     bow, image = make_items(n_text, n_image, seed)
     return (retrieve.encode_items(model, "text", bow), retrieve.encode_items(model, "image", image))
@@ -116,7 +106,6 @@ def test_cross_modal_only():
 def trained(tmp_path_factory):
     """A synthetic dataset prepared into a temporary folder and a model trained on it for 3 epochs."""
     base = tmp_path_factory.mktemp("search")
-    torch.set_num_threads(1)
     dataset = synthetic.prepare(base / "prepared", progress=lambda *a: None)
     preset = get_preset("synthetic")
     preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, epochs=3, eval_every=0))
@@ -177,8 +166,11 @@ def test_query_by_text_id_is_the_model_ranking(capsys, trained, indexes):
     assert rc == 0
     res = json.loads(out)
     assert res["mode"] == "exhaustive" and res["query"]["class"] == ds.classes[ds.test.labels[5]]
-    sims = model.score_all(torch.as_tensor(ds.test.text_matrix()[5:6]), torch.as_tensor(ds.test.images))[0]
-    order = sims.argsort(descending=True, stable=True)[:7]
+    # rank by logits: a trained model's float32 similarities saturate to 1.0 and tie
+    logits = model.score_all(torch.as_tensor(ds.test.text_matrix()[5:6]), torch.as_tensor(ds.test.images),
+                             logits=True)[0]
+    sims = torch.sigmoid(logits)
+    order = logits.argsort(descending=True, stable=True)[:7]
     assert [r["id"] for r in res["results"]] == [ds.test.image_ids[i] for i in order]
     np.testing.assert_allclose([r["similarity"] for r in res["results"]], sims[order].numpy(), rtol=1e-5)
     assert [r["class"] for r in res["results"]] == [ds.classes[ds.test.labels[i]] for i in order]
@@ -188,8 +180,10 @@ def test_query_by_image_id_and_table_output(capsys, trained, indexes):
     model, ds = trained["model"], trained["dataset"]
     rc, out, _ = query(capsys, trained, indexes["texts"], "--image-id", "te7", "--top-k", "5")
     assert rc == 0
-    sims = model.score_all(torch.as_tensor(ds.test.text_matrix()), torch.as_tensor(ds.test.images[7:8]))[:, 0]
-    order = sims.argsort(descending=True, stable=True)[:5]
+    logits = model.score_all(torch.as_tensor(ds.test.text_matrix()), torch.as_tensor(ds.test.images[7:8]),
+                             logits=True)[:, 0]
+    sims = torch.sigmoid(logits)
+    order = logits.argsort(descending=True, stable=True)[:5]
     lines = out.strip().splitlines()
     assert lines[0] == f"query: image id te7 ({ds.classes[ds.test.labels[7]]})"
     table = lines[-5:]
@@ -211,8 +205,8 @@ def test_query_free_text(capsys, trained, indexes):
     res = json.loads(out)
     # the same text preparation as training: bag-of-words over the vocabulary, then text_features
     x = torch.as_tensor(text_features(bag_of_words([words], ds.vocab)))
-    sims = model.score_all(x, torch.as_tensor(ds.test.images))[0]
-    order = sims.argsort(descending=True, stable=True)[:10]
+    order = model.score_all(x, torch.as_tensor(ds.test.images), logits=True)[0].argsort(descending=True,
+                                                                                         stable=True)[:10]
     assert [r["id"] for r in res["results"]] == [ds.test.image_ids[i] for i in order]
     # class-2 words find class-2 images (or their twins, class 3, whose images are close by design)
     assert sum(r["class"] in ("class2", "class3") for r in res["results"]) >= 7

@@ -90,3 +90,25 @@ def word_graph(embeddings: np.ndarray, k: int = 8, lmax: float | str = "exact") 
     L = normalized_laplacian(knn_graph(embeddings, k))
     lm = largest_eigenvalue(L) if lmax == "exact" else float(lmax)
     return rescale_laplacian(L, lm), lm
+
+
+def random_graph(V: int, k: int = 8, seed: int = 0) -> sp.csr_matrix:
+    """A random symmetric graph, k random neighbours a vertex (no self loops), weights in [0.1, 1].
+
+    About 2 k V non-zeros, the size of a k-NN word graph: what tests and benchmarks use when the graph's
+    structure does not matter (V = 10,055, k = 8 gives about 160k non-zeros, like the Wiki graph).
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(np.arange(V), k)
+    cols = (rows + rng.integers(1, max(V, 2), size=V * k)) % max(V, 1)
+    A = sp.csr_matrix((rng.uniform(0.1, 1.0, V * k).astype(np.float32), (rows, cols)), shape=(V, V))
+    A.setdiag(0)
+    A.eliminate_zeros()
+    A = A.maximum(A.T).tocsr()
+    A.sort_indices()
+    return A
+
+
+def random_graph_laplacian(V: int, k: int = 8, seed: int = 0) -> sp.csr_matrix:
+    """L~ of ``random_graph`` with lmax = 2 (float32 CSR)."""
+    return rescale_laplacian(normalized_laplacian(random_graph(V, k, seed)), 2.0)
