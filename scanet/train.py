@@ -250,6 +250,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     step_fn.zero_grad = lambda: opt.zero_grad(set_to_none=True)
     graphed = GraphedStep(step_fn, tc.batch_size, device) if cuda_graphs else None
 
+    report = None
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
@@ -275,6 +276,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {row['loss']}); "
                                      "lower the learning rate")
         last = epoch + 1 == tc.epochs
+        report = None
         if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or last:
             t1 = time.perf_counter()
             report, _ = evaluate_model(model, dataset, "test", tc.score_chunk)
@@ -293,7 +295,8 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
 
-    report, scores = evaluate_model(model, dataset, "test", tc.score_chunk)
+    if report is None:                                            # the last epoch was not evaluated
+        report, _ = evaluate_model(model, dataset, "test", tc.score_chunk)
     (out / "evaluation.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     plot_pr_curves({"SCANet": report}, out / "pr_curves.png", title=dataset.name)
     return {"history": history, "report": report}
