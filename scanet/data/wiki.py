@@ -119,8 +119,9 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
             progress=print) -> PreparedDataset:
     """Prepare Eng-Wiki (cached in ``out_dir``, default ``prepared/wiki``).
 
-    image_features: "sift" (raw_features.mat, 128-d) or a path to an .npy matrix (train rows then test rows,
-    in list order) such as CNN features extracted from ROOT/images.
+    image_features: "sift" (raw_features.mat, 128-d), "cnn" (EfficientNet-Lite0 features of ROOT/images, see
+    scanet.features; cached beside out_dir; entries without a readable image are excluded and reported), or a
+    path to an .npy matrix (train rows then test rows, in list order).
     """
     root = Path(root)
     _check_root(root)
@@ -130,6 +131,14 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     feature_file = root / "raw_features.mat" if image_features == "sift" else Path(image_features)
     inputs = {"lists": hash_files(lists), "texts": hash_files(text_files),
               "image_features": hash_files([feature_file]) if feature_file.is_file() else "missing"}
+    if image_features == "cnn":
+        from scanet.features import DEFAULT_MODEL, get_image_model
+
+        if not (root / "images").is_dir():
+            raise FileNotFoundError(f"image_features='cnn' needs the raw images in {root / 'images'}")
+        inputs["image_features"] = hash_files([p for p in (root / "images").rglob("*") if p.is_file()],
+                                              root / "images")
+        inputs["image_model_weights"] = get_image_model(DEFAULT_MODEL).weights()
     if (root / "stopwords.txt").is_file():
         inputs["stopwords"] = hash_files([root / "stopwords.txt"])
     params = {"dataset": "wiki", "vocab_size": vocab_size, "knn": knn, "embeddings": str(embeddings),
@@ -137,12 +146,20 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
 
     def build() -> PreparedDataset:
         train_e, test_e = read_list(lists[0]), read_list(lists[1])
+        if image_features == "cnn":
+            from scanet.features import DEFAULT_MODEL, cnn_features_for_entries
+
+            (train_e, test_e), (img_tr, img_te), _, _ = cnn_features_for_entries(
+                root, (train_e, test_e), _class_names(root, train_e + test_e),
+                out_dir.parent / f"{out_dir.name}.images-{DEFAULT_MODEL}.npy", log=progress)
         progress(f"reading {len(train_e) + len(test_e)} texts from {root / 'texts'}")
         stop = read_stopwords(root / "stopwords.txt") if (root / "stopwords.txt").is_file() else set()
         tok = english_tokenizer(stop)
         train_tok = [tok(t) for t in load_texts(root, train_e)]
         test_tok = [tok(t) for t in load_texts(root, test_e)]
-        if image_features == "sift":
+        if image_features == "cnn":
+            pass                                              # computed above, entries without an image left out
+        elif image_features == "sift":
             feats = read_raw_features(feature_file, len(train_e), len(test_e))
             img_tr, img_te = feats["I_tr"], feats["I_te"]
         else:

@@ -1,0 +1,160 @@
+"""WebNews: Chinese web-news image-text pairs (10 classes) in a Wiki-like layout.
+
+    ROOT/trainset_txt_img_cat.list   text_id <TAB> image_id <TAB> label (1-based; last line may lack a newline)
+    ROOT/testset_txt_img_cat.list    same
+    ROOT/categories.list             class names, one a line, label order
+    ROOT/texts/<text_id>.txt         UTF-8 Chinese text (title + body)
+    ROOT/images/<class name>/<image_id>.jpg   JPEG, but also PNG/BMP behind the .jpg name, RGBA, CMYK, grayscale
+
+Preparation: jieba tokens, word2vec trained on the training texts (no pretrained Chinese vectors are
+available offline), the ``vocab_size`` most frequent training words, their kNN word graph, bag-of-words, and
+EfficientNet-Lite0 features of the images (cached beside the prepared folder, see scanet.features).
+
+Quirks of the shipped data, each handled and written to ``<out>/preparation_report.json``:
+    * 3 image files with a space before the extension ("22 .jpg"): found by id, used, noted.
+    * 7 ids with an image in two class folders (byte-identical copies): the copy in the folder of the item's
+      own class is used, the other noted.
+    * 7 entries without any image: excluded from the prepared dataset (4 train, 3 test), listed with the reason.
+    * PNG/BMP content behind .jpg names, RGBA, CMYK and grayscale images: decoded by content, converted to RGB,
+      noted per file. An unreadable (truncated, empty) image excludes its entry, with the reason.
+So the real data gives 1,696 training and 497 test pairs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from scanet.data.languages import effective_embeddings, embeddings_for, tokenizer_for, tokenizer_version
+from scanet.data.prepared import PreparedDataset, cached, hash_files
+from scanet.data.wiki import ListEntry, build_text_dataset, read_list
+
+LISTS = ("trainset_txt_img_cat.list", "testset_txt_img_cat.list")
+REPORT_NAME = "preparation_report.json"
+
+
+def check_root(root: Path) -> None:
+    if not root.is_dir():
+        raise FileNotFoundError(f"WebNews data directory not found: {root}")
+    for f in LISTS + ("categories.list",):
+        if not (root / f).is_file():
+            raise FileNotFoundError(f"{root} does not look like the WebNews layout: {f} is missing")
+    for d in ("texts", "images"):
+        if not (root / d).is_dir():
+            raise FileNotFoundError(f"{root}/{d}/ is missing")
+
+
+def read_categories(root: Path, entries: list[ListEntry]) -> list[str]:
+    names = [ln.strip() for ln in (root / "categories.list").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    top = max(e.label for e in entries)
+    if top > len(names):
+        raise ValueError(f"{root / 'categories.list'} names {len(names)} classes but the lists use label {top}")
+    return names
+
+
+def resolve_entries(root: Path, entries: list[ListEntry], classes: list[str]):
+    """image id -> ImageChoice for every entry, the own class folder preferred (see module doc)."""
+    from scanet.features import index_images, resolve_image
+
+    index = index_images(root / "images")
+    return {e.image_id: resolve_image(index, e.image_id, root / "images", classes[e.label - 1]) for e in entries}
+
+
+def read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 ({e})") from None
+
+
+def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: int = 5000, knn: int = 8,
+            embeddings: str = "word2vec", lmax: str | float = "exact", image_model: str = "efficientnet-lite0",
+            batch_size: int = 32, w2v_dim: int = 100, w2v_epochs: int = 20, w2v_min_count: int = 2,
+            progress=print) -> PreparedDataset:
+    """Prepare WebNews (cached in ``out_dir``, default ``prepared/webnews``); see the module doc."""
+    from scanet.features import features_for_images, get_image_model
+
+    root = Path(root)
+    check_root(root)
+    out_dir = Path(out_dir or Path("prepared") / "webnews")
+    spec = get_image_model(image_model)
+    lists = [root / f for f in LISTS]
+    image_files = [p for p in (root / "images").rglob("*") if p.is_file()]
+    inputs = {"lists": hash_files(lists + [root / "categories.list"]),
+              "texts": hash_files(sorted((root / "texts").glob("*.txt"))),
+              "images": hash_files(image_files, root / "images"), "image_model_weights": spec.weights()}
+    emb = effective_embeddings("zh", embeddings)
+    params = {"dataset": "webnews", "vocab_size": vocab_size, "knn": knn, "embeddings": emb, "lmax": lmax,
+              "image_model": image_model, "image_preprocessing": spec.preprocessing,
+              "tokenizer": tokenizer_version("zh"), "language": "zh",
+              "word2vec": {"dim": w2v_dim, "epochs": w2v_epochs, "min_count": w2v_min_count, "seed": 0}
+              if emb == "word2vec" else None}
+    report: dict = {}
+
+    def build() -> PreparedDataset:
+        splits = {"train": read_list(lists[0]), "test": read_list(lists[1])}
+        everything = splits["train"] + splits["test"]
+        classes = read_categories(root, everything)
+        choices = resolve_entries(root, everything, classes)
+        progress(f"image features of {sum(c.path is not None for c in choices.values())} images with {image_model}")
+        feats, problems = features_for_images(root / "images", list(choices.values()),
+                                              out_dir.parent / f"{out_dir.name}.images-{image_model}.npy",
+                                              image_model, batch_size, progress=True, log=progress)
+        tok = tokenizer_for("zh")
+        kept, toks, excluded = {}, {}, []
+        for sname, entries in splits.items():
+            kept[sname], toks[sname] = [], []
+            for e in entries:
+                text_path = root / "texts" / f"{e.text_id}.txt"
+                why = problems.get(e.image_id)
+                if why is None and not text_path.is_file():
+                    why = f"text file missing: {text_path.name}"
+                if why is not None:
+                    excluded.append({"split": sname, "text_id": e.text_id, "image_id": e.image_id,
+                                     "label": classes[e.label - 1], "reason": why})
+                    continue
+                kept[sname].append(e)
+                toks[sname].append(tok(read_text(text_path)))
+        empty = [e.text_id for s in kept for e, t in zip(kept[s], toks[s]) if not t]
+        if empty:
+            progress(f"note: {len(empty)} texts have no token after tokenization, e.g. {empty[:5]}")
+        wv = embeddings_for("zh", embeddings, toks["train"], progress, dim=w2v_dim, epochs=w2v_epochs,
+                            min_count=w2v_min_count)
+        img = {s: np.stack([feats[e.image_id] for e in kept[s]]) for s in kept}
+        ds = build_text_dataset("webnews", kept["train"], kept["test"], toks["train"], toks["test"], img["train"],
+                                img["test"], classes, wv, vocab_size, knn, lmax, progress)
+        report.update({
+            "entries": {s: len(splits[s]) for s in splits}, "kept": {s: len(kept[s]) for s in kept},
+            "excluded": excluded,
+            "image_notes": {c.image_id: c.notes for c in choices.values() if c.notes},
+            "empty_texts": empty, "word_vectors": wv.name, "vocab_size": ds.vocab_size,
+        })
+        return ds
+
+    ds = cached(out_dir, params, inputs, build, progress)
+    path = out_dir / REPORT_NAME
+    if report:
+        path.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+        summarize(report, progress)
+        progress(f"preparation report: {path}")
+    elif path.is_file():
+        progress(f"prepared data is up to date (cache hit); its preparation report: {path}")
+    return ds
+
+
+def summarize(report: dict, log=print) -> None:
+    log(f"entries: train {report['entries']['train']}, test {report['entries']['test']}; kept: "
+        f"train {report['kept']['train']}, test {report['kept']['test']}")
+    for x in report["excluded"]:
+        log(f"  excluded {x['split']} {x['text_id']} ({x['label']}): {x['reason']}")
+    notes = report["image_notes"]
+    kinds: dict[str, int] = {}
+    for ns in notes.values():
+        for n in ns:
+            key = ("space in file name" if "spaces around" in n else "id in several folders" if "places" in n
+                   else n.split(" (")[0] if "behind" in n else n)
+            kinds[key] = kinds.get(key, 0) + 1
+    for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        log(f"  {v:>4} x {k}")
