@@ -41,9 +41,11 @@ def load_dataset(args, preset):
 
 def _baseline_rows(dataset, root) -> dict:
     """CCA on the model's own inputs, plus CCA on Wiki's classic LDA-10 text features where they exist."""
-    from scanet.baselines import cca_report
+    from scanet.baselines import cca_report, semantic_matching_report
 
     rows = {"CCA (bag-of-words SVD-100, same image features)": cca_report(dataset, "bow")}
+    if dataset.train.labels.ndim == 1:
+        rows["semantic matching (logistic regression per modality, same features)"] = semantic_matching_report(dataset)
     if dataset.name == "wiki" and root and (Path(root) / "raw_features.mat").is_file():
         from scanet.data.wiki import read_raw_features
 

@@ -21,7 +21,8 @@ def test_train_writes_results_and_checkpoint(trained, capsys):
                  "pr_curves.png"):
         assert (run / name).is_file(), name
     results = json.loads((run / "results.json").read_text())
-    assert set(results["map"]) == {"SCANet", "CCA (bag-of-words SVD-100, same image features)"}
+    assert set(results["map"]) == {"SCANet", "CCA (bag-of-words SVD-100, same image features)",
+                                   "semantic matching (logistic regression per modality, same features)"}
     for row in results["map"].values():
         assert 0 < row["text2image"] <= 1 and row["mean"] == pytest.approx((row["text2image"] + row["image2text"]) / 2)
     assert results["epochs"] == 2 and len(results["seconds_per_epoch"]) == 2
