@@ -72,10 +72,12 @@ import torch
 import triton
 import triton.language as tl
 
+# One precision vocabulary for every kernel: the flags and checks live with the co-attention GEMMs.
+from .coattention import PRECISIONS, _check_precision, _dot_flags  # noqa: F401
+
 # Triton chooses interpreter or compiler when @triton.jit runs, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 LAYOUTS = ("outer", "list")
 
 
@@ -193,18 +195,6 @@ def _pair_scores_kernel(
 
 
 # ------------------------------------------------------------------------------------------ configurations
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-
-
-def _dot_flags(precision: str, device: torch.device) -> tuple[str, bool]:
-    """(input_precision for tl.dot, cast operands to bf16). CPU (the interpreter) always computes in fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return "ieee", False
-    return ("tf32", False) if precision == "tf32" else ("ieee", True)
-
-
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
