@@ -57,8 +57,8 @@ PRESETS = {
     # WebNews (Chinese web news, scanet.data.webnews): 1,696 training / 497 test pairs, EfficientNet-Lite0
     # 1280-d image features, a 5,000-word graph from word2vec trained on the corpus. N=256 rather than 1024:
     # with 1.7k training items 256 dims suffice (N=512 with this schedule: test MAP 0.435 vs 0.449), and the
-    # all-pairs evaluation costs N^2 per pair (16x less). Measured on 2 shared CPU cores: the coupled L2 of the
-    # Wiki preset (0.005 added to Adam's gradient) keeps the model from learning (MAP 0.21); lr 3e-3 diverges;
+    # all-pairs evaluation costs N^2 per pair (16x less). Measured on 2 shared CPU cores: the paper's L2 0.005
+    # coupled into Adam's gradient keeps the model from learning (MAP 0.21); lr 3e-3 diverges;
     # the model overfits after about 160k pair visits (40k+40k pairs: the 3rd epoch; 160k+160k: the 2nd, 0.449 ->
     # 0.435), so 80k+80k distinct pairs seen twice, with dropout 0.5: about 2 minutes of training.
     "webnews": Preset(
