@@ -279,6 +279,21 @@ inline Tensor vb_layout(const Tensor& x, Tensor out = Tensor()) {
 
 // ---------------------------------------------------------------------------------------------- forward
 // T_k rows: T_0 is X; T_k (1 <= k < K) is at basis + (k - 1) * V * C (the saved basis, or scratch).
+// One unfused Chebyshev step over all rows: out = L prev (prev2 == nullptr, i.e. T_1), else 2 L prev - prev2.
+template <typename T>
+void cheb_step(const Csr<T>& A, const T* prev, const T* prev2, int64_t V, int64_t C, int nt, T* out) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
+  for (int64_t v = 0; v < V; ++v) {
+    T* o = out + v * C;
+    spmm_row(A, prev, C, v, A.nnz, o);
+    if (prev2) {
+      const T* p2 = prev2 + v * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = T(2) * o[c] - p2[c];
+    }
+  }
+}
+
 template <typename T>
 void forward_impl(const Csr<T>& A, const T* X, int64_t V, int64_t B, int64_t Fin, int64_t Fout, int64_t K,
                   const T* W, const T* bias, bool relu, T* basis, bool keep_last, T* y) {
@@ -293,21 +308,8 @@ void forward_impl(const Csr<T>& A, const T* X, int64_t V, int64_t B, int64_t Fin
     }
     return;
   }
-  for (int64_t k = 1; k < K - 1; ++k) {  // the unfused steps (K >= 3): T_k = 2 L T_{k-1} - T_{k-2}
-    const T* prev = Tk(k - 1);
-    const T* prev2 = k >= 2 ? Tk(k - 2) : nullptr;
-    T* out = Tk(k);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
-    for (int64_t v = 0; v < V; ++v) {
-      T* o = out + v * C;
-      spmm_row(A, prev, C, v, A.nnz, o);
-      if (prev2) {
-        const T* p2 = prev2 + v * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = T(2) * o[c] - p2[c];
-      }
-    }
-  }
+  for (int64_t k = 1; k < K - 1; ++k)  // the unfused steps (K >= 3): T_k = 2 L T_{k-1} - T_{k-2}
+    cheb_step(A, Tk(k - 1), k >= 2 ? Tk(k - 2) : nullptr, V, C, nt, Tk(k));
   // The last step, fused: the T_{K-1} row (kept only for backward), then the weight combination, bias and
   // activation of all K rows of the vertex, written straight into y.
   const int64_t k = K - 1;
@@ -582,21 +584,8 @@ std::tuple<Tensor, Tensor, Tensor> csr_transpose(const Tensor& crow, const Tenso
 template <typename T>
 void basis_impl(const Csr<T>& A, int64_t V, int64_t C, int64_t K, T* base) {
   const int nt = num_threads((V + A.nnz) * C);
-  for (int64_t k = 1; k < K; ++k) {
-    const T* prev = base + (k - 1) * V * C;
-    const T* prev2 = k >= 2 ? base + (k - 2) * V * C : nullptr;
-    T* o_k = base + k * V * C;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
-    for (int64_t v = 0; v < V; ++v) {
-      T* o = o_k + v * C;
-      spmm_row(A, prev, C, v, A.nnz, o);
-      if (prev2) {
-        const T* p2 = prev2 + v * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = T(2) * o[c] - p2[c];
-      }
-    }
-  }
+  for (int64_t k = 1; k < K; ++k)
+    cheb_step(A, base + (k - 1) * V * C, k >= 2 ? base + (k - 2) * V * C : nullptr, V, C, nt, base + k * V * C);
 }
 
 Tensor chebyshev_basis(const Tensor& crow, const Tensor& col, const Tensor& values, const Tensor& x, int64_t K) {
