@@ -30,7 +30,6 @@ X.report.json the failures and notes. A rerun recomputes only the files whose co
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -45,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from scanet.data.prepared import sha256_file
 
 FEATURES_FORMAT = "scanet-image-features-v1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -264,16 +265,8 @@ def _lite0_loader():
     return model.features, model.classify
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _lite0_weights_id() -> str:
-    return "sha256:" + _sha256_file(_lite0_weights_path_or_unavailable())
+    return "sha256:" + sha256_file(_lite0_weights_path_or_unavailable())
 
 
 def _torchvision_models():
@@ -597,7 +590,7 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
     if len(names) != len(files) or len(set(names)) != len(names):
         raise ValueError("extract_cached needs one unique name per file")
     t0 = time.perf_counter()
-    hashes = [_sha256_file(f) if f.is_file() else None for f in files]
+    hashes = [sha256_file(f) if f.is_file() else None for f in files]
     key = {"format": FEATURES_FORMAT, "model": spec.name, "weights": spec.weights(),
            "preprocessing": spec.preprocessing, "dim": spec.dim}
     reuse: dict[str, np.ndarray] = {}
@@ -709,8 +702,8 @@ def resolve_image(index: dict[str, list[str]], image_id: str, images_dir: str | 
     chosen = preferred[0] if preferred else paths[0]
     if len(paths) > 1:
         others = [p for p in paths if p != chosen]
-        h = _sha256_file(Path(images_dir) / chosen)
-        same = ["identical copy" if _sha256_file(Path(images_dir) / p) == h else "DIFFERENT content" for p in others]
+        h = sha256_file(Path(images_dir) / chosen)
+        same = ["identical copy" if sha256_file(Path(images_dir) / p) == h else "DIFFERENT content" for p in others]
         why = (f"the copy in the item's class folder {preferred_folder!r} is used" if preferred else
                "no copy in the item's class folder: the first in sorted order is used")
         choice.notes.append(f"id found in {len(paths)} places; {why}: {chosen}; also "

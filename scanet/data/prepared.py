@@ -126,15 +126,26 @@ class PreparedDataset:
 
 
 # --------------------------------------------------------------------------------------------------- caching
+def _feed_file(h, path: Path) -> None:
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of one file's content."""
+    h = hashlib.sha256()
+    _feed_file(h, path)
+    return h.hexdigest()
+
+
 def hash_files(paths: Iterable[Path], root: Path | None = None) -> str:
     """sha256 over (relative name, content) of the files, in sorted order."""
     h = hashlib.sha256()
     for p in sorted(Path(p) for p in paths):
         h.update(str(p.relative_to(root) if root else p.name).encode())
         h.update(b"\0")
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        _feed_file(h, p)
     return h.hexdigest()
 
 
