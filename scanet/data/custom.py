@@ -27,8 +27,10 @@ import scipy.sparse as sp
 from scanet.data.embeddings import GLOVE_50D, WordVectors, load_word_vectors
 from scanet.data.graph import word_graph
 from scanet.data.languages import LANGUAGES, embeddings_for, tokenizer_for, tokenizer_version, train_word2vec
+from scanet.data.images import ImageChoice, index_images, resolve_image
 from scanet.data.prepared import PreparedDataset, Split, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, read_stopwords
+from scanet.features import features_for_images, get_image_model
 
 REPORT_NAME = "preparation_report.json"
 SETTINGS = {
@@ -231,8 +233,6 @@ def cooccurrence_vectors(counts: sp.spmatrix, words: list[str], dim: int = 50, s
 
 
 def _image_choices(root: Path, items: list[Item], classes: list[str]):
-    from scanet.features import ImageChoice, index_images, resolve_image
-
     images = root / "images"
     index = None
     choices = {}
@@ -292,8 +292,6 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     else:
         inputs["texts"] = hash_files([text_matrix, root / "vocab.txt", root / "text_ids.txt"])
     if image_source == "images":
-        from scanet.features import get_image_model
-
         inputs["images"] = hash_files([p for p in (root / "images").rglob("*") if p.is_file()], root / "images")
         inputs["image_model_weights"] = get_image_model(s["image_model"]).weights()
     else:
@@ -326,8 +324,6 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
 
         # images
         if image_source == "images":
-            from scanet.features import features_for_images
-
             choices = _image_choices(root, everything, classes)
             cache = out_dir.parent / f"{out_dir.name}.images-{s['image_model']}.npy"
             feats, img_problems = features_for_images(root / "images", list(choices.values()), cache,

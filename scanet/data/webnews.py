@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from scanet.data.languages import effective_embeddings, embeddings_for, tokenizer_for, tokenizer_version
+from scanet.data.images import index_images, resolve_image
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.wiki import ListEntry, build_text_dataset, read_list
+from scanet.features import features_for_images, get_image_model
 
 LISTS = ("trainset_txt_img_cat.list", "testset_txt_img_cat.list")
 REPORT_NAME = "preparation_report.json"
@@ -55,8 +57,6 @@ def read_categories(root: Path, entries: list[ListEntry]) -> list[str]:
 
 def resolve_entries(root: Path, entries: list[ListEntry], classes: list[str]):
     """image id -> ImageChoice for every entry, the own class folder preferred (see module doc)."""
-    from scanet.features import index_images, resolve_image
-
     index = index_images(root / "images")
     return {e.image_id: resolve_image(index, e.image_id, root / "images", classes[e.label - 1]) for e in entries}
 
@@ -74,8 +74,6 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
             batch_size: int = 32, w2v_dim: int = 100, w2v_epochs: int = 20, w2v_min_count: int = 2,
             progress=print) -> PreparedDataset:
     """Prepare WebNews (cached in ``out_dir``, default ``prepared/webnews``); see the module doc."""
-    from scanet.features import features_for_images, get_image_model
-
     root = Path(root)
     check_root(root)
     out_dir = Path(out_dir or Path("prepared") / "webnews")

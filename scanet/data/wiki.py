@@ -24,6 +24,7 @@ from scanet.data.embeddings import WordVectors, load_word_vectors
 from scanet.data.graph import word_graph
 from scanet.data.prepared import PreparedDataset, Split, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer, read_stopwords
+from scanet.features import DEFAULT_MODEL, cnn_features_for_entries, get_image_model
 
 _TEXT = re.compile(r"<text>(.*?)</text>", re.DOTALL)
 _TAG = re.compile(r"<[^>]{0,200}>")
@@ -132,8 +133,6 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     inputs = {"lists": hash_files(lists), "texts": hash_files(text_files),
               "image_features": hash_files([feature_file]) if feature_file.is_file() else "missing"}
     if image_features == "cnn":
-        from scanet.features import DEFAULT_MODEL, get_image_model
-
         if not (root / "images").is_dir():
             raise FileNotFoundError(f"image_features='cnn' needs the raw images in {root / 'images'}")
         inputs["image_features"] = hash_files([p for p in (root / "images").rglob("*") if p.is_file()],
@@ -147,8 +146,6 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     def build() -> PreparedDataset:
         train_e, test_e = read_list(lists[0]), read_list(lists[1])
         if image_features == "cnn":
-            from scanet.features import DEFAULT_MODEL, cnn_features_for_entries
-
             (train_e, test_e), (img_tr, img_te), _, _ = cnn_features_for_entries(
                 root, (train_e, test_e), _class_names(root, train_e + test_e),
                 out_dir.parent / f"{out_dir.name}.images-{DEFAULT_MODEL}.npy", log=progress)
