@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scanet.laplacian import Laplacian, as_csr, check_laplacian  # noqa: F401  (check_laplacian: public here)
+from scanet.laplacian import Laplacian, check_laplacian  # noqa: F401  (check_laplacian: public here)
 
 ACTIVATIONS = ("relu", "none", None)
 

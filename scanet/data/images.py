@@ -84,6 +84,13 @@ def resolve_image(index: dict[str, list[str]], image_id: str, images_dir: str | 
     return choice
 
 
+def choose_images(images_dir: str | Path, entries, classes) -> dict[str, ImageChoice]:
+    """image id -> ImageChoice for list-layout entries (1-based ``label``), the copy in the entry's class folder
+    preferred (see ``resolve_image``)."""
+    index = index_images(images_dir)
+    return {e.image_id: resolve_image(index, e.image_id, images_dir, classes[e.label - 1]) for e in entries}
+
+
 def _safe_id(item_id: str) -> bool:
     return bool(item_id) and item_id not in (".", "..") and not any(c in item_id for c in "/\\\0")
 

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from scanet.data.images import ImageChoice, index_images, resolve_image
+from scanet.data.assemble import partition
+from scanet.data.images import ImageChoice, choose_images
 from scanet.features.decode import ImageLoadError, load_rgb, preprocess
 from scanet.features.models import DEFAULT_MODEL, get_image_model, load_image_model
 from scanet.io import atomic_write, sha256_file
@@ -237,29 +238,25 @@ def features_for_images(images_dir: str | Path, choices: Sequence[ImageChoice], 
 def cnn_features_for_entries(root: str | Path, splits: Sequence[Sequence], classes: Sequence[str],
                              cache_out: str | Path, model: str = DEFAULT_MODEL, batch_size: int = 32,
                              log: Callable[[str], None] = print):
-    """CNN features of list-layout entries (objects with ``image_id`` and a 1-based ``label``) whose images lie
-    anywhere under ROOT/images (``images/<class name>/<image_id>.jpg`` in the Wiki and WebNews releases).
+    """CNN features of list-layout entries (objects with ``text_id``, ``image_id`` and a 1-based ``label``) whose
+    images lie anywhere under ROOT/images (``images/<class name>/<image_id>.jpg`` in the Wiki and WebNews
+    releases; the copy in the entry's class folder preferred).
 
     An entry without a readable image is excluded and reported (logged and returned): returns
-    (kept entries per split, feature matrix per split, excluded [(entry, reason)], notes {image id: [...]}).
+    (kept entries per split, feature matrix per split, excluded records (scanet.data.assemble.partition),
+    notes {image id: [...]}).
     """
     images = Path(root) / "images"
-    index = index_images(images)
-    choices = {}
-    for entries in splits:
-        for e in entries:
-            choices.setdefault(e.image_id, resolve_image(index, e.image_id, images, classes[e.label - 1]))
+    choices = choose_images(images, [e for entries in splits for e in entries], classes)
     feats, problems = features_for_images(images, list(choices.values()), cache_out, model, batch_size, log=log)
-    kept, mats, excluded = [], [], []
-    for entries in splits:
-        ok = [e for e in entries if e.image_id in feats]
-        excluded += [(e, problems[e.image_id]) for e in entries if e.image_id not in feats]
-        kept.append(ok)
-        mats.append(np.stack([feats[e.image_id] for e in ok]) if ok else np.zeros((0, get_image_model(model).dim),
-                                                                                  np.float32))
-    for e, why in excluded:
-        log(f"excluded (no usable image): {getattr(e, 'text_id', e.image_id)}: {why}")
+    by_split = {str(k): list(entries) for k, entries in enumerate(splits)}
+    kept, excluded = partition(by_split, lambda e: None if e.image_id in feats else problems[e.image_id])
+    for x in excluded:
+        log(f"excluded (no usable image): {x['text_id']}: {x['reason']}")
+    dim = get_image_model(model).dim
+    mats = [np.stack([feats[e.image_id] for e in ok]) if ok else np.zeros((0, dim), np.float32)
+            for ok in kept.values()]
     notes = {c.image_id: c.notes for c in choices.values() if c.notes}
     if notes:
         log(f"{len(notes)} images needed a fix-up (spaces in names, duplicates, format or colour conversions)")
-    return kept, mats, excluded, notes
+    return list(kept.values()), mats, excluded, notes
