@@ -6,6 +6,7 @@ search index (scanet.index), the image-feature cache (scanet.features.cache) and
     atomic_torch_save(path, obj)     the same with torch.save
     atomic_directory(out)            build a folder in a temporary sibling, then swap it in (prepared data)
     sha256_file / hash_files         sha256 of one file's content / of (relative name, content) of many
+    json_hash(obj)                   sha256 of a JSON object, keys sorted
     tensor_hash(state)               sha256 of named tensors: names, dtypes, shapes and bytes
     safe_torch_load(path, what)      torch.load(weights_only=True): tensors and plain containers only, never
                                      code; a truncated or foreign file is a ValueError naming ``path``
@@ -88,6 +89,13 @@ def hash_files(paths: Iterable[Path], root: Path | None = None) -> str:
         h.update(b"\0")
         _feed_file(h, p)
     return h.hexdigest()
+
+
+def json_hash(obj) -> str:
+    """sha256 (hex) of a JSON-serializable object, keys sorted (a prepared dataset's fingerprint)."""
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def tensor_hash(tensors: dict) -> str:

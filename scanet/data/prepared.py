@@ -11,7 +11,6 @@ parameters and input hashes match, and rebuilds (atomically) otherwise.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scanet.data.text import text_features
-from scanet.io import atomic_directory, hash_files, sha256_file  # noqa: F401  (hash_files, sha256_file: public here)
+from scanet.io import atomic_directory, hash_files, json_hash, sha256_file  # noqa: F401  (hash_files, sha256_file: public here)
 
 FORMAT_VERSION = 1
 
@@ -142,7 +141,7 @@ def cached(out_dir: str | Path, params: dict, inputs: dict[str, str],
         except (ValueError, json.JSONDecodeError):
             progress(f"prepared data at {out} is unreadable: rebuilding")
     ds = build()
-    fingerprint = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = json_hash(want)[:16]
     ds.manifest = dict(want, fingerprint=fingerprint, name=ds.name, vocab_size=ds.vocab_size,
                        image_dim=ds.image_dim, n_train=len(ds.train), n_test=len(ds.test),
                        laplacian_nnz=int(ds.laplacian.nnz), lmax=ds.lmax)

@@ -18,12 +18,10 @@ when calling in a loop. There is no process-global cache.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from scanet import reference
-from scanet.fused._dispatch import interpreted_kernels
+from scanet.fused._dispatch import interpreted_kernels, interpreter_on
 from scanet.laplacian import Laplacian
 from scanet.layers import ChebConv as _EagerChebConv
 
@@ -67,7 +65,7 @@ def cheb_conv(laplacian, x, weight, bias=None, activation="relu", **tiles) -> to
 
         return _triton_cheb_conv(kernels, lap, x, weight, bias, activation, **tiles)
     if x.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if interpreter_on():
             return _triton_cheb_conv(interpreted_kernels("cheb"), lap, x, weight, bias, activation, **tiles)
         native = _native_module()
         if native is not None and x.dtype in (torch.float32, torch.float64):
