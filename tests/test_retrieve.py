@@ -17,7 +17,8 @@ from scanet.config import get_preset
 from scanet.data import images as data_images
 from scanet.data import synthetic
 from scanet.data.text import bag_of_words, text_features
-from scanet.train import load_checkpoint, load_model, save_checkpoint, train
+from scanet.checkpoint import load_checkpoint, load_model, save_checkpoint
+from scanet.train import train
 from helpers import make_items, make_model
 
 
