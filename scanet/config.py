@@ -83,7 +83,8 @@ PRESETS = {
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    return dataclasses.replace(PRESETS[name])
+    p = PRESETS[name]       # a copy down to the sections: changing it never changes PRESETS
+    return dataclasses.replace(p, model=dataclasses.replace(p.model), train=dataclasses.replace(p.train))
 
 
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}

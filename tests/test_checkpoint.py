@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scanet.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_model, save_checkpoint
-from scanet.config import get_preset
+from scanet.config import apply_overrides, get_preset
 from scanet.data import synthetic
 from scanet.index import load_index
 from scanet.train import train
@@ -16,9 +16,8 @@ from scanet.train import train
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     ds = synthetic.prepare(root / "data", progress=lambda s: None)
-    preset = get_preset("synthetic")
-    preset.train.epochs, preset.train.eval_every = 1, 0
-    preset.train.positive_pairs = preset.train.negative_pairs = 100
+    preset = apply_overrides(get_preset("synthetic"), ["epochs=1", "eval_every=0", "positive_pairs=100",
+                                                        "negative_pairs=100"])
     train(preset, ds, root / "run", progress=False, log=lambda s: None)
     return ds, root / "run" / "last.pt"
 
