@@ -170,7 +170,7 @@ setup(
     version="0.1.0",
     description="Stacked Co-attention Networks (SCANet) for cross-modal retrieval, with fused Triton kernels",
     python_requires=">=3.10",
-    packages=["scanet", "scanet.data", "scanet.fused", "scanet.kernels"],
+    packages=["scanet", "scanet.cli", "scanet.data", "scanet.features", "scanet.fused", "scanet.kernels"],
     package_dir={"scanet": "scanet", "scanet.kernels": "kernels"},
     install_requires=[
         TORCH_SPEC,

@@ -68,13 +68,13 @@ def pytest_generate_tests(metafunc):
 _GRAPHS: dict = {}
 
 
-def random_graph_laplacian(V: int, k: int = DEGREE, seed: int = 0):
-    """(adjacency, rescaled Laplacian L~) of a random symmetric graph, k random neighbours per vertex."""
+def graph_and_laplacian(V: int, k: int = DEGREE, seed: int = 0):
+    """(adjacency, rescaled Laplacian L~) of scanet.data.graph's random graph (its ``random_graph_laplacian``
+    is the L~), cached per V: the adjacency's nnz goes into the byte model."""
     from scanet.data import graph
 
     if V not in _GRAPHS:
-        A = graph.random_graph(V, k, seed)
-        _GRAPHS[V] = (A, graph.rescale_laplacian(graph.normalized_laplacian(A), 2.0))
+        _GRAPHS[V] = (graph.random_graph(V, k, seed), graph.random_graph_laplacian(V, k, seed))
     return _GRAPHS[V]
 
 
@@ -150,7 +150,7 @@ def _array_runner(xp, Lmat, LTmat, X, wv, bv, dY, mode):
 
 
 def _make_runner(provider, V, B, mode, device):
-    A, Lt = random_graph_laplacian(V)
+    A, Lt = graph_and_laplacian(V)
     gen = torch.Generator().manual_seed(V + B)
     x = torch.rand(B, V, 1, generator=gen)
     w = torch.randn(K, 1, 1, generator=gen) * 0.5
@@ -242,7 +242,7 @@ def _make_runner(provider, V, B, mode, device):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_cheb_conv(benchmark, measure, bench_device, provider, mode, V, B):
     fn = _make_runner(provider, V, B, mode, bench_device)
-    nnz = random_graph_laplacian(V)[1].nnz
+    nnz = graph_and_laplacian(V)[1].nnz
     compulsory, no_reuse = byte_model(V, nnz, B, mode)
     measure(benchmark, fn, op=OP, case=f"V={V} B={B} {mode}", provider=provider, device=bench_device,
             bytes=compulsory, flops=flop_model(V, nnz, B, mode), bytes_no_reuse=no_reuse, nnz=nnz)

@@ -7,8 +7,8 @@ f_t (Nq, N) and f_i (Nc, N): layer-1 attention once per item, layer 2 and the he
 side by side in one run:
   gemm       torch.matmul (Mg, N) @ (N, N), repeated to the same FLOPs as layer 2 (the rate to compare with);
              gemm-tf32 (torch float32 matmul precision "high") and gemm-bf16 (bf16 inputs) on CUDA
-  eager      SCANet._pair_logits' chunked eager path (64 texts a chunk: every per-pair intermediate is a
-             (64 Nc, N) tensor), pair_scorer = "never"
+  eager      the eager oracle scanet.reference.pair_logits (score_all(scorer="eager"); 64 texts a chunk:
+             every per-pair intermediate is a (64 Nc, N) tensor)
   compile    the same chunk loop with the per-chunk layer-2 function under torch.compile (static shapes)
   fused      scanet.fused.pair_scores (Triton; CUDA only: the CPU interpreter measures nothing useful);
              fused-tf32 / fused-bf16: its GEMM-input precision option
@@ -88,11 +88,11 @@ def _compiled():
 
 
 def _score_fn(provider: str, model, f_t, f_i):
-    from scanet.fused._pair_scores import layer1_attention, pair_scores
+    from scanet.fused import pair_scores
+    from scanet.reference import layer1_attention, pair_logits
 
     if provider == "eager":
-        model.pair_scorer = "never"
-        return lambda: model._pair_logits(f_t, f_i, CHUNK)
+        return lambda: pair_logits(model, f_t, f_i, chunk_pairs=CHUNK * len(f_i))
     if provider == "compile":
         fn = _compiled()
         c = model.coattention
@@ -187,7 +187,8 @@ def retrieval_setup(tmp_path_factory, bench_device):
     from scanet import retrieve
     from scanet.config import get_preset
     from scanet.data import synthetic
-    from scanet.train import load_model, train
+    from scanet.checkpoint import load_model
+    from scanet.train import train
 
     base = tmp_path_factory.mktemp("retrieval")
     ds = synthetic.prepare(base / "prepared", progress=lambda *a: None, n_test=693)

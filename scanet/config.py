@@ -83,11 +83,46 @@ PRESETS = {
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    return dataclasses.replace(PRESETS[name])
+    p = PRESETS[name]       # a copy down to the sections: changing it never changes PRESETS
+    return dataclasses.replace(p, model=dataclasses.replace(p.model), train=dataclasses.replace(p.train))
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
+
+
+def _typed(obj, name: str, key: str, raw: str, value):
+    """``value`` checked against the field's declared type (nanoGPT's configurator: an override must have the
+    type of the field it replaces); ints are accepted for floats, lists for tuples, raw text for strings."""
+    field_type = {f.name: f.type for f in dataclasses.fields(obj)}[name]
+    want = _FIELD_TYPES.get(str(field_type).split("|")[0].strip())
+    if value is None and (getattr(obj, name) is None or "None" in str(field_type)):
+        return None
+    if want is None:
+        return value
+    if want is str:
+        return value if isinstance(value, str) else raw
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:                                                   # tuple
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    if not ok:
+        raise ValueError(f"override {key}={raw}: {key} is a {want.__name__} "
+                         f"(currently {getattr(obj, name)!r}), got {type(value).__name__} {value!r}")
+    return value
 
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
-    """Apply ``key=value`` overrides; keys are fields of the preset, ``model.x`` or ``train.x`` (or bare x)."""
+    """Apply ``key=value`` overrides; keys are fields of the preset, ``model.x`` or ``train.x`` (or bare x).
+
+    Values are Python literals (``epochs=10``, ``gcn_channels=(2,1)``, ``decoupled_weight_decay=False``; text
+    needs no quotes) and must have the field's type: a ValueError names the key, the value and the type.
+    """
     import ast
 
     preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model),
@@ -111,8 +146,9 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
             name = key
             targets = [(o, name) for o in (preset, preset.model, preset.train)
                        if name in {f.name for f in dataclasses.fields(o)}]
-        if not targets or name not in {f.name for f in dataclasses.fields(targets[0][0])}:
+        if not targets or name not in {f.name for f in dataclasses.fields(targets[0][0])} \
+                or name in ("model", "train"):
             raise ValueError(f"unknown config key {key!r}")
         for obj, name in targets:
-            setattr(obj, name, tuple(value) if isinstance(value, list) else value)
+            setattr(obj, name, _typed(obj, name, key, raw, value))
     return preset

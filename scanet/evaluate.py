@@ -14,9 +14,6 @@ multi-hot (relevant = sharing at least one label).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -137,36 +134,3 @@ def evaluate_model(model, dataset, split: str = "test", chunk_size: int = 64, de
     images = torch.as_tensor(s.images, device=device, dtype=dtype)
     scores = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True).cpu().numpy()
     return retrieval_report(scores, s.labels, s.labels), scores
-
-
-def plot_pr_curves(reports: dict[str, dict], path: str | Path, title: str = "precision-recall") -> None:
-    """One panel per direction, one line per method (reports maps a method name to a retrieval_report);
-    a single legend below the panels gives each method's MAP in both directions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.25 * len(reports)))
-    lines = []
-    for ax, direction in zip(axes, ("text2image", "image2text")):
-        lines = []
-        for name, rep in reports.items():
-            pr = rep[direction]["pr_curve"]
-            (line,) = ax.plot(pr["recall"], pr["precision"], marker="o", ms=3)
-            lines.append(line)
-        ax.set_title(f"{title}: {direction.replace('2', ' -> ')}")
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    labels = [f"{name}: MAP text->image {rep['text2image']['map']:.3f}, image->text {rep['image2text']['map']:.3f}"
-              for name, rep in reports.items()]
-    fig.legend(lines, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.045 * len(reports) + 0.02, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_json(obj, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(obj, indent=1), encoding="utf-8")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from scanet import reference
+from scanet.laplacian import as_csr
 
 __all__ = ["available", "unavailable_reason", "cheb_conv", "chebyshev_basis", "cheb_conv_from_basis",
            "library_path", "build_info"]
@@ -303,11 +304,13 @@ def _run(op, *args):
 def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu") -> torch.Tensor:
     """One Chebyshev graph convolution, the contract of ``scanet.reference.cheb_conv``, fused on CPU.
 
-    laplacian_csr: (V, V) rescaled Laplacian L~ (torch sparse CSR, any sparsity, symmetric or not).
+    laplacian_csr: (V, V) rescaled Laplacian L~ (torch sparse CSR, any sparsity, symmetric or not), or a
+    scanet.laplacian.Laplacian (used in x's dtype).
     x: (B, V, F_in); weight: (K, F_in, F_out); bias: (F_out,) or None; activation: "relu" or None/"none".
     Returns (B, V, F_out) = act(sum_k T_k(L~) x W_k + b), stored as (V, B, F_out) (see the module docstring).
     Differentiable in x, weight and bias.
     """
+    laplacian_csr = as_csr(laplacian_csr, getattr(x, "dtype", None))
     reference.check_cheb_inputs(laplacian_csr, x, weight, bias, activation, check_indices=False)
     tensors = {"x": x, "weight": weight, "laplacian_csr values": laplacian_csr.values()}
     if bias is not None:
@@ -329,6 +332,7 @@ def chebyshev_basis(laplacian_csr, x, K: int) -> torch.Tensor:
     """
     if not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be an int >= 1, got {K!r}")
+    laplacian_csr = as_csr(laplacian_csr, getattr(x, "dtype", None))
     reference.check_laplacian(laplacian_csr, check_indices=False)
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a (B, V, F) tensor, got {getattr(x, 'shape', type(x).__name__)}")

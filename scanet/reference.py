@@ -1,15 +1,21 @@
 """Eager PyTorch oracles, one per op. Tests and benchmarks import these; the fused kernels must match them.
 
-``cheb_conv``    one Chebyshev graph convolution over a rescaled Laplacian in CSR.
-``coattention``  one co-attention step: softmax(relu(f @ W.T + b)) * g.
+``cheb_conv``      one Chebyshev graph convolution over a rescaled Laplacian (torch CSR or scanet.laplacian.Laplacian).
+``coattention``    one co-attention step: softmax(relu(f @ W.T + b)) * g.
+``attention_map``  the (scaled) attention softmax(relu(f @ W.T + b)) * scale: layer 1's maps, computed once.
+``pair_logits``    SCANet logits of every (text, image) pair or of a pair list, with the signature of
+                   ``scanet.fused.pair_scores`` (its oracle and its CPU fallback).
 
-The input checks live here too (``check_cheb_inputs``, ``check_coattention_inputs``) so that the fused
-implementations raise exactly the same clear errors before any kernel runs.
+The input checks live here too (``check_cheb_inputs``, ``check_coattention_inputs``, ``check_pair_inputs``;
+the Laplacian's own in scanet.laplacian) so that the fused implementations raise exactly the same clear errors
+before any kernel runs.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from scanet.laplacian import Laplacian, check_laplacian  # noqa: F401  (check_laplacian: public here)
 
 ACTIVATIONS = ("relu", "none", None)
 
@@ -19,37 +25,8 @@ def _fail(msg: str):
     raise ValueError(msg)
 
 
-def check_laplacian(laplacian_csr: torch.Tensor, *, check_indices: bool = True) -> None:
-    """Raise a clear error unless ``laplacian_csr`` is a square sparse CSR matrix with valid, sorted indices."""
-    if not isinstance(laplacian_csr, torch.Tensor):
-        _fail(f"laplacian_csr must be a torch sparse CSR tensor, got {type(laplacian_csr).__name__}")
-    if laplacian_csr.layout != torch.sparse_csr:
-        _fail(f"laplacian_csr must have layout torch.sparse_csr, got {laplacian_csr.layout} "
-              "(convert with .to_sparse_csr(), or scanet.data.graph.to_torch_csr for a scipy matrix)")
-    if laplacian_csr.dim() != 2 or laplacian_csr.shape[0] != laplacian_csr.shape[1]:
-        _fail(f"laplacian_csr must be square (V, V), got shape {tuple(laplacian_csr.shape)}")
-    if not laplacian_csr.dtype.is_floating_point:
-        _fail(f"laplacian_csr must be floating point, got {laplacian_csr.dtype}")
-    if not check_indices:
-        return
-    V = laplacian_csr.shape[0]
-    crow, col = laplacian_csr.crow_indices(), laplacian_csr.col_indices()
-    if col.numel():
-        if int(col.min()) < 0 or int(col.max()) >= V:
-            _fail(f"laplacian_csr has column indices out of range [0, {V}): "
-                  f"min {int(col.min())}, max {int(col.max())}")
-        # Sorted within each row: a decrease is only allowed where a new row starts.
-        dec = (col[1:] < col[:-1]).nonzero().flatten() + 1
-        if dec.numel():
-            row_starts = crow[1:-1]
-            if not torch.isin(dec, row_starts).all():
-                _fail("laplacian_csr has unsorted column indices within a row "
-                      "(sort them, e.g. scipy's .sort_indices() before conversion)")
-    if crow[0] != 0 or crow[-1] != col.numel() or bool((crow[1:] < crow[:-1]).any()):
-        _fail("laplacian_csr has a malformed crow_indices array")
-
-
 def check_cheb_inputs(laplacian_csr, x, weight, bias=None, activation="relu", *, check_indices=True) -> None:
+    """``laplacian_csr``: a torch sparse CSR tensor (a Laplacian object is converted by the callers first)."""
     check_laplacian(laplacian_csr, check_indices=check_indices)
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -135,8 +112,10 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu") -> torch.T
 
     laplacian_csr: (V, V) rescaled Laplacian L~ = 2L/lmax - I as a torch sparse CSR tensor.
     x: (B, V, F_in) signals; weight: (K, F_in, F_out); bias: (F_out,) or None; activation: "relu" or None.
-    Returns (B, V, F_out) = act(sum_k T_k(L~) x @ weight[k] + bias).
+    Returns (B, V, F_out) = act(sum_k T_k(L~) x @ weight[k] + bias). A ``Laplacian`` is used in x's dtype.
     """
+    if isinstance(laplacian_csr, Laplacian):
+        laplacian_csr = laplacian_csr.csr(x.dtype if isinstance(x, torch.Tensor) else None)
     check_cheb_inputs(laplacian_csr, x, weight, bias, activation, check_indices=False)
     return cheb_conv_from_basis(chebyshev_basis(laplacian_csr, x, weight.shape[0]), weight, bias, activation)
 
@@ -150,6 +129,116 @@ def coattention(f, g, weight, bias, *, scale: float = 1.0) -> torch.Tensor:
     the output: SCANet uses scale = N so that a uniform attention is the identity (see scanet.model).
     """
     check_coattention_inputs(f, g, weight, bias)
-    p = torch.softmax(F.relu(F.linear(f, weight, bias)), dim=-1)
-    out = p * g
+    out = attention_map(f, weight, bias) * g
     return out * scale if scale != 1.0 else out
+
+
+def attention_map(f, weight, bias, scale: float = 1.0) -> torch.Tensor:
+    """softmax(relu(f @ weight.T + bias), dim=-1) * scale, in f's dtype: the map a co-attention step applies."""
+    p = torch.softmax(F.relu(F.linear(f, weight.to(f.dtype), bias.to(f.dtype))), dim=-1)
+    return p * scale if scale != 1.0 else p
+
+
+# ------------------------------------------------------------------------------------------ all-pair logits
+def layer1_attention(model, f: torch.Tensor, modality: str) -> torch.Tensor:
+    """a1 = softmax(relu(fc(f))) * scale: layer 1's (scaled) attention map from one modality's features."""
+    return model.coattention.attention(0, modality, f)
+
+
+def head_weights(model, dtype) -> tuple[torch.Tensor, float]:
+    """(w, b) of the similarity head: logit = w . (f_T * f_I) + b."""
+    return model.head.fc.weight.reshape(-1).to(dtype), float(model.head.fc.bias.reshape(()))
+
+
+def check_pair_inputs(model, f_t, f_i, a1_t=None, a1_i=None, text_index=None, image_index=None) -> None:
+    """Raise a clear ValueError unless the inputs fit ``model`` and each other."""
+    for name, t in (("f_t", f_t), ("f_i", f_i)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            _fail(f"{name} must have shape (items, N), got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            _fail(f"{name} must be floating point, got {t.dtype}")
+    N = model.coattention.dim
+    if f_t.shape[1] != N or f_i.shape[1] != N:
+        _fail(f"f_t and f_i must have N = {N} columns (the model's common_dim), got {tuple(f_t.shape)} and "
+              f"{tuple(f_i.shape)}")
+    if f_t.device != f_i.device:
+        _fail(f"f_t and f_i must be on one device, got {f_t.device} and {f_i.device}")
+    if f_t.dtype != f_i.dtype:
+        _fail(f"f_t and f_i must have one dtype, got {f_t.dtype} and {f_i.dtype}")
+    param = model.head.fc.weight
+    if param.device != f_t.device:
+        _fail(f"the model is on {param.device} but the features are on {f_t.device}")
+    for name, a, f in (("a1_t", a1_t, f_t), ("a1_i", a1_i, f_i)):
+        if a is not None and (not isinstance(a, torch.Tensor) or a.shape != f.shape or a.device != f.device):
+            _fail(f"{name} must be a tensor of the shape and device of its features {tuple(f.shape)}, got "
+                  f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
+    if (text_index is None) != (image_index is None):
+        _fail("text_index and image_index must be given together")
+    if text_index is not None:
+        for name, idx, n in (("text_index", text_index, f_t.shape[0]), ("image_index", image_index, f_i.shape[0])):
+            if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype.is_floating_point \
+                    or idx.dtype == torch.bool:
+                _fail(f"{name} must be a 1-D integer tensor")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                _fail(f"{name} has entries out of range [0, {n}): min {int(idx.min())}, max {int(idx.max())}")
+        if text_index.shape != image_index.shape:
+            _fail(f"text_index and image_index must have one length, got {text_index.numel()} and "
+                  f"{image_index.numel()}")
+
+
+@torch.no_grad()
+def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image_index=None,
+                chunk_pairs: int = 16384, progress: bool = False, **_fused_only) -> torch.Tensor:
+    """SCANet logits of every (text, image) pair (Nt, Ni), or of the listed pairs (P,), with the model's own eager
+    layers, any number of co-attention layers. The oracle of ``scanet.fused.pair_scores`` (same signature; its
+    kernel-only options ``precision``, ``layout``, ``block_sizes`` are accepted and ignored).
+
+    ``model``: a SCANet (anything with its ``coattention`` and ``head``), in eval mode. By the number of layers L:
+    L = 0: (f_t * w) @ f_i.T + b, one GEMM; L = 1: layer 1 is per item, (f_t * a1_T * w) @ (f_i * a1_I).T + b,
+    one GEMM; L >= 2: layers >= 2 per pair, ``chunk_pairs`` pairs at a time, so peak memory is
+    O(output + chunk_pairs * N). a1_t / a1_i: layer-1 attention maps when already known. Computes in the
+    features' dtype.
+    """
+    check_pair_inputs(model, f_t, f_i, a1_t, a1_i, text_index, image_index)
+    L = model.coattention.num_layers
+    w, b = head_weights(model, f_t.dtype)
+    all_pairs = text_index is None
+    Nt, Ni = f_t.shape[0], f_i.shape[0]
+    if L >= 1:
+        a1_t = layer1_attention(model, f_t, "text") if a1_t is None else a1_t.to(f_t.dtype)
+        a1_i = layer1_attention(model, f_i, "image") if a1_i is None else a1_i.to(f_t.dtype)
+    if all_pairs and L <= 1:
+        return (f_t * w) @ f_i.T + b if L == 0 else (f_t * a1_t * w) @ (f_i * a1_i).T + b
+    if all_pairs:
+        rows = max(1, chunk_pairs // max(Ni, 1))                       # whole rows of texts a chunk
+        out = torch.empty(Nt, Ni, dtype=f_t.dtype, device=f_t.device)
+        cols = torch.arange(Ni, device=f_t.device)
+        starts = range(0, Nt, rows)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="scoring", unit="chunk")
+        for s in starts:
+            e = min(s + rows, Nt)
+            ti = torch.arange(s, e, device=f_t.device).repeat_interleave(Ni)
+            out[s:e] = _pairs(model, f_t, f_i, a1_t, a1_i, ti, cols.repeat(e - s), w, b).reshape(e - s, Ni)
+        return out
+    P = text_index.numel()
+    out = torch.empty(P, dtype=f_t.dtype, device=f_t.device)
+    for s in range(0, P, max(1, chunk_pairs)):
+        e = min(s + chunk_pairs, P)
+        out[s:e] = _pairs(model, f_t, f_i, a1_t, a1_i, text_index[s:e], image_index[s:e], w, b)
+    return out
+
+
+def _pairs(model, f_t, f_i, a1_t, a1_i, ti, ii, w, b):
+    ti, ii = ti.to(f_t.device).long(), ii.to(f_t.device).long()
+    if model.coattention.num_layers == 0:
+        return (f_t[ti] * f_i[ii]) @ w + b
+    pt = a1_i[ii] * f_t[ti]                  # f_T after layer 1
+    pi = a1_t[ti] * f_i[ii]                  # f_I after layer 1
+    for k in range(1, model.coattention.num_layers):
+        pt, pi = model.coattention.layer(k, pt, pi)
+    return (pt * pi) @ w + b

@@ -1,8 +1,7 @@
 """Training: one readable loop (nanoGPT style), atomic checkpoints with exact resume, metrics as JSON and PNG.
 
-Pairs: ``positive_pairs`` (text i, image j) of the same class (sharing a label, for multi-label data) and
-``negative_pairs`` of different classes, drawn once from the training split with the run's seed (the paper:
-40k + 40k). Every epoch visits all pairs in a fresh order drawn from (seed, epoch), and dropout's random stream
+Pairs (scanet.pairs): ``positive_pairs`` matching and ``negative_pairs`` non-matching (text, image) pairs,
+drawn once from the training split with the run's seed. Checkpoints are scanet.checkpoint's. Every epoch visits all pairs in a fresh order drawn from (seed, epoch), and dropout's random stream
 is reseeded from (seed, epoch) too, so a run resumed from the checkpoint of epoch e continues exactly as the
 uninterrupted run would have.
 """
@@ -11,149 +10,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from scanet.checkpoint import (CHECKPOINT_FORMAT, build_model, load_checkpoint, load_model,  # noqa: F401
+                               preset_from_dict, save_checkpoint)
 from scanet.config import Preset
 from scanet.data.prepared import PreparedDataset
-from scanet.evaluate import evaluate_model, plot_pr_curves
+from scanet.evaluate import evaluate_model
 from scanet.loss import scanet_loss
-from scanet.model import SCANet
-
-CHECKPOINT_FORMAT = "scanet-checkpoint-v1"
-
-
-# ----------------------------------------------------------------------------------------------------- pairs
-def make_pairs(labels: np.ndarray, n_pos: int, n_neg: int, seed: int):
-    """(text_index, image_index, target) arrays: n_pos matching and n_neg non-matching pairs, shuffled."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    n = labels.shape[0]
-    if labels.ndim == 1:
-        by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
-        ti = rng.integers(0, n, n_pos)
-        ii = np.array([rng.choice(by_class[labels[t]]) for t in ti], dtype=np.int64)
-    else:
-        rel = (labels.astype(np.float32) @ labels.astype(np.float32).T) > 0
-        ti = rng.integers(0, n, n_pos)
-        ii = np.array([rng.choice(np.flatnonzero(rel[t])) if rel[t].any() else t for t in ti], dtype=np.int64)
-
-    def matches(a, b):
-        return (labels[a] == labels[b]) if labels.ndim == 1 else (labels[a] & labels[b]).any(axis=-1)
-
-    nt, ni = rng.integers(0, n, n_neg), rng.integers(0, n, n_neg)
-    for _ in range(1000):                                        # redraw the pairs that happen to match
-        bad = np.flatnonzero(matches(nt, ni))
-        if bad.size == 0:
-            break
-        nt[bad] = rng.integers(0, n, bad.size)   # redraw both: an item may share a label with every other
-        ni[bad] = rng.integers(0, n, bad.size)
-    else:
-        raise ValueError("could not draw non-matching pairs: does every training item share a class?")
-    text = np.concatenate([ti, nt]).astype(np.int64)
-    image = np.concatenate([ii, ni]).astype(np.int64)
-    target = np.concatenate([np.ones(n_pos), np.zeros(n_neg)]).astype(np.float32)
-    order = rng.permutation(len(text))
-    return text[order], image[order], target[order]
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over the old checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise ValueError(f"checkpoint {path} is corrupt or not a SCANet checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a SCANet checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
-    return state
-
-
-def preset_from_dict(d: dict) -> Preset:
-    from scanet.config import ModelConfig, TrainConfig
-
-    model = ModelConfig(**{**d["model"], "gcn_channels": tuple(d["model"]["gcn_channels"])})
-    return Preset(**{**d, "model": model, "train": TrainConfig(**d["train"])})
-
-
-def build_model(preset: Preset, dataset: PreparedDataset, fused: bool = False) -> SCANet:
-    """A fresh model for the dataset, its image standardization fitted on the training images."""
-    model = SCANet(dataset.vocab_size, dataset.image_dim, dataset.laplacian, preset.model, fused=fused)
-    model.image_encoder.set_input_statistics(dataset.train.images)
-    return model
-
-
-def load_model(checkpoint: str | Path | dict, dataset: PreparedDataset | None = None, device="cpu",
-               fused: bool = False) -> tuple[SCANet, dict]:
-    """Rebuild the model of a checkpoint; refuse a dataset whose fingerprint differs from the training data's."""
-    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    preset = preset_from_dict(state["preset"])
-    if dataset is not None and state.get("dataset_fingerprint") and dataset.fingerprint and \
-            state["dataset_fingerprint"] != dataset.fingerprint:
-        raise ValueError(f"checkpoint was trained on prepared data {state['dataset_fingerprint']} but the given "
-                         f"dataset is {dataset.fingerprint} (different vocabulary, graph or features)")
-    V = state["vocab_size"]
-    crow = state["model"]["laplacian_crow"]
-    model = SCANet(V, state["image_dim"], torch.sparse_csr_tensor(
-        crow, state["model"]["laplacian_col"], state["model"]["laplacian_values"], (V, V)), preset.model, fused=fused)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint does not match the model it describes: {e}") from e
-    return model.to(device), state
+from scanet.pairs import make_pairs  # noqa: F401  (scanet.train.make_pairs: where it used to live)
+from scanet.plots import plot_pr_curves, plot_training_curve
 
 
 # ----------------------------------------------------------------------------------------------------- train
-def _plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    ep = [h["epoch"] for h in history]
-    a1.plot(ep, [h["loss"] for h in history], marker="o", ms=3)
-    a1.set_xlabel("epoch")
-    a1.set_ylabel("training loss (eq. 10)")
-    a1.grid(alpha=0.3)
-    ev = [h for h in history if "text2image_map" in h]
-    if ev:
-        for key, name in (("text2image_map", "text -> image"), ("image2text_map", "image -> text"),
-                          ("mean_map", "mean")):
-            a2.plot([h["epoch"] for h in ev], [h[key] for h in ev], marker="o", ms=3, label=name)
-        a2.legend()
-    a2.set_xlabel("epoch")
-    a2.set_ylabel("test MAP")
-    a2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 class GraphedStep:
     """The whole training step (forward, loss, backward, Adam) captured once in a CUDA graph and replayed.
 
@@ -291,7 +163,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
             "vocab_size": dataset.vocab_size, "image_dim": dataset.image_dim, "classes": dataset.classes,
         })
         (out / "metrics.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
-        _plot_history(history, out / "training_curve.png")
+        plot_training_curve(history, out / "training_curve.png")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
 

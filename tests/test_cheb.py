@@ -15,10 +15,10 @@ import torch
 
 from conftest import devices
 from scanet import reference
-from scanet.fused import _cheb as fused_cheb
 from scanet.fused import ChebConv, cheb_conv
 from scanet.kernels import cheb as kernels
-from scanet.model import ChebConv as EagerChebConv
+from scanet.laplacian import Laplacian
+from scanet.layers import ChebConv as EagerChebConv
 
 
 def _cpu_path_is_triton() -> bool:
@@ -180,18 +180,30 @@ def test_symmetry_is_detected_once_and_transpose_cached():
     Ln = to_csr(random_operator(V, symmetric=False, empty_rows=(2,)), device=dev)
     x, w, b = (t.float().to(dev) for t in draw(2, V, 1, 1, 3))
     dy = torch.randn(2, V, 1, device=dev)
-    fused_cheb.clear_cheb_cache()
     for L, symmetric in ((Ls, True), (Ln, False)):
-        run(cheb_conv, L, x, w, b, "relu", dy)
-        entry = fused_cheb._prepared(L)
-        assert entry.symmetric is symmetric
-        transpose = entry.transpose
-        run(cheb_conv, L, x, w, b, "relu", dy)
-        assert fused_cheb._prepared(L) is entry and entry.transpose is transpose
-    # the cached transpose is the transpose
-    t = fused_cheb._prepared(Ln).transpose
-    dense_t = torch.sparse_csr_tensor(t.crow, t.col, t.values, (V, V)).to_dense()
+        lap = Laplacian(L)                          # checked and prepared once, here
+        assert lap.symmetric is symmetric
+        transpose = lap.transpose()
+        first = run(cheb_conv, lap, x, w, b, "relu", dy)
+        second = run(cheb_conv, lap, x, w, b, "relu", dy)
+        assert lap.symmetric is symmetric and all(a is c for a, c in zip(lap.transpose(), transpose))
+        for a, c in zip(first, run(cheb_conv, L, x, w, b, "relu", dy)):   # a raw CSR: the same result
+            if a is not None:
+                torch.testing.assert_close(a, c)
+        assert all(torch.equal(a, c) for a, c in zip(first, second) if a is not None)
+    # the kept transpose is the transpose; a symmetric Laplacian keeps none
+    lap = Laplacian(Ln)
+    crow_t, col_t, values_t = lap.transpose()
+    dense_t = torch.sparse_csr_tensor(crow_t, col_t, values_t, (V, V)).to_dense()
     assert torch.equal(dense_t.cpu(), Ln.to_dense().T.cpu())
+    assert Laplacian(Ls).crow_t is None
+    # loading new values into the same storage re-prepares it: the flag follows the values
+    sym = Laplacian(Ls)
+    state = {k: v.clone() for k, v in sym.state_dict().items()}
+    state["values"] = state["values"] * torch.linspace(0.5, 1.5, state["values"].numel(), device=dev)
+    sym.load_state_dict(state)
+    assert sym.symmetric is False and torch.equal(
+        torch.sparse_csr_tensor(*sym.transpose(), (V, V)).to_dense().cpu(), sym.csr().to_dense().T.cpu())
 
 
 def test_transpose_csr_of_awkward_patterns():
@@ -214,7 +226,6 @@ def test_clear_errors():
     V = 4
     L = to_csr(random_operator(V))
     x, w, b = (t.float() for t in draw(2, V, 1, 1, 3))
-    fused_cheb.clear_cheb_cache()
     with pytest.raises(ValueError, match="sparse_csr"):
         cheb_conv(L.to_dense(), x, w, b)
     with pytest.raises(ValueError, match="sparse_csr"):
@@ -247,12 +258,10 @@ def test_clear_errors():
     L_grad.requires_grad_(True)
     with pytest.raises(ValueError, match="constant"):
         cheb_conv(L_grad, x.to(dev), w.to(dev), b.to(dev))
-    # a bad Laplacian is never cached as checked: every cached entry passes the full index check
-    assert fused_cheb._cache
-    for entry in fused_cheb._cache.values():
-        crow, col, values = entry.arrays
-        n = crow.numel() - 1
-        reference.check_laplacian(torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False))
+    # a bad Laplacian never becomes a checked Laplacian object: the full index check runs when it is built
+    for crow, col in (([0, 2, 2, 3, 4], [2, 1, 0, 3]), ([0, 1, 2, 3, 4], [0, 1, 7, 3])):
+        with pytest.raises(ValueError, match="unsorted|out of range"):
+            Laplacian(_bad_csr(crow, col, [1.0, 1.0, 1.0, 1.0], V))
 
 
 def test_cpu_dispatch_without_interpreter(monkeypatch):

@@ -175,7 +175,7 @@ def test_features_are_deterministic_and_independent_of_the_batch_size(tmp_path, 
     for i in range(4):
         _rgb(10 + i, (64 + 16 * i, 48)).save(tmp_path / f"{i}.png")
         files.append(tmp_path / f"{i}.png")
-    loaded = sf._load_model(sf.get_image_model("efficientnet-lite0"))
+    loaded = sf.load_image_model(sf.get_image_model("efficientnet-lite0"))
     a = sf.extract_features(files, batch_size=4, progress=False, _loaded=loaded)
     b = sf.extract_features(files, batch_size=3, progress=False, _loaded=loaded)   # batches of 3 and 1
     c = sf.extract_features(files, batch_size=4, progress=False)                  # a freshly loaded model

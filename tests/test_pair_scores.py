@@ -7,19 +7,15 @@ a retrieval-sized one.
 """
 import warnings
 
-import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from conftest import devices
-from scanet.config import ModelConfig
-from scanet.fused import _pair_scores as impl
+from helpers import encode, make_items, make_model
+from scanet import reference as impl
 from scanet.fused import pair_scores
-from scanet.model import SCANet
 
 CUDA = torch.cuda.is_available()
-V, D = 10, 5                      # vocabulary and image feature sizes of the test models
 
 # max |fused - float64| / max |float64 logit - head bias|, the part of the logit that depends on the pair.
 # Measured on CPU (interpreter, fp32 kernel): <= 8e-6 for N <= 1024; the bound leaves room for other summation
@@ -27,43 +23,6 @@ V, D = 10, 5                      # vocabulary and image feature sizes of the te
 # (2^-24 of |logit|) is allowed on top: FP32_FLOOR * max |logit|.
 TOL = 3e-5
 FP32_FLOOR = 5e-7
-
-
-def make_model(N, layers=2, scale="n", seed=0, device="cpu"):
-    """A float64 SCANet with random weights: encoder FC weights ~ N(0, 1) so that items differ clearly;
-    co-attention weights random normal, scaled so that every layer's pre-activations have std 2 on sample items
-    (attention maps peaked but not one-hot: the regime a trained model is in); biases ~ N(0, 0.5^2) (the
-    head's too), so no term of the logit is negligible."""
-    torch.manual_seed(seed)                     # the modules' own initialization (ChebConv weights, ...)
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    A = sp.random(V, V, density=0.3, random_state=rng)
-    model = SCANet(V, D, sp.csr_matrix(0.2 * (A + A.T)), ModelConfig(common_dim=N, coattention_layers=layers,
-                                                             attention_scale=scale, dropout=0.5))
-    model = model.double()
-    with torch.no_grad():
-        for fc in (model.text_encoder.fc, model.image_encoder.fc):     # items that differ clearly
-            fc.weight.copy_(torch.randn(fc.weight.shape, generator=gen, dtype=torch.float64))
-        for fc in list(model.coattention.text_fc) + list(model.coattention.image_fc):
-            fc.weight.copy_(torch.randn(N, N, generator=gen, dtype=torch.float64) * (2.0 / N ** 0.5))
-            fc.bias.copy_(0.5 * torch.randn(N, generator=gen, dtype=torch.float64))
-        model.head.fc.weight.copy_(torch.randn(1, N, generator=gen, dtype=torch.float64) / N ** 0.5)
-        f_t, f_i = encode(model, *make_items(8, 8, seed=seed + 1))   # 8 sample pairs (text k, image k)
-        for k in range(layers):
-            for fc, f in ((model.coattention.text_fc[k], f_t), (model.coattention.image_fc[k], f_i)):
-                fc.weight.mul_(2.0 / (f @ fc.weight.T).std().clamp_min(1e-12))
-            f_t, f_i = model.coattention.layer(k, f_t, f_i)
-        # With scale "1" the pair-dependent part of the logit is ~|f|^2 / N^4 (each layer shrinks the features
-        # by ~1/N): a bias of 0.5 would swamp it in fp32, so those models get none.
-        model.head.fc.bias.fill_(float(0.5 * torch.randn(1, generator=gen)) if scale == "n" else 0.0)
-    return model.eval().to(device)
-
-
-def make_items(n_text, n_image, seed, device="cpu"):
-    gen = torch.Generator().manual_seed(seed + 1000)
-    bow = torch.rand(n_text, V, generator=gen, dtype=torch.float64)
-    image = torch.randn(n_image, D, generator=gen, dtype=torch.float64)
-    return bow.to(device), image.to(device)
 
 
 @torch.no_grad()
@@ -82,11 +41,6 @@ def rel_err(actual, expected, model):
     actual, expected = actual.double().cpu(), expected.double().cpu()
     err = ((actual - expected).abs().max() - FP32_FLOOR * expected.abs().max()).clamp_min(0.0)
     return (err / (expected - b).abs().max().clamp_min(1e-30)).item()
-
-
-@torch.no_grad()
-def encode(model, bow, image):
-    return model.encode_text(bow), model.encode_image(image)
 
 
 # (N, Nt, Ni): N of one N-tile (7, ragged), several (256: two CPU tiles; 500: ragged last tile; 1024);
@@ -146,7 +100,7 @@ def test_pair_list(device, layers):
     out = pair_scores(model, f_t, f_i, text_index=ti, image_index=ii, block_sizes=dict(BLOCK_I=16, BLOCK_J=1))
     assert out.shape == (37,)
     assert rel_err(out, ref[ti, ii], model) < TOL
-    eager = impl.pair_logits_eager(model, f_t, f_i, text_index=ti, image_index=ii, chunk_pairs=5)
+    eager = impl.pair_logits(model, f_t, f_i, text_index=ti, image_index=ii, chunk_pairs=5)
     torch.testing.assert_close(eager.cpu(), ref[ti, ii].cpu(), rtol=1e-12, atol=1e-12)
 
 
@@ -165,27 +119,28 @@ def test_precomputed_attention_is_used(device):
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
 def test_chunked_cpu_path(chunk_size):
     """SCANet.score_all's eager chunked path (the CPU default) equals per-pair forward for any chunk size, and
-    the fused scorer equals it; pair_scorer="always" routes score_all through the kernel."""
+    the fused scorer equals it; scorer="fused" routes score_all through the kernel."""
     N, n_text, n_image = 64, 7, 5
     model = make_model(N, 2, "n", seed=13)
     bow, image = make_items(n_text, n_image, seed=13)
     ref_logits, ref_sims = per_pair_reference(model, bow, image)
     eager = model.score_all(bow, image, chunk_size=chunk_size)        # "auto" on CPU: the eager path
     torch.testing.assert_close(eager, ref_sims, rtol=1e-12, atol=1e-12)
-    model.pair_scorer = "always"
-    fused = model.score_all(bow, image, chunk_size=chunk_size)
+    fused = model.score_all(bow, image, chunk_size=chunk_size, scorer="fused")
     torch.testing.assert_close(fused, ref_sims, rtol=0, atol=1e-5)
     assert not torch.equal(fused, eager)         # it really went through the fp32 kernel
-    model.pair_scorer = "never"
-    torch.testing.assert_close(model.score_all(bow, image, chunk_size=chunk_size), eager, rtol=0, atol=0)
+    torch.testing.assert_close(model.score_all(bow, image, chunk_size=chunk_size, scorer="eager"), eager,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scorer must be one of"):
+        model.score_all(bow, image, scorer="always")
 
 
 def test_eager_chunks_any_size():
     f_model = make_model(16, 2, "1", seed=17)
     f_t, f_i = encode(f_model, *make_items(5, 4, seed=17))
-    ref = impl.pair_logits_eager(f_model, f_t, f_i, chunk_pairs=10 ** 6)
+    ref = impl.pair_logits(f_model, f_t, f_i, chunk_pairs=10 ** 6)
     for chunk in (1, 3, 4, 7):
-        torch.testing.assert_close(impl.pair_logits_eager(f_model, f_t, f_i, chunk_pairs=chunk), ref,
+        torch.testing.assert_close(impl.pair_logits(f_model, f_t, f_i, chunk_pairs=chunk), ref,
                                    rtol=1e-13, atol=1e-13)
 
 
@@ -197,10 +152,10 @@ def test_three_layers_fall_back_to_eager():
     with pytest.warns(UserWarning, match="this model has 3; scoring with the eager chunked path"):
         out = pair_scores(model, f_t, f_i)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    model.pair_scorer = "always"                                  # score_all keeps the eager path for L = 3
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():                               # score_all keeps the eager path for L = 3
         warnings.simplefilter("error")
-        torch.testing.assert_close(model.score_all(bow, image), torch.sigmoid(ref), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.score_all(bow, image, scorer="fused"), torch.sigmoid(ref), rtol=1e-12,
+                                   atol=1e-12)
 
 
 def test_bad_inputs_raise_clear_errors(monkeypatch):
@@ -224,7 +179,9 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         pair_scores(model, f_t, f_i, block_sizes=dict(BLOCK_N=24))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
-        pair_scores(model, f_t, f_i)
+        pair_scores(model, f_t, f_i, strict=True)
+    # not strict: CPU without the interpreter falls back to the oracle, like the other fused ops
+    torch.testing.assert_close(pair_scores(model, f_t, f_i), impl.pair_logits(model, f_t, f_i), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not CUDA, reason="tf32/bf16 GEMM inputs and retrieval-sized shapes need a CUDA device")
@@ -233,7 +190,7 @@ def test_cuda_retrieval_size_and_precisions(precision, tol):
     """693 x 693 pairs at N = 1024 against the eager chunked path in float64 on the GPU."""
     model = make_model(1024, 2, "n", seed=29, device="cuda")
     f_t, f_i = encode(model, *make_items(693, 693, seed=29, device="cuda"))
-    ref = impl.pair_logits_eager(model, f_t, f_i, chunk_pairs=1 << 16)
+    ref = impl.pair_logits(model, f_t, f_i, chunk_pairs=1 << 16)
     out = pair_scores(model, f_t.float(), f_i.float(), precision=precision)
     assert rel_err(out, ref, model) < tol
     top_ref = ref.argsort(dim=1, descending=True)[:, :10]

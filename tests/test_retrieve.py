@@ -1,6 +1,6 @@
 """Two-stage retrieval, the search index and ``scanet search`` (scanet.retrieve).
 
-Exactness checks use random float64 models (tests/test_pair_scores.py's make_model); the shortlist report and
+Exactness checks use random float64 models (tests/helpers.py's make_model); the shortlist report and
 the CLI run end to end on the synthetic dataset with a tiny model trained here (3 epochs, 189 steps).
 """
 import dataclasses
@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from scanet import retrieve
+from scanet import index as index_mod
+from scanet import reference, retrieve
 from scanet.cli import main
 from scanet.config import get_preset
+from scanet.data import images as data_images
 from scanet.data import synthetic
 from scanet.data.text import bag_of_words, text_features
-from scanet.train import load_checkpoint, load_model, save_checkpoint, train
-from test_pair_scores import make_items, make_model
+from scanet.checkpoint import load_checkpoint, load_model, save_checkpoint
+from scanet.train import train
+from helpers import make_items, make_model
 
 
 def encoded(model, n_text, n_image, seed):
@@ -41,8 +44,7 @@ def test_two_stage_with_whole_collection_equals_exhaustive(layers, direction):
     ref = ref if direction == "text2image" else ref.T
     assert torch.equal(exh.indices, ref.argsort(dim=1, descending=True, stable=True))
     # the fused kernel (interpreter) re-ranks the same shortlist to the same order
-    model.pair_scorer = "always"
-    fused = retrieve.two_stage_search(model, queries, collection, 5, shortlist=len(collection))
+    fused = retrieve.two_stage_search(model, queries, collection, 5, shortlist=len(collection), scorer="fused")
     if layers == 2:
         assert torch.equal(fused.indices, exh.indices[:, :5])
         torch.testing.assert_close(fused.logits, exh.logits[:, :5], rtol=1e-5, atol=1e-5)
@@ -128,12 +130,12 @@ def test_shortlist_report(trained):
     assert rows[-1]["map"] == pytest.approx(report["exhaustive"]["map"], abs=1e-12)
     assert rows[-1]["map_at_k"] == pytest.approx(report["exhaustive"]["map_at_k"], abs=1e-12)
     assert all(0.0 <= r["map"] <= 1.0 and r["seconds"] > 0 for r in rows)
-    # exhaustive MAP is the evaluation code's MAP of the model's all-pairs logits (SCANet._pair_logits; logits,
+    # exhaustive MAP is the evaluation code's MAP of the model's all-pairs logits (reference.pair_logits; logits,
     # not fp32 sigmoids, which saturate into ties near 1)
     from scanet.evaluate import mean_average_precision
 
     with torch.no_grad():
-        logits = model._pair_logits(texts.features, images.features, 64)
+        logits = reference.pair_logits(model, texts.features, images.features)
     assert report["exhaustive"]["map"] == pytest.approx(
         mean_average_precision(logits, ds.test.labels, ds.test.labels), abs=1e-12)
     assert report["exhaustive"]["map"] > 0.3          # well above chance (1/6): the model learned something
@@ -252,7 +254,7 @@ def test_two_stage_query_and_contact_sheet(capsys, trained, indexes, tmp_path):
     assert res["contact_sheet"] == str(sheet)
     img = plt.imread(sheet)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
-    assert retrieve.find_image_file(root, first["id"], first["class"]) is not None
+    assert data_images.find_image_file(root, first["id"], first["class"]) is not None
     # a two-stage top 5 is a re-ranked subset: its scores are exact full-model scores
     by_id = {r["id"]: r["similarity"] for r in exhaustive["results"]}
     for r in res["results"]:
@@ -264,29 +266,29 @@ def test_two_stage_query_and_contact_sheet(capsys, trained, indexes, tmp_path):
 # ----------------------------------------------------------------------------------------------- helpers
 def test_prepare_query_text_english():
     vocab = ["river", "bank", "money", "the"]
-    q = retrieve.prepare_query_text("The river-bank, the MONEY! zebra a", vocab, "en", {"the"})
+    q = index_mod.prepare_query_text("The river-bank, the MONEY! zebra a", vocab, "en", {"the"})
     assert q["known"] == ["river", "bank", "money"]
     assert q["unknown_words"] == ["zebra"] and q["stopwords_ignored"] == ["the"]
     np.testing.assert_allclose(q["features"], text_features(bag_of_words([["river", "bank", "money"]], vocab)))
     with pytest.raises(ValueError, match="no word of the model's vocabulary.*stop words ignored: the"):
-        retrieve.prepare_query_text("the the", vocab, "en", {"the"})
+        index_mod.prepare_query_text("the the", vocab, "en", {"the"})
 
 
 def test_find_image_file(tmp_path):
     (tmp_path / "images" / "art").mkdir(parents=True)
     (tmp_path / "images" / "art" / "x1.jpg").write_bytes(b"")
     (tmp_path / "images" / "x2.PNG").write_bytes(b"")
-    assert retrieve.find_image_file(tmp_path, "x1", "art") == tmp_path / "images" / "art" / "x1.jpg"
-    assert retrieve.find_image_file(tmp_path, "x1", "music") is None
-    assert retrieve.find_image_file(tmp_path, "x2", "art") == tmp_path / "images" / "x2.PNG"
-    assert retrieve.find_image_file(tmp_path, "../images/x2", None) is None
-    assert retrieve.find_image_file(None, "x1", "art") is None
+    assert data_images.find_image_file(tmp_path, "x1", "art") == tmp_path / "images" / "art" / "x1.jpg"
+    assert data_images.find_image_file(tmp_path, "x1", "music") is None
+    assert data_images.find_image_file(tmp_path, "x2", "art") == tmp_path / "images" / "x2.PNG"
+    assert data_images.find_image_file(tmp_path, "../images/x2", None) is None
+    assert data_images.find_image_file(None, "x1", "art") is None
 
 
 def test_model_hash_tracks_weights():
     a = make_model(8, 2, "n", seed=1)
     b = make_model(8, 2, "n", seed=1)
-    assert retrieve.model_hash(a) == retrieve.model_hash(b)
+    assert index_mod.model_hash(a) == index_mod.model_hash(b)
     with torch.no_grad():
         b.head.fc.bias += 1e-9
-    assert retrieve.model_hash(a) != retrieve.model_hash(b)
+    assert index_mod.model_hash(a) != index_mod.model_hash(b)

@@ -8,7 +8,9 @@ import torch
 
 from scanet.config import apply_overrides, get_preset
 from scanet.data import synthetic
-from scanet.train import load_checkpoint, load_model, make_pairs, save_checkpoint, train
+from scanet.checkpoint import load_checkpoint, load_model, save_checkpoint
+from scanet.pairs import make_pairs
+from scanet.train import train
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_make_pairs_counts_and_targets():
 
 def test_short_synthetic_run_raises_map(dataset, tmp_path):
     from scanet.evaluate import evaluate_model
-    from scanet.train import build_model
+    from scanet.checkpoint import build_model
 
     preset = _preset(epochs=3, eval_every=0)
     torch.manual_seed(preset.train.seed)

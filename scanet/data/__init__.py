@@ -1,7 +1,11 @@
 """Raw data -> prepared graph and features. One module per dataset format, plus text, graph and embeddings.
 
-``PREPARERS[name](root, out_dir, **options)`` prepares a dataset into the format of scanet.data.prepared.
+``PREPARERS[name](root, out_dir, **options)`` prepares a dataset into the format of scanet.data.prepared;
+``prepare(name, ...)`` is the checked entry point and ``dataset_for_preset`` the one load sequence of the
+command line (an already prepared folder, else prepare the preset's dataset, cached).
 """
+from pathlib import Path
+
 from scanet.data.prepared import PreparedDataset, Split  # noqa: F401
 
 
@@ -29,7 +33,15 @@ def _custom(root, out_dir=None, **kw):
     return custom.prepare(root, out_dir, **kw)
 
 
+# name -> (preparer, one line for `scanet prepare --help`). Preparers import their module when called, so
+# listing the datasets costs nothing.
 PREPARERS = {"wiki": _wiki, "synthetic": _synthetic, "webnews": _webnews, "custom": _custom}
+DESCRIPTIONS = {
+    "wiki": "Eng-Wiki (Rasiwasia et al. 2010): *_txt_img_cat.list, texts/*.xml, raw_features.mat",
+    "synthetic": "an embedded toy dataset (no --root)",
+    "webnews": "Chinese web news: *_txt_img_cat.list, categories.list, texts/*.txt, images/<class>/",
+    "custom": "any folder in the documented format (docs/custom_format.md): train.tsv, test.tsv, ...",
+}
 
 
 def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
@@ -38,3 +50,16 @@ def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
     if root is None and name != "synthetic":
         raise ValueError(f"dataset {name!r} needs --root DIR (its raw data)")
     return PREPARERS[name](root, out_dir, **options)
+
+
+def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared") -> PreparedDataset:
+    """The dataset a preset trains on: the prepared folder ``data`` if given, else its raw data at ``root``
+    prepared (cached) into ``prepared_dir/<dataset>`` with the preset's vocabulary size and kNN."""
+    if data:
+        return PreparedDataset.load(data)
+    if preset.dataset == "synthetic":
+        return prepare("synthetic", out_dir=Path(prepared_dir) / "synthetic")
+    if not root:
+        raise ValueError(f"preset {preset.name!r} needs --root DIR (the raw {preset.dataset} data) or --data")
+    opts = {k: v for k, v in (("vocab_size", preset.vocab_size), ("knn", preset.knn)) if v is not None}
+    return prepare(preset.dataset, root, Path(prepared_dir) / preset.dataset, **opts)

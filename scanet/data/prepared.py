@@ -11,19 +11,16 @@ parameters and input hashes match, and rebuilds (atomically) otherwise.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
 from scanet.data.text import text_features
+from scanet.io import atomic_directory, hash_files, json_hash, sha256_file  # noqa: F401  (hash_files, sha256_file: public here)
 
 FORMAT_VERSION = 1
 
@@ -126,34 +123,11 @@ class PreparedDataset:
 
 
 # --------------------------------------------------------------------------------------------------- caching
-def _feed_file(h, path: Path) -> None:
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-
-
-def sha256_file(path: str | Path) -> str:
-    """sha256 of one file's content."""
-    h = hashlib.sha256()
-    _feed_file(h, path)
-    return h.hexdigest()
-
-
-def hash_files(paths: Iterable[Path], root: Path | None = None) -> str:
-    """sha256 over (relative name, content) of the files, in sorted order."""
-    h = hashlib.sha256()
-    for p in sorted(Path(p) for p in paths):
-        h.update(str(p.relative_to(root) if root else p.name).encode())
-        h.update(b"\0")
-        _feed_file(h, p)
-    return h.hexdigest()
-
-
 def cached(out_dir: str | Path, params: dict, inputs: dict[str, str],
            build: Callable[[], PreparedDataset], progress: Callable[[str], None] = print) -> PreparedDataset:
     """Load the dataset at ``out_dir`` if its manifest has these params and input hashes; else build and save.
 
-    ``inputs`` maps a name to a content hash (see hash_files). The folder is replaced atomically, so an
+    ``inputs`` maps a name to a content hash (see scanet.io.hash_files). The folder is replaced atomically, so an
     interrupted preparation never leaves a half-written dataset behind.
     """
     out = Path(out_dir)
@@ -167,22 +141,10 @@ def cached(out_dir: str | Path, params: dict, inputs: dict[str, str],
         except (ValueError, json.JSONDecodeError):
             progress(f"prepared data at {out} is unreadable: rebuilding")
     ds = build()
-    fingerprint = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = json_hash(want)[:16]
     ds.manifest = dict(want, fingerprint=fingerprint, name=ds.name, vocab_size=ds.vocab_size,
                        image_dim=ds.image_dim, n_train=len(ds.train), n_test=len(ds.test),
                        laplacian_nnz=int(ds.laplacian.nnz), lmax=ds.lmax)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         ds.save(tmp)
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ds

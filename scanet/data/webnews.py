@@ -21,17 +21,19 @@ So the real data gives 1,696 training and 497 test pairs.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from scanet.data.assemble import REPORT_NAME, counts, log_exclusions, partition, write_report  # noqa: F401
+from scanet.data.images import choose_images
 from scanet.data.languages import effective_embeddings, embeddings_for, tokenizer_for, tokenizer_version
+from scanet.data.lists import ListEntry, read_list
 from scanet.data.prepared import PreparedDataset, cached, hash_files
-from scanet.data.wiki import ListEntry, build_text_dataset, read_list
+from scanet.data.wiki import build_text_dataset
+from scanet.features import features_for_images, get_image_model
 
 LISTS = ("trainset_txt_img_cat.list", "testset_txt_img_cat.list")
-REPORT_NAME = "preparation_report.json"
 
 
 def check_root(root: Path) -> None:
@@ -55,10 +57,7 @@ def read_categories(root: Path, entries: list[ListEntry]) -> list[str]:
 
 def resolve_entries(root: Path, entries: list[ListEntry], classes: list[str]):
     """image id -> ImageChoice for every entry, the own class folder preferred (see module doc)."""
-    from scanet.features import index_images, resolve_image
-
-    index = index_images(root / "images")
-    return {e.image_id: resolve_image(index, e.image_id, root / "images", classes[e.label - 1]) for e in entries}
+    return choose_images(root / "images", entries, classes)
 
 
 def read_text(path: Path) -> str:
@@ -74,8 +73,6 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
             batch_size: int = 32, w2v_dim: int = 100, w2v_epochs: int = 20, w2v_min_count: int = 2,
             progress=print) -> PreparedDataset:
     """Prepare WebNews (cached in ``out_dir``, default ``prepared/webnews``); see the module doc."""
-    from scanet.features import features_for_images, get_image_model
-
     root = Path(root)
     check_root(root)
     out_dir = Path(out_dir or Path("prepared") / "webnews")
@@ -103,20 +100,14 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
                                               out_dir.parent / f"{out_dir.name}.images-{image_model}.npy",
                                               image_model, batch_size, progress=True, log=progress)
         tok = tokenizer_for("zh")
-        kept, toks, excluded = {}, {}, []
-        for sname, entries in splits.items():
-            kept[sname], toks[sname] = [], []
-            for e in entries:
-                text_path = root / "texts" / f"{e.text_id}.txt"
-                why = problems.get(e.image_id)
-                if why is None and not text_path.is_file():
-                    why = f"text file missing: {text_path.name}"
-                if why is not None:
-                    excluded.append({"split": sname, "text_id": e.text_id, "image_id": e.image_id,
-                                     "label": classes[e.label - 1], "reason": why})
-                    continue
-                kept[sname].append(e)
-                toks[sname].append(tok(read_text(text_path)))
+
+        def reason(e):
+            text_path = root / "texts" / f"{e.text_id}.txt"
+            why = problems.get(e.image_id)
+            return why if why is not None or text_path.is_file() else f"text file missing: {text_path.name}"
+
+        kept, excluded = partition(splits, reason, lambda e: {"label": classes[e.label - 1]})
+        toks = {s: [tok(read_text(root / "texts" / f"{e.text_id}.txt")) for e in kept[s]] for s in kept}
         empty = [e.text_id for s in kept for e, t in zip(kept[s], toks[s]) if not t]
         if empty:
             progress(f"note: {len(empty)} texts have no token after tokenization, e.g. {empty[:5]}")
@@ -126,29 +117,21 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
         ds = build_text_dataset("webnews", kept["train"], kept["test"], toks["train"], toks["test"], img["train"],
                                 img["test"], classes, wv, vocab_size, knn, lmax, progress)
         report.update({
-            "entries": {s: len(splits[s]) for s in splits}, "kept": {s: len(kept[s]) for s in kept},
-            "excluded": excluded,
+            **counts(splits, kept), "excluded": excluded,
             "image_notes": {c.image_id: c.notes for c in choices.values() if c.notes},
             "empty_texts": empty, "word_vectors": wv.name, "vocab_size": ds.vocab_size,
         })
         return ds
 
     ds = cached(out_dir, params, inputs, build, progress)
-    path = out_dir / REPORT_NAME
     if report:
-        path.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
         summarize(report, progress)
-        progress(f"preparation report: {path}")
-    elif path.is_file():
-        progress(f"prepared data is up to date (cache hit); its preparation report: {path}")
+    write_report(out_dir, report, progress)
     return ds
 
 
 def summarize(report: dict, log=print) -> None:
-    log(f"entries: train {report['entries']['train']}, test {report['entries']['test']}; kept: "
-        f"train {report['kept']['train']}, test {report['kept']['test']}")
-    for x in report["excluded"]:
-        log(f"  excluded {x['split']} {x['text_id']} ({x['label']}): {x['reason']}")
+    log_exclusions(report, log)
     notes = report["image_notes"]
     kinds: dict[str, int] = {}
     for ns in notes.values():

@@ -15,49 +15,19 @@ from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from scanet.data.assemble import assemble
 from scanet.data.embeddings import WordVectors, load_word_vectors
-from scanet.data.graph import word_graph
-from scanet.data.prepared import PreparedDataset, Split, cached, hash_files
+from scanet.data.lists import ListEntry, read_list  # noqa: F401  (scanet.data.wiki.read_list: public here)
+from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer, read_stopwords
+from scanet.features import DEFAULT_MODEL, cnn_features_for_entries, get_image_model
 
 _TEXT = re.compile(r"<text>(.*?)</text>", re.DOTALL)
 _TAG = re.compile(r"<[^>]{0,200}>")
-
-
-@dataclass
-class ListEntry:
-    text_id: str
-    image_id: str
-    label: int          # 1-based as in the file
-
-
-def read_list(path: Path) -> list[ListEntry]:
-    """Parse a ``*_txt_img_cat.list`` file, with errors that name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"list file not found: {path}")
-    entries = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t") if "\t" in line else line.split()
-        if len(parts) != 3:
-            raise ValueError(f"{path}:{n}: expected 'text_id<TAB>image_id<TAB>category', got {line!r}")
-        try:
-            label = int(parts[2])
-        except ValueError:
-            raise ValueError(f"{path}:{n}: category {parts[2]!r} is not an integer") from None
-        if label < 1:
-            raise ValueError(f"{path}:{n}: categories are 1-based, got {label}")
-        entries.append(ListEntry(parts[0].strip(), parts[1].strip(), label))
-    if not entries:
-        raise ValueError(f"list file {path} is empty")
-    return entries
 
 
 def read_wiki_text(path: Path) -> str:
@@ -132,8 +102,6 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     inputs = {"lists": hash_files(lists), "texts": hash_files(text_files),
               "image_features": hash_files([feature_file]) if feature_file.is_file() else "missing"}
     if image_features == "cnn":
-        from scanet.features import DEFAULT_MODEL, get_image_model
-
         if not (root / "images").is_dir():
             raise FileNotFoundError(f"image_features='cnn' needs the raw images in {root / 'images'}")
         inputs["image_features"] = hash_files([p for p in (root / "images").rglob("*") if p.is_file()],
@@ -147,8 +115,6 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     def build() -> PreparedDataset:
         train_e, test_e = read_list(lists[0]), read_list(lists[1])
         if image_features == "cnn":
-            from scanet.features import DEFAULT_MODEL, cnn_features_for_entries
-
             (train_e, test_e), (img_tr, img_te), _, _ = cnn_features_for_entries(
                 root, (train_e, test_e), _class_names(root, train_e + test_e),
                 out_dir.parent / f"{out_dir.name}.images-{DEFAULT_MODEL}.npy", log=progress)
@@ -184,15 +150,13 @@ def _class_names(root: Path, entries: list[ListEntry]) -> list[str]:
 
 def build_text_dataset(name, train_e, test_e, train_tok, test_tok, img_tr, img_te, classes,
                        embeddings: str | WordVectors, vocab_size, knn, lmax, progress=print) -> PreparedDataset:
-    """Shared by every dataset in the list layout: vocabulary with embeddings, word graph, bag-of-words."""
+    """Every dataset in the list layout with tokenized texts: vocabulary with vectors, then ``assemble``."""
     wv = embeddings if isinstance(embeddings, WordVectors) else load_word_vectors(embeddings)
     vocab = build_vocabulary(train_tok, vocab_size, keep=wv.__contains__)
-    progress(f"vocabulary: {len(vocab)} words with a vector in {wv.name}; building the {knn}-NN word graph")
-    lap, lm = word_graph(wv.lookup(vocab), knn, lmax)
 
-    def split(entries, toks, imgs):
-        return Split([e.text_id for e in entries], [e.image_id for e in entries], bag_of_words(toks, vocab),
-                     np.ascontiguousarray(imgs, dtype=np.float32), np.asarray([e.label - 1 for e in entries], np.int64))
+    def part(entries, toks, imgs):
+        return ([e.text_id for e in entries], [e.image_id for e in entries], bag_of_words(toks, vocab), imgs,
+                np.asarray([e.label - 1 for e in entries], np.int64))
 
-    return PreparedDataset(name, vocab, lap, lm, classes, split(train_e, train_tok, img_tr),
-                           split(test_e, test_tok, img_te))
+    return assemble(name, vocab, wv, classes, {"train": part(train_e, train_tok, img_tr),
+                                               "test": part(test_e, test_tok, img_te)}, knn, lmax, progress)

@@ -4,7 +4,7 @@
 scanet.reference.coattention. It checks its inputs with reference.check_coattention_inputs, then dispatches:
 
   * float32 CUDA tensors               -> the Triton kernels (scanet.kernels.coattention);
-  * float32 CPU tensors, TRITON_INTERPRET=1 at import -> the same kernels, interpreted (slow; for tests);
+  * float32 CPU tensors, TRITON_INTERPRET=1 -> the same kernels, interpreted (slow; for tests);
   * anything else (CPU without the interpreter, float64/float16/bfloat16) -> the eager reference.
 
 Non-contiguous inputs are accepted as they are: the kernels take strides, so nothing is copied.
@@ -24,16 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from scanet import model as eager_model
-from scanet import reference
-from scanet.kernels import coattention as kernels
-
-PRECISIONS = kernels.PRECISIONS
-
-
-def _check_precision(precision) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+from scanet import layers, reference
+from scanet.fused._dispatch import PRECISIONS, kernels, kernels_can_run  # noqa: F401
+from scanet.fused._dispatch import check_precision as _check_precision
 
 
 # -------------------------------------------------------------------------------------- torch.library ops
@@ -41,7 +34,8 @@ def _check_precision(precision) -> None:
 def _forward_op(f: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float,
                 precision: str, save_for_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, a, lse); a = relu(f W^T + b) and lse are saved for backward (empty when not saved)."""
-    return kernels.coattention_forward(f, g, weight, bias, scale, precision, save_for_backward)
+    return kernels("coattention", f.device).coattention_forward(f, g, weight, bias, scale, precision,
+                                                                 save_for_backward)
 
 
 @_forward_op.register_fake
@@ -57,7 +51,8 @@ def _backward_op(dout: torch.Tensor, out: torch.Tensor, a: torch.Tensor, lse: to
                  g: torch.Tensor, weight: torch.Tensor, scale: float, precision: str, need_df: bool,
                  need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(df, dg, dweight, dbias); df, or dweight and dbias, are empty when not needed."""
-    return kernels.coattention_backward(dout, out, a, lse, f, g, weight, scale, precision, need_df, need_dweight)
+    return kernels("coattention", f.device).coattention_backward(dout, out, a, lse, f, g, weight, scale, precision,
+                                                                  need_df, need_dweight)
 
 
 @_backward_op.register_fake
@@ -92,7 +87,7 @@ def uses_kernels(f: torch.Tensor) -> bool:
     """True when ``coattention`` on tensors like ``f`` runs the Triton kernels (else the eager reference)."""
     if f.dtype != torch.float32 or f.numel() == 0:
         return False
-    return f.device.type == "cuda" or (f.device.type == "cpu" and kernels.INTERPRETED)
+    return kernels_can_run(f.device)
 
 
 def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str = "fp32") -> torch.Tensor:
@@ -110,8 +105,8 @@ def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str = "fp3
 
 
 # ------------------------------------------------------------------------------------------------- module
-class StackedCoAttention(eager_model.StackedCoAttention):
-    """scanet.model.StackedCoAttention with the fused op: same constructor, parameters and state_dict.
+class StackedCoAttention(layers.StackedCoAttention):
+    """scanet.layers.StackedCoAttention with the fused op: same constructor, parameters and state_dict.
 
     ``precision`` (constructor keyword or attribute; "fp32" default, "tf32", "bf16") is passed to every step.
     ``attention()`` (used by SCANet.score_all) stays the eager computation of the maps.

@@ -1,0 +1,75 @@
+"""Checkpoints: the format, atomic save, safe load, and rebuilding a model from one.
+
+A checkpoint is a dict saved with torch.save and read with ``torch.load(weights_only=True)`` (scanet.io: a file
+can carry tensors and plain containers, never code):
+    format               "scanet-checkpoint-v1"
+    model, optimizer     state_dicts (the model's includes its Laplacian: laplacian.crow/.col/.values; files
+                         written before scanet.laplacian name them laplacian_crow/_col/_values, still read)
+    epoch, history       epochs done, one metrics row per epoch
+    preset               the Preset as a plain dict (dataclasses.asdict), see ``preset_from_dict``
+    dataset_fingerprint, dataset_name, vocab_size, image_dim, classes
+``load_model`` refuses a dataset whose fingerprint differs from the training data's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from scanet.config import ModelConfig, Preset, TrainConfig
+from scanet.data.prepared import PreparedDataset
+from scanet.io import atomic_torch_save, safe_torch_load
+from scanet.laplacian import Laplacian
+from scanet.model import _OLD_LAPLACIAN_KEYS, SCANet
+
+CHECKPOINT_FORMAT = "scanet-checkpoint-v1"
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over the old checkpoint."""
+    atomic_torch_save(path, state)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = safe_torch_load(path, "SCANet checkpoint", map_location)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a SCANet checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    return state
+
+
+def preset_from_dict(d: dict) -> Preset:
+    model = ModelConfig(**{**d["model"], "gcn_channels": tuple(d["model"]["gcn_channels"])})
+    return Preset(**{**d, "model": model, "train": TrainConfig(**d["train"])})
+
+
+def build_model(preset: Preset, dataset: PreparedDataset, fused: bool = False) -> SCANet:
+    """A fresh model for the dataset, its image standardization fitted on the training images."""
+    model = SCANet(dataset.vocab_size, dataset.image_dim, dataset.laplacian, preset.model, fused=fused)
+    model.image_encoder.set_input_statistics(dataset.train.images)
+    return model
+
+
+def load_model(checkpoint: str | Path | dict, dataset: PreparedDataset | None = None, device="cpu",
+               fused: bool = False) -> tuple[SCANet, dict]:
+    """Rebuild the model of a checkpoint; refuse a dataset whose fingerprint differs from the training data's."""
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    preset = preset_from_dict(state["preset"])
+    if dataset is not None and state.get("dataset_fingerprint") and dataset.fingerprint and \
+            state["dataset_fingerprint"] != dataset.fingerprint:
+        raise ValueError(f"checkpoint was trained on prepared data {state['dataset_fingerprint']} but the given "
+                         f"dataset is {dataset.fingerprint} (different vocabulary, graph or features)")
+    weights = state["model"]
+    arrays = [weights.get(new, weights.get(old)) for old, new in _OLD_LAPLACIAN_KEYS.items()]
+    if any(a is None for a in arrays):
+        raise ValueError("checkpoint has no Laplacian (laplacian.crow/.col/.values) in its model weights")
+    try:
+        laplacian = Laplacian.from_arrays(*arrays)
+    except ValueError as e:
+        raise ValueError(f"checkpoint holds a malformed Laplacian: {e}") from e
+    model = SCANet(state["vocab_size"], state["image_dim"], laplacian, preset.model, fused=fused)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint does not match the model it describes: {e}") from e
+    return model.to(device), state

@@ -1,0 +1,56 @@
+"""What every verb shares: the dataset options and the checkpoint-then-dataset load sequence, written once.
+
+(A module of its own rather than scanet/cli/__init__.py, so that the verb modules can import it while
+__init__ imports them.)
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def dataset_options(p: argparse.ArgumentParser, root_help: str = "raw data directory of the dataset "
+                                                               "(e.g. ../shared/data/wiki)") -> None:
+    p.add_argument("--root", help=root_help)
+    p.add_argument("--data", help="an already prepared dataset folder (instead of --root)")
+    p.add_argument("--prepared-dir", default="prepared", help="where prepared datasets are cached")
+
+
+def load_dataset(args, preset):
+    """The dataset of --data, else the preset's dataset prepared from --root (scanet.data.dataset_for_preset)."""
+    from scanet.data import dataset_for_preset
+
+    return dataset_for_preset(preset, data=args.data, root=args.root, prepared_dir=args.prepared_dir)
+
+
+def load_trained(args, preset_name: str | None = None, fused: bool = False):
+    """--checkpoint, then its dataset (the checkpoint's preset, or ``preset_name``), then the model on it:
+    (model, checkpoint state, dataset). The model refuses a dataset other than the one it was trained on."""
+    from scanet.checkpoint import load_checkpoint, load_model, preset_from_dict
+    from scanet.config import get_preset
+
+    state = load_checkpoint(args.checkpoint)
+    preset = get_preset(preset_name) if preset_name else preset_from_dict(state["preset"])
+    dataset = load_dataset(args, preset)
+    model, _ = load_model(state, dataset, device=args.device, fused=fused)
+    return model, state, dataset
+
+
+def module_options(p: argparse.ArgumentParser, fused_help: str, eager_help: str) -> None:
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fused", action="store_true", help=fused_help)
+    p.add_argument("--eager", action="store_true", help=eager_help)
+
+
+def use_fused(args) -> bool:
+    """--fused / --eager, else auto: the fused modules on CUDA, and on CPU when the native backend is built."""
+    if getattr(args, "eager", False):
+        return False
+    if args.fused:
+        return True
+    import torch
+
+    if torch.device(args.device).type == "cuda":
+        return True
+    import scanet.native
+
+    return scanet.native.available()

@@ -1,0 +1,72 @@
+"""What every text dataset's preparation ends with, written once: which items are kept (and why the others are
+not), the word graph over the vocabulary, the splits, and the preparation report.
+
+    partition(items, reason_of)         kept items per split and the excluded ones with their reason
+    log_exclusions(report, log)         the report's kept/excluded summary, one line per excluded item
+    write_report(out_dir, report, log)  <out>/preparation_report.json (after a build; a cache hit keeps it)
+    assemble(...)                       vocabulary vectors -> kNN word graph -> Splits -> PreparedDataset
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from scanet.data.graph import word_graph
+from scanet.data.prepared import PreparedDataset, Split
+
+REPORT_NAME = "preparation_report.json"
+
+
+def partition(items: dict[str, list], reason_of: Callable[[object], str | None],
+              describe: Callable[[object], dict] | None = None) -> tuple[dict[str, list], list[dict]]:
+    """Split each split's items into kept (``reason_of(item)`` is None) and excluded records
+    {split, text_id, image_id, **describe(item), reason}."""
+    kept, excluded = {}, []
+    for split, its in items.items():
+        kept[split] = []
+        for it in its:
+            why = reason_of(it)
+            if why is None:
+                kept[split].append(it)
+            else:
+                excluded.append({"split": split, "text_id": it.text_id, "image_id": it.image_id,
+                                 **(describe(it) if describe else {}), "reason": why})
+    return kept, excluded
+
+
+def counts(items: dict[str, list], kept: dict[str, list]) -> dict:
+    return {"entries": {k: len(v) for k, v in items.items()}, "kept": {k: len(v) for k, v in kept.items()}}
+
+
+def log_exclusions(report: dict, log=print) -> None:
+    log(f"entries: train {report['entries']['train']}, test {report['entries']['test']}; kept: "
+        f"train {report['kept']['train']}, test {report['kept']['test']}; {len(report['excluded'])} excluded")
+    for x in report["excluded"]:
+        label = f" ({x['label']})" if "label" in x else ""
+        log(f"  excluded {x['split']} {x['text_id']}{label}: {x['reason']}")
+
+
+def write_report(out_dir: Path, report: dict, log=print) -> Path:
+    """Write the report of a build; with an empty report (a cache hit) only say where the old one is."""
+    path = Path(out_dir) / REPORT_NAME
+    if report:
+        path.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+        log(f"preparation report: {path}")
+    elif path.is_file():
+        log(f"prepared data is up to date (cache hit); its preparation report: {path}")
+    return path
+
+
+def assemble(name: str, vocab: list[str], word_vectors, classes: list[str], parts: dict[str, tuple],
+             knn: int, lmax, progress=print) -> PreparedDataset:
+    """The prepared dataset: the ``knn``-NN word graph of the vocabulary's vectors, and per split ("train",
+    "test") ``parts[split] = (text_ids, image_ids, bow, image_features, labels)``."""
+    progress(f"vocabulary: {len(vocab)} words with a vector in {word_vectors.name}; building the {knn}-NN "
+             "word graph")
+    lap, lm = word_graph(word_vectors.lookup(vocab), knn, lmax)
+    splits = {k: Split(list(t), list(i), bow, np.ascontiguousarray(img, dtype=np.float32), labels)
+              for k, (t, i, bow, img, labels) in parts.items()}
+    return PreparedDataset(name, vocab, lap, lm, classes, splits["train"], splits["test"])
