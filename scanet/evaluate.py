@@ -11,8 +11,15 @@ Queries with no relevant candidate are left out of the mean (their AP is undefin
 
 Relevance: labels of shape (n,) are class indices (relevant = same class); labels of shape (n, C) are
 multi-hot (relevant = sharing at least one label).
+
+Protocols (``PROTOCOLS``, ``evaluate_protocols``): "standard" ranks the test split of the other modality and
+reports MAP@all (and MAP@50); "paper" ranks the training split of the other modality and reports MAP@100
+normalized by the relevant items retrieved, as the SCANet authors' group's public code does. Their numbers are
+not comparable: every table labels which protocol a figure comes from.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -119,6 +126,110 @@ def retrieval_report(scores, text_labels, image_labels, ks=(10, 50, 100)) -> dic
         }
     report["mean_map"] = (report["text2image"]["map"] + report["image2text"]["map"]) / 2
     return report
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+@dataclass(frozen=True)
+class Protocol:
+    """Which candidates a test query ranks, and which MAP summarizes the ranking.
+
+    standard   the Wiki cross-modal literature: test queries against the TEST split of the other modality,
+               MAP@all (AP normalized by all R relevant candidates), MAP@50 beside it.
+    paper      the SCANet authors' group's public evaluation code (SCKR, rn_model, keras_gcn; no SCANet code
+               is public): test queries against the TRAINING split of the other modality, MAP@100 with AP
+               divided by the relevant items found in the top 100 (``k_normalization="retrieved"``). A query
+               that finds relevant items anywhere in its top 100 can score 1 with a single early hit, and the
+               candidate pool is 3x larger, so its numbers are much higher than the standard protocol's and
+               the two must never share a table column.
+    """
+
+    name: str
+    candidates: str            # "test" or "train": the split the candidates come from
+    k: int | None              # None: MAP@all
+    k_normalization: str
+    extra_ks: tuple = ()
+
+    @property
+    def metric(self) -> str:
+        return "map" if self.k is None else f"map@{self.k}"
+
+    @property
+    def label(self) -> str:
+        what = "MAP@all" if self.k is None else (
+            f"MAP@{self.k}" + (" (AP / relevant retrieved)" if self.k_normalization == "retrieved" else ""))
+        return f"{what}, test queries vs {self.candidates} candidates"
+
+
+PROTOCOLS = {
+    "standard": Protocol("standard", "test", None, "min_r_k", extra_ks=(50,)),
+    "paper": Protocol("paper", "train", 100, "retrieved"),
+}
+
+
+def get_protocols(names) -> list[Protocol]:
+    """``"both"``, one name, or a list of names -> Protocol objects (a clear error for an unknown name)."""
+    if isinstance(names, str):
+        names = list(PROTOCOLS) if names == "both" else [names]
+    unknown = [n for n in names if n not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown evaluation protocol {unknown[0]!r}; choose one of "
+                         f"{', '.join(PROTOCOLS)} or 'both'")
+    return [PROTOCOLS[n] for n in names]
+
+
+def protocol_report(protocol: Protocol, text2image_scores, text_query_labels, image_candidate_labels,
+                    image2text_scores, image_query_labels, text_candidate_labels) -> dict:
+    """MAP of both directions under ``protocol`` from two score matrices (rows are the test queries).
+
+    text2image_scores: (test texts, candidate images); image2text_scores: (test images, candidate texts).
+    Returns {"protocol", "label", "text2image": {metric: ...}, "image2text": {...}, "mean": headline mean}.
+    """
+    out = {"protocol": protocol.name, "label": protocol.label, "metric": protocol.metric}
+    for direction, s, ql, cl in (("text2image", text2image_scores, text_query_labels, image_candidate_labels),
+                                 ("image2text", image2text_scores, image_query_labels, text_candidate_labels)):
+        row = {protocol.metric: mean_average_precision(s, ql, cl, protocol.k, protocol.k_normalization)}
+        for k in protocol.extra_ks:
+            row[f"map@{k}"] = mean_average_precision(s, ql, cl, k)
+        out[direction] = row
+    out["mean"] = (out["text2image"][protocol.metric] + out["image2text"][protocol.metric]) / 2
+    return out
+
+
+def evaluate_protocols(score_fn, dataset, protocols="both") -> dict:
+    """Evaluate a scorer under each protocol. ``score_fn(text_split, image_split)`` returns the
+    (texts of text_split, images of image_split) score matrix; higher = more similar.
+
+    The standard protocol needs one test x test matrix; the paper protocol two more (test texts x training
+    images, training texts x test images). Returns {protocol name: protocol_report}.
+    """
+    reports = {}
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def scores(text_split: str, image_split: str) -> np.ndarray:
+        if (text_split, image_split) not in cache:
+            cache[text_split, image_split] = _np(score_fn(getattr(dataset, text_split),
+                                                          getattr(dataset, image_split)))
+        return cache[text_split, image_split]
+
+    test = dataset.test
+    for p in get_protocols(protocols):
+        cand = getattr(dataset, p.candidates)
+        reports[p.name] = protocol_report(p, scores("test", p.candidates), test.labels, cand.labels,
+                                          scores(p.candidates, "test").T, test.labels, cand.labels)
+    return reports
+
+
+def model_scorer(model, chunk_size: int = 64, progress: bool = False):
+    """``score_fn`` for evaluate_protocols: the model's logits of every (text, image) pair of two splits."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+
+    def score(text_split, image_split):
+        texts = torch.as_tensor(text_split.text_matrix(), device=device, dtype=dtype)
+        images = torch.as_tensor(image_split.images, device=device, dtype=dtype)
+        return model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True).cpu().numpy()
+
+    return score
 
 
 def evaluate_model(model, dataset, split: str = "test", chunk_size: int = 64, device=None,
