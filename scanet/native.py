@@ -251,7 +251,8 @@ def _register_python_side() -> None:
         return dw, db
 
     def _forward_setup(ctx, inputs, output):
-        crow, col, values, x, weight, bias, relu, save_basis, symmetric, dropout_p, seed, _ = inputs
+        crow, col, values, x, weight, bias, relu, save_basis, symmetric, dropout_p, seed, _ = (
+            tuple(inputs) + (False, 0.0, 0, None)[len(inputs) - 8:])
         y, saved = output
         ctx.save_for_backward(crow, col, values, x, saved, y, weight)
         ctx.relu, ctx.has_bias, ctx.symmetric = relu, bias is not None, symmetric
@@ -331,23 +332,23 @@ def _register_autocast() -> None:
     def register(name, policy):
         op = getattr(torch.ops.scanet_native, name).default
 
-        def run(*args):
+        def run(*args, **kwargs):   # the dispatcher leaves out trailing arguments that equal their defaults
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-                return op(*policy(*args))
+                return op(*policy(*args, **kwargs))
 
         op.py_impl(key)(run)   # for the Python dispatcher (torch.compile's tracing)
-        impl.impl(name, lambda _keyset, *args: run(*args), "AutocastCPU", with_keyset=True)
+        impl.impl(name, lambda _keyset, *args, **kwargs: run(*args, **kwargs), "AutocastCPU", with_keyset=True)
 
-    def forward_policy(crow, col, values, x, weight, bias, relu, save_basis, symmetric, dropout_p, seed,
-                       out_dtype):
+    def forward_policy(crow, col, values, x, weight, bias, relu, save_basis, symmetric=False, dropout_p=0.0,
+                       seed=0, out_dtype=None):
         if x.dtype != torch.float64:
             values, weight, bias = _to_float32(values), _to_float32(weight), _to_float32(bias)
             if out_dtype is None:
                 out_dtype = torch.get_autocast_dtype("cpu")
         return crow, col, values, x, weight, bias, relu, save_basis, symmetric, dropout_p, seed, out_dtype
 
-    def fp32_policy(*args):   # fixed data and a few weights: run in float32 (float64 stays float64)
-        return tuple(_to_float32(a) for a in args)
+    def fp32_policy(*args, index=None):   # fixed data and a few weights: float32 (float64 stays float64)
+        return tuple(_to_float32(a) for a in args) + ((index,) if index is not None else ())
 
     register("cheb_conv_forward", forward_policy)
     register("chebyshev_basis", fp32_policy)
