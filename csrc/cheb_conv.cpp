@@ -199,19 +199,34 @@ struct Dropout {
   }
 };
 
+// s[b * Fout + fo] *= keep(element (b, v, fo) of the (B, V, F_out) output) / (1 - p), for one vertex v.
+// One channel (SCANet's text GCN): element b*V + v, a loop the compiler vectorizes (64-bit multiplies).
+template <typename T>
+inline void apply_dropout_row(T* s, int64_t B, int64_t Fout, int64_t v, int64_t V, const Dropout& drop) {
+  const T scale = T(drop.scale);
+  const uint64_t seed = drop.seed, thr = drop.threshold;
+  if (Fout == 1) {
+#pragma omp simd
+    for (int64_t b = 0; b < B; ++b) {
+      const uint64_t i = uint64_t(b) * uint64_t(V) + uint64_t(v);
+      const bool keep = (splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull) >> 32) >= thr;
+      s[b] = keep ? s[b] * scale : T(0);
+    }
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const uint64_t base = uint64_t(b) * uint64_t(V * Fout) + uint64_t(v * Fout);
+    for (int64_t fo = 0; fo < Fout; ++fo)
+      s[b * Fout + fo] = drop.keep(base + fo) ? s[b * Fout + fo] * scale : T(0);
+  }
+}
+
 // Write one vertex's finished row: s[b * Fout + fo] (Acc, activation applied) -> dst (Ty), times the dropout
 // mask of element (b, v, fo) of the (B, V, F_out) output.
 template <typename T, typename Ty>
 inline void finish_row(T* s, int64_t B, int64_t Fout, int64_t v, int64_t V, const Dropout& drop, Ty* dst) {
   const int64_t Co = B * Fout;
-  if (drop.on) {
-    const T scale = T(drop.scale);
-    for (int64_t b = 0; b < B; ++b) {
-      const uint64_t base = uint64_t(b) * uint64_t(V * Fout) + uint64_t(v * Fout);
-      for (int64_t fo = 0; fo < Fout; ++fo)
-        s[b * Fout + fo] = drop.keep(base + fo) ? s[b * Fout + fo] * scale : T(0);
-    }
-  }
+  if (drop.on) apply_dropout_row(s, B, Fout, v, V, drop);
 #pragma omp simd
   for (int64_t c = 0; c < Co; ++c) dst[c] = store_as<Ty, T>(s[c]);
 }
@@ -560,14 +575,7 @@ void reduce_and_mask(const T* gy, const Ty* yv, bool relu, const Dropout& drop, 
 #pragma omp simd
             for (int64_t c = 0; c < Co; ++c) zw[c] = g[c];
           }
-          if (drop.on) {
-            const T scale = T(drop.scale);
-            for (int64_t bb = 0; bb < B; ++bb) {
-              const uint64_t base = uint64_t(bb) * uint64_t(V * Fout) + uint64_t(v * Fout);
-              for (int64_t fo = 0; fo < Fout; ++fo)
-                zw[bb * Fout + fo] = drop.keep(base + fo) ? zw[bb * Fout + fo] * scale : T(0);
-            }
-          }
+          if (drop.on) apply_dropout_row(zw, B, Fout, v, V, drop);
           z = zw;
         }
         if (need_w) {

@@ -480,7 +480,7 @@ def _check_cheb_dtypes(laplacian_csr, x, weight, bias) -> None:
 
 
 def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", *, symmetric: bool | None = None,
-              dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
+              dropout_p: float = 0.0, training: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One Chebyshev graph convolution, the contract of ``scanet.reference.cheb_conv``, fused on CPU.
 
     laplacian_csr: (V, V) rescaled Laplacian L~ (torch sparse CSR, any sparsity, symmetric or not).
@@ -489,8 +489,11 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", *, symmetr
     docstring). Differentiable in x, weight and bias.
 
     dtypes: float64 throughout, or x in float32/bfloat16/float16 with weight, bias and L~ in any of those
-    (used in float32 inside). The output dtype is the autocast dtype under ``torch.autocast("cpu")``, else
-    the promoted dtype of x, weight and bias (bf16 x with an fp32 weight gives fp32).
+    (used in float32 inside). The output dtype is ``out_dtype`` when given (float32, bfloat16 or float16;
+    float64 only with float64 inputs), else the autocast dtype under ``torch.autocast("cpu")``, else the
+    promoted dtype of x, weight and bias (bf16 x with an fp32 weight gives fp32). Between two stacked layers
+    under autocast, ``out_dtype=torch.float32`` keeps the hidden signal in float32 (the next layer then reads
+    it in place, and its dx needs no narrowing); the last layer's bf16 output feeds the bf16 GEMM after it.
     symmetric: True says L~ = L~^T (backward reuses L~, nothing is transposed); False makes backward use the
     transpose (built once per Laplacian and cached); None checks once per Laplacian (cached). Passing True
     for a non-symmetric L~ gives a wrong dx.
@@ -511,12 +514,17 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", *, symmetr
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if symmetric not in (None, True, False):
         raise ValueError(f"symmetric must be True, False or None, got {symmetric!r}")
+    if out_dtype is not None and (out_dtype not in _CHEB_DTYPES or
+                                  (out_dtype == torch.float64) != (x.dtype == torch.float64)):
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16 (float64 only for float64 inputs), "
+                         f"got {out_dtype} for x of dtype {x.dtype}")
     _require()
     crow, col, values = _csr_arrays(laplacian_csr)
     acc = _acc_dtype(x.dtype)
     autocast = torch.is_autocast_enabled("cpu") and acc == torch.float32
-    out_dtype = None if autocast else torch.promote_types(x.dtype, weight.dtype if bias is None
-                                                          else torch.promote_types(weight.dtype, bias.dtype))
+    if out_dtype is None and not autocast:   # under autocast, None lets the AutocastCPU kernel choose
+        out_dtype = torch.promote_types(x.dtype, weight.dtype if bias is None
+                                        else torch.promote_types(weight.dtype, bias.dtype))
     # The kernels take the parameters and the operator in the compute dtype (a no-op for float32 ones).
     values = values.to(acc)
     weight = weight.to(acc)

@@ -304,3 +304,15 @@ def test_opcheck_low_precision_and_dropout():
                               (torch.randn(4, 9, 2, generator=g).half(), torch.float32, False)):
         torch.library.opcheck(ops.cheb_conv_forward,
                               (crow, col, val, x.requires_grad_(), w, b, True, True, sym, 0.25, 99, out_dtype))
+
+
+def test_out_dtype_keeps_a_hidden_layer_in_float32_under_autocast():
+    L, x, w, b = _case(5, 30, 1, 1, 3, torch.float32, kind="self_loops")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = native.cheb_conv(L, x, w, b, out_dtype=torch.float32)
+        y = native.cheb_conv(L, h, w, b)
+    assert h.dtype == torch.float32 and y.dtype == torch.bfloat16
+    want = reference.cheb_conv(L, reference.cheb_conv(L, x, w, b), w, b)
+    _assert_close(y, want, torch.bfloat16, "y")
+    with pytest.raises(ValueError, match="out_dtype must be"):
+        native.cheb_conv(L, x, w, b, out_dtype=torch.float64)
