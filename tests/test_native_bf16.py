@@ -316,3 +316,24 @@ def test_out_dtype_keeps_a_hidden_layer_in_float32_under_autocast():
     _assert_close(y, want, torch.bfloat16, "y")
     with pytest.raises(ValueError, match="out_dtype must be"):
         native.cheb_conv(L, x, w, b, out_dtype=torch.float64)
+
+
+def test_torch_compile_under_autocast_with_dropout():
+    """fullgraph aot_eager compile of the raw op under autocast (the AutocastCPU kernel's py_impl, the fake
+    kernel's dtypes, the autograd with dropout) gives the eager result and gradient."""
+    L = knn_laplacian(30)
+    crow, col, val = (t.clone() for t in (L.crow_indices(), L.col_indices(), L.values()))
+    x = torch.rand(4, 30, 1)
+    w = torch.randn(3, 1, 1, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+
+    def f(x, w, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = torch.ops.scanet_native.cheb_conv_forward(crow, col, val, x, w, b, True, True, True, 0.2, 5, None)
+        assert y.dtype == torch.bfloat16
+        return y.float().square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out, out_ref = compiled(x, w, b), f(x, w, b)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(torch.autograd.grad(out, w)[0], torch.autograd.grad(out_ref, w)[0])
