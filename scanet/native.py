@@ -149,10 +149,35 @@ def _load_from(pkg_dir: Path):
     return path, info
 
 
+# What this Python side calls: a library built from older csrc/ (the .so is not in git, so a checkout can
+# carry a stale one) lacks some of it; it is refused with a reason instead of failing at the first call.
+_REQUIRED_SCHEMA = {"cheb_conv_forward": ("symmetric", "dropout_p", "seed", "out_dtype"),
+                    "cheb_conv_backward": ("dropout_p", "seed"), "dropout_keep_mask": ()}
+
+
+def _stale_schema() -> list[str]:
+    """The ops or arguments of _REQUIRED_SCHEMA that the loaded library does not have."""
+    missing = []
+    for name, args in _REQUIRED_SCHEMA.items():
+        try:
+            schema = getattr(torch.ops.scanet_native, name).default._schema
+        except (AttributeError, RuntimeError):
+            missing.append(name)
+            continue
+        have = {a.name for a in schema.arguments}
+        missing += [f"{name}({a}=)" for a in args if a not in have]
+    return missing
+
+
 def _try_load() -> None:
     path, info = _load_from(_PKG_DIR)
     if path is None:
         _STATE["reason"] = info
+        return
+    stale = _stale_schema()
+    if stale:
+        _STATE["reason"] = (f"{path.name} was built from older sources (it lacks {', '.join(stale)}); rebuild it "
+                            "with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`")
         return
     try:
         _register_python_side()

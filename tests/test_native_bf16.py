@@ -385,3 +385,7 @@ def test_torch_compile_under_autocast_with_dropout():
     out, out_ref = compiled(x, w, b), f(x, w, b)
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(torch.autograd.grad(out, w)[0], torch.autograd.grad(out_ref, w)[0])
+
+
+def test_loaded_library_has_the_schema_this_python_side_calls():
+    assert native._stale_schema() == []
