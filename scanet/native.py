@@ -526,6 +526,10 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", *, symmetr
     (``nn.Dropout`` on the output, fused into the epilogue; see the module docstring); the seed is drawn from
     torch's default generator.
     """
+    reference.check_laplacian(laplacian_csr, check_indices=False)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     _check_cheb_dtypes(laplacian_csr, x, weight, bias)
     common = laplacian_csr.dtype
     # The reference's shape, device and activation checks, without its one-dtype rule (mixed dtypes are

@@ -361,6 +361,8 @@ def test_bad_input_raises_clear_value_error():
         native.cheb_conv(L, x.double(), w, b)
     with pytest.raises(ValueError, match="float32, float64, bfloat16 and float16; x is torch.int32"):
         native.cheb_conv(L, x.to(torch.int32), w, b)      # (float16 and bfloat16 are supported: test_native_bf16)
+    with pytest.raises(ValueError, match="x must be a torch.Tensor"):
+        native.cheb_conv(L, x.tolist(), w, b)
     with pytest.raises(ValueError, match="dropout_p must be a number in"):
         native.cheb_conv(L, x, w, b, dropout_p=1.5)
     with pytest.raises(ValueError, match="symmetric must be"):
