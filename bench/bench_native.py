@@ -20,6 +20,9 @@ Ops (one name per table block; each row's ratio is to the "eager" provider of th
                       4096-d image features as the paper's VGG-19 fc7, the loss of eq. 10, Adam); the
                       projected epoch (80,000 pairs / 256 = 313 steps) is median * steps_per_epoch
   native_coattention  one co-attention step softmax(relu(f W^T + b)) * g * N at M=256, N=1024
+  native_dropout      dropout p=0.2 on the second ChebConv's (B, V) output at B=256, with that layer, fwd+bwd
+  native_text_path    the Wiki text path at B=256: ChebConv (bag-of-words, no dx) -> ChebConv -> dropout 0.2
+                      -> FC 10055 -> 1024, forward + backward of every parameter, fp32 vs bf16 autocast
 
 Providers:
   eager          scanet.reference / scanet.model with fused=False: torch.sparse.mm on CSR, autograd
@@ -31,6 +34,14 @@ Providers:
   *+compile      the same with the co-attention module under torch.compile (inductor); for native_coattention,
                  "compile" is the step alone under torch.compile
   *+fused_adam   the same with torch.optim.Adam(fused=True) (scanet.train uses the default multi-tensor Adam)
+  native_dropout: eager = torch's F.dropout after the native layer (bernoulli_ mask, mul, mask kept for
+                 backward); native_fused = cheb_conv(dropout_p=0.2), the counter-based mask in the epilogue
+                 (regenerated in backward); no_dropout = the layer alone (the floor)
+  native_text_path: eager = scanet.reference ops in fp32 with F.dropout; native_fp32 / native_bf16 =
+                 scanet.native.cheb_conv, fp32 or under torch.autocast("cpu", bfloat16) (the FC a bf16 GEMM
+                 on AMX through oneDNN), with F.dropout or +fused_dropout; +fp32_hidden keeps layer 1's output
+                 float32 (cheb_conv(out_dtype=torch.float32)): layer 2 reads it in place, and only the last
+                 layer's bf16 output feeds the FC
 
 Models. FLOPs: an SpMM is 2 nnz N (N = B*F signals); a GEMM 2 m n k; fwd+bwd of a linear layer 3 GEMMs.
 Bytes (GCN rows only): per SpMM the gathered neighbour rows nnz*N*4 plus one read and one write of V*N*4.
@@ -38,6 +49,7 @@ Bytes (GCN rows only): per SpMM the gathered neighbour rows nnz*N*4 plus one rea
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +384,172 @@ def test_native_train_step(benchmark, measure, monkeypatch, provider):
     median = measure(benchmark, run, op="native_train_step", case=f"wiki B={B} N={N}", provider=provider,
                      flops=flops, steps_per_epoch=steps)
     print(f"\n{provider}: step {median * 1e3:.1f} ms -> projected epoch {median * steps:.1f} s ({steps} steps)")
+
+
+# ------------------------------------------------------------------------------ bf16 and the fused dropout
+DROPOUT_P = 0.2
+DROPOUT_PROVIDERS = ["eager", "native_fused", "no_dropout"]
+TEXT_PATH_PROVIDERS = ["eager", "native_fp32", "native_fp32+fused_dropout", "native_bf16",
+                       "native_bf16+fused_dropout", "native_bf16+fused_dropout+fp32_hidden"]
+
+
+def _hidden_signal(L, B):
+    """Layer 1's output for B gathered texts (stored (V, B, 1), as the native op writes it), as layer 2's x."""
+    bows = bags_of_words(B, V_WIKI, seed=7).unsqueeze(-1)
+    w = torch.tensor([[[1.0]], [[0.3]], [[-0.2]]])
+    return native.cheb_conv(L, bows, w, torch.zeros(1), "relu", symmetric=True)
+
+
+def dropout_step(provider: str, B: int = 256):
+    """fn() running the second ChebConv with dropout 0.2 on its (B, V) output, forward + backward of x, W, b."""
+    _, L = word_graph()
+    x = _hidden_signal(L, B).requires_grad_()
+    w = torch.randn(K, 1, 1, generator=torch.Generator().manual_seed(1)).div_(K).requires_grad_()
+    b = torch.zeros(1, requires_grad=True)
+    go = torch.randn(B, V_WIKI, generator=torch.Generator().manual_seed(3))   # the FC's (B, V) gradient
+
+    def forward():
+        if provider == "native_fused":
+            return native.cheb_conv(L, x, w, b, "relu", symmetric=True, dropout_p=DROPOUT_P).flatten(1)
+        y = native.cheb_conv(L, x, w, b, "relu", symmetric=True).flatten(1)
+        return torch.nn.functional.dropout(y, DROPOUT_P, True) if provider == "eager" else y
+
+    def run():
+        torch.autograd.grad(forward(), (x, w, b), go)
+
+    return run
+
+
+def text_path_step(provider: str, B: int = 256):
+    """fn() running the Wiki text path (ChebConv, ChebConv, dropout, FC) forward + backward of every parameter."""
+    import torch.nn.functional as F
+
+    _, L = word_graph()
+    bows = bags_of_words(N_TEXTS, V_WIKI)
+    idx = torch.randperm(N_TEXTS, generator=torch.Generator().manual_seed(2))[:B]
+    torch.manual_seed(0)
+    w1, w2 = (torch.randn(K, 1, 1).div_(K).requires_grad_() for _ in range(2))
+    b1, b2 = (torch.zeros(1, requires_grad=True) for _ in range(2))
+    fc = torch.nn.Linear(V_WIKI, N_COMMON)
+    params = [w1, b1, w2, b2, *fc.parameters()]
+    go = torch.randn(B, N_COMMON, generator=torch.Generator().manual_seed(3))
+    bf16 = "bf16" in provider
+    fused = "fused_dropout" in provider
+    hidden = {"out_dtype": torch.float32} if "fp32_hidden" in provider else {}
+
+    def forward():
+        x = bows[idx].unsqueeze(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if provider == "eager":
+                h = reference.cheb_conv(L, reference.cheb_conv(L, x, w1, b1), w2, b2)
+                return fc(F.dropout(h.flatten(1), DROPOUT_P, True))
+            h = native.cheb_conv(L, x, w1, b1, "relu", symmetric=True, **hidden)
+            if fused:
+                h = native.cheb_conv(L, h, w2, b2, "relu", symmetric=True, dropout_p=DROPOUT_P).flatten(1)
+            else:
+                h = F.dropout(native.cheb_conv(L, h, w2, b2, "relu", symmetric=True).flatten(1), DROPOUT_P, True)
+            return fc(h)
+
+    def run():
+        out = forward()
+        torch.autograd.grad(out, params, go.to(out.dtype))
+
+    return run
+
+
+def text_path_flops(B: int = 256) -> int:
+    nnz = word_graph()[1].values().numel()
+    return spmm_flops(nnz, B, 6) + 3 * 2 * B * V_WIKI * N_COMMON
+
+
+@pytest.mark.parametrize("provider", DROPOUT_PROVIDERS)
+def test_native_dropout(benchmark, measure, provider):
+    """Dropout 0.2 on the second ChebConv's output, with that layer (x, W, b get gradients), B=256."""
+    _require("native")
+    measure(benchmark, dropout_step(provider), op="native_dropout",
+            case=f"p={DROPOUT_P} V={V_WIKI} B=256 layer+dropout fwd+bwd", provider=provider, rounds=9)
+
+
+@pytest.mark.parametrize("provider", TEXT_PATH_PROVIDERS)
+def test_native_text_path(benchmark, measure, provider):
+    """The Wiki text path (two ChebConvs K=3 one channel, dropout 0.2, FC 10055 -> 1024), B=256, fwd+bwd."""
+    _require(provider)
+    measure(benchmark, text_path_step(provider), op="native_text_path", case=f"wiki V={V_WIKI} B=256 K={K} fwd+bwd",
+            provider=provider, flops=text_path_flops(), rounds=5 if provider == "eager" else 9)
+
+
+# ------------------------------------------------------------------------------ interleaved (a script)
+def interleaved(steps: dict, rounds: int) -> dict:
+    """Time every fn of ``steps`` once per round, round-robin, so that a busy machine's slow spells hit all
+    providers alike (the sequential pytest-benchmark runs cannot); returns provider -> list of seconds."""
+    import time
+
+    from tqdm import tqdm
+
+    times = {name: [] for name in steps}
+    for fn in steps.values():   # warm-up: allocator, oneDNN primitives, the Laplacian cache
+        fn()
+    for _ in tqdm(range(rounds), desc="rounds"):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> None:
+    """``python bench/bench_native.py --rounds 15 --threads 2 --json PATH``: the bf16 / fused-dropout
+    comparison (native_text_path, native_dropout) with providers interleaved round by round, as JSON."""
+    import argparse
+    import datetime
+    import json
+    import os
+    import platform
+    import statistics
+    import sys
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2])
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args(argv)
+    load_at_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    if not native.available():
+        raise SystemExit(f"native extension unavailable: {native.unavailable_reason()}")
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for op, case, providers, make, flops, base in (
+                ("native_text_path", f"wiki V={V_WIKI} B=256 K={K} threads={threads} fwd+bwd", TEXT_PATH_PROVIDERS,
+                 text_path_step, text_path_flops(), "native_fp32"),
+                ("native_dropout", f"p={DROPOUT_P} V={V_WIKI} B=256 threads={threads} layer+dropout fwd+bwd",
+                 DROPOUT_PROVIDERS, dropout_step, None, "eager")):
+            times = interleaved({p: make(p) for p in providers}, args.rounds)
+            med = {p: statistics.median(t) for p, t in times.items()}
+            for p, t in times.items():
+                row = dict(op=op, case=case, provider=p, median_s=med[p], min_s=min(t), rounds=len(t),
+                           flops=flops, speedup_vs_eager=med["eager"] / med[p])
+                row[f"speedup_vs_{base}"] = med[base] / med[p]
+                if flops:
+                    row["TFLOP/s"] = flops / med[p] / 1e12
+                rows.append(row)
+                print(f"{op:<17} threads={threads} {p:<40} median {med[p] * 1e3:8.1f} ms  min {min(t) * 1e3:8.1f} ms"
+                      f"  x{base} {med[base] / med[p]:.2f}  x eager {med['eager'] / med[p]:.2f}")
+    summary = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"cpu-{platform.machine()}-{os.cpu_count()}cores",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "command": "OMP_WAIT_POLICY=passive python bench/bench_native.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": ("providers interleaved round by round on a shared 2-core machine (other jobs running): read "
+                 f"the ratios, not the times; load average (1, 5, 15 min) at the start {load_at_start}, "
+                 f"at the end " + " ".join(f"{x:.1f}" for x in os.getloadavg())),
+        "rows": rows,
+    }
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,16 @@
-// Fused Chebyshev graph convolution on CPU (float32, float64): forward, backward and the cached basis.
+// Fused Chebyshev graph convolution on CPU: forward, backward and the cached basis.
+//
+// Dtypes. Compute ("Acc") is float64 for float64 inputs, else float32. x may be float32, bfloat16 or float16
+// (as torch.autocast hands it over), y may be written in float32, bfloat16 or float16; the Laplacian values,
+// weight, bias, the basis T_1..T_{K-1} and every sum stay in Acc. Why: T_k = 2 L~ T_{k-1} - T_{k-2} doubles
+// the previous term and subtracts the one before, so a rounding of T_{k-1} to bf16 (8 bits, 2^-9 relative)
+// comes back doubled in T_k and again in every later term (Chebyshev polynomials grow like k^2 in the
+// derivative near +-1, where L~'s spectrum ends); low-precision numbers are rounded once on the way in and
+// once on the way out, never inside the recursion.
+//
+// Dropout (optional, in the forward epilogue): y = act(z) * keep / (1 - p) with keep(i) a counter-based
+// hash of (seed, i), i the element's index in the (B, V, F_out) row-major order. Backward regenerates keep
+// from (seed, i) instead of reading a stored mask.
 //
 //   y = act(sum_k T_k(L~) x W_k + b),  T_0 = x, T_1 = L~ x, T_k = 2 L~ T_{k-1} - T_{k-2}
 //
@@ -17,7 +29,11 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -123,6 +139,96 @@ inline void spmm_row(const Csr<T>& A, const T* X, int64_t C, int64_t v, int64_t 
 template <typename T>
 inline T activate(T s, bool relu) {
   return (relu && s < T(0)) ? T(0) : s;  // s < 0 keeps NaN, as F.relu does
+}
+
+// ----------------------------------------------------------------------------- storage dtypes <-> Acc
+// bf16 <-> float by bit operations (plain integer code that the compiler vectorizes; c10's scalar
+// conversion does not vectorize): widening is a 16-bit shift, narrowing rounds to nearest even, NaN stays NaN.
+using c10::BFloat16;
+using c10::Half;
+
+template <typename Acc, typename S>
+inline Acc load_as(S v) { return static_cast<Acc>(v); }
+template <>
+inline float load_as<float, BFloat16>(BFloat16 v) {
+  const uint32_t u = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename D, typename Acc>
+inline D store_as(Acc v) { return static_cast<D>(v); }
+template <>
+inline BFloat16 store_as<BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = (v != v) ? uint16_t(0x7FC0) : uint16_t(rounded);
+  return BFloat16(bits, BFloat16::from_bits());
+}
+
+// -------------------------------------------------------------------------------------- dropout mask
+// keep(i) = splitmix64(seed + (i + 1) * golden) >> 32 >= p * 2^32: SplitMix64's output function on a counter,
+// so element i's bit needs no state (backward and any thread recompute it) and P(keep) = 1 - p to 2^-32.
+// The seed is drawn per call from torch's default generator by scanet/native.py (torch.manual_seed and a
+// saved RNG state reproduce it). Two 64-bit multiplies per element: far less than a stored bernoulli_ mask.
+inline uint64_t splitmix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+struct Dropout {
+  bool on = false;
+  uint64_t seed = 0;
+  uint64_t threshold = 0;  // keep iff hash >> 32 >= threshold; 2^32 keeps nothing (p = 1)
+  double scale = 1.0;      // 1 / (1 - p); 0 for p = 1
+
+  static Dropout make(double p, int64_t seed) {
+    TORCH_CHECK(p >= 0.0 && p <= 1.0, "cheb_conv: dropout_p must be in [0, 1], got ", p);
+    Dropout d;
+    d.on = p > 0.0;
+    d.seed = uint64_t(seed);
+    d.threshold = p >= 1.0 ? (uint64_t(1) << 32) : uint64_t(p * 4294967296.0);
+    d.scale = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
+    return d;
+  }
+  inline bool keep(uint64_t i) const {
+    return (splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull) >> 32) >= threshold;
+  }
+};
+
+// s[b * Fout + fo] *= keep(element (b, v, fo) of the (B, V, F_out) output) / (1 - p), for one vertex v.
+// One channel (SCANet's text GCN): element b*V + v, a loop the compiler vectorizes (64-bit multiplies).
+template <typename T>
+inline void apply_dropout_row(T* s, int64_t B, int64_t Fout, int64_t v, int64_t V, const Dropout& drop) {
+  const T scale = T(drop.scale);
+  const uint64_t seed = drop.seed, thr = drop.threshold;
+  if (Fout == 1) {
+#pragma omp simd
+    for (int64_t b = 0; b < B; ++b) {
+      const uint64_t i = uint64_t(b) * uint64_t(V) + uint64_t(v);
+      const bool keep = (splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull) >> 32) >= thr;
+      s[b] = keep ? s[b] * scale : T(0);
+    }
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const uint64_t base = uint64_t(b) * uint64_t(V * Fout) + uint64_t(v * Fout);
+    for (int64_t fo = 0; fo < Fout; ++fo)
+      s[b * Fout + fo] = drop.keep(base + fo) ? s[b * Fout + fo] * scale : T(0);
+  }
+}
+
+// Write one vertex's finished row: s[b * Fout + fo] (Acc, activation applied) -> dst (Ty), times the dropout
+// mask of element (b, v, fo) of the (B, V, F_out) output.
+template <typename T, typename Ty>
+inline void finish_row(T* s, int64_t B, int64_t Fout, int64_t v, int64_t V, const Dropout& drop, Ty* dst) {
+  const int64_t Co = B * Fout;
+  if (drop.on) apply_dropout_row(s, B, Fout, v, V, drop);
+#pragma omp simd
+  for (int64_t c = 0; c < Co; ++c) dst[c] = store_as<Ty, T>(s[c]);
 }
 
 // y[b, fo] = act(bias[fo] + sum_k sum_fi rows[k][b, fi] W[k, fi, fo]) for one vertex; rows[k] is (B, F_in).
@@ -294,30 +400,35 @@ void cheb_step(const Csr<T>& A, const T* prev, const T* prev2, int64_t V, int64_
   }
 }
 
-template <typename T>
+template <typename T, typename Ty>
 void forward_impl(const Csr<T>& A, const T* X, int64_t V, int64_t B, int64_t Fin, int64_t Fout, int64_t K,
-                  const T* W, const T* bias, bool relu, T* basis, bool keep_last, T* y) {
+                  const T* W, const T* bias, bool relu, const Dropout& drop, T* basis, bool keep_last, Ty* y) {
   const int64_t C = B * Fin, Co = B * Fout;
   const int nt = num_threads((V + A.nnz) * (C + Co));
   auto Tk = [&](int64_t k) -> T* { return k == 0 ? const_cast<T*>(X) : basis + (k - 1) * V * C; };
   if (K == 1) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t v = 0; v < V; ++v) {
-      const T* rows[1] = {X + v * C};
-      combine_row(rows, Fin, 1, W, bias, B, Fin, Fout, relu, y + v * Co, Fout);
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<T> ys(Co);
+#pragma omp for schedule(static)
+      for (int64_t v = 0; v < V; ++v) {
+        const T* rows[1] = {X + v * C};
+        combine_row(rows, Fin, 1, W, bias, B, Fin, Fout, relu, ys.data(), Fout);
+        finish_row(ys.data(), B, Fout, v, V, drop, y + v * Co);
+      }
     }
     return;
   }
   for (int64_t k = 1; k < K - 1; ++k)  // the unfused steps (K >= 3): T_k = 2 L T_{k-1} - T_{k-2}
     cheb_step(A, Tk(k - 1), k >= 2 ? Tk(k - 2) : nullptr, V, C, nt, Tk(k));
-  // The last step, fused: the T_{K-1} row (kept only for backward), then the weight combination, bias and
-  // activation of all K rows of the vertex, written straight into y.
+  // The last step, fused: the T_{K-1} row (kept only for backward), then the weight combination, bias,
+  // activation and dropout of all K rows of the vertex, written straight into y (in its storage dtype).
   const int64_t k = K - 1;
   const T* prev = Tk(k - 1);
   const T* prev2 = k >= 2 ? Tk(k - 2) : nullptr;
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<T> buf(keep_last ? 0 : C);
+    std::vector<T> buf(keep_last ? 0 : C), ys(Co);
     std::vector<const T*> rows(K);
 #pragma omp for schedule(dynamic, 16)
     for (int64_t v = 0; v < V; ++v) {
@@ -330,17 +441,53 @@ void forward_impl(const Csr<T>& A, const T* X, int64_t V, int64_t B, int64_t Fin
       }
       for (int64_t j = 0; j < K - 1; ++j) rows[j] = Tk(j) + v * C;
       rows[K - 1] = o;
-      combine_row(rows.data(), Fin, K, W, bias, B, Fin, Fout, relu, y + v * Co, Fout);
+      combine_row(rows.data(), Fin, K, W, bias, B, Fin, Fout, relu, ys.data(), Fout);
+      finish_row(ys.data(), B, Fout, v, V, drop, y + v * Co);
     }
   }
 }
 
-// Returns (y, saved). saved is what backward needs for dW: T_1..T_{K-1}, preceded by T_0 when x is not
-// stored as (V, B, F) (its tiled copy, so that backward need not transpose x again): (K-1 or K, V, B*F_in),
-// or (0, V, B*F_in) without save_basis.
+// Call f(Ty{}) with Ty the C++ type of a storage dtype (float, double, bfloat16, half).
+template <typename F>
+inline void dispatch_storage(at::ScalarType st, const char* what, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(BFloat16{}); break;
+    case at::kHalf: f(Half{}); break;
+    default: TORCH_CHECK(false, what, ": unsupported dtype ", st);
+  }
+}
+
+inline bool is_low(at::ScalarType st) { return st == at::kBFloat16 || st == at::kHalf; }
+
+// The compute dtype of a call: float64 for float64 x, else float32 (x float32, bfloat16 or float16).
+inline at::ScalarType acc_dtype(const Tensor& x, const char* what) {
+  const at::ScalarType st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || is_low(st), what,
+              ": x must be float32, float64, bfloat16 or float16, got ", st);
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// (B, V, F) -> the same values stored as (V, B, F) in `dtype`: a view when x has that layout and dtype, else
+// one copy (ATen's copy_ transposes and converts in one pass).
+inline Tensor vb_layout_as(const Tensor& x, at::ScalarType dtype) {
+  if (x.scalar_type() == dtype) return vb_layout(x);
+  const int64_t B = x.size(0), V = x.size(1), F = x.size(2);
+  Tensor out = at::empty({V, B, F}, x.options().dtype(dtype));
+  out.copy_(x.permute({1, 0, 2}));
+  return out;
+}
+
+// Returns (y, saved). saved is what backward needs for dW, in Acc: T_1..T_{K-1}, preceded by T_0 when x is not
+// stored as (V, B, F) in Acc (its tiled, converted copy, so that backward need not transpose x again):
+// (K-1 or K, V, B*F_in), or (0, V, B*F_in) without save_basis. y is written in out_dtype (default x's dtype).
 std::tuple<Tensor, Tensor> cheb_conv_forward(const Tensor& crow, const Tensor& col, const Tensor& values,
                                              const Tensor& x, const Tensor& weight,
-                                             const c10::optional<Tensor>& bias, bool relu, bool save_basis) {
+                                             const c10::optional<Tensor>& bias, bool relu, bool save_basis,
+                                             bool symmetric, double dropout_p, int64_t seed,
+                                             c10::optional<at::ScalarType> out_dtype) {
+  (void)symmetric;  // for autograd only: backward then propagates with L~ itself (no transpose)
   TORCH_CHECK(x.dim() == 3 && weight.dim() == 3, "cheb_conv_forward: x (B, V, F_in), weight (K, F_in, F_out)");
   const int64_t B = x.size(0), V = x.size(1), Fin = x.size(2);
   const int64_t K = weight.size(0), Fout = weight.size(2);
@@ -348,63 +495,87 @@ std::tuple<Tensor, Tensor> cheb_conv_forward(const Tensor& crow, const Tensor& c
   check_csr(crow, col, values, V, "cheb_conv_forward");
   validate_csr(crow, col, V, "cheb_conv_forward");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "cheb_conv_forward: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == values.scalar_type() && x.scalar_type() == weight.scalar_type(),
-              "cheb_conv_forward: x, weight and values must share one dtype");
+  const at::ScalarType acc = acc_dtype(x, "cheb_conv_forward");
+  TORCH_CHECK(values.scalar_type() == acc && weight.scalar_type() == acc,
+              "cheb_conv_forward: weight and the Laplacian values must be ", acc, " for x of dtype ",
+              x.scalar_type(), " (got ", weight.scalar_type(), " and ", values.scalar_type(), ")");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Fout && bias->scalar_type() == x.scalar_type(),
-                "cheb_conv_forward: bias must be (F_out,) of the same dtype");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Fout && bias->scalar_type() == acc,
+                "cheb_conv_forward: bias must be (F_out,) of dtype ", acc);
   }
+  const at::ScalarType ydt = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(acc == at::kDouble ? ydt == at::kDouble : (ydt == at::kFloat || is_low(ydt)),
+              "cheb_conv_forward: out_dtype ", ydt, " does not go with x of dtype ", x.scalar_type());
+  const Dropout drop = Dropout::make(dropout_p, seed);
   const int64_t C = B * Fin;
-  const bool x_vb = is_vb(x);
-  const int64_t t0 = x_vb ? 0 : 1;  // T_0 copy at the front of the buffer
+  const bool x_direct = is_vb(x) && x.scalar_type() == acc;  // T_0 read in place
+  const int64_t t0 = x_direct ? 0 : 1;  // T_0 copy at the front of the buffer
   const int64_t nsaved = save_basis ? K - 1 + t0 : 0;
   // Without save_basis the buffer is scratch: T_0's copy and T_1..T_{K-2} (the last step stays in registers).
   const int64_t nbuf = save_basis ? nsaved : t0 + std::max<int64_t>(K - 2, 0);
-  Tensor buf = at::empty({nbuf, V, C}, x.options());
-  const Tensor X = x_vb ? vb_layout(x) : vb_layout(x, buf.select(0, 0));
+  Tensor buf = at::empty({nbuf, V, C}, x.options().dtype(acc));
+  Tensor X;
+  if (x_direct) {
+    X = vb_layout(x);
+  } else {
+    X = buf.select(0, 0).view({V, B, Fin});
+    X.copy_(x.permute({1, 0, 2}));  // transpose and convert in one pass
+  }
   const Tensor Wc = weight.contiguous();
   const Tensor bc = bias.has_value() ? bias->contiguous() : Tensor();
   const Tensor crow_c = crow.contiguous(), col_c = col.contiguous(), val_c = values.contiguous();
-  Tensor y = empty_vb(B, V, Fout, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cheb_conv_forward", [&] {
-    Csr<scalar_t> A{crow_c.data_ptr<int64_t>(), col_c.data_ptr<int64_t>(), val_c.data_ptr<scalar_t>(), col_c.numel()};
-    scalar_t* basis = (nbuf > t0) ? buf.data_ptr<scalar_t>() + t0 * V * C : nullptr;
-    forward_impl<scalar_t>(A, X.data_ptr<scalar_t>(), V, B, Fin, Fout, K, Wc.data_ptr<scalar_t>(),
-                           bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, relu, basis, save_basis,
-                           y.data_ptr<scalar_t>());
+  Tensor y = empty_vb(B, V, Fout, x.options().dtype(ydt));
+  AT_DISPATCH_FLOATING_TYPES(acc, "cheb_conv_forward", [&] {
+    using T = scalar_t;
+    dispatch_storage(ydt, "cheb_conv_forward", [&](auto tag) {
+      using Ty = decltype(tag);
+      Csr<T> A{crow_c.data_ptr<int64_t>(), col_c.data_ptr<int64_t>(), val_c.data_ptr<T>(), col_c.numel()};
+      T* basis = (nbuf > t0) ? buf.data_ptr<T>() + t0 * V * C : nullptr;
+      forward_impl<T, Ty>(A, X.data_ptr<T>(), V, B, Fin, Fout, K, Wc.data_ptr<T>(),
+                          bc.defined() ? bc.data_ptr<T>() : nullptr, relu, drop, basis, save_basis,
+                          static_cast<Ty*>(y.data_ptr()));
+    });
   });
-  if (!save_basis) buf = at::empty({0, V, C}, x.options());
+  if (!save_basis) buf = at::empty({0, V, C}, x.options().dtype(acc));
   return {y, buf};
 }
 
 // --------------------------------------------------------------------------------------------- backward
-// dz = grad_y masked by the ReLU; dW_k = sum_{v,b} T_k[v,b,:]^T dz[v,b,:], db = sum dz (fixed row blocks);
+// dz = grad_y masked by the ReLU (y > 0) and by the regenerated dropout mask (times 1/(1-p));
+// dW_k = sum_{v,b} T_k[v,b,:]^T dz[v,b,:], db = sum dz (fixed row blocks);
 // with dx wanted, also b_{K-1} = G_{K-1} = dz W_{K-1}^T, the start of the Clenshaw recurrence below.
-// gy is the gradient stored as (V, B, F_out).
-template <typename T>
-void reduce_and_mask(const T* gy, const T* yv, bool relu, const T* const* Trows, int64_t V, int64_t B, int64_t Fin,
-                     int64_t Fout, int64_t K, const T* W, bool need_w, bool need_b, T* dZ, T* bstart, double* dW,
-                     double* db) {
+// gy is the gradient stored as (V, B, F_out) in Acc; yv the output, in its storage dtype Ty.
+template <typename T, typename Ty>
+void reduce_and_mask(const T* gy, const Ty* yv, bool relu, const Dropout& drop, const T* const* Trows, int64_t V,
+                     int64_t B, int64_t Fin, int64_t Fout, int64_t K, const T* W, bool need_w, bool need_b, T* dZ,
+                     T* bstart, double* dW, double* db) {
   const int64_t C = B * Fin, Co = B * Fout;
   const int64_t nblocks = (V + kReduceRows - 1) / kReduceRows;
   const int64_t nw = need_w ? K * Fin * Fout : 0, nb = need_b ? Fout : 0, nout = nw + nb;
+  const bool masked = relu || drop.on;
   std::vector<double> part(std::max<int64_t>(1, nblocks * nout * kLanes), 0.0);
   const int nt = num_threads(V * (C * K + Co));
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<T> zbuf(relu && !dZ ? Co : 0);
+    std::vector<T> zbuf(masked && !dZ ? Co : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       double* p = part.data() + blk * nout * kLanes;
       const int64_t v1 = std::min(V, (blk + 1) * kReduceRows);
       for (int64_t v = blk * kReduceRows; v < v1; ++v) {
         const T* g = gy + v * Co;
-        const T* z = g;  // without ReLU dz is grad_y itself
-        if (relu) {
-          const T* yr = yv + v * Co;
+        const T* z = g;  // without ReLU and dropout dz is grad_y itself
+        if (masked) {
           T* zw = dZ ? dZ + v * Co : zbuf.data();
+          if (relu) {
+            const Ty* yr = yv + v * Co;
 #pragma omp simd
-          for (int64_t c = 0; c < Co; ++c) zw[c] = yr[c] > T(0) ? g[c] : T(0);
+            for (int64_t c = 0; c < Co; ++c) zw[c] = load_as<T>(yr[c]) > T(0) ? g[c] : T(0);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < Co; ++c) zw[c] = g[c];
+          }
+          if (drop.on) apply_dropout_row(zw, B, Fout, v, V, drop);
           z = zw;
         }
         if (need_w) {
@@ -470,18 +641,24 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
     const Tensor& grad_y, const Tensor& crow, const Tensor& col, const Tensor& values,
     const c10::optional<Tensor>& crow_t, const c10::optional<Tensor>& col_t, const c10::optional<Tensor>& values_t,
     const Tensor& x, const Tensor& saved, const Tensor& y, const Tensor& weight, bool relu, bool has_bias,
-    bool need_x, bool need_w, bool need_b) {
+    bool need_x, bool need_w, bool need_b, double dropout_p, int64_t seed) {
   const int64_t B = x.size(0), V = x.size(1), Fin = x.size(2);
   const int64_t K = weight.size(0), Fout = weight.size(2);
   TORCH_CHECK(grad_y.dim() == 3 && grad_y.size(0) == B && grad_y.size(1) == V && grad_y.size(2) == Fout,
               "cheb_conv_backward: grad_y must be (B, V, F_out)");
   TORCH_CHECK(y.dim() == 3 && y.size(0) == B && y.size(1) == V && y.size(2) == Fout,
               "cheb_conv_backward: y must be (B, V, F_out)");
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type() &&
-                  weight.scalar_type() == x.scalar_type() && values.scalar_type() == x.scalar_type(),
-              "cheb_conv_backward: all tensors must share one dtype");
-  const bool x_vb = is_vb(x);
-  const int64_t t0 = x_vb ? 0 : 1;
+  const at::ScalarType acc = acc_dtype(x, "cheb_conv_backward");
+  const at::ScalarType ydt = y.scalar_type();
+  TORCH_CHECK(weight.scalar_type() == acc && values.scalar_type() == acc &&
+                  (saved.numel() == 0 || saved.scalar_type() == acc),
+              "cheb_conv_backward: weight, values and the saved basis must be ", acc);
+  TORCH_CHECK(acc == at::kDouble ? ydt == at::kDouble : (ydt == at::kFloat || is_low(ydt)),
+              "cheb_conv_backward: y of dtype ", ydt, " does not go with x of dtype ", x.scalar_type());
+  TORCH_CHECK(grad_y.is_floating_point(), "cheb_conv_backward: grad_y must be floating point");
+  const Dropout drop = Dropout::make(dropout_p, seed);
+  const bool x_direct = is_vb(x) && x.scalar_type() == acc;
+  const int64_t t0 = x_direct ? 0 : 1;
   TORCH_CHECK(saved.dim() == 3 && saved.size(1) == V && saved.size(2) == B * Fin &&
                   (saved.size(0) == K - 1 + t0 || (!need_w && saved.size(0) == 0)),
               "cheb_conv_backward: the saved basis must be what cheb_conv_forward returned with save_basis=True");
@@ -496,53 +673,77 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
   need_b = need_b && has_bias;
   const int64_t C = B * Fin, Co = B * Fout;
   const Tensor Sc = saved.contiguous();
-  const Tensor X = (need_w && x_vb) ? vb_layout(x) : Tensor();  // T_0 (a view), when not in saved
-  const Tensor Gy = vb_layout(grad_y);  // the text FC hands back a (B, V) gradient: one transposing copy
+  const Tensor X = (need_w && x_direct) ? vb_layout(x) : Tensor();  // T_0 (a view), when not in saved
+  // The text FC hands back a (B, V) gradient: one transposing (and, for bf16, widening) copy.
+  const Tensor Gy = vb_layout_as(grad_y, acc);
   const Tensor Y = vb_layout(y);
   const Tensor Wc = weight.contiguous();
-  Tensor dx = need_x ? empty_vb(B, V, Fin, x.options()) : Tensor();
+  // dx is computed in Acc; for a low-precision x it is narrowed once at the end.
+  Tensor dx = need_x ? empty_vb(B, V, Fin, x.options().dtype(acc)) : Tensor();
   Tensor dW = need_w ? at::empty_like(weight, at::MemoryFormat::Contiguous) : Tensor();
   Tensor db = need_b ? at::empty({Fout}, weight.options()) : Tensor();
-  // The Clenshaw steps (K >= 2) re-read dz: it gets its own buffer when the ReLU makes it differ from grad_y.
-  // b_{K-1} starts the recurrence.
+  // The Clenshaw steps (K >= 2) re-read dz: it gets its own buffer when the ReLU or the dropout makes it
+  // differ from grad_y. b_{K-1} starts the recurrence.
   const bool clenshaw = need_x && K >= 2;
-  Tensor dZ = (clenshaw && relu) ? at::empty({V, Co}, x.options()) : Tensor();
-  Tensor b_hi = clenshaw ? at::empty({V, C}, x.options()) : Tensor();
-  Tensor b_lo = (clenshaw && K >= 3) ? at::empty({V, C}, x.options()) : Tensor();
+  const bool masked = relu || drop.on;
+  Tensor dZ = (clenshaw && masked) ? at::empty({V, Co}, x.options().dtype(acc)) : Tensor();
+  Tensor b_hi = clenshaw ? at::empty({V, C}, x.options().dtype(acc)) : Tensor();
+  Tensor b_lo = (clenshaw && K >= 3) ? at::empty({V, C}, x.options().dtype(acc)) : Tensor();
   const Tensor crow_u = (transposed ? *crow_t : crow).contiguous();
   const Tensor col_u = (transposed ? *col_t : col).contiguous();
   const Tensor val_u = (transposed ? *values_t : values).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cheb_conv_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc, "cheb_conv_backward", [&] {
     using T = scalar_t;
-    const T* Wp = Wc.data_ptr<T>();
-    std::vector<const T*> Trows(K, nullptr);
-    if (need_w) {
-      T* sp = Sc.data_ptr<T>();
-      Trows[0] = x_vb ? X.data_ptr<T>() : sp;
-      for (int64_t k = 1; k < K; ++k) Trows[k] = sp + (k - 1 + t0) * V * C;
-    }
-    std::vector<double> dWd(need_w ? K * Fin * Fout : 0), dbd(need_b ? Fout : 0);
-    // With K == 1 there is no recurrence: dx = dz W_0^T is written by the first pass directly.
-    T* dz_p = dZ.defined() ? dZ.data_ptr<T>() : nullptr;
-    T* bstart = clenshaw ? b_hi.data_ptr<T>() : ((need_x && K == 1) ? dx.data_ptr<T>() : nullptr);
-    reduce_and_mask<T>(Gy.data_ptr<T>(), Y.data_ptr<T>(), relu, Trows.data(), V, B, Fin, Fout, K, Wp, need_w,
-                       need_b, dz_p, bstart, dWd.data(), dbd.data());
-    if (clenshaw) {
-      Csr<T> A{crow_u.data_ptr<int64_t>(), col_u.data_ptr<int64_t>(), val_u.data_ptr<T>(), col_u.numel()};
-      const T* dzr = dz_p ? dz_p : Gy.data_ptr<T>();
-      clenshaw_dx<T>(A, dzr, V, B, Fin, Fout, K, Wp, b_hi.data_ptr<T>(),
-                     b_lo.defined() ? b_lo.data_ptr<T>() : nullptr, dx.data_ptr<T>());
-    }
-    if (need_w) {
-      T* o = dW.data_ptr<T>();
-      for (size_t i = 0; i < dWd.size(); ++i) o[i] = T(dWd[i]);
-    }
-    if (need_b) {
-      T* o = db.data_ptr<T>();
-      for (size_t i = 0; i < dbd.size(); ++i) o[i] = T(dbd[i]);
-    }
+    dispatch_storage(ydt, "cheb_conv_backward", [&](auto tag) {
+      using Ty = decltype(tag);
+      const T* Wp = Wc.data_ptr<T>();
+      std::vector<const T*> Trows(K, nullptr);
+      if (need_w) {
+        T* sp = Sc.data_ptr<T>();
+        Trows[0] = x_direct ? X.data_ptr<T>() : sp;
+        for (int64_t k = 1; k < K; ++k) Trows[k] = sp + (k - 1 + t0) * V * C;
+      }
+      std::vector<double> dWd(need_w ? K * Fin * Fout : 0), dbd(need_b ? Fout : 0);
+      // With K == 1 there is no recurrence: dx = dz W_0^T is written by the first pass directly.
+      T* dz_p = dZ.defined() ? dZ.data_ptr<T>() : nullptr;
+      T* bstart = clenshaw ? b_hi.data_ptr<T>() : ((need_x && K == 1) ? dx.data_ptr<T>() : nullptr);
+      reduce_and_mask<T, Ty>(Gy.data_ptr<T>(), static_cast<const Ty*>(Y.data_ptr()), relu, drop, Trows.data(), V,
+                             B, Fin, Fout, K, Wp, need_w, need_b, dz_p, bstart, dWd.data(), dbd.data());
+      if (clenshaw) {
+        Csr<T> A{crow_u.data_ptr<int64_t>(), col_u.data_ptr<int64_t>(), val_u.data_ptr<T>(), col_u.numel()};
+        const T* dzr = dz_p ? dz_p : Gy.data_ptr<T>();
+        clenshaw_dx<T>(A, dzr, V, B, Fin, Fout, K, Wp, b_hi.data_ptr<T>(),
+                       b_lo.defined() ? b_lo.data_ptr<T>() : nullptr, dx.data_ptr<T>());
+      }
+      if (need_w) {
+        T* o = dW.data_ptr<T>();
+        for (size_t i = 0; i < dWd.size(); ++i) o[i] = T(dWd[i]);
+      }
+      if (need_b) {
+        T* o = db.data_ptr<T>();
+        for (size_t i = 0; i < dbd.size(); ++i) o[i] = T(dbd[i]);
+      }
+    });
   });
+  if (need_x && x.scalar_type() != acc) {
+    Tensor narrow = empty_vb(B, V, Fin, x.options());
+    narrow.copy_(dx);
+    dx = narrow;
+  }
   return {dx, dW, db};
+}
+
+// The keep mask (bool, n elements) that a call with (dropout_p, seed) applies to its (B, V, F_out) output,
+// flattened in row-major order: for tests and for anyone who needs to see it.
+Tensor dropout_keep_mask(int64_t seed, int64_t n, double p) {
+  TORCH_CHECK(n >= 0, "dropout_keep_mask: n must be >= 0");
+  const Dropout drop = Dropout::make(p, seed);
+  Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kBool));
+  bool* o = out.data_ptr<bool>();
+  const int nt = num_threads(n);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < n; ++i) o[i] = !drop.on || drop.keep(uint64_t(i));
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------- transpose CSR
@@ -855,7 +1056,7 @@ std::tuple<Tensor, Tensor> cheb_conv_from_basis_backward(const Tensor& grad_y, c
     } else {  // "rows": the reduction of cheb_conv's backward, with the basis rows as T_k
       std::vector<const T*> Trows(K);
       for (int64_t k = 0; k < K; ++k) Trows[k] = basis.data_ptr<T>() + k * bs[0];
-      reduce_and_mask<T>(G.data_ptr<T>(), Y.data_ptr<T>(), relu, Trows.data(), V, B, Fin, Fout, K,
+      reduce_and_mask<T, T>(G.data_ptr<T>(), Y.data_ptr<T>(), relu, Dropout{}, Trows.data(), V, B, Fin, Fout, K,
                          Wc.data_ptr<T>(), need_w, need_b, nullptr, nullptr, dWd.data(), dbd.data());
     }
     if (need_w) {
@@ -876,10 +1077,13 @@ std::string build_info() { return scanet_native_build_info; }
 
 TORCH_LIBRARY(scanet_native, m) {
   m.def("cheb_conv_forward(Tensor crow, Tensor col, Tensor values, Tensor x, Tensor weight, Tensor? bias, "
-        "bool relu, bool save_basis) -> (Tensor, Tensor)");
+        "bool relu, bool save_basis, bool symmetric=False, float dropout_p=0.0, int seed=0, "
+        "ScalarType? out_dtype=None) -> (Tensor, Tensor)");
   m.def("cheb_conv_backward(Tensor grad_y, Tensor crow, Tensor col, Tensor values, Tensor? crow_t, "
         "Tensor? col_t, Tensor? values_t, Tensor x, Tensor saved, Tensor y, Tensor weight, bool relu, "
-        "bool has_bias, bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)");
+        "bool has_bias, bool need_x, bool need_w, bool need_b, float dropout_p=0.0, int seed=0) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("dropout_keep_mask(int seed, int n, float p) -> Tensor", &dropout_keep_mask);
   m.def("csr_transpose(Tensor crow, Tensor col, Tensor values) -> (Tensor, Tensor, Tensor)");
   m.def("chebyshev_basis(Tensor crow, Tensor col, Tensor values, Tensor x, int K) -> Tensor");
   m.def("cheb_conv_from_basis_forward(Tensor basis, Tensor weight, Tensor? bias, bool relu, Tensor? index=None) "

@@ -2,7 +2,9 @@
 
 ``available()``            True when the compiled library (scanet/_native*.so) matches this torch and CPU and loads.
 ``unavailable_reason()``   why not (not built, built against another torch, a load error, ...), else None.
-``cheb_conv``              the contract of ``scanet.reference.cheb_conv``, forward and backward, CPU float32/64.
+``cheb_conv``              the contract of ``scanet.reference.cheb_conv``, forward and backward, on CPU; x in
+                           float32/64, bfloat16 or float16; optional fused dropout; runs under torch.autocast.
+``dropout_keep_mask``      the keep mask a fused-dropout call applied (regenerated from its seed).
 ``chebyshev_basis``        [T_0 x, ..., T_{K-1} x] as one (K, B, V, F) tensor: computed once per text for the
                            first GCN layer, whose input (the bag-of-words) never changes.
 ``cheb_conv_from_basis``   act(sum_k basis[k] W_k + b) from such a basis: the first layer without any SpMM.
@@ -12,27 +14,50 @@ torch.compile traces them as opaque nodes. Results are laid out as (B, V, F) ten
 (strides (F, B*F, 1)): the kernels read a vertex's neighbours as contiguous rows, the next layer reads them
 without a copy, and ``flatten(1)`` before the text FC stays a view. Use ``reshape``, not ``view``, on them.
 
-The Laplacian is a constant (its values get no gradient), as everywhere in SCANet. Backward handles any L~:
-it propagates with the transpose of L~, which the op builds in O(nnz) (identical to L~ when L~ is symmetric).
-Every reduction (dW, db) sums fixed row blocks in a fixed order: results do not depend on the thread count.
+The Laplacian is a constant (its values get no gradient), as everywhere in SCANet. Backward propagates dx
+with L~^T: L~ itself when the caller says (``symmetric=True``) or a one-time check finds L~ symmetric (cached
+per Laplacian), else a transpose built once per Laplacian and cached (see ``_LaplacianInfo``); no per-step
+transpose either way. Every reduction (dW, db) sums fixed row blocks in a fixed order: results do not depend
+on the thread count.
+
+Precision (bf16 / fp16, torch.autocast). The kernels compute in float32 (float64 for float64 inputs): the
+Chebyshev recursion T_k = 2 L~ T_{k-1} - T_{k-2} doubles the previous term and subtracts the one before, so a
+rounding error in T_{k-1} comes back doubled in T_k and in every later term; the terms T_1..T_{K-1}, the
+weight, bias, Laplacian values and all sums therefore stay float32, and only x (read once) and y (written
+once) may be bfloat16/float16. Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (an AutocastCPU kernel
+registered for ``scanet_native::cheb_conv_forward``): x is taken in whatever float dtype it comes (an fp32 x
+is not rounded first: the kernels widen bf16 anyway, so rounding would only lose bits), weight, bias and the
+Laplacian values are used in float32, and y comes out in the autocast dtype, ready for the bf16 GEMM of the
+text FC. Gradients come back in each input's own dtype (dW, db in float32 for float32 parameters).
+The basis ops (``chebyshev_basis``, ``cheb_conv_from_basis``) are registered to run in float32 under
+autocast (their inputs are fixed data and a handful of weights; bf16 would save nothing measurable).
+
+Dropout in the epilogue (``dropout_p``). ``y = act(z) * keep / (1 - p)`` with ``keep[i]`` for the element i of
+the (B, V, F_out) output in row-major order computed by a counter-based generator (SplitMix64's output
+function of ``seed + (i + 1) * golden``; P(keep) = 1 - p to 2^-32); backward recomputes ``keep`` from
+(seed, i) instead of storing a mask. The seed is drawn from torch's default CPU generator per call, so
+``torch.manual_seed`` makes a run reproducible and a checkpoint that restores the RNG state resumes exactly.
+This replaces ``nn.Dropout`` after the last ChebConv: that dropout's ``bernoulli_`` was 13% of the Wiki step.
 
 The library is looked up next to this file and checked before it is loaded (see ``_select_library``);
 SCANET_NO_NATIVE=1 in the environment turns the backend off at run time as well as at build time.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from scanet import reference
-from scanet.laplacian import as_csr
+from scanet.laplacian import Laplacian, as_csr
 
 __all__ = ["available", "unavailable_reason", "cheb_conv", "chebyshev_basis", "cheb_conv_from_basis",
-           "library_path", "build_info"]
+           "dropout_keep_mask", "library_path", "build_info", "clear_laplacian_cache"]
 
 _PKG_DIR = Path(__file__).resolve().parent
 # Where setup.py records why the last build was skipped or failed (pip hides build output unless -v).
@@ -125,10 +150,35 @@ def _load_from(pkg_dir: Path):
     return path, info
 
 
+# What this Python side calls: a library built from older csrc/ (the .so is not in git, so a checkout can
+# carry a stale one) lacks some of it; it is refused with a reason instead of failing at the first call.
+_REQUIRED_SCHEMA = {"cheb_conv_forward": ("symmetric", "dropout_p", "seed", "out_dtype"),
+                    "cheb_conv_backward": ("dropout_p", "seed"), "dropout_keep_mask": ()}
+
+
+def _stale_schema() -> list[str]:
+    """The ops or arguments of _REQUIRED_SCHEMA that the loaded library does not have."""
+    missing = []
+    for name, args in _REQUIRED_SCHEMA.items():
+        try:
+            schema = getattr(torch.ops.scanet_native, name).default._schema
+        except (AttributeError, RuntimeError):
+            missing.append(name)
+            continue
+        have = {a.name for a in schema.arguments}
+        missing += [f"{name}({a}=)" for a in args if a not in have]
+    return missing
+
+
 def _try_load() -> None:
     path, info = _load_from(_PKG_DIR)
     if path is None:
         _STATE["reason"] = info
+        return
+    stale = _stale_schema()
+    if stale:
+        _STATE["reason"] = (f"{path.name} was built from older sources (it lacks {', '.join(stale)}); rebuild it "
+                            "with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`")
         return
     try:
         _register_python_side()
@@ -183,17 +233,20 @@ def _register_python_side() -> None:
     lib = "scanet_native::"
 
     @torch.library.register_fake(lib + "cheb_conv_forward")
-    def _forward_fake(crow, col, values, x, weight, bias, relu, save_basis):
+    def _forward_fake(crow, col, values, x, weight, bias, relu, save_basis, symmetric=False, dropout_p=0.0,
+                      seed=0, out_dtype=None):
         B, V, F_in = x.shape
         K, _, F_out = weight.shape
-        y = x.new_empty_strided((B, V, F_out), (F_out, B * F_out, 1))
-        # T_1..T_{K-1}, preceded by a (V, B, F) copy of T_0 when x is not stored that way already.
-        n_saved = (K - 1 + (0 if _is_vb(x) else 1)) if save_basis else 0
-        return y, x.new_empty((n_saved, V, B * F_in))
+        acc = _acc_dtype(x.dtype)
+        y = x.new_empty_strided((B, V, F_out), (F_out, B * F_out, 1), dtype=out_dtype or x.dtype)
+        # T_1..T_{K-1}, preceded by a (V, B, F) copy of T_0 when x is not stored that way (in acc) already.
+        direct = _is_vb(x) and x.dtype == acc
+        n_saved = (K - 1 + (0 if direct else 1)) if save_basis else 0
+        return y, x.new_empty((n_saved, V, B * F_in), dtype=acc)
 
     @torch.library.register_fake(lib + "cheb_conv_backward")
     def _backward_fake(grad_y, crow, col, values, crow_t, col_t, values_t, x, saved, y, weight, relu, has_bias,
-                       need_x, need_w, need_b):
+                       need_x, need_w, need_b, dropout_p=0.0, seed=0):
         B, V, F_in = x.shape
         dx = x.new_empty_strided((B, V, F_in), (F_in, B * F_in, 1)) if need_x else None
         dw = weight.new_empty(weight.shape) if need_w else None
@@ -224,27 +277,34 @@ def _register_python_side() -> None:
         return dw, db
 
     def _forward_setup(ctx, inputs, output):
-        crow, col, values, x, weight, bias, relu, save_basis = inputs
+        crow, col, values, x, weight, bias, relu, save_basis, symmetric, dropout_p, seed, _ = (
+            tuple(inputs) + (False, 0.0, 0, None)[len(inputs) - 8:])
         y, saved = output
         ctx.save_for_backward(crow, col, values, x, saved, y, weight)
-        ctx.relu, ctx.has_bias = relu, bias is not None
+        ctx.relu, ctx.has_bias, ctx.symmetric = relu, bias is not None, symmetric
+        ctx.dropout_p, ctx.seed = dropout_p, seed
         ctx.set_materialize_grads(False)  # the saved-basis output gets no gradient: do not allocate zeros for it
         ctx.mark_non_differentiable(saved)
 
     def _forward_backward(ctx, grad_y, grad_saved):
         crow, col, values, x, saved, y, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        nones = (None,) * 12
         if grad_y is None or not (need_x or need_w or need_b):
-            return None, None, None, None, None, None, None, None
-        if need_w and saved.shape[0] != weight.shape[0] - 1 + (0 if _is_vb(x) else 1):
+            return nones
+        direct = _is_vb(x) and x.dtype == _acc_dtype(x.dtype)
+        if need_w and saved.shape[0] != weight.shape[0] - 1 + (0 if direct else 1):
             raise RuntimeError("scanet_native.cheb_conv_forward ran with save_basis=False, so the weight "
                                "gradient cannot be computed; call scanet.native.cheb_conv instead")
-        # dx propagates with L~^T: built in O(nnz) here (equal to L~ for the symmetric Laplacians of SCANet).
-        transposed = torch.ops.scanet_native.csr_transpose(crow, col, values) if need_x else (None, None, None)
+        # dx propagates with L~^T: L~ itself when symmetric, else the transpose (built once, cached).
+        transposed = (None, None, None)
+        if need_x and not ctx.symmetric:
+            transposed = (_laplacian_info(crow, col, values).transpose() if _has_storage(crow, col, values)
+                          else torch.ops.scanet_native.csr_transpose(crow, col, values))  # traced: no cache
         dx, dw, db = torch.ops.scanet_native.cheb_conv_backward(
             grad_y, crow, col, values, *transposed, x, saved, y, weight, ctx.relu, ctx.has_bias,
-            need_x, need_w, need_b)
-        return None, None, None, dx, dw, db, None, None
+            need_x, need_w, need_b, ctx.dropout_p, ctx.seed)
+        return (None, None, None, dx, dw, db) + nones[6:]
 
     torch.library.register_autograd(lib + "cheb_conv_forward", _forward_backward, setup_context=_forward_setup)
 
@@ -269,14 +329,142 @@ def _register_python_side() -> None:
     torch.library.register_autograd(lib + "cheb_conv_from_basis_forward", _from_basis_backward,
                                     setup_context=_from_basis_setup)
 
+    _register_autocast()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of the kernels for an x of ``dtype``: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _to_float32(t):
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW else t
+
+
+def _register_autocast() -> None:
+    """AutocastCPU kernels for the scanet_native ops (the precision policy is in the module docstring).
+
+    Written like ``torch.library.register_autocast`` (a kernel that casts, then calls the op with the autocast
+    key excluded), but with a per-argument policy: register_autocast casts every float input to one dtype,
+    which would round the Laplacian values and the weights of the recursion.
+    """
+    key = torch._C.DispatchKey.AutocastCPU
+    impl = torch.library.Library("scanet_native", "IMPL")
+    _STATE["autocast_lib"] = impl   # registrations live as long as this object
+
+    def register(name, policy):
+        op = getattr(torch.ops.scanet_native, name).default
+
+        def run(*args, **kwargs):   # the dispatcher leaves out trailing arguments that equal their defaults
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+                return op(*policy(*args, **kwargs))
+
+        op.py_impl(key)(run)   # for the Python dispatcher (torch.compile's tracing)
+        impl.impl(name, lambda _keyset, *args, **kwargs: run(*args, **kwargs), "AutocastCPU", with_keyset=True)
+
+    def forward_policy(crow, col, values, x, weight, bias, relu, save_basis, symmetric=False, dropout_p=0.0,
+                       seed=0, out_dtype=None):
+        if x.dtype != torch.float64:
+            values, weight, bias = _to_float32(values), _to_float32(weight), _to_float32(bias)
+            if out_dtype is None:
+                out_dtype = torch.get_autocast_dtype("cpu")
+        return crow, col, values, x, weight, bias, relu, save_basis, symmetric, dropout_p, seed, out_dtype
+
+    def fp32_policy(*args, index=None):   # fixed data and a few weights: float32 (float64 stays float64)
+        return tuple(_to_float32(a) for a in args) + ((index,) if index is not None else ())
+
+    register("cheb_conv_forward", forward_policy)
+    register("chebyshev_basis", fp32_policy)
+    register("cheb_conv_from_basis_forward", fp32_policy)
+
+
+# ------------------------------------------------------------------------------- per-Laplacian facts
+class _LaplacianInfo:
+    """Whether one CSR Laplacian is symmetric, and its transpose if not: computed once, then cached.
+
+    Keyed on the arrays' data pointers, version counters, shape and dtype; the entry holds the arrays, so
+    the pointers cannot be reused by other tensors while it lives (at most ``_INFO_CACHE_SIZE``, LRU).
+    Writing new values into the same storage behind the CSR's back does not bump the version seen here:
+    call ``clear_laplacian_cache()`` after such an update.
+    """
+
+    def __init__(self, crow, col, values):
+        self.arrays = (crow, col, values)
+        self._symmetric: bool | None = None
+        self._transpose = None
+        self.lock = threading.Lock()
+
+    def _compute(self):
+        with self.lock:
+            if self._symmetric is None:
+                with torch.no_grad():
+                    t = torch.ops.scanet_native.csr_transpose(*(a.detach() for a in self.arrays))
+                # The transpose comes out with sorted columns: equal arrays <=> symmetric (for sorted input;
+                # an unsorted one is reported non-symmetric and takes the transpose, still correct).
+                self._symmetric = all(torch.equal(a, b) for a, b in zip(self.arrays, t))
+                self._transpose = None if self._symmetric else t
+
+    @property
+    def symmetric(self) -> bool:
+        self._compute()
+        return self._symmetric
+
+    def transpose(self):
+        """(crow, col, values) of L~^T: (None, None, None) when L~ is symmetric (backward then uses L~)."""
+        self._compute()
+        return (None, None, None) if self._symmetric else self._transpose
+
+
+_INFO_CACHE_SIZE = 8
+_info_cache: OrderedDict = OrderedDict()
+_info_lock = threading.Lock()
+
+
+def _has_storage(*tensors) -> bool:
+    """False for the fake / functional tensors of torch.compile's tracing (no data pointer to key a cache on)."""
+    try:
+        for t in tensors:
+            t.data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _laplacian_info(crow, col, values) -> _LaplacianInfo:
+    key = (values.dtype, crow.numel(), col.numel(), crow.data_ptr(), col.data_ptr(), values.data_ptr(),
+           crow._version, col._version, values._version)
+    with _info_lock:
+        entry = _info_cache.get(key)
+        if entry is not None:
+            _info_cache.move_to_end(key)
+            return entry
+        entry = _info_cache[key] = _LaplacianInfo(crow, col, values)
+        while len(_info_cache) > _INFO_CACHE_SIZE:
+            _info_cache.popitem(last=False)
+        return entry
+
+
+def clear_laplacian_cache() -> None:
+    """Forget every cached symmetry flag and transpose (after writing into a Laplacian's storage in place)."""
+    with _info_lock:
+        _info_cache.clear()
+
 
 # ------------------------------------------------------------------------------------------------ the ops
-def _check_native_inputs(tensors: dict) -> None:
+_CHEB_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_BASIS_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_native_inputs(tensors: dict, dtypes=_CHEB_DTYPES) -> None:
     for name, t in tensors.items():
         if t.device.type != "cpu":
             raise ValueError(f"scanet.native runs on CPU tensors only; {name} is on {t.device}")
-        if t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"scanet.native supports float32 and float64; {name} is {t.dtype}")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"scanet.native supports {names} here; {name} is {t.dtype}")
 
 
 def _csr_arrays(laplacian_csr: torch.Tensor):
@@ -301,27 +489,102 @@ def _run(op, *args):
         raise
 
 
-def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu") -> torch.Tensor:
+def _stand_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A zero-stride tensor with t's shape and device in ``dtype``: no memory, for the reference's checks."""
+    return torch.empty((), dtype=dtype, device=t.device).expand(t.shape)
+
+
+def _check_cheb_dtypes(laplacian_csr, x, weight, bias) -> None:
+    """The native op's dtype rule: float64 all together, or any mix of float32, bfloat16 and float16."""
+    tensors = {"laplacian_csr": laplacian_csr, "x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
+    dtypes = {n: t.dtype for n, t in tensors.items()}
+    for name, dt in dtypes.items():
+        if dt not in _CHEB_DTYPES:
+            raise ValueError(f"scanet.native supports float32, float64, bfloat16 and float16; {name} is {dt}")
+    if torch.float64 in dtypes.values() and len(set(dtypes.values())) > 1:
+        raise ValueError(f"all inputs must have one floating dtype when one is float64, got {dtypes}")
+
+
+def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", *, symmetric: bool | None = None,
+              dropout_p: float = 0.0, training: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One Chebyshev graph convolution, the contract of ``scanet.reference.cheb_conv``, fused on CPU.
 
     laplacian_csr: (V, V) rescaled Laplacian L~ (torch sparse CSR, any sparsity, symmetric or not), or a
     scanet.laplacian.Laplacian (used in x's dtype).
     x: (B, V, F_in); weight: (K, F_in, F_out); bias: (F_out,) or None; activation: "relu" or None/"none".
-    Returns (B, V, F_out) = act(sum_k T_k(L~) x W_k + b), stored as (V, B, F_out) (see the module docstring).
-    Differentiable in x, weight and bias.
+    Returns (B, V, F_out) = dropout(act(sum_k T_k(L~) x W_k + b)), stored as (V, B, F_out) (see the module
+    docstring). Differentiable in x, weight and bias.
+
+    dtypes: float64 throughout, or x in float32/bfloat16/float16 with weight, bias and L~ in any of those
+    (used in float32 inside). The output dtype is ``out_dtype`` when given (float32, bfloat16 or float16;
+    float64 only with float64 inputs), else the autocast dtype under ``torch.autocast("cpu")``, else the
+    promoted dtype of x, weight and bias (bf16 x with an fp32 weight gives fp32). Between two stacked layers
+    under autocast, ``out_dtype=torch.float32`` keeps the hidden signal in float32 (the next layer then reads
+    it in place, and its dx needs no narrowing); the last layer's bf16 output feeds the bf16 GEMM after it.
+    symmetric: True says L~ = L~^T (backward reuses L~, nothing is transposed); False makes backward use the
+    transpose (built once per Laplacian and cached); None checks once per Laplacian (cached). Passing True
+    for a non-symmetric L~ gives a wrong dx.
+    dropout_p, training: with ``training`` and ``dropout_p > 0`` the result is ``y * keep / (1 - dropout_p)``
+    (``nn.Dropout`` on the output, fused into the epilogue; see the module docstring); the seed is drawn from
+    torch's default generator.
     """
-    laplacian_csr = as_csr(laplacian_csr, getattr(x, "dtype", None))
-    reference.check_cheb_inputs(laplacian_csr, x, weight, bias, activation, check_indices=False)
-    tensors = {"x": x, "weight": weight, "laplacian_csr values": laplacian_csr.values()}
-    if bias is not None:
-        tensors["bias"] = bias
-    _check_native_inputs(tensors)
+    if isinstance(laplacian_csr, Laplacian):
+        # The prepared operator knows whether it is symmetric (computed once); its values stay float32 for
+        # bf16/fp16 inputs (the kernels compute in float32 anyway).
+        if symmetric is None:
+            symmetric = laplacian_csr.symmetric
+        x_dtype = getattr(x, "dtype", None)
+        laplacian_csr = laplacian_csr.csr(torch.float64 if x_dtype == torch.float64 else torch.float32)
+    reference.check_laplacian(laplacian_csr, check_indices=False)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_cheb_dtypes(laplacian_csr, x, weight, bias)
+    common = laplacian_csr.dtype
+    # The reference's shape, device and activation checks, without its one-dtype rule (mixed dtypes are
+    # allowed here): x, weight and bias are replaced by stand-ins of the Laplacian's dtype.
+    reference.check_cheb_inputs(laplacian_csr, _stand_in(x, common), _stand_in(weight, common),
+                                None if bias is None else _stand_in(bias, common), activation,
+                                check_indices=False)
+    _check_native_inputs({"x": x, "weight": weight, "laplacian_csr": laplacian_csr.values()}
+                         | ({"bias": bias} if bias is not None else {}))
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if symmetric not in (None, True, False):
+        raise ValueError(f"symmetric must be True, False or None, got {symmetric!r}")
+    if out_dtype is not None and (out_dtype not in _CHEB_DTYPES or
+                                  (out_dtype == torch.float64) != (x.dtype == torch.float64)):
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16 (float64 only for float64 inputs), "
+                         f"got {out_dtype} for x of dtype {x.dtype}")
     _require()
     crow, col, values = _csr_arrays(laplacian_csr)
+    acc = _acc_dtype(x.dtype)
+    autocast = torch.is_autocast_enabled("cpu") and acc == torch.float32
+    if out_dtype is None and not autocast:   # under autocast, None lets the AutocastCPU kernel choose
+        out_dtype = torch.promote_types(x.dtype, weight.dtype if bias is None
+                                        else torch.promote_types(weight.dtype, bias.dtype))
+    # The kernels take the parameters and the operator in the compute dtype (a no-op for float32 ones).
+    values = values.to(acc)
+    weight = weight.to(acc)
+    bias = bias.to(acc) if bias is not None else None
+    if symmetric is None:   # only backward's dx uses it; under tracing, backward transposes (correct either way)
+        symmetric = (_laplacian_info(crow, col, values).symmetric
+                     if (x.requires_grad and torch.is_grad_enabled() and _has_storage(crow, col, values))
+                     else False)
+    p = float(dropout_p) if training else 0.0
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
     save_basis = torch.is_grad_enabled() and weight.requires_grad
     y, _ = _run(torch.ops.scanet_native.cheb_conv_forward, crow, col, values, x, weight, bias,
-                activation == "relu", save_basis)
+                activation == "relu", save_basis, bool(symmetric), p, seed, out_dtype)
     return y
+
+
+def dropout_keep_mask(seed: int, shape, dropout_p: float) -> torch.Tensor:
+    """The keep mask (bool, ``shape``) that the fused dropout with (seed, dropout_p) applies to an output of
+    that shape (B, V, F_out), element i of its row-major order being ``keep[i]``."""
+    _require()
+    shape = tuple(shape)
+    return torch.ops.scanet_native.dropout_keep_mask(int(seed), math.prod(shape), float(dropout_p)).view(shape)
 
 
 def chebyshev_basis(laplacian_csr, x, K: int) -> torch.Tensor:
@@ -340,7 +603,7 @@ def chebyshev_basis(laplacian_csr, x, K: int) -> torch.Tensor:
         raise ValueError(f"x has V={x.shape[1]} vertices but laplacian_csr is {tuple(laplacian_csr.shape)}")
     if x.dtype != laplacian_csr.dtype:
         raise ValueError(f"x and laplacian_csr must have one floating dtype, got {x.dtype} and {laplacian_csr.dtype}")
-    _check_native_inputs({"x": x, "laplacian_csr values": laplacian_csr.values()})
+    _check_native_inputs({"x": x, "laplacian_csr values": laplacian_csr.values()}, _BASIS_DTYPES)
     _require()
     crow, col, values = laplacian_csr.crow_indices().long(), laplacian_csr.col_indices().long(), laplacian_csr.values()
     with torch.no_grad():  # x is data (the bag-of-words): the basis is a constant
@@ -366,7 +629,7 @@ def check_basis_inputs(basis, weight, bias=None, activation="relu") -> None:
     tensors = {"basis": basis, "weight": weight} | ({"bias": bias} if bias is not None else {})
     if len({t.dtype for t in tensors.values()}) > 1:
         raise ValueError(f"all inputs must have one floating dtype, got { {n: t.dtype for n, t in tensors.items()} }")
-    _check_native_inputs(tensors)
+    _check_native_inputs(tensors, _BASIS_DTYPES)
 
 
 def cheb_conv_from_basis(basis, weight, bias=None, activation="relu", *, index=None) -> torch.Tensor:

@@ -359,8 +359,14 @@ def test_bad_input_raises_clear_value_error():
         native.cheb_conv(L, x[:, :9], w, b)
     with pytest.raises(ValueError, match="one floating dtype"):
         native.cheb_conv(L, x.double(), w, b)
-    with pytest.raises(ValueError, match="float32 and float64"):
-        native.cheb_conv(L.to(torch.float16), x.half(), w.half(), b.half())
+    with pytest.raises(ValueError, match="float32, float64, bfloat16 and float16; x is torch.int32"):
+        native.cheb_conv(L, x.to(torch.int32), w, b)      # (float16 and bfloat16 are supported: test_native_bf16)
+    with pytest.raises(ValueError, match="x must be a torch.Tensor"):
+        native.cheb_conv(L, x.tolist(), w, b)
+    with pytest.raises(ValueError, match="dropout_p must be a number in"):
+        native.cheb_conv(L, x, w, b, dropout_p=1.5)
+    with pytest.raises(ValueError, match="symmetric must be"):
+        native.cheb_conv(L, x, w, b, symmetric="yes")
     with pytest.raises(ValueError, match="activation"):
         native.cheb_conv(L, x, w, b, activation="tanh")
     with pytest.raises(ValueError, match="sparse_csr"):
