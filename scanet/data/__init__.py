@@ -29,7 +29,26 @@ def _custom(root, out_dir=None, **kw):
     return custom.prepare(root, out_dir, **kw)
 
 
-PREPARERS = {"wiki": _wiki, "synthetic": _synthetic, "webnews": _webnews, "custom": _custom}
+def _nuswide(root, out_dir=None, **kw):
+    from scanet.data import nuswide
+
+    return nuswide.prepare(root, out_dir, **kw)
+
+
+def _pascal(root, out_dir=None, **kw):
+    from scanet.data import pascal
+
+    return pascal.prepare(root, out_dir, **kw)
+
+
+def _pascal_sentences(root, out_dir=None, **kw):
+    from scanet.data import pascal_sentences
+
+    return pascal_sentences.prepare(root, out_dir, **kw)
+
+
+PREPARERS = {"wiki": _wiki, "synthetic": _synthetic, "webnews": _webnews, "custom": _custom, "nuswide": _nuswide,
+             "pascal": _pascal, "pascal-sentences": _pascal_sentences}
 
 
 def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
