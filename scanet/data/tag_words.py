@@ -4,37 +4,36 @@ Tag vocabularies glue words together: 39 of the 399 Hwang & Grauman Pascal tags 
 'trafficlight', ...) and many NUS-WIDE tags ('blackandwhite', 'nikond80') have no GloVe vector of their own. A
 tag without a vector would have no place in the word graph, so ``tag_vectors`` gives such a tag the mean vector
 of its parts when it splits into words that do have vectors (fewest parts, each of 2+ letters, at most
-``max_parts``), and leaves it out otherwise. How each tag got its vector is returned for the preparation report.
+``max_parts``; among equal splits the one whose rarest part is most frequent), and leaves it out otherwise. How each tag got its vector is returned for the preparation report.
 """
 from __future__ import annotations
-
-from functools import lru_cache
 
 import numpy as np
 
 from scanet.data.embeddings import WordVectors
 
 
-def split_compound(word: str, known, max_parts: int = 3) -> list[str] | None:
-    """The split of ``word`` into the fewest known words (2+ letters each), ties broken by the longest first
-    part; None when there is none within ``max_parts``."""
+def split_compound(word: str, rank: dict[str, int], max_parts: int = 3) -> list[str] | None:
+    """The split of ``word`` into the fewest words of ``rank`` (2+ letters each), and among those the one whose
+    rarest part is most frequent (``rank``: word -> frequency rank, 0 the most frequent; GloVe's rows are in
+    frequency order): "cardoor" is car+door, not cardo+or. None when there is none within ``max_parts``."""
     n = len(word)
 
-    @lru_cache(maxsize=None)
-    def best(i: int) -> tuple | None:                      # fewest parts covering word[i:]
+    def splits(i: int, left: int):
         if i == n:
-            return ()
-        options = []
-        for j in range(n, i + 1, -1):                      # longest piece first
-            piece = word[i:j]
-            if piece in known:
-                rest = best(j)
-                if rest is not None and len(rest) + 1 <= max_parts:
-                    options.append((piece,) + rest)
-        return min(options, key=len) if options else None
+            yield ()
+            return
+        if left == 0:
+            return
+        for j in range(i + 2, n + 1):
+            if word[i:j] in rank:
+                for rest in splits(j, left - 1):
+                    yield (word[i:j],) + rest
 
-    parts = best(0)
-    return list(parts) if parts is not None and len(parts) > 1 else None
+    options = [p for p in splits(0, max_parts) if len(p) > 1]
+    if not options:
+        return None
+    return list(min(options, key=lambda p: (len(p), max(rank[w] for w in p), p)))
 
 
 def tag_vectors(tags, wv: WordVectors, max_parts: int = 3) -> tuple[list[str], np.ndarray, dict[str, str]]:
@@ -47,7 +46,7 @@ def tag_vectors(tags, wv: WordVectors, max_parts: int = 3) -> tuple[list[str], n
             rows.append(wv.vectors[wv.index[t]])
             how[t] = "own vector"
             continue
-        parts = split_compound(t, wv, max_parts)
+        parts = split_compound(t, wv.index, max_parts)
         if parts is None:
             how[t] = "no vector"
             continue
