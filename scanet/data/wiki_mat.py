@@ -5,7 +5,7 @@
         T_tr (2173 x d), T_te (693 x d)   text features (10-d LDA topic proportions in the common release)
         L_tr, L_te                        labels: one-hot (n x 10), or the variant with a label column
                                           (n x 1 or 1 x n class numbers, 1-based as in MATLAB; 0-based when
-                                          the smallest is 0)
+                                          the smallest over both splits is 0)
 
 Without the list files the raw texts cannot be matched to the rows, so the text side is the text features
 themselves: each of the d text dimensions is a graph vertex (named topic1..topicd), its "word vector" the column
@@ -50,19 +50,21 @@ def find_labelled_mat(root: Path) -> Path | None:
     return hits[0] if hits else None
 
 
-def read_labels(a: np.ndarray, n: int, key: str, path: Path) -> np.ndarray:
-    """0-based class indices from a one-hot matrix or a label column."""
+def read_labels(a: np.ndarray, n: int, key: str, path: Path) -> tuple[np.ndarray, bool]:
+    """(class numbers, is_column): argmax of a one-hot matrix (0-based), or the values of a label column as given
+    (their base is decided over both splits, see read_mat)."""
     a = np.asarray(a.toarray() if hasattr(a, "toarray") else a, dtype=np.float64)
     if a.ndim == 2 and 1 in a.shape and a.size == n:
         v = a.ravel()
-        if (v != np.round(v)).any():
-            raise ValueError(f"{path}: {key} must hold whole class numbers")
-        return (v - (1 if v.min() >= 1 else 0)).astype(np.int64)
+        if (v != np.round(v)).any() or (v < 0).any():
+            raise ValueError(f"{path}: {key} must hold non-negative whole class numbers")
+        return v.astype(np.int64), True
     if a.ndim == 2 and a.shape[0] == n:
-        if not np.isin(a, (0, 1)).all() or (a.sum(axis=1) != 1).any():
-            bad = int(np.flatnonzero(~np.isin(a, (0, 1)).all(axis=1) | (a.sum(axis=1) != 1))[0])
-            raise ValueError(f"{path}: {key} row {bad + 1} is not one-hot (one 1 per row, the rest 0)")
-        return a.argmax(axis=1).astype(np.int64)
+        bad_rows = ~np.isin(a, (0, 1)).all(axis=1) | (a.sum(axis=1) != 1)
+        if bad_rows.any():
+            raise ValueError(f"{path}: {key} row {int(np.flatnonzero(bad_rows)[0]) + 1} is not one-hot "
+                             "(one 1 per row, the rest 0)")
+        return a.argmax(axis=1).astype(np.int64), False
     raise ValueError(f"{path}: {key} has shape {a.shape}; expected {n} x C one-hot or a column of {n} labels")
 
 
@@ -78,7 +80,7 @@ def read_mat(path: Path) -> dict[str, np.ndarray]:
     missing = [k for k in KEYS if k not in mat]
     if missing:
         raise ValueError(f"{path} lacks {missing} (has {sorted(k for k in mat if not k.startswith('__'))})")
-    out = {}
+    out, columns = {}, {}
     for split in ("tr", "te"):
         I, T = (np.asarray(mat[f"{m}_{split}"], dtype=np.float32) for m in ("I", "T"))
         if I.ndim != 2 or T.ndim != 2 or T.shape[0] != I.shape[0]:
@@ -89,7 +91,11 @@ def read_mat(path: Path) -> dict[str, np.ndarray]:
         if (T < 0).any():
             raise ValueError(f"{path}: T_{split} must be non-negative (word counts, tf-idf or topic proportions)")
         out[f"I_{split}"], out[f"T_{split}"] = I, T
-        out[f"L_{split}"] = read_labels(mat[f"L_{split}"], I.shape[0], f"L_{split}", path)
+        out[f"L_{split}"], columns[split] = read_labels(mat[f"L_{split}"], I.shape[0], f"L_{split}", path)
+    if columns["tr"] != columns["te"]:
+        raise ValueError(f"{path}: L_tr and L_te must both be one-hot or both label columns")
+    if columns["tr"] and min(out["L_tr"].min(), out["L_te"].min()) >= 1:   # MATLAB's 1-based class numbers
+        out["L_tr"], out["L_te"] = out["L_tr"] - 1, out["L_te"] - 1
     if out["I_tr"].shape[1] != out["I_te"].shape[1] or out["T_tr"].shape[1] != out["T_te"].shape[1]:
         raise ValueError(f"{path}: train and test features differ in dimension")
     return out
