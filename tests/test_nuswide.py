@@ -183,7 +183,7 @@ def test_mat_bundle(tmp_path, vectors_file):
     Y[7] = 0                                                   # untagged
     X = rng.normal(size=(n, 64)).astype(np.float32)
     scipy.io.savemat(root / "nus-wide-tc10-xall-vgg.mat", {"XAll": X})
-    scipy.io.savemat(root / "nus-wide-tc10-yall.mat", {"YAll": Y})
+    scipy.io.savemat(root / "nus-wide-tc10-yall.mat", {"YAll": Y.T})        # transposed, as some copies are
     scipy.io.savemat(root / "nus-wide-tc10-lall.mat", {"LAll": L})
     (root / "TagList1k.txt").write_text("\n".join(TAGLIST))
     ds = prepare("nuswide", root, tmp_path / "p", n_train=30, n_test=10, knn=3, embeddings=str(vectors_file),
@@ -229,7 +229,12 @@ def test_bad_files_name_the_file_and_line(tmp_path, vectors_file):
 
     root = tmp_path / "c"
     write_release(root)
-    (root / "Low_Level_Features" / "BoW_Test_int.dat").unlink()
+    (root / "Low_Level_Features" / "BoW_int").mkdir()          # a subfolder, as some archives unpack
+    for s in ("Train", "Test"):
+        (root / "Low_Level_Features" / f"BoW_{s}_int.dat").rename(root / "Low_Level_Features" / "BoW_int" /
+                                                                  f"BoW_{s}_int.dat")
+    assert nuswide.prepare(root, tmp_path / "p", **kw).image_dim == 500
+    (root / "Low_Level_Features" / "BoW_int" / "BoW_Test_int.dat").unlink()
     with pytest.raises(FileNotFoundError, match="BoW_Test_int.dat"):
         nuswide.prepare(root, tmp_path / "p", **kw)
     with pytest.raises(FileNotFoundError, match="neither the official NUS-WIDE layout"):

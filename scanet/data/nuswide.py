@@ -37,7 +37,8 @@ Train rows then Test rows (161,789 + 107,859), e.g. CNN features computed elsewh
 ``nus-wide-tc10-yall.mat`` (``YAll``, (n, 1000) tag counts in TagList1k.txt order) and ``nus-wide-tc10-lall.mat``
 (``LAll``, (n, C) multi-hot), or one .mat holding all three keys; TagList1k.txt (in ROOT or ROOT/NUS_WID_Tags)
 names the tag columns. No split is stored in these files, so ``n_test`` items are drawn as the test split and
-``n_train`` of the rest (all of the rest with n_train=None). MATLAB v7.3 (HDF5) files are not read.
+``n_train`` of the rest (all of the rest with n_train=None). Matrices stored transposed (items as columns, as
+some copies have them) are turned around. MATLAB v7.3 (HDF5) files are not read.
 """
 from __future__ import annotations
 
@@ -266,6 +267,19 @@ def _draw(rng: np.random.Generator, pool: np.ndarray, n: int | None, ok, what: s
 
 
 # ------------------------------------------------------------------------------------------- prepare
+def bow_file(root: Path, split: str) -> Path:
+    """Low_Level_Features/BoW_<split>_int.dat, or the one file of that name below Low_Level_Features/ (unpacked
+    archives put it in a subfolder such as BoW_int/)."""
+    name = f"BoW_{split}_int.dat"
+    direct = root / "Low_Level_Features" / name
+    if direct.is_file() or not (root / "Low_Level_Features").is_dir():
+        return direct
+    found = sorted((root / "Low_Level_Features").rglob(name))
+    if len(found) > 1:
+        raise ValueError(f"several {name} below {root / 'Low_Level_Features'}: {[str(p) for p in found]}")
+    return found[0] if found else direct
+
+
 def _is_official(root: Path) -> bool:
     return (root / "Groundtruth").is_dir() or (root / "Groundtruth.zip").is_file()
 
@@ -337,7 +351,7 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
             if not f.is_file():
                 raise FileNotFoundError(f"tags='all' maps All_Tags.txt rows to the splits by name: {f} is missing")
     if image_features == "bow500":
-        image_files = [root / "Low_Level_Features" / f"BoW_{s}_int.dat" for s in SPLITS]
+        image_files = [bow_file(root, s) for s in SPLITS]
     else:
         image_files = [Path(image_features)]
     for f in text_files + image_files:
@@ -459,8 +473,7 @@ def _tag_reader(root: Path, tag_source: str, words: list[str], with_vector: set[
 
 def _image_reader(root: Path, image_features: str, n_rows: dict):
     if image_features == "bow500":
-        files = {s: MatrixFile(root / "Low_Level_Features" / f"BoW_{s}_int.dat", n_rows[s], 500, "image feature")
-                 for s in SPLITS}
+        files = {s: MatrixFile(bow_file(root, s), n_rows[s], 500, "image feature") for s in SPLITS}
         return lambda split, rows: files[split].rows(rows)
     m = np.load(image_features, mmap_mode="r")
     n_all = sum(n_rows.values())
@@ -513,7 +526,12 @@ def _prepare_bundle(root: Path, out_dir: Path, files: dict[str, Path], *, exactl
         X = _load_mat_key(files["XAll"], "XAll").astype(np.float32)
         Y = _load_mat_key(files["YAll"], "YAll").astype(np.float32)
         L = _load_mat_key(files["LAll"], "LAll")
-        n = X.shape[0]
+        # Some copies store the matrices transposed (items as columns); the labels have far fewer columns
+        # (concepts) than rows (items), which tells the orientation.
+        if L.ndim == 2 and L.shape[0] < L.shape[1]:
+            L = L.T
+        n = L.shape[0]
+        X, Y = (a.T if a.ndim == 2 and a.shape[0] != n and a.shape[1] == n else a for a in (X, Y))
         if X.ndim != 2 or Y.ndim != 2 or L.ndim != 2 or Y.shape[0] != n or L.shape[0] != n:
             raise ValueError(f"XAll {X.shape}, YAll {Y.shape} and LAll {L.shape} must be 2-D with one row per item")
         if not np.isin(L, (0, 1)).all():
