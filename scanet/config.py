@@ -47,7 +47,6 @@ class Preset:
 
 PRESETS = {
     "wiki": Preset("wiki", "wiki"),
-    # The paper's other datasets use N=1024 as well; their features are not available here.
     "synthetic": Preset(
         "synthetic", "synthetic",
         model=ModelConfig(common_dim=64),
@@ -68,6 +67,17 @@ PRESETS = {
                           negative_pairs=80_000),
         vocab_size=5000,
     ),
+    # NUS-WIDE (scanet.data.nuswide): 10 largest concepts, single-concept images, 40,000 train / 1,000 test,
+    # 500-d BoW_int image features, the tags on a kNN tag graph (5,018 tags with All_Tags.txt, else the 1,000 of
+    # Tags1k.dat). The paper: N = 500, its hyper-parameters otherwise. Not run here (no NUS-WIDE features).
+    "nuswide": Preset("nuswide", "nuswide", model=ModelConfig(common_dim=500), vocab_size=5018),
+    # Pascal VOC 2007 with Hwang & Grauman's tags (scanet.data.pascal): 2,808 / 2,841 single-object images,
+    # 512-d GIST, the 399 tags. The paper: N = 256. Not run here (train.mat / test.mat are not available).
+    "pascal": Preset("pascal", "pascal", model=ModelConfig(common_dim=256), vocab_size=399),
+    # Pascal Sentences (scanet.data.pascal_sentences): 800 / 100 (val) / 100, CNN image features, captions on a
+    # GloVe word graph. Not in the paper; N = 256 as for Pascal VOC, the paper's schedule. Not run here (no images).
+    "pascal-sentences": Preset("pascal-sentences", "pascal-sentences", model=ModelConfig(common_dim=256),
+                               vocab_size=2000),
     # Any folder in the custom format (docs/custom_format.md). vocab_size/knn None: dataset.json decides.
     # The WebNews schedule is the starting point (a few thousand items, CNN features).
     "custom": Preset(

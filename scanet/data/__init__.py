@@ -4,43 +4,42 @@
 ``prepare(name, ...)`` is the checked entry point and ``dataset_for_preset`` the one load sequence of the
 command line (an already prepared folder, else prepare the preset's dataset, cached).
 """
+import importlib
 from pathlib import Path
 
 from scanet.data.prepared import PreparedDataset, Split  # noqa: F401
 
 
-def _wiki(root, out_dir=None, **kw):
-    from scanet.data import wiki
+def _preparer(module: str, needs_root: bool = True):
+    """A preparer that imports its dataset module when called, so listing the datasets costs nothing."""
 
-    return wiki.prepare(root, out_dir, **kw)
+    def prepare_dataset(root=None, out_dir=None, **kw):
+        mod = importlib.import_module(f"scanet.data.{module}")
+        return mod.prepare(root, out_dir, **kw) if needs_root else mod.prepare(out_dir, **kw)
 
-
-def _synthetic(root=None, out_dir=None, **kw):
-    from scanet.data import synthetic
-
-    return synthetic.prepare(out_dir, **kw)
-
-
-def _webnews(root, out_dir=None, **kw):
-    from scanet.data import webnews
-
-    return webnews.prepare(root, out_dir, **kw)
+    prepare_dataset.__name__ = f"prepare_{module}"
+    return prepare_dataset
 
 
-def _custom(root, out_dir=None, **kw):
-    from scanet.data import custom
-
-    return custom.prepare(root, out_dir, **kw)
-
-
-# name -> (preparer, one line for `scanet prepare --help`). Preparers import their module when called, so
-# listing the datasets costs nothing.
-PREPARERS = {"wiki": _wiki, "synthetic": _synthetic, "webnews": _webnews, "custom": _custom}
+# name -> preparer(root, out_dir, **options), and one line each for `scanet prepare --help`.
+PREPARERS = {
+    "wiki": _preparer("wiki"),
+    "synthetic": _preparer("synthetic", needs_root=False),
+    "webnews": _preparer("webnews"),
+    "custom": _preparer("custom"),
+    "nuswide": _preparer("nuswide"),
+    "pascal": _preparer("pascal"),
+    "pascal-sentences": _preparer("pascal_sentences"),
+}
 DESCRIPTIONS = {
-    "wiki": "Eng-Wiki (Rasiwasia et al. 2010): *_txt_img_cat.list, texts/*.xml, raw_features.mat",
+    "wiki": "Eng-Wiki (Rasiwasia et al. 2010): *_txt_img_cat.list, texts/*.xml, raw_features.mat "
+            "(or the labelled wikiData.mat)",
     "synthetic": "an embedded toy dataset (no --root)",
     "webnews": "Chinese web news: *_txt_img_cat.list, categories.list, texts/*.txt, images/<class>/",
     "custom": "any folder in the documented format (docs/custom_format.md): train.tsv, test.tsv, ...",
+    "nuswide": "NUS-WIDE official release (BoW_int.dat, Tags1k.dat, Groundtruth) or an XAll/YAll/LAll .mat",
+    "pascal": "Pascal VOC 2007 tags (Hwang & Grauman): train.mat, test.mat, voc.mat",
+    "pascal-sentences": "Pascal Sentences: pascal_sentences.json + images/ or a feature matrix",
 }
 
 

@@ -94,6 +94,11 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     path to an .npy matrix (train rows then test rows, in list order).
     """
     root = Path(root)
+    if root.is_dir() and not (root / "trainset_txt_img_cat.list").is_file():
+        from scanet.data import wiki_mat                      # the labelled .mat release (wikiData.mat)
+
+        if wiki_mat.find_labelled_mat(root) is not None:
+            return wiki_mat.prepare(root, out_dir, knn=knn, lmax=lmax, progress=progress)
     _check_root(root)
     out_dir = Path(out_dir or Path("prepared") / "wiki")
     lists = [root / "trainset_txt_img_cat.list", root / "testset_txt_img_cat.list"]
