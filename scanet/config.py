@@ -33,6 +33,8 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1               # epochs between test-set MAP evaluations (0: only at the end)
     score_chunk: int = 64             # texts scored at a time in evaluation (bounds memory)
+    validation_fraction: float = 0.1  # training items held out (stratified, seeded) to select the epoch; 0: none
+    patience: int = 0                 # stop after this many epochs without a better validation MAP; 0: never
 
 
 @dataclass

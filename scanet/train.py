@@ -1,9 +1,16 @@
 """Training: one readable loop (nanoGPT style), atomic checkpoints with exact resume, metrics as JSON and PNG.
 
 Pairs (scanet.pairs): ``positive_pairs`` matching and ``negative_pairs`` non-matching (text, image) pairs,
-drawn once from the training split with the run's seed. Checkpoints are scanet.checkpoint's. Every epoch visits all pairs in a fresh order drawn from (seed, epoch), and dropout's random stream
-is reseeded from (seed, epoch) too, so a run resumed from the checkpoint of epoch e continues exactly as the
-uninterrupted run would have.
+drawn once from the training split with the run's seed. Checkpoints are scanet.checkpoint's. Every epoch visits
+all pairs in a fresh order drawn from (seed, epoch), and dropout's random stream is reseeded from (seed, epoch)
+too, so a run resumed from the checkpoint of epoch e continues exactly as the uninterrupted run would have.
+
+Model selection never looks at the test split: ``validation_fraction`` of the training items (stratified by class,
+seeded; scanet.data.splits) are held out before the pairs are drawn, their MAP (text->image and image->text,
+all validation items as candidates) is measured after every epoch, the best epoch is saved as ``best.pt`` beside
+``last.pt``, and ``patience`` epochs without a better validation MAP stop the run. The final report is the
+selected (best) model's test MAP under both protocols (scanet.evaluate.PROTOCOLS); the test MAP of other epochs
+(``eval_every``) is recorded for the curves only.
 """
 from __future__ import annotations
 
@@ -18,10 +25,11 @@ import torch
 from scanet.checkpoint import (CHECKPOINT_FORMAT, build_model, load_checkpoint, load_model,  # noqa: F401
                                preset_from_dict, save_checkpoint)
 from scanet.config import Preset
-from scanet.data.prepared import PreparedDataset
-from scanet.evaluate import evaluate_model
+from scanet.data.prepared import PreparedDataset, Split
+from scanet.data.splits import carve_validation
+from scanet.evaluate import evaluate_model, evaluate_protocols, model_scorer, retrieval_report
 from scanet.loss import scanet_loss
-from scanet.pairs import make_pairs  # noqa: F401  (scanet.train.make_pairs: where it used to live)
+from scanet.pairs import make_pairs
 from scanet.plots import plot_pr_curves, plot_training_curve
 
 
@@ -86,7 +94,8 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
                fused=device.type in ("cpu", "cuda"))
     history: list[dict] = []
     start_epoch = 0
-    ckpt_path = out / "last.pt"
+    best = {"epoch": 0, "val_mean_map": -math.inf}
+    ckpt_path, best_path = out / "last.pt", out / "best.pt"
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
         if state.get("dataset_fingerprint") != dataset.fingerprint:
@@ -98,10 +107,13 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
+        best = state.get("best", best)
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
 
     step_model = torch.compile(model) if compile else model
-    tr = dataset.train
+    tr, val = dataset.train, None
+    if tc.validation_fraction > 0:
+        tr, val = carve_validation(dataset.train, tc.validation_fraction, tc.seed)
     texts = torch.as_tensor(tr.text_matrix(), device=device, dtype=torch.float32)
     images = torch.as_tensor(tr.images, device=device, dtype=torch.float32)
 
@@ -154,21 +166,52 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
             report, _ = evaluate_model(model, dataset, "test", tc.score_chunk)
             row.update(text2image_map=report["text2image"]["map"], image2text_map=report["image2text"]["map"],
                        mean_map=report["mean_map"], eval_seconds=time.perf_counter() - t1)
+        improved = False
+        if val is not None:
+            t1 = time.perf_counter()
+            vrep = split_report(model, val, tc.score_chunk)
+            row.update(val_text2image_map=vrep["text2image"]["map"], val_image2text_map=vrep["image2text"]["map"],
+                       val_mean_map=vrep["mean_map"], val_seconds=time.perf_counter() - t1)
+            improved = row["val_mean_map"] > best["val_mean_map"]
+            if improved:
+                best = {"epoch": epoch + 1, "val_mean_map": row["val_mean_map"]}
         history.append(row)
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
-        save_checkpoint(ckpt_path, {
+        state = {
             "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "epoch": epoch + 1, "history": history, "preset": dataclasses.asdict(preset),
+            "epoch": epoch + 1, "history": history, "preset": dataclasses.asdict(preset), "best": best,
             "dataset_fingerprint": dataset.fingerprint, "dataset_name": dataset.name,
             "vocab_size": dataset.vocab_size, "image_dim": dataset.image_dim, "classes": dataset.classes,
-        })
+        }
+        if improved:
+            save_checkpoint(best_path, state)
+        save_checkpoint(ckpt_path, state)
         (out / "metrics.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
         plot_training_curve(history, out / "training_curve.png")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+        if val is not None and tc.patience and epoch + 1 - best["epoch"] >= tc.patience:
+            log(f"early stop after epoch {epoch + 1}: no better validation MAP for {tc.patience} epochs "
+                f"(best: epoch {best['epoch']}, {best['val_mean_map']:.4f})")
+            break
 
-    if report is None:                                            # the last epoch was not evaluated
+    selected_epoch = history[-1]["epoch"] if history else 0
+    if val is not None and best["epoch"] and best_path.is_file():
+        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+        selected_epoch = best["epoch"]
+        report = None
+    if report is None or selected_epoch != history[-1]["epoch"]:
         report, _ = evaluate_model(model, dataset, "test", tc.score_chunk)
+    protocols = evaluate_protocols(model_scorer(model, tc.score_chunk), dataset, "both")
+    report = {**report, "selected_epoch": selected_epoch,
+              "selected_by": "validation MAP" if val is not None else "last epoch (no validation split)",
+              "protocols": protocols}
     (out / "evaluation.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     plot_pr_curves({"SCANet": report}, out / "pr_curves.png", title=dataset.name)
-    return {"history": history, "report": report}
+    return {"history": history, "report": report, "selected_epoch": selected_epoch}
+
+
+def split_report(model, split: Split, chunk_size: int = 64) -> dict:
+    """Standard-protocol retrieval report within one split (its texts vs its images): the validation MAP."""
+    scores = model_scorer(model, chunk_size)(split, split)
+    return retrieval_report(scores, split.labels, split.labels)

@@ -17,7 +17,7 @@ def trained(tmp_path_factory):
 
 def test_train_writes_results_and_checkpoint(trained, capsys):
     run = trained / "run"
-    for name in ("last.pt", "metrics.json", "training_curve.png", "evaluation.json", "results.json",
+    for name in ("last.pt", "best.pt", "metrics.json", "training_curve.png", "evaluation.json", "results.json",
                  "pr_curves.png"):
         assert (run / name).is_file(), name
     results = json.loads((run / "results.json").read_text())
@@ -26,11 +26,16 @@ def test_train_writes_results_and_checkpoint(trained, capsys):
     for row in results["map"].values():
         assert 0 < row["text2image"] <= 1 and row["mean"] == pytest.approx((row["text2image"] + row["image2text"]) / 2)
     assert results["epochs"] == 2 and len(results["seconds_per_epoch"]) == 2
+    assert results["selected_by"] == "validation MAP" and results["selected_epoch"] in (1, 2)
+    assert set(results["protocols"]) == {"standard", "paper"}
+    assert "train candidates" in results["protocols"]["paper"]["label"]
+    assert set(results["protocols"]["paper"]["rows"]) == set(results["map"])
 
 
 def test_evaluate_reproduces_training_map(trained, capsys):
     run = trained / "run"
-    rc = main(["evaluate", "--checkpoint", str(run / "last.pt"), "--prepared-dir", str(trained / "prepared"),
+    # the training run reports its selected (best validation) epoch: evaluating best.pt reproduces it
+    rc = main(["evaluate", "--checkpoint", str(run / "best.pt"), "--prepared-dir", str(trained / "prepared"),
                "--out", str(trained / "eval"), "--eager"])
     assert rc == 0
     trained_map = json.loads((run / "evaluation.json").read_text())["mean_map"]

@@ -8,31 +8,57 @@ from pathlib import Path
 from scanet.cli._common import dataset_options, load_dataset, load_trained, module_options, use_fused
 
 
-def _baseline_rows(dataset, root) -> dict:
-    """CCA on the model's own inputs, plus CCA on Wiki's classic LDA-10 text features where they exist."""
-    from scanet.baselines import cca_report, semantic_matching_report
+def _baseline_scorers(dataset, root) -> dict:
+    """name -> score_fn(text_split, image_split): CCA on the model's own inputs, semantic matching (single-label
+    data), and CCA on Wiki's classic LDA-10 text features where they exist."""
+    from scanet.baselines import cca_split_scorer, semantic_matching_split_scorer
 
-    rows = {"CCA (bag-of-words SVD-100, same image features)": cca_report(dataset, "bow")}
+    rows = {"CCA (bag-of-words SVD-100, same image features)": cca_split_scorer(dataset, "bow")}
     if dataset.train.labels.ndim == 1:
-        rows["semantic matching (logistic regression per modality, same features)"] = semantic_matching_report(dataset)
+        rows["semantic matching (logistic regression per modality, same features)"] = \
+            semantic_matching_split_scorer(dataset)
     if dataset.name == "wiki" and root and (Path(root) / "raw_features.mat").is_file():
         from scanet.data.wiki import read_raw_features
 
         f = read_raw_features(Path(root) / "raw_features.mat", len(dataset.train), len(dataset.test))
-        rows["CCA (LDA-10 + SIFT-128, classic features)"] = cca_report(dataset, "lda", lda=(f["T_tr"], f["T_te"]))
+        rows["CCA (LDA-10 + SIFT-128, classic features)"] = cca_split_scorer(dataset, "lda", lda=(f["T_tr"], f["T_te"]))
+    return rows
+
+
+def _baseline_rows(dataset, root, protocols) -> dict:
+    """Each baseline's standard retrieval report, with its protocol reports under "protocols"."""
+    from scanet.evaluate import evaluate_protocols, retrieval_report
+
+    rows = {}
+    for name, score in _baseline_scorers(dataset, root).items():
+        report = retrieval_report(score(dataset.test, dataset.test), dataset.test.labels, dataset.test.labels)
+        rows[name] = {**report, "protocols": evaluate_protocols(score, dataset, protocols)}
     return rows
 
 
 def _write_results(out: Path, reports: dict, extra: dict) -> None:
+    """results.json (a MAP table per protocol, labelled, plus the full reports) and pr_curves.png."""
+    from scanet.evaluate import PROTOCOLS
     from scanet.plots import plot_pr_curves
 
+    tables = {}
+    for pname, proto in PROTOCOLS.items():
+        rows = {name: r["protocols"][pname] for name, r in reports.items() if pname in r.get("protocols", {})}
+        if rows:
+            tables[pname] = {"label": proto.label, "metric": proto.metric,
+                             "rows": {name: {"text2image": r["text2image"][proto.metric],
+                                             "image2text": r["image2text"][proto.metric], "mean": r["mean"]}
+                                      for name, r in rows.items()}}
     table = {name: {"text2image": r["text2image"]["map"], "image2text": r["image2text"]["map"],
                     "mean": r["mean_map"]} for name, r in reports.items()}
-    (out / "results.json").write_text(json.dumps({"map": table, **extra, "reports": reports}, indent=1))
+    (out / "results.json").write_text(json.dumps({"map": table, "protocols": tables, **extra,
+                                                  "reports": reports}, indent=1))
     plot_pr_curves(reports, out / "pr_curves.png", title=extra.get("dataset", ""))
-    print(f"\n{'method':<52} {'text->image':>12} {'image->text':>12} {'mean':>8}")
-    for name, row in table.items():
-        print(f"{name:<52} {row['text2image']:>12.4f} {row['image2text']:>12.4f} {row['mean']:>8.4f}")
+    for t in tables.values():
+        print(f"\n{t['label']}")
+        print(f"{'method':<60} {'text->image':>12} {'image->text':>12} {'mean':>8}")
+        for name, row in t["rows"].items():
+            print(f"{name:<60} {row['text2image']:>12.4f} {row['image2text']:>12.4f} {row['mean']:>8.4f}")
     print(f"\nwritten: {out / 'results.json'}, {out / 'pr_curves.png'}")
 
 
@@ -51,20 +77,23 @@ def cmd_train(args) -> None:
     wall = time.perf_counter() - t0
     reports = {"SCANet": result["report"]}
     if not args.no_baseline:
-        reports.update(_baseline_rows(dataset, args.root))
+        reports.update(_baseline_rows(dataset, args.root, "both"))
     _write_results(out, reports, {"dataset": dataset.name, "preset": preset.name, "epochs": preset.train.epochs,
+                                  "selected_epoch": result["selected_epoch"],
+                                  "selected_by": result["report"]["selected_by"],
                                   "train_wall_seconds": wall,
                                   "seconds_per_epoch": [h["epoch_seconds"] for h in result["history"]]})
 
 
 def cmd_evaluate(args) -> None:
-    from scanet.evaluate import evaluate_model
+    from scanet.evaluate import evaluate_model, evaluate_protocols, model_scorer
 
     model, state, dataset = load_trained(args, fused=use_fused(args))
     report, _ = evaluate_model(model, dataset, "test", args.chunk_size, progress=True)
+    report["protocols"] = evaluate_protocols(model_scorer(model, args.chunk_size), dataset, args.protocol)
     reports = {"SCANet": report}
     if args.baseline:
-        reports.update(_baseline_rows(dataset, args.root))
+        reports.update(_baseline_rows(dataset, args.root, args.protocol))
     out = Path(args.out or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)
     _write_results(out, reports, {"dataset": dataset.name, "checkpoint": str(args.checkpoint),
@@ -93,4 +122,7 @@ def add_commands(sub) -> None:
     module_options(p, "fused modules (default: auto, as for train)", "eager modules")
     p.add_argument("--chunk-size", type=int, default=64, help="texts scored at a time (bounds memory)")
     p.add_argument("--baseline", action="store_true", help="also run the CCA baseline")
+    p.add_argument("--protocol", choices=("standard", "paper", "both"), default="both",
+                   help="standard: test queries vs test candidates, MAP@all (+MAP@50); paper: test queries vs "
+                        "training candidates, MAP@100 / relevant retrieved (the authors' group's code); default both")
     p.set_defaults(func=cmd_evaluate)
