@@ -13,6 +13,17 @@ shortlist is a maximum-inner-product search, which is what FAISS does (pip insta
           (~ 4 C d + 8 C M bytes), log-time queries controlled by ``ef_search``; the fastest queries and the
           slowest build (each insertion is a search), so it is chosen only when asked for.
 
+Stage-1 scores: scanet.retrieve's "layer1" and "cosine", and "layer2-mean" (here, for two-layer models): the
+model's own two-layer score with the one pair-dependent factor, the layer-2 attention, computed against a
+fixed partner, the mean layer-1 attention of the other modality over a reference sample (the training split):
+
+    logit = sum_n w P_I(a1_t f_i) P_T(a1_i f_t) a1_i f_t a1_t f_i + b,   P_X(x) = softmax(relu(fc2_X(x))) * scale
+          ~ <w P_T(abar_i f_t) a1_t f_t,  P_I(abar_t f_i) a1_i f_i> + b
+
+which factorizes (query vector, item vector), and is exact for a pair whose layer-1 attentions are the means.
+On the synthetic model of bench/bench_search.py (20,000 images, N = 256) its shortlist of 100 holds 98% of the
+exhaustive top 10, "layer1"'s 45% (measured before writing this; the benchmark records its own figures).
+
 Approximate indexes lose some of the exact shortlist; the full co-attention re-ranking (scanet.retrieve
 score_pairs) is what decides the final top k, so what matters is the recall of the final top k against
 exhaustive scoring, measured in tests/test_ann.py and bench/bench_search.py.
@@ -44,6 +55,54 @@ FLAT_MAX = 100_000             # "auto": exact search up to this many items (a q
 IVF_TRAIN_PER_LIST = 40        # k-means sample: this many vectors a list (FAISS warns below 39)
 IVF_NPROBE_FRACTION = 1 / 32   # default nprobe = nlist / 32 (at least 8)
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+
+
+STAGE1 = ("layer1", "cosine", "layer2-mean")
+
+
+def mean_attention(items) -> torch.Tensor:
+    """(N,) the mean layer-1 attention of encoded items (scanet.retrieve.Items): a "layer2-mean" reference."""
+    if items.attention is None or len(items) == 0:
+        raise ValueError("mean_attention needs items of a model with co-attention layers (attention maps)")
+    return items.attention.double().mean(0).to(items.attention.dtype)
+
+
+def reference_attention(texts, images) -> dict:
+    """{"text": mean text attention, "image": mean image attention} of reference samples (the training split)."""
+    return {"text": mean_attention(texts), "image": mean_attention(images)}
+
+
+@torch.no_grad()
+def stage1_vectors(model, items, method: str = "layer1", reference: dict | None = None) -> torch.Tensor:
+    """Per-item vectors whose inner product is the stage-1 score: scanet.retrieve.stage1_vectors for "layer1"
+    and "cosine"; "layer2-mean" (see the module docstring) needs ``reference`` (reference_attention)."""
+    from scanet.retrieve import stage1_vectors as retrieve_stage1
+
+    if method not in STAGE1:
+        raise ValueError(f"stage-1 score must be one of {STAGE1}, got {method!r}")
+    if method != "layer2-mean":
+        return retrieve_stage1(model, items, method)
+    c = model.coattention
+    if c.num_layers != 2:
+        raise ValueError(f"stage-1 'layer2-mean' is for models with 2 co-attention layers, this one has "
+                         f"{c.num_layers}: use 'layer1' (exact for 1 layer)")
+    if reference is None or set(reference) != {"text", "image"}:
+        raise ValueError("stage-1 'layer2-mean' needs reference={'text': ..., 'image': ...}, the mean layer-1 "
+                         "attention of each modality (scanet.ann.reference_attention of the training split)")
+    other = "image" if items.modality == "text" else "text"
+    f, a1 = items.features, items.attention
+    partner = torch.as_tensor(reference[other], dtype=f.dtype, device=f.device)
+    if partner.shape != (f.shape[1],):
+        raise ValueError(f"reference attention of the {other}s must be ({f.shape[1]},), got {tuple(partner.shape)}")
+    # The layer-2 attention that weighs THIS item's side comes from the partner's layer-2 map computed on this
+    # item's layer-1 features: text features attend through text_fc[1], image features through image_fc[1].
+    fc = (c.text_fc if items.modality == "text" else c.image_fc)[1]
+    p2 = torch.softmax(torch.relu(torch.nn.functional.linear(partner * f, fc.weight.to(f.dtype),
+                                                              fc.bias.to(f.dtype))), dim=-1) * c.scale
+    v = p2 * a1 * f
+    if items.modality == "text":                        # the head's weight goes on one side
+        v = v * model.head.fc.weight.detach().reshape(-1).to(v.dtype)
+    return v
 
 
 def faiss_module():
@@ -82,8 +141,14 @@ class ANNIndex:
 
     def __init__(self, index, kind: str, dim: int, model_hash: str | None = None, stage1: str = "layer1",
                  modality: str | None = None, nprobe: int | None = None, ef_search: int | None = None,
-                 build_seconds: float | None = None):
+                 build_seconds: float | None = None, reference: dict | None = None):
+        if stage1 not in STAGE1:
+            raise ValueError(f"stage-1 score must be one of {STAGE1}, got {stage1!r}")
+        if stage1 == "layer2-mean" and reference is None:
+            raise ValueError("an index of stage-1 'layer2-mean' vectors needs the reference attention it used")
         self.index, self.kind, self.dim = index, kind, dim
+        self.reference = None if reference is None else {
+            m: torch.as_tensor(np.asarray(reference[m], dtype=np.float32)) for m in ("text", "image")}
         self.model_hash, self.stage1, self.modality = model_hash, stage1, modality
         self.build_seconds = build_seconds
         self.nprobe = self.ef_search = None
@@ -101,8 +166,8 @@ class ANNIndex:
     @classmethod
     def build(cls, batches: Iterable, dim: int, kind: str = "auto", total: int | None = None, *,
               model_hash: str | None = None, stage1: str = "layer1", modality: str | None = None,
-              nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = HNSW_M,
-              ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH,
+              reference: dict | None = None, nlist: int | None = None, nprobe: int | None = None,
+              hnsw_m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH,
               progress: bool = True) -> "ANNIndex":
         """Build from a stream of (n, dim) float32 batches (numpy or torch), added in order: ids 0, 1, ...
 
@@ -171,19 +236,24 @@ class ANNIndex:
         if kind == "ivf" and nprobe is None:
             nprobe = max(8, int(index.nlist * IVF_NPROBE_FRACTION))
         return cls(index, kind, dim, model_hash, stage1, modality, nprobe=nprobe,
-                   ef_search=ef_search if kind == "hnsw" else None, build_seconds=time.perf_counter() - t0)
+                   ef_search=ef_search if kind == "hnsw" else None, build_seconds=time.perf_counter() - t0,
+                   reference=reference)
 
     @classmethod
     def from_items(cls, model, items, kind: str = "auto", batch_size: int = 65536, stage1: str = "layer1",
-                   **kw) -> "ANNIndex":
+                   reference: dict | None = None, **kw) -> "ANNIndex":
         """The index of an encoded collection (scanet.retrieve.Items), its stage-1 vectors made batch by batch."""
-        from scanet.retrieve import model_hash, stage1_vectors
+        from scanet.retrieve import model_hash
 
         n = len(items)
-        batches = (stage1_vectors(model, items.subset(slice(s, s + batch_size)), stage1)
+        batches = (stage1_vectors(model, items.subset(slice(s, s + batch_size)), stage1, reference)
                    for s in range(0, n, batch_size))
         return cls.build(batches, items.features.shape[1], kind, total=n, model_hash=model_hash(model),
-                         stage1=stage1, modality=items.modality, **kw)
+                         stage1=stage1, modality=items.modality, reference=reference, **kw)
+
+    def query_vectors(self, model, queries) -> torch.Tensor:
+        """The stage-1 vectors of encoded queries, by this index's stage-1 score (and reference)."""
+        return stage1_vectors(model, queries, self.stage1, self.reference)
 
     # ----------------------------------------------------------------------------------------------- search
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
@@ -220,7 +290,9 @@ class ANNIndex:
         return {"format": ANN_FORMAT, "kind": self.kind, "dim": self.dim, "size": len(self),
                 "model_hash": self.model_hash, "stage1": self.stage1, "modality": self.modality,
                 "nlist": int(self.index.nlist) if self.kind == "ivf" else None, "nprobe": self.nprobe,
-                "ef_search": self.ef_search, "build_seconds": self.build_seconds}
+                "ef_search": self.ef_search, "build_seconds": self.build_seconds,
+                "reference": None if self.reference is None else {m: [float(x) for x in t.tolist()]
+                                                                  for m, t in self.reference.items()}}
 
     def save(self, path, overwrite: bool = False) -> Path:
         """Write atomically (temporary file, fsync, rename); an existing file is kept unless overwrite=True."""
@@ -286,7 +358,7 @@ class ANNIndex:
                              f"header says {header['size']} x {header['dim']}")
         return cls(index, header["kind"], header["dim"], header.get("model_hash"), header.get("stage1", "layer1"),
                    header.get("modality"), nprobe=header.get("nprobe"), ef_search=header.get("ef_search"),
-                   build_seconds=header.get("build_seconds"))
+                   build_seconds=header.get("build_seconds"), reference=header.get("reference"))
 
 
 def _chain(head: list, rest: Iterator) -> Iterator:
@@ -309,7 +381,7 @@ def two_stage_search_ann(model, queries, collection, ann: ANNIndex, k: int, shor
     ``collection`` is the encoded collection the index was built from (features and layer-1 attention: what
     the re-ranking needs). Returns scanet.retrieve.SearchResult; a slot the index could not fill has index -1.
     """
-    from scanet.retrieve import SearchResult, rank, score_pairs, stage1_vectors
+    from scanet.retrieve import SearchResult, rank, score_pairs
 
     if shortlist < 1:
         raise ValueError(f"shortlist must be >= 1, got {shortlist}")
@@ -321,7 +393,7 @@ def two_stage_search_ann(model, queries, collection, ann: ANNIndex, k: int, shor
     if {queries.modality, collection.modality} != {"text", "image"}:
         raise ValueError(f"cross-modal search needs text queries over images or image queries over texts, got "
                          f"{queries.modality} queries over {collection.modality}s")
-    _, short = ann.search(stage1_vectors(model, queries, ann.stage1), shortlist)
+    _, short = ann.search(ann.query_vectors(model, queries), shortlist)
     device = collection.features.device
     short = short.to(device)
     missing = short < 0

@@ -70,6 +70,43 @@ def test_one_layer_model_flat_shortlist_of_k_is_exact():
     assert torch.equal(ann.two_stage_search_ann(model, texts, images, index, 4, shortlist=4).indices, exh.indices)
 
 
+def test_layer2_mean_is_the_model_score_when_the_partners_attention_is_the_mean():
+    """logit = <q, v> + b exactly for a pair whose layer-1 attentions are the reference means."""
+    model = make_model(24, 2, "n", seed=11)
+    texts, images = encoded(model, 4, 4, seed=11)
+    full = retrieve.score_pairs(model, texts, images)
+    b = model.head.fc.bias.detach()
+    for t in range(4):
+        for i in range(4):
+            ref = {"text": texts.attention[t], "image": images.attention[i]}
+            q = ann.stage1_vectors(model, texts.subset([t]), "layer2-mean", ref)
+            v = ann.stage1_vectors(model, images.subset([i]), "layer2-mean", ref)
+            torch.testing.assert_close((q @ v.T)[0, 0] + b[0], full[t, i], rtol=1e-12, atol=1e-12)
+    # another reference changes the proxy (so the reference is really used)
+    ref = ann.reference_attention(texts, images)
+    q = ann.stage1_vectors(model, texts.subset([0]), "layer2-mean", ref)
+    assert not torch.allclose(q @ ann.stage1_vectors(model, images.subset([0]), "layer2-mean", ref).T + b,
+                              full[:1, :1], rtol=1e-6, atol=1e-6)
+
+
+def test_layer2_mean_errors_and_whole_collection_exactness():
+    one = make_model(16, 1, "n", seed=2)
+    t1, _ = encoded(one, 2, 2, seed=2)
+    with pytest.raises(ValueError, match="2 co-attention layers"):
+        ann.stage1_vectors(one, t1, "layer2-mean", {"text": t1.attention[0], "image": t1.attention[0]})
+    model = make_model(16, 2, "n", seed=4)
+    texts, images = encoded(model, 5, 60, seed=4)
+    with pytest.raises(ValueError, match="reference"):
+        ann.stage1_vectors(model, texts, "layer2-mean")
+    with pytest.raises(ValueError, match="stage-1 score"):
+        ann.stage1_vectors(model, texts, "layer3")
+    ref = ann.reference_attention(texts, images)
+    index = ann.ANNIndex.from_items(model, images, stage1="layer2-mean", reference=ref, progress=False)
+    exh = retrieve.exhaustive_search(model, texts, images, 10)
+    two = ann.two_stage_search_ann(model, texts, images, index, 10, shortlist=len(images))
+    assert torch.equal(two.indices, exh.indices)
+
+
 # ----------------------------------------------------------------------------------------- approximate
 # Stated recall@10 against the exact top 10 on 20,000 clustered vectors (d = 32, 100 overlapping clusters),
 # default parameters: IVF nlist = 500 lists, nprobe = 15 (measured 0.961); HNSW M = 32, ef_search = 128
@@ -136,13 +173,16 @@ def test_build_errors():
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_save_load_round_trip(tmp_path, kind):
     x, q = clustered(3000, 16, 20, seed=3, n_queries=20)
-    index = ann.ANNIndex.build(batches(x, 1000), 16, kind, total=len(x), model_hash="abc123", stage1="cosine",
-                               modality="image", progress=False)
+    ref = {"text": np.linspace(0.5, 1.5, 16), "image": np.full(16, 1.0)}
+    index = ann.ANNIndex.build(batches(x, 1000), 16, kind, total=len(x), model_hash="abc123",
+                               stage1="layer2-mean", modality="image", reference=ref, progress=False)
     path = index.save(ann.ann_path_for(tmp_path / "search.pt"))
     assert path == tmp_path / "search.faiss"
     back = ann.ANNIndex.load(path, expected_hash="abc123")
     assert (back.kind, back.dim, len(back), back.model_hash, back.stage1, back.modality, back.nprobe,
-            back.ef_search) == (kind, 16, 3000, "abc123", "cosine", "image", index.nprobe, index.ef_search)
+            back.ef_search) == (kind, 16, 3000, "abc123", "layer2-mean", "image", index.nprobe, index.ef_search)
+    for m in ("text", "image"):
+        assert torch.equal(back.reference[m], index.reference[m])
     s0, i0 = index.search(q, 10)
     s1, i1 = back.search(q, 10)
     assert torch.equal(i0, i1) and torch.equal(s0, s1)
