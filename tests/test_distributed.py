@@ -196,3 +196,70 @@ def test_init_from_env_single_process_and_errors():
                                      "MASTER_PORT": "1"})
     with pytest.raises(ValueError, match="not an integer"):
         sd.init_from_env("cpu", env={"WORLD_SIZE": "two"})
+
+
+# ------------------------------------------------------------------------------- the real model, float32
+def _scanet_setup(data_dir: str):
+    """The synthetic preset without dropout (the one random stream ranks cannot share), its model and pairs."""
+    import dataclasses
+
+    from scanet.config import get_preset
+    from scanet.data import synthetic
+    from scanet.train import build_model, make_pairs
+
+    ds = synthetic.prepare(data_dir, progress=lambda *a: None)
+    preset = get_preset("synthetic")
+    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, dropout=0.0))
+    torch.manual_seed(preset.train.seed)
+    model = build_model(preset, ds)
+    tr, tc = ds.train, preset.train
+    data = (torch.as_tensor(tr.text_matrix(), dtype=torch.float32), torch.as_tensor(tr.images, dtype=torch.float32),
+            *(torch.as_tensor(a) for a in make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed)))
+    return preset, model, data
+
+
+def _scanet_steps(model, preset, data, batches, forward=None):
+    texts, images, ti, ii, target = data
+    tc = preset.train
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    forward = forward or model
+    for idx in batches:
+        sim = forward(texts[ti[idx]], images[ii[idx]])
+        loss, _ = distributed_scanet_loss(sim, target[idx], tc.margin, tc.lam)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def _scanet_worker(rank: int, port: int, out_dir: str, data_dir: str, steps: int):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _setup(rank, port)
+    preset, model, data = _scanet_setup(data_dir)
+    order = sd.epoch_order(len(data[-1]), preset.train.seed, 0)
+    batches = sd.shard_batches(order, preset.train.batch_size, rank, WORLD)[:steps]
+    _scanet_steps(model, preset, data, batches, forward=DDP(model))
+    if sd.is_main():
+        torch.save(model.state_dict(), os.path.join(out_dir, "scanet.pt"))
+    sd.barrier()
+    sd.destroy()
+
+
+def test_scanet_ddp_adamw_float32_equals_one_process(tmp_path):
+    """The synthetic SCANet, float32, AdamW: 2 ranks x 32 pairs = 1 process x 64 pairs within 1e-5."""
+    steps = 30
+    data_dir = str(tmp_path / "synthetic")
+    preset, model, data = _scanet_setup(data_dir)           # prepares the data once, before the workers
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    _spawn(_scanet_worker, str(tmp_path), data_dir, steps)
+    order = sd.epoch_order(len(data[-1]), preset.train.seed, 0)
+    B = preset.train.batch_size
+    _scanet_steps(model, preset, data, [order[s * B:(s + 1) * B] for s in range(steps)])
+    got = torch.load(tmp_path / "scanet.pt", weights_only=True)
+    moved = 0
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+            moved += not torch.equal(v, start[k])
+    assert moved >= 4, "the steps must move the parameters"
