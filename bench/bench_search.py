@@ -9,8 +9,8 @@ encoded by a SCANet trained here on the synthetic dataset (3 epochs, N = 256, tw
 setup of bench_pair_scores.py). Queries: the synthetic test texts, text -> image, k = 10.
 
 Search: the "layer2-mean" stage-1 vectors (scanet.ann; reference attention = the training split's means) in a
-FAISS index chosen by size (scanet.ann.choose_kind: flat up to 100,000 items, IVF above: nlist = 4 sqrt(C),
-nprobe = nlist / 32), a shortlist of S in (100, 200, 500), re-ranked by scanet.retrieve.score_pairs on the
+FAISS index chosen by size (scanet.ann.choose_kind: flat up to 100,000 items, HNSW above: M = 32,
+efConstruction = 40, efSearch = max(128, S)), a shortlist of S in (100, 200, 500), re-ranked by scanet.retrieve.score_pairs on the
 S gathered pairs, top 10. At 1M items the exact FAISS shortlist (IndexFlatIP) is timed too (provider "flat").
 
 Each row: median and p99 of the latency of ONE query (encode the text, stage-1 vector, FAISS search, re-rank,
@@ -19,9 +19,13 @@ collection through the model; index_seconds: FAISS train + add); memory (collect
 layer-1 attention kept for re-ranking, index_bytes: the saved FAISS file, rss_peak_bytes: the process's peak
 RSS so far); the saved index's load_seconds. Recall (recall_at_10): of the two-stage top 10 against the
 exhaustive co-attention top 10 on the first 20,000 items, for 100 queries, with an index of the row's kind
-built on that subset; recall_at_10_flat and recall_at_10_layer1: the same with the exact shortlist, and with
+built on that subset (HNSW for the 1M rows); recall_at_10_flat and recall_at_10_layer1: the same with the exact shortlist, and with
 scanet.retrieve's "layer1" stage-1 score; at 1M, agreement_vs_flat: the fraction of the top 10 shared with the
 exact-shortlist two-stage search over the whole collection.
+
+IVF (scanet.ann kind "ivf", nlist = 4 sqrt(C), nprobe = nlist / 32) was the size-chosen kind of the first run
+of this benchmark: 16 ms median at 1M but recall@10 0.16 (bench/results/2026-12-01-cpu-2core-search-ivf.json),
+which is why HNSW is chosen by size now.
 """
 from __future__ import annotations
 
@@ -225,7 +229,7 @@ def test_search(benchmark, measure, bench_device, full_sweep, trained, n, S, pro
     extra["recall_subset"] = SUBSET
     extra["recall_queries"] = RECALL_QUERIES
     extra["exhaustive_subset_seconds_per_query"] = exhaustive_top10(trained)[2] / RECALL_QUERIES
-    if n > ann.FLAT_MAX and provider == "auto":     # what IVF loses against the exact shortlist at full size
+    if n > ann.FLAT_MAX and provider == "auto":     # what the approximate index loses against the exact shortlist at full size
         texts = retrieve.encode_items(model, "text", bows)
         if ("flat", n) not in _CACHE:
             _CACHE[("flat", n)] = ann.ANNIndex.from_items(model, items, kind="flat", stage1="layer2-mean",

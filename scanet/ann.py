@@ -5,13 +5,17 @@ shortlist is a maximum-inner-product search, which is what FAISS does (pip insta
 
   "flat"  IndexFlatIP: exact, every query scans all C vectors (C * d multiply-adds). The default up to
           FLAT_MAX items; bytes = 4 C d.
+  "hnsw"  IndexHNSWFlat, inner product: a navigable small-world graph of ``hnsw_m`` links a node per layer
+          (~ 4 C d + 8 C M bytes), log-time queries controlled by ``ef_search`` (raised to the shortlist size
+          when smaller). The default above FLAT_MAX. Its build is the slow part: each insertion is a search
+          (1M x 256 on the project's 2 shared cores: minutes, bench/bench_search.py records it).
   "ivf"   IndexIVFFlat, inner product: k-means into ``nlist`` lists (default 4 sqrt(C), the FAISS guideline),
           a query scans the ``nprobe`` lists whose centroids score highest: about nlist d + (nprobe / nlist) C d
-          multiply-adds, vectors stored exactly (4 C d + 8 C bytes for the ids). The default above FLAT_MAX:
-          its build is one k-means on a sample (IVF_TRAIN_PER_LIST vectors a list) plus one assignment pass.
-  "hnsw"  IndexHNSWFlat, inner product: a navigable small-world graph of ``hnsw_m`` links a node per layer
-          (~ 4 C d + 8 C M bytes), log-time queries controlled by ``ef_search``; the fastest queries and the
-          slowest build (each insertion is a search), so it is chosen only when asked for.
+          multiply-adds, vectors stored exactly (4 C d + 8 C bytes for the ids). Only when asked for: on the
+          stage-1 vectors of a trained SCANet (norms from 11 to 257, mean 37, on the benchmark's collection) the
+          residual of an item to its centroid dominates the inner product, so the lists a query probes miss
+          its best items: 16% of the exhaustive top 10 at nprobe = nlist / 32 and 1M items (bench/results),
+          65-70% on 20,000 items even at nprobe = nlist / 5, against 97-99% for HNSW.
 
 Stage-1 scores: scanet.retrieve's "layer1" and "cosine", and "layer2-mean" (here, for two-layer models): the
 model's own two-layer score with the one pair-dependent factor, the layer-2 attention, computed against a
@@ -51,10 +55,12 @@ import torch
 ANN_FORMAT = "scanet-ann-v1"
 MAGIC = b"SCANET-ANN\n"
 KINDS = ("flat", "ivf", "hnsw")
-FLAT_MAX = 100_000             # "auto": exact search up to this many items (a query: 4 C d bytes read)
+FLAT_MAX = 100_000             # "auto": exact search up to this many items (a query: 4 C d bytes read), HNSW above
 IVF_TRAIN_PER_LIST = 40        # k-means sample: this many vectors a list (FAISS warns below 39)
 IVF_NPROBE_FRACTION = 1 / 32   # default nprobe = nlist / 32 (at least 8)
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+# M = 32 links: M = 16 kept 92% of the top 10 on the benchmark's 20,000 items, M = 32 98-99%; efConstruction = 40
+# (FAISS's default) built as good a graph there as 80 in two thirds of the time.
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 40, 128
 
 
 STAGE1 = ("layer1", "cosine", "layer2-mean")
@@ -114,10 +120,10 @@ def faiss_module():
 
 
 def choose_kind(n: int) -> str:
-    """"flat" (exact) up to FLAT_MAX items, "ivf" above."""
+    """"flat" (exact) up to FLAT_MAX items, "hnsw" above (see the module docstring for why not IVF)."""
     if n < 1:
         raise ValueError(f"a collection needs at least one item, got {n}")
-    return "flat" if n <= FLAT_MAX else "ivf"
+    return "flat" if n <= FLAT_MAX else "hnsw"
 
 
 def default_nlist(n: int) -> int:

@@ -138,7 +138,7 @@ def test_approximate_indexes_reach_the_stated_recall(clustered_collection, kind,
 
 def test_auto_chooses_by_size():
     assert ann.choose_kind(10) == "flat" and ann.choose_kind(ann.FLAT_MAX) == "flat"
-    assert ann.choose_kind(ann.FLAT_MAX + 1) == "ivf"
+    assert ann.choose_kind(ann.FLAT_MAX + 1) == "hnsw"
     x, _ = clustered(500, 8, 5, seed=1)
     assert ann.ANNIndex.build(batches(x, 100), 8, "auto", total=500, progress=False).kind == "flat"
     with pytest.raises(ValueError, match="total"):
