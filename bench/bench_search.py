@@ -21,7 +21,8 @@ RSS so far); the saved index's load_seconds. Recall (recall_at_10): of the two-s
 exhaustive co-attention top 10 on the first 20,000 items, for 100 queries, with an index of the row's kind
 built on that subset (HNSW for the 1M rows); recall_at_10_flat and recall_at_10_layer1: the same with the exact shortlist, and with
 scanet.retrieve's "layer1" stage-1 score; at 1M, agreement_vs_flat: the fraction of the top 10 shared with the
-exact-shortlist two-stage search over the whole collection.
+exact-shortlist two-stage search over the whole collection. test_hnsw_ef_sweep: the same at 1M and S = 200 for
+HNSW beams efSearch in (256, 512, 1024) (the main rows use 128).
 
 IVF (scanet.ann kind "ivf", nlist = 4 sqrt(C), nprobe = nlist / 32) was the size-chosen kind of the first run
 of this benchmark: 16 ms median at 1M but recall@10 0.16 (bench/results/2026-12-01-cpu-2core-search-ivf.json),
@@ -249,3 +250,49 @@ def test_search(benchmark, measure, bench_device, full_sweep, trained, n, S, pro
           f"{extra['recall_at_10']:.3f} (flat {extra['recall_at_10_flat']:.3f}, layer1 "
           f"{extra['recall_at_10_layer1']:.3f}); build {info['encode_seconds']:.1f} s encode + "
           f"{info['index_seconds']:.1f} s index, index {info['index_bytes'] / 2**20:.0f} MiB")
+
+
+@pytest.mark.parametrize("ef", (256, 512, 1024))
+def test_hnsw_ef_sweep(benchmark, measure, bench_device, full_sweep, trained, ef):
+    """HNSW's beam width at 1M items, S = 200: latency against agreement with the exact shortlist."""
+    from scanet import ann, retrieve
+
+    if not full_sweep:
+        pytest.skip("the efSearch sweep runs on the 1,000,000-item collection, with --bench-full")
+    if bench_device.type != "cpu":
+        pytest.skip("FAISS runs on the CPU here (faiss-cpu)")
+    n, S = SIZES[-1], 200
+    model = trained["model"]
+    items, index, info = collection(trained, n)
+    if index.kind != "hnsw":
+        pytest.skip(f"the collection's index is {index.kind}, not HNSW")
+    bows = queries(trained, LATENCY_QUERIES)
+    texts = retrieve.encode_items(model, "text", bows)
+    if ("flat", n) not in _CACHE:
+        _CACHE[("flat", n)] = ann.ANNIndex.from_items(model, items, kind="flat", stage1="layer2-mean",
+                                                      reference=trained["reference"], progress=False)
+    exact = ann.two_stage_search_ann(model, texts, items, _CACHE[("flat", n)], 10, S)
+    default_ef = index.ef_search
+    index.set_search_params(ef_search=ef)
+    try:
+        approx = ann.two_stage_search_ann(model, texts, items, index, 10, S)
+        extra = dict(info, kind="hnsw", shortlist=S, collection=n, ef_search=ef,
+                     agreement_vs_flat=overlap(approx.indices, exact.indices),
+                     shortlist_recall_vs_flat=overlap(approx.shortlist, exact.shortlist),
+                     rss_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        state = {"i": 0}
+
+        def one_query():
+            i = state["i"] % LATENCY_QUERIES
+            state["i"] += 1
+            q = retrieve.encode_items(model, "text", bows[i:i + 1])
+            return ann.two_stage_search_ann(model, q, items, index, 10, S)
+
+        with one_thread():
+            extra.update(_versions())
+            median = measure(benchmark, one_query, op="search", case=f"C={n} N={model.coattention.dim} k=10 S={S}",
+                             provider=f"hnsw-ef{ef}", device=bench_device, rounds=LATENCY_QUERIES, **extra)
+    finally:
+        index.set_search_params(ef_search=default_ef)
+    print(f"\nC={n:,} hnsw ef={ef} S={S}: median {median * 1e3:.2f} ms, p99 {benchmark.extra_info['p99_s'] * 1e3:.2f}"
+          f" ms, top-10 agreement with the exact shortlist {extra['agreement_vs_flat']:.3f}")
