@@ -15,7 +15,9 @@ shortlist is a maximum-inner-product search, which is what FAISS does (pip insta
           stage-1 vectors of a trained SCANet (norms from 11 to 257, mean 37, on the benchmark's collection) the
           residual of an item to its centroid dominates the inner product, so the lists a query probes miss
           its best items: 16% of the exhaustive top 10 at nprobe = nlist / 32 and 1M items (bench/results),
-          65-70% on 20,000 items even at nprobe = nlist / 5, against 97-99% for HNSW.
+          65-70% on 20,000 items even at nprobe = nlist / 5, against 98-99% for HNSW there. HNSW is not exact
+          either: at 1M items its two-stage top 10 shares 85-87% with the exact-shortlist two-stage top 10, at
+          efSearch 128 to 1024 alike (the graph, not the beam, limits it; bench/results).
 
 Stage-1 scores: scanet.retrieve's "layer1" and "cosine", and "layer2-mean" (here, for two-layer models): the
 model's own two-layer score with the one pair-dependent factor, the layer-2 attention, computed against a
