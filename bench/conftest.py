@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -84,7 +85,11 @@ def measure():
         benchmark.extra_info.update(dict(op=op, case=case, provider=provider, bytes=bytes, flops=flops, **extra))
         benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
         median = benchmark.stats.stats.median
-        row = dict(op=op, case=case, provider=provider, median_s=median, bytes=bytes, flops=flops, **extra)
+        times = sorted(benchmark.stats.stats.data)
+        p99 = times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)]      # nearest-rank percentile
+        benchmark.extra_info["p99_s"] = p99
+        row = dict(op=op, case=case, provider=provider, median_s=median, p99_s=p99, rounds=len(times),
+                   bytes=bytes, flops=flops, **extra)
         if bytes:
             row["GB/s"] = bytes / median / 1e9
         if flops:
