@@ -258,8 +258,8 @@ def forward_tiles(M: int, N: int, gpu: GPU | None, precision: str = "fp32", wgmm
     GPU: 128 x 128 output tiles with 32-deep K steps and 3 pipeline stages when there are enough of them;
     smaller tiles while the grid would leave a quarter of the SMs idle (Wiki, M = 256, N = 1024 on 132 SMs:
     8 x 16 programs of 32 x 64). Rows up to 256 wide are one tile: 32 x 256 over 8 warps, 64 x <= 128
-    otherwise. fp32 (CUDA-core FMAs, no tensor cores) takes 64-row tiles at most: 128 x 128 fp32 holds 255
-    registers and spills on sm_90 (bench/results/aot-*.json).
+    otherwise. fp32 (CUDA-core FMAs, no tensor cores: the operand fragments live in registers) takes 64-row
+    tiles at most; the earlier 128 x 128 fp32 tile spilled. @@FWD_FIGURES@@
 
     wgmma (sm_90, tensor-core precisions): Hopper's wgmma instructions need BLOCK_M >= 64 (the compile gate
     finds HGMMA in exactly those tiles; 32-row tiles get sm_80-style mma.sync HMMA). ``wgmma=True`` keeps
@@ -313,7 +313,7 @@ def rowwise_tiles(M: int, N: int, gpu: GPU | None) -> dict:
 
 def matmul_tiles(M: int, N: int, K: int, gpu: GPU | None, precision: str = "fp32") -> dict:
     """Tiles and split-K of ``matmul``. GPU: 128 x 128 x 32 tiles over 8 warps and 3 stages for the tensor-core
-    precisions, 64 x 128 for fp32 (FMAs: 128 x 128 needs more than 255 registers); K is split until the grid
+    precisions, 64 x 128 for fp32 (FMAs hold their operands in registers); K is split until the grid
     has two programs an SM, keeping at least 8 K steps a split. CPU: small tiles, 2 splits when K allows
     (exercised by the tests)."""
     if gpu is not None:

@@ -47,7 +47,7 @@ def coattention_errors(M, N, seed):
     return rel_err(out, ref), [rel_err(x.grad, y.grad) for x, y in zip(leaves, ref_leaves)]
 
 
-@pytest.mark.parametrize("M,N", [(70, 7), (5, 256), (4, 500), (2, 1024)])
+@pytest.mark.parametrize("M,N", [(70, 7), (5, 256), (4, 500)])       # N = 1024: test_fp16_errors_figures
 def test_coattention_fp16_matches_float64(M, N):
     out_err, grad_errs = coattention_errors(M, N, seed=M + N)
     assert out_err < OUT_TOL, out_err
