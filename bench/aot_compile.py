@@ -303,11 +303,13 @@ def ptxas_version() -> str:
     return m.group(2) if m else out.strip().splitlines()[-1]
 
 
-def run(which: str, archs, jobs: int = 2, progress: bool = True) -> dict:
+def run(which: str, archs, jobs: int = 2, progress: bool = True, only: str | None = None) -> dict:
     t0 = time.time()
     records, by_key = [], {}
     refused = []
     for name, preset, gpu, plans in cases(which, archs):
+        if only and not re.search(only, name):
+            continue
         if isinstance(plans, Exception):
             refused.append(dict(case=name, preset=preset, arch=gpu.capability, status="refused", error=str(plans)))
             continue
@@ -435,6 +437,10 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 when there are findings")
     ap.add_argument("--strict-spills", action="store_true", help="count spills outside the presets as findings")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--only", help="compile only the cases whose name matches this regular expression")
+    ap.add_argument("--patch", type=Path, help="with --only: replace, in this earlier JSON, the records of the "
+                    "matching cases by the new ones (a planner change re-checked without a full run); the "
+                    "result records the patch and is written to --out")
     ap.add_argument("--cuobjdump", action="append", default=[],
                     help="a cuobjdump to try before triton's own (CUDA 13's cannot disassemble sm_70)")
     args = ap.parse_args(argv)
@@ -448,8 +454,23 @@ def main(argv=None) -> int:
     if args.out and args.out.exists() and not args.force:
         ap.error(f"--out {args.out} exists; pass --force to overwrite it")
     CUOBJDUMP[:0] = args.cuobjdump
-    result = run(args.which, archs, args.jobs, progress=not args.quiet)
+    result = run(args.which, archs, args.jobs, progress=not args.quiet, only=args.only)
     result["cuobjdump"] = CUOBJDUMP
+    if args.patch:
+        if not args.only:
+            ap.error("--patch needs --only")
+        old = json.loads(args.patch.read_text())
+        if old["triton"] != result["triton"] or old["set"] != result["set"]:
+            ap.error(f"--patch {args.patch}: triton {old['triton']} / set {old['set']} differ from this run's")
+        keep = [r for r in old["records"]
+                if not all(re.search(args.only, c) for c in (r["cases"] if "cases" in r else [r["case"]]))]
+        for r in keep:                         # cases of kept records that the new run re-checked
+            if "cases" in r:
+                r["cases"] = [c for c in r["cases"] if not re.search(args.only, c)]
+        old.setdefault("patches", []).append(dict(date=result["date"], only=args.only, records=len(result["records"]),
+                                                  replaced=len(old["records"]) - len(keep), seconds=result["seconds"]))
+        old["records"] = keep + result["records"]
+        result = old
     result["findings"] = findings(result, args.strict_spills)
     print(table(result))
     for f in result["findings"]:

@@ -259,11 +259,15 @@ def forward_tiles(M: int, N: int, gpu: GPU | None, precision: str = "fp32", wgmm
     smaller tiles while the grid would leave a quarter of the SMs idle (Wiki, M = 256, N = 1024 on 132 SMs:
     8 x 16 programs of 32 x 64). Rows up to 256 wide are one tile: 32 x 256 over 8 warps, 64 x <= 128
     otherwise. fp32 (CUDA-core FMAs, no tensor cores: the operand fragments live in registers) takes 64-row
-    tiles at most; the earlier 128 x 128 fp32 tile spilled. @@FWD_FIGURES@@
+    tiles at most; the earlier 128 x 128 fp32 tile spilled. Compiled by the gate (bench/results/aot-*-full.json;
+    triton 3.9 / 3.6 registers, no spills): the Wiki step's 32 x 64 tiles on sm_80 use 80/96 (fp32), 72/64
+    (tf32), 96/64 (bf16, fp16) registers, on sm_90 113/96, 62/70, 55/70, with HMMA (mma.sync); the WebNews
+    single 16 x 256 tile 74-190 on both.
 
     wgmma (sm_90, tensor-core precisions): Hopper's wgmma instructions need BLOCK_M >= 64 (the compile gate
     finds HGMMA in exactly those tiles; 32-row tiles get sm_80-style mma.sync HMMA). ``wgmma=True`` keeps
-    BLOCK_M >= 64: the Wiki step then runs 4 x 16 = 64 programs of 64 x 64 instead of 128 of 32 x 64, i.e.
+    BLOCK_M >= 64 (gate: HGMMA.64x64, 78/64 registers in tf32 and 96/85 in bf16 under triton 3.9/3.6, no
+    spills): the Wiki step then runs 4 x 16 = 64 programs of 64 x 64 instead of 128 of 32 x 64, i.e.
     half of the 132 SMs idle but twice the operand reuse a program and the faster instruction. Which wins is a
     measurement on the H200 (bench/bench_coattention.py, M = 256, N = 1024, tf32/bf16): the default (False)
     keeps the grid full. CPU: the biggest tiles, because the interpreter pays per program instance.

@@ -200,7 +200,11 @@ def tiles(n_text: int, n_image: int, N: int, gpu: GPU | None, pair_list: bool = 
     GPU (untuned for speed; resources checked by the compile gate, bench/aot_compile.py): 64 pairs a program
     (4 texts x 16 images; fewer of a side that has fewer items, the other side widening to keep 64), BLOCK_N =
     64 output columns, BLOCK_K = 16 (fp32, tf32) or 32 (bf16, fp16: the same bytes a step), 8 warps, 3 stages,
-    for both layouts. BLOCK_K = 32 in fp32/tf32 spills on sm_80 (255 registers). Measured by the
+    for both layouts, except BLOCK_N = 32 for fp32 pair lists. BLOCK_K = 32 in fp32/tf32 spills on sm_80. Gate
+    figures for the Wiki all-pairs scores (693 x 693, N = 1024; triton 3.9 / 3.6 registers, no spills): sm_80
+    fp32 174/164, tf32 174/255, bf16 255/243 (HMMA); sm_90 fp32 128/128, tf32 173/194, bf16 160/210
+    (HGMMA.64x32). The N = 500 paths (a row stride that is not a multiple of 16) still spill on sm_80/sm_90,
+    the pair list most (bench/results/aot-*-full.json): a benchmark shape, not a preset one. Measured by the
     gate (bench/results/aot-*.json): 128 pairs spill on sm_90 in fp32 and tf32 (255 registers), and 128 listed
     pairs in 3 stages need 196-311 KB of shared memory, over the A100 and H100 per-block limits; 64 pairs over
     4 warps spill too (255 registers: the FMA and wgmma operand fragments of two accumulators). 128 pairs in
@@ -226,9 +230,12 @@ def tiles(n_text: int, n_image: int, N: int, gpu: GPU | None, pair_list: bool = 
         while block_i * block_j < 16:                  # tl.dot's minimum M: pad the pair tile with masked rows
             block_j *= 2
     block_p = block_i * block_j
-    num_warps = 8 if gpu_path and block_p * block_n >= 4096 else 4
+    if gpu_path and pair_list and precision == "fp32" and N > 32:
+        block_n = 32       # 64 x 64 fp32 pair lists spill on sm_90 (8-16 B at the Wiki shortlist); 64 x 32 do not
+    num_warps = 8 if gpu_path and block_p * max(block_n, 64) >= 4096 else 4
+    stages = 3 if gpu_path else 1
     return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_I=8,
-                num_warps=num_warps, num_stages=3 if gpu_path else 1)
+                num_warps=num_warps, num_stages=stages)
 
 
 def config(n_text: int, n_image: int, N: int, device: torch.device, pair_list: bool = False,
