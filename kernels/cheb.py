@@ -3,7 +3,7 @@
 Notation. L~ is the (V, V) rescaled Laplacian in CSR (crow, col, values), x is (B, V, F_in), W is
 (K, F_in, F_out), T_0 = x, T_1 = L~x, T_k = 2 L~ T_{k-1} - T_{k-2}.
 
-Layout. Every signal lives as a (V, B, C) row-major buffer, i.e. the (V, B*C) matrix of DESIGN.md: the row of
+Layout. Every signal lives as a (V, B, C) row-major buffer, i.e. a (V, B*C) matrix: the row of
 vertex v holds all B*C values, so gathering a neighbour is one contiguous load of BLOCK_B*C values. The input
 is transposed once (free when it already has that layout, e.g. the output of a previous layer); the output is
 written in that layout and returned as a (B, V, F_out) view of it, so two stacked layers hand over for free.
@@ -40,14 +40,25 @@ as pure propagations (all S_k written) and do the weight combinations as torch G
 cores are for.
 
 Accumulation is in float32 for float32 inputs and float64 for float64 inputs; other dtypes are refused.
+
+Plans: every launch goes through ``_step`` (or the weight-gradient launch), which builds a ``Plan`` and runs
+it; inside ``collect_plans()`` the plans are collected instead of run, so the compile gate
+(bench/aot_compile.py) gets exactly the launches ``cheb_forward`` / ``cheb_backward`` make, from meta tensors.
+The tiles do not depend on the GPU (no tensor cores: a gather and FMAs).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import Plan
+
+_COLLECT: contextvars.ContextVar = contextvars.ContextVar("cheb_collect_plans", default=None)
 
 # Largest next_pow2(F_in) * next_pow2(F_out) whose weight combination is done inside the last kernel.
 FUSED_MAX_CHANNEL_PRODUCT = 64
@@ -273,6 +284,27 @@ def pick_tiles(B: int, C: int, O: int = 1, block_rows: int | None = None, block_
     return br, bb, num_warps
 
 
+def _run(plan: Plan) -> None:
+    """Launch a plan, or hand it to the enclosing ``collect_plans()``."""
+    collected = _COLLECT.get()
+    if collected is None:
+        plan.launch()
+    else:
+        collected.append(plan)
+
+
+@contextlib.contextmanager
+def collect_plans():
+    """Within this block the launchers record their plans in the yielded list instead of launching them
+    (use meta tensors: the torch work around the launches still runs). The compile gate's entry point."""
+    plans: list = []
+    token = _COLLECT.set(plans)
+    try:
+        yield plans
+    finally:
+        _COLLECT.reset(token)
+
+
 def _step(op: CSR, s0, sbuf, *, K, step, C, combine=False, store_step=True, mask_y=None, weight_view=None,
           bias=None, relu=False, out=None, reduce_x=None, dw_part=None, db_part=None, tiles):
     """Launch ``_cheb_step_kernel`` once. weight_view: (K, C, O) strided view of the combination matrices."""
@@ -283,7 +315,7 @@ def _step(op: CSR, s0, sbuf, *, K, step, C, combine=False, store_step=True, mask
     grid = (triton.cdiv(V, br), triton.cdiv(B, bb))
     dummy = s0
     w = weight_view if combine else dummy
-    _cheb_step_kernel[grid](
+    _run(Plan(_cheb_step_kernel, grid, (
         op.crow, op.col, op.values,
         s0, mask_y if mask_y is not None else dummy,
         sbuf if sbuf is not None else dummy, V * B * C,
@@ -292,13 +324,13 @@ def _step(op: CSR, s0, sbuf, *, K, step, C, combine=False, store_step=True, mask
         out if out is not None else dummy,
         reduce_x if reduce_x is not None else dummy,
         dw_part if dw_part is not None else dummy, db_part if db_part is not None else dummy,
-        V, B,
+        V, B), dict(
         K=K, STEP=step, C=C, CP=triton.next_power_of_2(C), O=O, OP=triton.next_power_of_2(O),
         D=D, DP=triton.next_power_of_2(D),
         COMBINE=combine, STORE_STEP=store_step, MASK_S0=mask_y is not None, HAS_BIAS=bias is not None,
         RELU=relu, REDUCE=reduce_x is not None, SCALAR=(C == 1 and O == 1), ACC=_acc_type(s0.dtype),
-        BLOCK_R=br, BLOCK_B=bb, num_warps=nw,
-    )
+        BLOCK_R=br, BLOCK_B=bb), nw, 3, label=f"cheb step {step}/{K - 1}" + (" + combine" if combine else ""),
+        meta=dict(V=V, B=B, C=C, O=O, K=K, dtype=str(s0.dtype), gemm=False)))
     return grid[0] * grid[1]
 
 
@@ -389,13 +421,13 @@ def cheb_backward(op_t: CSR | None, X, Y, dY, weight, basis, relu: bool, need_x:
         P = grid[0] * grid[1]
         dw_part = torch.empty((P, K, F_in, F_out), dtype=acc_dtype, device=X.device)
         db_part = torch.empty((P, F_out), dtype=acc_dtype, device=X.device)
-        _cheb_weight_grad_kernel[grid](
+        _run(Plan(_cheb_weight_grad_kernel, grid, (
             X, basis if basis is not None and basis.numel() else X, V * B * F_in,
-            dY, Y, dw_part, db_part, V, B,
+            dY, Y, dw_part, db_part, V, B), dict(
             K=K, C=F_in, CP=triton.next_power_of_2(F_in), O=F_out, OP=triton.next_power_of_2(F_out),
             RELU=relu, SCALAR=(F_in == 1 and F_out == 1), ACC=_acc_type(X.dtype),
-            BLOCK_R=br, BLOCK_B=bb, num_warps=nw,
-        )
+            BLOCK_R=br, BLOCK_B=bb), nw, 3, label="cheb weight gradient",
+            meta=dict(V=V, B=B, C=F_in, O=F_out, K=K, dtype=str(X.dtype), gemm=False)))
         reduce = True
     if reduce:
         # Second stage of the deterministic reduction: a fixed-order sum over the programs' partials.

@@ -30,45 +30,41 @@ they go to cuBLAS (torch.matmul: it has split-K for dW's long reduction over M).
 TF32 switch is process-global (and its legacy and new APIs may not be mixed), and bf16 cuBLAS would round the
 gradients themselves to bf16. ``BACKWARD_GEMM = "triton"`` routes fp32 there too, for measuring.
 
-Precision (``precision`` argument; CUDA only: on CPU the interpreter computes in fp32 whatever is asked):
+Precision (``precision`` argument; the vocabulary and the per-GPU checks live in kernels._common):
   "fp32"  tl.dot(input_precision="ieee"): full fp32 products, fp32 accumulation. Measured against the
           float64 reference (CPU, interpreter, random normal inputs, W ~ N(0, 1/N), N in 1..1024, M up to 100,
           3 seeds): max |err| / max |ref| at most 1.1e-6 for out and 1.3e-6 for the gradients.
   "tf32"  tensor-core products with 10-bit mantissas (inputs rounded to ~2^-11 relative), fp32 accumulation.
           Expected: logits h off by ~1e-3 * |h| (relative 2^-11 per product, summed over N with random signs),
-          hence out and the gradients relative ~1e-3. UNMEASURED here (no GPU).
+          hence out and the gradients relative ~1e-3. UNMEASURED here (no GPU; the interpreter computes fp32).
   "bf16"  f and W tiles cast to bf16 inside the kernel (8 significant bits: inputs rounded to ~2^-9
           relative), fp32 accumulation, fp32 outputs. Expected relative errors ~4e-3 on h, out and the
-          gradients. UNMEASURED here (no GPU). The backward GEMMs cast dh, f and W tiles the same way.
+          gradients. UNMEASURED here (no GPU; the interpreter's bf16 is wrong). The backward GEMMs cast dh, f
+          and W tiles the same way.
+  "fp16"  as bf16 with fp16 tiles (11 significant bits). Measured under the interpreter, which computes fp16
+          tiles with fp32 accumulation as a tensor core does (tests/test_fp16_kernels.py; the backward GEMMs
+          run ``matmul`` on CPU too): M = 3, N = 1024, scale = N, 3 seeds: out 3.1e-4, gradients 6.5e-4.
+Which GPUs take which precision (kernels._common.check_precision): fp32 everywhere; tf32, bf16 and fp16 on
+sm_80 and newer only. V100 (sm_70) is fp32 only: Triton 3.x compiles tl.dot to FMAs on sm_70 whatever the
+operand type, and in fp16 those spill (the compile gate, bench/aot_compile.py).
 The error of out grows with the logits' size: p depends on exp(h), so an absolute error e on h is a relative
 error e on p.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# Triton chooses interpreter or compiler when @triton.jit runs, i.e. when this module is imported.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import (GPU, INTERPRETED, PRECISIONS, Plan, check_precision, default_precision,  # noqa: F401
+                      dot_flags, dot_step, gpu_for, index, index_64)
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 SINGLE_TILE_MAX_N = 256          # rows up to this width are one tile: one kernel, the softmax in registers
-BACKWARD_GEMM = "auto"           # "auto": cuBLAS for fp32, Triton for tf32/bf16; "triton": Triton for all
+BACKWARD_GEMM = "auto"           # "auto": cuBLAS for fp32, Triton for tf32/bf16/fp16; "triton": Triton for all
+WGMMA_TILES = False              # sm_90: keep BLOCK_M >= 64 so that the GEMMs get wgmma (see forward_tiles)
 
 
 # ------------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _index(offsets, INDEX_64: tl.constexpr):
-    """Offsets in int64 only when some element lies 2^31 or more from its base (the launcher decides):
-    int32 address arithmetic saves registers, and the big GEMM tiles are short of them."""
-    if INDEX_64:
-        return offsets.to(tl.int64)
-    return offsets
-
-
 @triton.jit
 def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row block, column block) of program ``pid``, GROUP_M row blocks at a time (the Triton matmul
@@ -92,7 +88,7 @@ def _coattention_fwd_kernel(
     M, N, scale,
     stride_fm, stride_fk, stride_wn, stride_wk, stride_b, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_BF16: tl.constexpr, SINGLE_TILE: tl.constexpr, SAVE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_CAST: tl.constexpr, SINGLE_TILE: tl.constexpr, SAVE: tl.constexpr,
     GROUP_M: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of h = f @ W.T + b, then the epilogue (see the module docstring)."""
@@ -102,7 +98,7 @@ def _coattention_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    rows, cols = _index(offs_m, INDEX_64), _index(offs_n, INDEX_64)
+    rows, cols = index(offs_m, INDEX_64), index(offs_n, INDEX_64)
 
     f_ptrs = f_ptr + rows[:, None] * stride_fm + offs_k[None, :] * stride_fk       # (BLOCK_M, BLOCK_K)
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn       # (BLOCK_K, BLOCK_N) of W.T
@@ -111,10 +107,7 @@ def _coattention_fwd_kernel(
         mask_k = (k0 + offs_k) < N
         f_tile = tl.load(f_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if DOT_BF16:
-            acc = tl.dot(f_tile.to(tl.bfloat16), w_tile.to(tl.bfloat16), acc)
-        else:
-            acc = tl.dot(f_tile, w_tile, acc, input_precision=DOT_PRECISION)
+        acc = dot_step(f_tile, w_tile, acc, DOT_PRECISION, DOT_CAST)
         f_ptrs += BLOCK_K * stride_fk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -157,7 +150,7 @@ def _coattention_normalize_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_t = tl.arange(0, TILES_POW2)
     mask_m = offs_m < M
-    rows = _index(offs_m, INDEX_64)
+    rows = index(offs_m, INDEX_64)
     part_offs = rows[:, None] * NUM_TILES + offs_t[None, :]
     part_mask = mask_m[:, None] & (offs_t < NUM_TILES)[None, :]
     part_max = tl.load(part_max_ptr + part_offs, mask=part_mask, other=float("-inf"))
@@ -173,7 +166,7 @@ def _coattention_normalize_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    cols = _index(offs_n, INDEX_64)
+    cols = index(offs_n, INDEX_64)
     mask = mask_m[:, None] & mask_n[None, :]
     mn_offs = rows[:, None] * N + cols[None, :]
     a = tl.load(a_ptr + mn_offs, mask=mask, other=0.0)
@@ -193,13 +186,13 @@ def _coattention_bwd_kernel(
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    rows = _index(offs_m, INDEX_64)
+    rows = index(offs_m, INDEX_64)
 
     # Pass 1: D = sum_n dout * out (= sum_n p * dp). When the row is one tile the second pass re-reads
     # dout from L1/L2, not HBM.
     row_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        cols = _index(n0 + tl.arange(0, BLOCK_N), INDEX_64)
+        cols = index(n0 + tl.arange(0, BLOCK_N), INDEX_64)
         mask = mask_m[:, None] & (cols < N)[None, :]
         dout = tl.load(dout_ptr + rows[:, None] * stride_dom + cols[None, :] * stride_don, mask=mask, other=0.0)
         out = tl.load(out_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
@@ -208,7 +201,7 @@ def _coattention_bwd_kernel(
     lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        cols = _index(offs_n, INDEX_64)
+        cols = index(offs_n, INDEX_64)
         mask_n = offs_n < N
         mask = mask_m[:, None] & mask_n[None, :]
         mn_offs = rows[:, None] * N + cols[None, :]
@@ -222,7 +215,7 @@ def _coattention_bwd_kernel(
         dh = tl.where(a <= 0.0, 0.0, da)
         tl.store(dg_ptr + mn_offs, dg, mask=mask)
         tl.store(dh_ptr + mn_offs, dh, mask=mask)
-        tl.store(db_part_ptr + _index(pid, INDEX_64) * N + cols, tl.sum(dh, axis=0), mask=mask_n)
+        tl.store(db_part_ptr + index(pid, INDEX_64) * N + cols, tl.sum(dh, axis=0), mask=mask_n)
 
 
 @triton.jit
@@ -230,7 +223,7 @@ def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K, K_PER_SPLIT,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_BF16: tl.constexpr, GROUP_M: tl.constexpr, INDEX_64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_CAST: tl.constexpr, GROUP_M: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """c[split] = a[:, K-slice] @ b[K-slice, :] in fp32; the launcher sums the splits (deterministically)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -239,11 +232,11 @@ def _matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    rows, cols = _index(offs_m, INDEX_64), _index(offs_n, INDEX_64)
+    rows, cols = index(offs_m, INDEX_64), index(offs_n, INDEX_64)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     offs_k = k_start + tl.arange(0, BLOCK_K)
-    ks = _index(offs_k, INDEX_64)
+    ks = index(offs_k, INDEX_64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -251,62 +244,54 @@ def _matmul_kernel(
         mask_k = (offs_k + (k0 - k_start)) < k_end
         a_tile = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b_tile = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if DOT_BF16:
-            acc = tl.dot(a_tile.to(tl.bfloat16), b_tile.to(tl.bfloat16), acc)
-        else:
-            acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+        acc = dot_step(a_tile, b_tile, acc, DOT_PRECISION, DOT_CAST)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    c_ptrs = c_ptr + _index(pid_k, INDEX_64) * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    c_ptrs = c_ptr + index(pid_k, INDEX_64) * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn
     tl.store(c_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-# ------------------------------------------------------------------------------------------ configurations
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-
-
-def _dot_flags(precision: str, device: torch.device) -> tuple[str, bool]:
-    """(input_precision for tl.dot, cast tiles to bf16). CPU (the interpreter) always computes in fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return "ieee", False
-    return ("tf32", False) if precision == "tf32" else ("ieee", True)
-
-
-def forward_config(M: int, N: int, device: torch.device) -> dict:
+# ------------------------------------------------------------------------------------------------ tile choices
+def forward_tiles(M: int, N: int, gpu: GPU | None, precision: str = "fp32", wgmma: bool | None = None) -> dict:
     """Tile sizes of the forward GEMM kernel: one heuristic, no autotuning (the interpreter allows one config).
 
-    GPU: 128 x 128 output tiles with 32-deep K steps and 3 pipeline stages (fp32 tiles: 32 KB of shared memory
-    a stage) when there are enough of them; smaller tiles while the grid would leave a quarter of the SMs idle
-    (M = 256, N = 1024 gives 8 x 16 programs of 32 x 64). Rows up to 256 wide are one tile: 32 x 256 over 8 warps
-    (64 x 256 spills registers in the softmax epilogue), 64 x <=128 otherwise. Checked by compiling for sm_90
-    with triton 3.9 and ptxas -v (int32 offsets): 128 x 128 uses 185 (tf32), 212 (bf16) and 255 (fp32, a
-    4-byte spill) registers; 32 x 256: 187-232, no spills. CPU: the biggest tiles, because the interpreter pays
-    per program instance, not per element.
+    GPU: 128 x 128 output tiles with 32-deep K steps and 3 pipeline stages when there are enough of them;
+    smaller tiles while the grid would leave a quarter of the SMs idle (Wiki, M = 256, N = 1024 on 132 SMs:
+    8 x 16 programs of 32 x 64). Rows up to 256 wide are one tile: 32 x 256 over 8 warps, 64 x <= 128
+    otherwise. fp32 (CUDA-core FMAs, no tensor cores: the operand fragments live in registers) takes 64-row
+    tiles at most; the earlier 128 x 128 fp32 tile spilled. Compiled by the gate (bench/results/aot-*-full.json;
+    triton 3.9 / 3.6 registers, no spills): the Wiki step's 32 x 64 tiles on sm_80 use 80/96 (fp32), 72/64
+    (tf32), 96/64 (bf16, fp16) registers, on sm_90 113/96, 62/70, 55/70, with HMMA (mma.sync); the WebNews
+    single 16 x 256 tile 74-190 on both.
+
+    wgmma (sm_90, tensor-core precisions): Hopper's wgmma instructions need BLOCK_M >= 64 (the compile gate
+    finds HGMMA in exactly those tiles; 32-row tiles get sm_80-style mma.sync HMMA). ``wgmma=True`` keeps
+    BLOCK_M >= 64 (gate: HGMMA.64x64, 78/64 registers in tf32 and 96/85 in bf16 under triton 3.9/3.6, no
+    spills): the Wiki step then runs 4 x 16 = 64 programs of 64 x 64 instead of 128 of 32 x 64, i.e.
+    half of the 132 SMs idle but twice the operand reuse a program and the faster instruction. Which wins is a
+    measurement on the H200 (bench/bench_coattention.py, M = 256, N = 1024, tf32/bf16): the default (False)
+    keeps the grid full. CPU: the biggest tiles, because the interpreter pays per program instance.
     """
     single = N <= SINGLE_TILE_MAX_N
-    if device.type != "cuda":
+    if gpu is None:
         block_n = max(16, triton.next_power_of_2(N)) if single else 128
         block_m = min(64, max(16, triton.next_power_of_2(M)))
         block_k = min(128, max(16, triton.next_power_of_2(N)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=1)
-    sms = _num_sms(device)
+    wgmma = WGMMA_TILES if wgmma is None else wgmma
+    min_m = 64 if (wgmma and gpu.capability >= 90 and precision != "fp32") else 16
+    sms = gpu.sm_count
     if single:
         block_n = max(16, triton.next_power_of_2(N))
         block_m = 64 if block_n <= 128 else 32
-        while block_m > 16 and triton.cdiv(M, block_m) < 0.75 * sms:
+        block_m = max(block_m, min_m)
+        while block_m > max(16, min_m) and triton.cdiv(M, block_m) < 0.75 * sms:
             block_m //= 2
     else:
-        block_m, block_n = 128, 128
-        while triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < 0.75 * sms and (block_m > 32 or block_n > 64):
-            if block_m > 32:
+        block_m, block_n = (128 if precision != "fp32" else 64), 128
+        min_m = max(min_m, 32)
+        while triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < 0.75 * sms and (block_m > min_m or block_n > 64):
+            if block_m > min_m:
                 block_m //= 2
             else:
                 block_n //= 2
@@ -314,14 +299,14 @@ def forward_config(M: int, N: int, device: torch.device) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=num_warps, num_stages=3)
 
 
-def rowwise_config(M: int, N: int, device: torch.device) -> dict:
+def rowwise_tiles(M: int, N: int, gpu: GPU | None) -> dict:
     """Tiles of the elementwise kernels (normalize, backward). GPU: up to 4096 elements a program (16 a
     thread over 8 warps for each of the ~6 live tensors of the backward kernel: no spills), fewer rows a
     program when that keeps at least two programs an SM busy. CPU: up to 8192 (few interpreted programs)."""
-    block_n = min(max(16, triton.next_power_of_2(N)), 2048 if device.type == "cuda" else 1024)
-    block_m = max(1, (4096 if device.type == "cuda" else 8192) // block_n)
-    if device.type == "cuda":
-        target = 2 * _num_sms(device)
+    block_n = min(max(16, triton.next_power_of_2(N)), 2048 if gpu is not None else 1024)
+    block_m = max(1, (4096 if gpu is not None else 8192) // block_n)
+    if gpu is not None:
+        target = 2 * gpu.sm_count
         while block_m > 1 and triton.cdiv(M, block_m) < target:
             block_m //= 2
     else:
@@ -330,13 +315,38 @@ def rowwise_config(M: int, N: int, device: torch.device) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
 
 
-# ----------------------------------------------------------------------------------------------- launchers
-def _index_64(*tensors: torch.Tensor) -> bool:
-    """Whether some element of these tensors lies 2^31 or more elements from its base pointer."""
-    reach = max(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else 0 for t in tensors)
-    return reach >= 2 ** 31 - 1
+def matmul_tiles(M: int, N: int, K: int, gpu: GPU | None, precision: str = "fp32") -> dict:
+    """Tiles and split-K of ``matmul``. GPU: 128 x 128 x 32 tiles over 8 warps and 3 stages for the tensor-core
+    precisions, 64 x 128 for fp32 (FMAs hold their operands in registers); K is split until the grid
+    has two programs an SM, keeping at least 8 K steps a split. CPU: small tiles, 2 splits when K allows
+    (exercised by the tests)."""
+    if gpu is not None:
+        block_m, block_n, block_k = (128 if precision != "fp32" else 64), 128, 32
+        num_warps, num_stages = 8, 3
+        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        splits = max(1, min(triton.cdiv(2 * gpu.sm_count, tiles), K // (8 * block_k)))
+    else:
+        block_m = min(64, max(16, triton.next_power_of_2(M)))
+        block_n = min(64, max(16, triton.next_power_of_2(N)))
+        block_k = min(128, max(16, triton.next_power_of_2(K)))
+        num_warps, num_stages = 4, 1
+        splits = 2 if K >= 2 * block_k else 1
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+                splits=triton.cdiv(K, k_per_split), k_per_split=k_per_split)
 
 
+def forward_config(M: int, N: int, device: torch.device, precision: str = "fp32") -> dict:
+    """``forward_tiles`` for a device (kept for callers of the old name)."""
+    return forward_tiles(M, N, gpu_for(device), precision)
+
+
+def rowwise_config(M: int, N: int, device: torch.device) -> dict:
+    """``rowwise_tiles`` for a device (kept for callers of the old name)."""
+    return rowwise_tiles(M, N, gpu_for(device))
+
+
+# ------------------------------------------------------------------------------------------------------ plans
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError("Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before "
@@ -346,24 +356,24 @@ def _check_device(t: torch.Tensor) -> None:
         raise RuntimeError(f"the co-attention kernels run on CUDA (or CPU under the interpreter), not {t.device}")
 
 
-def coattention_forward(f, g, weight, bias, scale: float = 1.0, precision: str = "fp32",
-                        save_for_backward: bool = True):
-    """Launch the forward pass. Returns (out, a, lse); a = relu(f W^T + b) (M, N) and lse (M,) are what
-    ``coattention_backward`` needs, and are empty (0,) tensors when ``save_for_backward`` is False.
+def _capability(gpu: GPU | None):
+    return gpu.capability if gpu is not None else None
 
-    Expects checked float32 inputs (scanet.fused.coattention checks them) with M, N >= 1.
-    """
-    _check_precision(precision)
-    _check_device(f)
+
+def plan_forward(f, g, weight, bias, scale: float = 1.0, precision: str = "fp32", save_for_backward: bool = True,
+                 gpu: GPU | None = None, wgmma: bool | None = None):
+    """The forward launches for these tensors on ``gpu`` (None: from f's device; required for meta tensors).
+    Returns (plans, (out, a, lse)): the outputs are allocated on f's device (free on meta); ``a`` is the
+    returned one (empty when not saved), the plans hold the buffer the kernels write."""
+    gpu = gpu_for(f.device, gpu)
+    check_precision(precision, _capability(gpu))
     M, N = f.shape
     dev = f.device
     out = torch.empty((M, N), device=dev, dtype=torch.float32)
-    cfg = forward_config(M, N, dev)
+    cfg = forward_tiles(M, N, gpu, precision, wgmma)
     single = N <= SINGLE_TILE_MAX_N
-    if save_for_backward or not single:
-        a = torch.empty((M, N), device=dev, dtype=torch.float32)
-    else:
-        a = torch.empty((0,), device=dev, dtype=torch.float32)
+    empty = torch.empty((0,), device=dev, dtype=torch.float32)
+    a = torch.empty((M, N), device=dev, dtype=torch.float32) if (save_for_backward or not single) else empty
     lse = torch.empty((M if save_for_backward else 0,), device=dev, dtype=torch.float32)
     num_tiles = triton.cdiv(N, cfg["BLOCK_N"])
     if single:
@@ -371,101 +381,132 @@ def coattention_forward(f, g, weight, bias, scale: float = 1.0, precision: str =
     else:
         part_max = torch.empty((M, num_tiles), device=dev, dtype=torch.float32)
         part_sum = torch.empty((M, num_tiles), device=dev, dtype=torch.float32)
-    dot_precision, dot_bf16 = _dot_flags(precision, dev)
-    index_64 = _index_64(f, g, weight, out, part_max)
-    grid = (num_tiles * triton.cdiv(M, cfg["BLOCK_M"]),)
-    _coattention_fwd_kernel[grid](
-        f, weight, bias, g, out, a, lse, part_max, part_sum,
-        M, N, float(scale),
-        f.stride(0), f.stride(1), weight.stride(0), weight.stride(1), bias.stride(0), g.stride(0), g.stride(1),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION=dot_precision, DOT_BF16=dot_bf16, SINGLE_TILE=single, SAVE=save_for_backward,
-        GROUP_M=8, INDEX_64=index_64, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    dot_precision, dot_cast = dot_flags(precision, gpu)
+    wide = index_64(f, g, weight, out, part_max)
+    meta = dict(M=M, N=N, precision=precision)
+    plans = [Plan(
+        _coattention_fwd_kernel, (num_tiles * triton.cdiv(M, cfg["BLOCK_M"]),),
+        (f, weight, bias, g, out, a, lse, part_max, part_sum, M, N, float(scale),
+         f.stride(0), f.stride(1), weight.stride(0), weight.stride(1), bias.stride(0), g.stride(0), g.stride(1)),
+        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=dot_precision,
+             DOT_CAST=dot_cast, SINGLE_TILE=single, SAVE=save_for_backward, GROUP_M=8, INDEX_64=wide),
+        cfg["num_warps"], cfg["num_stages"], label="coattention forward GEMM", meta=dict(meta, gemm=True))]
     if not single:
-        rc = rowwise_config(M, N, dev)
-        grid = (triton.cdiv(N, rc["BLOCK_N"]), triton.cdiv(M, rc["BLOCK_M"]))
-        _coattention_normalize_kernel[grid](
-            a, g, out, lse, part_max, part_sum,
-            M, N, num_tiles, float(scale), g.stride(0), g.stride(1),
-            BLOCK_M=rc["BLOCK_M"], BLOCK_N=rc["BLOCK_N"], TILES_POW2=triton.next_power_of_2(num_tiles),
-            SAVE=save_for_backward, INDEX_64=index_64, num_warps=rc["num_warps"],
-        )
-        if not save_for_backward:
-            a = torch.empty((0,), device=dev, dtype=torch.float32)
-    return out, a, lse
+        rc = rowwise_tiles(M, N, gpu)
+        plans.append(Plan(
+            _coattention_normalize_kernel, (triton.cdiv(N, rc["BLOCK_N"]), triton.cdiv(M, rc["BLOCK_M"])),
+            (a, g, out, lse, part_max, part_sum, M, N, num_tiles, float(scale), g.stride(0), g.stride(1)),
+            dict(BLOCK_M=rc["BLOCK_M"], BLOCK_N=rc["BLOCK_N"], TILES_POW2=triton.next_power_of_2(num_tiles),
+                 SAVE=save_for_backward, INDEX_64=wide),
+            rc["num_warps"], 3, label="coattention normalize", meta=dict(meta, gemm=False)))
+    return plans, (out, a if save_for_backward else empty, lse)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """a @ b in fp32 with tl.dot at ``precision``; any strides. Long reductions are split over K into
-    (splits, M, N) fp32 partials that torch sums: deterministic, and it fills the SMs when M x N is small."""
-    _check_precision(precision)
-    _check_device(a)
+def coattention_forward(f, g, weight, bias, scale: float = 1.0, precision: str = "fp32",
+                        save_for_backward: bool = True, gpu: GPU | None = None):
+    """Launch the forward pass. Returns (out, a, lse); a = relu(f W^T + b) (M, N) and lse (M,) are what
+    ``coattention_backward`` needs, and are empty (0,) tensors when ``save_for_backward`` is False.
+
+    Expects checked float32 inputs (scanet.fused.coattention checks them) with M, N >= 1. ``gpu`` overrides
+    the device description the plan is made for (None: read from the device).
+    """
+    check_precision(precision)
+    _check_device(f)
+    plans, result = plan_forward(f, g, weight, bias, scale, precision, save_for_backward, gpu)
+    for plan in plans:
+        plan.launch()
+    return result
+
+
+def plan_matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32", gpu: GPU | None = None):
+    """(plan, c) of ``matmul``: c is the (splits, M, N) fp32 partial buffer the plan writes."""
+    gpu = gpu_for(a.device, gpu)
+    check_precision(precision, _capability(gpu))
     M, K = a.shape
     K2, N = b.shape
     if K != K2:
         raise ValueError(f"matmul: inner dimensions differ, {tuple(a.shape)} @ {tuple(b.shape)}")
-    dev = a.device
-    if dev.type == "cuda":
-        block_m, block_n, block_k, num_warps, num_stages = 128, 128, 32, 8, 3
-        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-        splits = max(1, min(triton.cdiv(2 * _num_sms(dev), tiles), K // (8 * block_k)))
-    else:
-        block_m = min(64, max(16, triton.next_power_of_2(M)))
-        block_n = min(64, max(16, triton.next_power_of_2(N)))
-        block_k = min(128, max(16, triton.next_power_of_2(K)))
-        num_warps, num_stages = 4, 1
-        splits = 2 if K >= 2 * block_k else 1           # exercised by the CPU tests
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    splits = triton.cdiv(K, k_per_split)
-    c = torch.empty((splits, M, N), device=dev, dtype=torch.float32)
-    dot_precision, dot_bf16 = _dot_flags(precision, dev)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), splits)
-    _matmul_kernel[grid](
-        a, b, c, M, N, K, k_per_split,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision, DOT_BF16=dot_bf16,
-        GROUP_M=8, INDEX_64=_index_64(a, b, c), num_warps=num_warps, num_stages=num_stages,
-    )
-    return c[0] if splits == 1 else c.sum(0)
+    cfg = matmul_tiles(M, N, K, gpu, precision)
+    c = torch.empty((cfg["splits"], M, N), device=a.device, dtype=torch.float32)
+    dot_precision, dot_cast = dot_flags(precision, gpu)
+    plan = Plan(
+        _matmul_kernel, (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), cfg["splits"]),
+        (a, b, c, M, N, K, cfg["k_per_split"],
+         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2)),
+        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=dot_precision,
+             DOT_CAST=dot_cast, GROUP_M=8, INDEX_64=index_64(a, b, c)),
+        cfg["num_warps"], cfg["num_stages"], label="matmul", meta=dict(M=M, N=N, K=K, precision=precision,
+                                                                       gemm=True))
+    return plan, c
 
 
-def _backward_mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    if a.device.type == "cuda" and (precision != "fp32" or BACKWARD_GEMM == "triton"):
-        return matmul(a, b, precision)
-    return torch.matmul(a, b)
+def matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32", gpu: GPU | None = None) -> torch.Tensor:
+    """a @ b in fp32 with tl.dot at ``precision``; any strides. Long reductions are split over K into
+    (splits, M, N) fp32 partials that torch sums: deterministic, and it fills the SMs when M x N is small."""
+    check_precision(precision)
+    _check_device(a)
+    plan, c = plan_matmul(a, b, precision, gpu)
+    plan.launch()
+    return c[0] if c.shape[0] == 1 else c.sum(0)
 
 
-def coattention_backward(dout, out, a, lse, f, g, weight, scale: float = 1.0, precision: str = "fp32",
-                         need_df: bool = True, need_dweight: bool = True):
-    """Gradients (df, dg, dweight, dbias) from the saved (out, a, lse); df or (dweight, dbias) are empty (0,)
-    tensors when not needed. dout may have any strides (a sum's gradient is an expanded view)."""
-    _check_precision(precision)
-    _check_device(f)
-    if a.numel() != f.numel() or lse.numel() != f.shape[0]:
-        raise RuntimeError("coattention backward: the forward ran with save_for_backward=False")
+def triton_backward_gemms(precision: str, gpu: GPU | None) -> bool:
+    """Whether backward's two GEMMs run ``matmul`` (else torch.matmul: cuBLAS, or the CPU). On CPU fp16 runs
+    them too, so that the interpreter measures the fp16 error a GPU has (its tf32 and bf16 compute fp32)."""
+    if gpu is None:
+        return precision == "fp16"
+    return precision != "fp32" or BACKWARD_GEMM == "triton"
+
+
+def plan_backward(dout, out, a, lse, f, g, weight, scale: float = 1.0, precision: str = "fp32",
+                  need_df: bool = True, need_dweight: bool = True, gpu: GPU | None = None):
+    """(plan of the elementwise backward kernel, (dg, dh, db_part), GEMMs): GEMMs lists the (name, left, right)
+    operands of the products still to do, df = dh @ W and dW = dh^T @ f (what ``coattention_backward`` runs,
+    and what the compile gate plans with ``plan_matmul``)."""
+    gpu = gpu_for(f.device, gpu)
+    check_precision(precision, _capability(gpu))
     M, N = f.shape
     dev = f.device
-    dout = dout.to(torch.float32)
-    rc = rowwise_config(M, N, dev)
+    rc = rowwise_tiles(M, N, gpu)
     programs = triton.cdiv(M, rc["BLOCK_M"])
     dg = torch.empty((M, N), device=dev, dtype=torch.float32)
     dh = torch.empty((M, N), device=dev, dtype=torch.float32)
     db_part = torch.empty((programs, N), device=dev, dtype=torch.float32)
-    index_64 = _index_64(dout, g, dh, db_part)
-    _coattention_bwd_kernel[(programs,)](
-        dout, out, a, lse, g, dg, dh, db_part,
-        M, N, float(scale), dout.stride(0), dout.stride(1), g.stride(0), g.stride(1),
-        BLOCK_M=rc["BLOCK_M"], BLOCK_N=rc["BLOCK_N"], INDEX_64=index_64, num_warps=rc["num_warps"],
-    )
+    plan = Plan(
+        _coattention_bwd_kernel, (programs,),
+        (dout, out, a, lse, g, dg, dh, db_part, M, N, float(scale), dout.stride(0), dout.stride(1),
+         g.stride(0), g.stride(1)),
+        dict(BLOCK_M=rc["BLOCK_M"], BLOCK_N=rc["BLOCK_N"], INDEX_64=index_64(dout, g, dh, db_part)),
+        rc["num_warps"], 3, label="coattention backward", meta=dict(M=M, N=N, precision=precision, gemm=False))
+    gemms = ([("df", dh, weight)] if need_df else []) + ([("dweight", dh.t(), f)] if need_dweight else [])
+    return plan, (dg, dh, db_part), gemms
+
+
+def coattention_backward(dout, out, a, lse, f, g, weight, scale: float = 1.0, precision: str = "fp32",
+                         need_df: bool = True, need_dweight: bool = True, gpu: GPU | None = None):
+    """Gradients (df, dg, dweight, dbias) from the saved (out, a, lse); df or (dweight, dbias) are empty (0,)
+    tensors when not needed. dout may have any strides (a sum's gradient is an expanded view)."""
+    check_precision(precision)
+    _check_device(f)
+    if a.numel() != f.numel() or lse.numel() != f.shape[0]:
+        raise RuntimeError("coattention backward: the forward ran with save_for_backward=False")
+    gpu = gpu_for(f.device, gpu)
+    dev = f.device
+    dout = dout.to(torch.float32)
+    plan, (dg, dh, db_part), gemms = plan_backward(dout, out, a, lse, f, g, weight, scale, precision, need_df,
+                                                   need_dweight, gpu)
+    plan.launch()
+    products = {}
+    for name, left, right in gemms:
+        products[name] = matmul(left, right, precision, gpu) if triton_backward_gemms(precision, gpu) \
+            else torch.matmul(left, right)
 
     def empty():  # a fresh one each: outputs of a torch.library op may not alias each other
         return torch.empty((0,), device=dev, dtype=torch.float32)
 
-    df = _backward_mm(dh, weight, precision) if need_df else empty()
+    df = products["df"] if need_df else empty()
     if need_dweight:
-        dweight = _backward_mm(dh.t(), f, precision)
-        dbias = db_part.sum(0)
+        dweight, dbias = products["dweight"], db_part.sum(0)
     else:
         dweight, dbias = empty(), empty()
     return df, dg, dweight, dbias

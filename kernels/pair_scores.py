@@ -53,7 +53,7 @@ Why this shape:
 FLOPs: 2 modalities x 2 * Nt * Ni * N^2 (layer 2), the same as the eager path, whose intermediates (several
 Nt * Ni * N tensors, 4 GB at 1000 x 1000 x 1024 fp32) are what this kernel never writes.
 
-Precision (``precision``; CUDA only: the interpreter computes in fp32 whatever is asked):
+Precision (``precision``; the interpreter computes tf32 and bf16 in fp32, fp16 as asked):
   "fp32"  tl.dot(input_precision="ieee"): fp32 products, fp32 accumulation (CUDA cores, not tensor cores).
           Measured on CPU (interpreter) against float64: logit errors <= 8e-6 of the logits' pair-dependent
           part (max |logit - b|) for N <= 1024 (tests/test_pair_scores.py).
@@ -61,22 +61,20 @@ Precision (``precision``; CUDA only: the interpreter computes in fp32 whatever i
           errors ~1e-3 relative to the logits' spread (h errors of ~2^-11 relative enter through exp). UNMEASURED.
   "bf16"  x and W2 rounded to bf16 (8-bit mantissas), fp32 accumulation and epilogue. Expected ~4e-3.
           UNMEASURED. Rankings (what retrieval needs) are more robust than these logit errors suggest.
+  "fp16"  x and W2 rounded to fp16 (11-bit mantissas), fp32 accumulation and epilogue; sm_80 and newer (see
+          kernels._common). Measured under the interpreter (fp16 tiles, fp32 accumulation, as on a tensor
+          core): logit errors up to 4.7e-3 of max |logit - b| at N = 256, scale = N, 9 x 21 pairs, 3 seeds
+          (x = a1 * f reaches O(N) there, so fp16's absolute rounding grows with it).
 Block sizes come from one heuristic (``config``), not autotuning (the interpreter allows a single config); they
 are UNTUNED on a GPU (none was available when this was written).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# One precision vocabulary for every kernel: the flags and checks live with the co-attention GEMMs.
-from .coattention import PRECISIONS, _check_precision, _dot_flags  # noqa: F401
-
-# Triton chooses interpreter or compiler when @triton.jit runs, i.e. when this module is imported.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import GPU, INTERPRETED, PRECISIONS, Plan, check_precision, dot_flags, dot_step, gpu_for  # noqa: F401
 
 LAYOUTS = ("outer", "list")
 
@@ -107,7 +105,7 @@ def _pair_scores_kernel(
     tidx_ptr, iidx_ptr, out_ptr,                      # pair indices (PAIR_LIST) and the output
     NT, NI, NP, N, out_scale, head_bias,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_I: tl.constexpr, PAIR_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_BF16: tl.constexpr,
+    GROUP_I: tl.constexpr, PAIR_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_CAST: tl.constexpr,
 ):
     """Logits of BLOCK_I x BLOCK_J pairs (or BLOCK_P listed pairs); see the module docstring."""
     BLOCK_P: tl.constexpr = BLOCK_I * BLOCK_J
@@ -164,12 +162,8 @@ def _pair_scores_kernel(
             w_mask = mask_k[:, None] & mask_n[None, :]
             w_t = tl.load(wt_ptr + w_offs, mask=w_mask, other=0.0)
             w_i = tl.load(wi_ptr + w_offs, mask=w_mask, other=0.0)
-            if DOT_BF16:
-                acc_t = tl.dot(x_t.to(tl.bfloat16), w_t, acc_t)
-                acc_i = tl.dot(x_i.to(tl.bfloat16), w_i, acc_i)
-            else:
-                acc_t = tl.dot(x_t, w_t, acc_t, input_precision=DOT_PRECISION)
-                acc_i = tl.dot(x_i, w_i, acc_i, input_precision=DOT_PRECISION)
+            acc_t = dot_step(x_t, w_t, acc_t, DOT_PRECISION, DOT_CAST)
+            acc_i = dot_step(x_i, w_i, acc_i, DOT_PRECISION, DOT_CAST)
 
         h_t = acc_t + tl.load(bt_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         h_i = acc_i + tl.load(bi_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -199,21 +193,32 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def config(n_text: int, n_image: int, N: int, device: torch.device, pair_list: bool = False,
-           precision: str = "fp32") -> dict:
+def tiles(n_text: int, n_image: int, N: int, gpu: GPU | None, pair_list: bool = False,
+          precision: str = "fp32") -> dict:
     """Tile sizes: one heuristic, no autotuning (the interpreter allows one config).
 
-    GPU (untuned): 128 pairs a program (8 texts x 16 images; fewer of a side that has fewer items, the other
-    side widening to keep 128), BLOCK_N = 64 output columns, BLOCK_K = 32 (64 for bf16, same bytes a step),
-    8 warps, 3 stages. tl.dot needs every dimension >= 16, so BLOCK_P, BLOCK_N and BLOCK_K are at least 16.
+    GPU (untuned for speed; resources checked by the compile gate, bench/aot_compile.py): 64 pairs a program
+    (4 texts x 16 images; fewer of a side that has fewer items, the other side widening to keep 64), BLOCK_N =
+    64 output columns, BLOCK_K = 16 (fp32, tf32) or 32 (bf16, fp16: the same bytes a step), 8 warps, 3 stages,
+    for both layouts, except BLOCK_N = 32 for fp32 pair lists. BLOCK_K = 32 in fp32/tf32 spills on sm_80. Gate
+    figures for the Wiki all-pairs scores (693 x 693, N = 1024; triton 3.9 / 3.6 registers, no spills): sm_80
+    fp32 174/164, tf32 174/255, bf16 255/243 (HMMA); sm_90 fp32 128/128, tf32 173/194, bf16 160/210
+    (HGMMA.64x32). The N = 500 paths (a row stride that is not a multiple of 16) still spill on sm_80/sm_90,
+    the pair list most (bench/results/aot-*-full.json): a benchmark shape, not a preset one. Measured by the
+    gate (bench/results/aot-*.json): 128 pairs spill on sm_90 in fp32 and tf32 (255 registers), and 128 listed
+    pairs in 3 stages need 196-311 KB of shared memory, over the A100 and H100 per-block limits; 64 pairs over
+    4 warps spill too (255 registers: the FMA and wgmma operand fragments of two accumulators). 128 pairs in
+    the outer layout with bf16 compile without spills on sm_90 (233 registers, triton 3.9) and would double
+    W2's L2 intensity: the first candidate to time on a GPU (``block_sizes=dict(BLOCK_I=8)``).
+    tl.dot needs every dimension >= 16, so BLOCK_P, BLOCK_N and BLOCK_K are at least 16.
     CPU (interpreter): it pays per program instance and per loop step, not per element, so big N tiles
     (up to 128) and up to 64 pairs a program.
     """
-    gpu = device.type == "cuda"
-    max_pairs = 128 if gpu else 64
-    if gpu:
+    gpu_path = gpu is not None
+    max_pairs = 64
+    if gpu_path:
         block_n = 64 if N > 32 else max(16, _pow2(N))
-        block_k = (64 if precision == "bf16" else 32) if N > 32 else max(16, _pow2(N))
+        block_k = (32 if precision in ("bf16", "fp16") else 16) if N > 32 else max(16, _pow2(N))
     else:
         block_n = block_k = min(128, max(16, _pow2(N)))
     if pair_list:
@@ -225,9 +230,18 @@ def config(n_text: int, n_image: int, N: int, device: torch.device, pair_list: b
         while block_i * block_j < 16:                  # tl.dot's minimum M: pad the pair tile with masked rows
             block_j *= 2
     block_p = block_i * block_j
-    num_warps = 8 if gpu and block_p * block_n >= 8192 else 4
+    if gpu_path and pair_list and precision == "fp32" and N > 32:
+        block_n = 32       # 64 x 64 fp32 pair lists spill on sm_90 (8-16 B at the Wiki shortlist); 64 x 32 do not
+    num_warps = 8 if gpu_path and block_p * max(block_n, 64) >= 4096 else 4
+    stages = 3 if gpu_path else 1
     return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_I=8,
-                num_warps=num_warps, num_stages=3 if gpu else 1)
+                num_warps=num_warps, num_stages=stages)
+
+
+def config(n_text: int, n_image: int, N: int, device: torch.device, pair_list: bool = False,
+           precision: str = "fp32") -> dict:
+    """``tiles`` for a device (kept for callers of the old name)."""
+    return tiles(n_text, n_image, N, gpu_for(device), pair_list, precision)
 
 
 def _check_blocks(cfg: dict) -> None:
@@ -248,33 +262,28 @@ def _check_device(t: torch.Tensor) -> None:
         raise RuntimeError(f"the pair-score kernel runs on CUDA (or CPU under the interpreter), not {t.device}")
 
 
-def pair_scores_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor, a1_i: torch.Tensor,
-                       w2_t: torch.Tensor, b2_t: torch.Tensor, w2_i: torch.Tensor, b2_i: torch.Tensor,
-                       head_w: torch.Tensor, head_b: float, scale: float, *,
-                       text_index: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                       precision: str = "fp32", layout: str = "outer", block_sizes: dict | None = None
-                       ) -> torch.Tensor:
-    """Logits of a two-layer SCANet head for every (text, image) pair: (Nt, Ni) float32.
-
-    f_t (Nt, N), f_i (Ni, N): encoder outputs; a1_t, a1_i: layer-1 attention maps (scaled); w2_t, w2_i (N, N)
-    and b2_t, b2_i (N,): layer 2's text_fc / image_fc (nn.Linear layout, out x in); head_w (N,), head_b: the
-    head; scale: the attention scale. With ``text_index`` and ``image_index`` (P,) integer tensors, scores only
-    those pairs and returns (P,). ``layout="list"`` scores all pairs through the pair-list path (a fallback).
-    Expects checked inputs on one device (scanet.fused.pair_scores checks them); computes in float32.
-    """
-    _check_precision(precision)
+def plan_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor, a1_i: torch.Tensor,
+                w2_t: torch.Tensor, b2_t: torch.Tensor, w2_i: torch.Tensor, b2_i: torch.Tensor,
+                head_w: torch.Tensor, head_b: float, scale: float, *,
+                text_index: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
+                precision: str = "fp32", layout: str = "outer", block_sizes: dict | None = None,
+                gpu: GPU | None = None):
+    """(plan or None when there are no pairs, out): the launch of ``pair_scores_layer2`` for these tensors on
+    ``gpu`` (None: from the device; required for meta tensors). Prepares the operands (u, v, the transposed
+    W2 cast once to the GEMM dtype) on the tensors' device: free on meta."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    _check_device(f_t)
     dev = f_t.device
+    gpu = gpu_for(dev, gpu)
+    check_precision(precision, gpu.capability if gpu is not None else None)
     f32 = dict(device=dev, dtype=torch.float32)
     f_t, f_i, a1_t, a1_i = (t.to(**f32).contiguous() for t in (f_t, f_i, a1_t, a1_i))
     n_text, N = f_t.shape
     n_image = f_i.shape[0]
     u = (f_t * a1_t * head_w.to(**f32)).contiguous()        # the head weight folds into the text factor
     v = (f_i * a1_i).contiguous()
-    dot_precision, dot_bf16 = _dot_flags(precision, dev)
-    w_dtype = torch.bfloat16 if dot_bf16 else torch.float32
+    dot_precision, dot_cast = dot_flags(precision, gpu)
+    w_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dot_cast, torch.float32)
     # (N_in, N_out) row-major, so that a K x BLOCK_N tile is contiguous along the output columns; cast once.
     wt_T = w2_t.to(**f32).t().contiguous().to(w_dtype)
     wi_T = w2_i.to(**f32).t().contiguous().to(w_dtype)
@@ -302,8 +311,8 @@ def pair_scores_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor,
     n_pairs = text_index.numel() if pair_list else n_text * n_image
     out = torch.empty(out_shape, **f32)
     if n_pairs == 0:
-        return out
-    cfg = config(n_pairs if pair_list else n_text, n_image, N, dev, pair_list, precision)
+        return None, out
+    cfg = tiles(n_pairs if pair_list else n_text, n_image, N, gpu, pair_list, precision)
     if block_sizes:
         unknown = set(block_sizes) - {"BLOCK_I", "BLOCK_J", "BLOCK_N", "BLOCK_K", "GROUP_I", "num_warps",
                                       "num_stages"}
@@ -318,11 +327,39 @@ def pair_scores_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor,
         grid = (triton.cdiv(n_pairs, block_p),)
     else:
         grid = (triton.cdiv(n_text, cfg["BLOCK_I"]) * triton.cdiv(n_image, cfg["BLOCK_J"]),)
-    _pair_scores_kernel[grid](
-        f_t, a1_t, f_i, a1_i, u, v, wt_T, b2_t, wi_T, b2_i, text_index, image_index, out,
-        n_text, n_image, n_pairs, N, float(scale) ** 2, float(head_b),
-        BLOCK_I=cfg["BLOCK_I"], BLOCK_J=cfg["BLOCK_J"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_I=cfg["GROUP_I"], PAIR_LIST=pair_list, DOT_PRECISION=dot_precision, DOT_BF16=dot_bf16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    plan = Plan(
+        _pair_scores_kernel, grid,
+        (f_t, a1_t, f_i, a1_i, u, v, wt_T, b2_t, wi_T, b2_i, text_index, image_index, out,
+         n_text, n_image, n_pairs, N, float(scale) ** 2, float(head_b)),
+        dict(BLOCK_I=cfg["BLOCK_I"], BLOCK_J=cfg["BLOCK_J"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+             GROUP_I=cfg["GROUP_I"], PAIR_LIST=pair_list, DOT_PRECISION=dot_precision, DOT_CAST=dot_cast),
+        cfg["num_warps"], cfg["num_stages"], label=f"pair scores ({'list' if pair_list else 'outer'})",
+        meta=dict(n_text=n_text, n_image=n_image, n_pairs=n_pairs, N=N, precision=precision, gemm=True))
+    return plan, out
+
+
+def pair_scores_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor, a1_i: torch.Tensor,
+                       w2_t: torch.Tensor, b2_t: torch.Tensor, w2_i: torch.Tensor, b2_i: torch.Tensor,
+                       head_w: torch.Tensor, head_b: float, scale: float, *,
+                       text_index: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
+                       precision: str = "fp32", layout: str = "outer", block_sizes: dict | None = None,
+                       gpu: GPU | None = None) -> torch.Tensor:
+    """Logits of a two-layer SCANet head for every (text, image) pair: (Nt, Ni) float32.
+
+    f_t (Nt, N), f_i (Ni, N): encoder outputs; a1_t, a1_i: layer-1 attention maps (scaled); w2_t, w2_i (N, N)
+    and b2_t, b2_i (N,): layer 2's text_fc / image_fc (nn.Linear layout, out x in); head_w (N,), head_b: the
+    head; scale: the attention scale. With ``text_index`` and ``image_index`` (P,) integer tensors, scores only
+    those pairs and returns (P,). ``layout="list"`` scores all pairs through the pair-list path (a fallback).
+    Expects checked inputs on one device (scanet.fused.pair_scores checks them); computes in float32.
+    ``gpu`` overrides the device description the plan is made for (None: read from the device).
+    """
+    check_precision(precision)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_device(f_t)
+    plan, out = plan_layer2(f_t, f_i, a1_t, a1_i, w2_t, b2_t, w2_i, b2_i, head_w, head_b, scale,
+                            text_index=text_index, image_index=image_index, precision=precision, layout=layout,
+                            block_sizes=block_sizes, gpu=gpu)
+    if plan is not None:
+        plan.launch()
     return out

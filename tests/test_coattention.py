@@ -216,7 +216,7 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match=message):
             fused.coattention(*args)
     with pytest.raises(ValueError, match="precision must be one of"):
-        fused.coattention(f, g, weight, bias, precision="fp16")
+        fused.coattention(f, g, weight, bias, precision="fp8")
     with pytest.raises(ValueError, match="precision must be one of"):
         fused.StackedCoAttention(6, precision="int8")
 
