@@ -1,5 +1,8 @@
 """FAISS for the first stage of two-stage search: exact, IVF and HNSW inner-product indexes over stage-1 vectors.
 
+Why a little over 400 lines: one job, the FAISS stage: choosing and building the index kind, its checked
+on-disk format (a hash before FAISS reads a byte) and the shortlist-then-re-rank search that uses it.
+
 The stage-1 score factorizes per item (scanet.retrieve.stage1_vectors: score = <q_query, v_item>), so the
 shortlist is a maximum-inner-product search, which is what FAISS does (pip install faiss-cpu):
 

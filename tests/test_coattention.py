@@ -417,3 +417,21 @@ def test_fp32_backward_with_triton_gemms_on_cuda(monkeypatch):
     out, grads, ref, ref_grads = run_both(inputs, 1024.0, dout)
     for got, want in zip(grads, ref_grads):
         assert rel_err(got, want) < GRAD_TOL
+
+
+def test_precision_default_and_capability_checks(monkeypatch):
+    """precision=None resolves per device; tf32/bf16/fp16 on a V100 (sm_70) are refused with a reason."""
+    from scanet.fused import _dispatch
+
+    assert _dispatch.default_precision("cpu") == "fp32"
+    monkeypatch.setattr(_dispatch, "_capability", lambda device: 70)
+    pytest.importorskip("triton")
+    assert _dispatch.default_precision("cuda") == "fp32"
+    _dispatch.check_precision("fp32", "cuda")
+    for p in ("tf32", "bf16", "fp16"):
+        with pytest.raises(ValueError, match="not available on sm_70"):
+            _dispatch.check_precision(p, "cuda")
+    monkeypatch.setattr(_dispatch, "_capability", lambda device: 90)
+    assert _dispatch.default_precision("cuda") == "tf32"
+    for p in ("tf32", "bf16", "fp16"):
+        _dispatch.check_precision(p, "cuda")

@@ -98,7 +98,7 @@ def test_import_fused_without_triton(tmp_path):
     env = {"PYTHONPATH": str(REPO), "TRITON_INTERPRET": "0", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "ok ('fp32', 'tf32', 'bf16')" in out.stdout
+    assert "ok ('fp32', 'tf32', 'bf16', 'fp16')" in out.stdout
 
 
 def test_precision_vocabulary_agrees_with_the_kernels():

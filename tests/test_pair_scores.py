@@ -168,7 +168,7 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="one dtype"):
         pair_scores(model, f_t, f_i.float())
     with pytest.raises(ValueError, match="precision must be one of"):
-        pair_scores(model, f_t, f_i, precision="fp16")
+        pair_scores(model, f_t, f_i, precision="fp8")
     with pytest.raises(ValueError, match=r"image_index has entries out of range \[0, 4\)"):
         pair_scores(model, f_t, f_i, text_index=torch.tensor([0, 1]), image_index=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="given together"):

@@ -27,6 +27,7 @@ import torch
 from scanet import layers, reference
 from scanet.fused._dispatch import PRECISIONS, kernels, kernels_can_run  # noqa: F401
 from scanet.fused._dispatch import check_precision as _check_precision
+from scanet.fused._dispatch import default_precision
 
 
 # -------------------------------------------------------------------------------------- torch.library ops
@@ -90,13 +91,17 @@ def uses_kernels(f: torch.Tensor) -> bool:
     return kernels_can_run(f.device)
 
 
-def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str = "fp32") -> torch.Tensor:
+def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str | None = None) -> torch.Tensor:
     """softmax(relu(f @ weight.T + bias), dim=-1) * g * scale, fused (see the module docstring).
 
     f, g: (M, N); weight: (N, N); bias: (N,); one device and one floating dtype. Differentiable in all four.
+    precision: None picks the device's default (``scanet.fused.default_precision``: tf32 on sm_80+, else fp32);
+    tf32/bf16/fp16 on a GPU without those tensor cores (V100) raise a ValueError.
     """
     reference.check_coattention_inputs(f, g, weight, bias)
-    _check_precision(precision)
+    if precision is None:
+        precision = default_precision(f.device)
+    _check_precision(precision, f.device)
     if not uses_kernels(f):
         return reference.coattention(f, g, weight, bias, scale=scale)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (f, g, weight, bias))
@@ -108,15 +113,17 @@ def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str = "fp3
 class StackedCoAttention(layers.StackedCoAttention):
     """scanet.layers.StackedCoAttention with the fused op: same constructor, parameters and state_dict.
 
-    ``precision`` (constructor keyword or attribute; "fp32" default, "tf32", "bf16") is passed to every step.
+    ``precision`` (constructor keyword or attribute; None: the device's default, or "fp32", "tf32", "bf16",
+    "fp16") is passed to every step.
     ``attention()`` (used by SCANet.score_all) stays the eager computation of the maps.
     """
 
     op = staticmethod(coattention)
 
-    def __init__(self, dim: int, num_layers: int = 2, scale: float = 1.0, *, precision: str = "fp32"):
+    def __init__(self, dim: int, num_layers: int = 2, scale: float = 1.0, *, precision: str | None = None):
         super().__init__(dim, num_layers, scale)
-        _check_precision(precision)
+        if precision is not None:
+            _check_precision(precision)
         self.precision = precision
 
     def layer(self, k: int, f_t: torch.Tensor, f_i: torch.Tensor):

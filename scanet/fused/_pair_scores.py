@@ -53,7 +53,7 @@ def pair_scores(model, f_t: torch.Tensor, f_i: torch.Tensor, *, a1_t=None, a1_i=
 def _pair_scores(model, f_t, f_i, a1_t, a1_i, text_index, image_index, precision, layout, block_sizes,
                  chunk_pairs, strict):
     check_pair_inputs(model, f_t, f_i, a1_t, a1_i, text_index, image_index)
-    check_precision(precision)
+    check_precision(precision, f_t.device)
     L = model.coattention.num_layers
     if L > 2:
         warnings.warn(f"pair_scores: the fused kernel covers 2 co-attention layers and this model has {L}; "
