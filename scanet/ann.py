@@ -68,52 +68,8 @@ IVF_NPROBE_FRACTION = 1 / 32   # default nprobe = nlist / 32 (at least 8)
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 40, 128
 
 
-STAGE1 = ("layer1", "cosine", "layer2-mean")
-
-
-def mean_attention(items) -> torch.Tensor:
-    """(N,) the mean layer-1 attention of encoded items (scanet.retrieve.Items): a "layer2-mean" reference."""
-    if items.attention is None or len(items) == 0:
-        raise ValueError("mean_attention needs items of a model with co-attention layers (attention maps)")
-    return items.attention.double().mean(0).to(items.attention.dtype)
-
-
-def reference_attention(texts, images) -> dict:
-    """{"text": mean text attention, "image": mean image attention} of reference samples (the training split)."""
-    return {"text": mean_attention(texts), "image": mean_attention(images)}
-
-
-@torch.no_grad()
-def stage1_vectors(model, items, method: str = "layer1", reference: dict | None = None) -> torch.Tensor:
-    """Per-item vectors whose inner product is the stage-1 score: scanet.retrieve.stage1_vectors for "layer1"
-    and "cosine"; "layer2-mean" (see the module docstring) needs ``reference`` (reference_attention)."""
-    from scanet.retrieve import stage1_vectors as retrieve_stage1
-
-    if method not in STAGE1:
-        raise ValueError(f"stage-1 score must be one of {STAGE1}, got {method!r}")
-    if method != "layer2-mean":
-        return retrieve_stage1(model, items, method)
-    c = model.coattention
-    if c.num_layers != 2:
-        raise ValueError(f"stage-1 'layer2-mean' is for models with 2 co-attention layers, this one has "
-                         f"{c.num_layers}: use 'layer1' (exact for 1 layer)")
-    if reference is None or set(reference) != {"text", "image"}:
-        raise ValueError("stage-1 'layer2-mean' needs reference={'text': ..., 'image': ...}, the mean layer-1 "
-                         "attention of each modality (scanet.ann.reference_attention of the training split)")
-    other = "image" if items.modality == "text" else "text"
-    f, a1 = items.features, items.attention
-    partner = torch.as_tensor(reference[other], dtype=f.dtype, device=f.device)
-    if partner.shape != (f.shape[1],):
-        raise ValueError(f"reference attention of the {other}s must be ({f.shape[1]},), got {tuple(partner.shape)}")
-    # The layer-2 attention that weighs THIS item's side comes from the partner's layer-2 map computed on this
-    # item's layer-1 features: text features attend through text_fc[1], image features through image_fc[1].
-    fc = (c.text_fc if items.modality == "text" else c.image_fc)[1]
-    p2 = torch.softmax(torch.relu(torch.nn.functional.linear(partner * f, fc.weight.to(f.dtype),
-                                                              fc.bias.to(f.dtype))), dim=-1) * c.scale
-    v = p2 * a1 * f
-    if items.modality == "text":                        # the head's weight goes on one side
-        v = v * model.head.fc.weight.detach().reshape(-1).to(v.dtype)
-    return v
+# the stage-1 scores, their vectors and the "layer2-mean" reference live in scanet.retrieve (the search core)
+from scanet.retrieve import STAGE1, mean_attention, reference_attention, stage1_vectors  # noqa: E402,F401
 
 
 def faiss_module():

@@ -6,26 +6,32 @@ and records the hash of the model's weights and the dataset fingerprint; ``load_
 an index built by another model. The file is written atomically (scanet.io) and read with
 ``torch.load(weights_only=True)``: loading never runs code. ``search_index`` answers one query with
 scanet.retrieve's exhaustive or two-stage search.
+
+FAISS (scanet.ann, optional): ``build_ann`` makes an inner-product index of the collection's stage-1 vectors,
+``save_index(index, path, ann)`` writes it beside the search index (``<name>.faiss``) and records its sha256 in
+the search index, so ``load_ann`` finds exactly the FAISS file built with it (and ANNIndex.load refuses other
+weights). A two-stage query then takes its shortlist from FAISS instead of the exact GEMM over all items.
+Two-layer models also store the "layer2-mean" reference (the mean layer-1 attention of each modality over up to
+REFERENCE_SAMPLE training items), which that stage-1 score needs.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scanet.io import atomic_torch_save, safe_torch_load, tensor_hash
-from scanet.retrieve import Items, encode_items, exhaustive_search, two_stage_search
+from scanet.io import atomic_torch_save, safe_torch_load
+from scanet.retrieve import (Items, encode_items, exhaustive_search, model_hash,  # noqa: F401
+                             reference_attention, two_stage_search)
 
 INDEX_FORMAT = "scanet-search-index-v1"
 SIDES = {"images": "image", "texts": "text"}           # --side value -> modality of the collection
 AUTO_EXHAUSTIVE_MAX = 5000                              # collections up to this size are searched exhaustively
-
-
-def model_hash(model) -> str:
-    """sha256 (16 hex digits) of the model's weights and buffers: names, dtypes, shapes and bytes."""
-    return tensor_hash(model.state_dict())[:16]
+REFERENCE_SAMPLE = 4096                                 # training items per modality for the layer2-mean means
+ANN_CHOICES = ("auto", "flat", "ivf", "hnsw", "none")   # --ann of `scanet search index`
 
 
 def dataset_language(dataset) -> str:
@@ -76,15 +82,41 @@ def _items(record: dict, device="cpu", dtype=torch.float32) -> Items:
                  None if att is None else att.to(device=device, dtype=dtype))
 
 
+def encode_in_batches(model, modality: str, inputs, batch_size: int = 256, progress: bool = True,
+                      desc: str | None = None) -> Items:
+    """encode_items over ``inputs`` (bag-of-words rows or image features) ``batch_size`` rows at a time, with a
+    progress bar counting items. Memory: the encoded collection (features + attention: 8 N bytes an item)."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = inputs.shape[0]
+    parts = []
+    with tqdm(total=n, unit=modality, desc=desc or f"encoding {modality}s", leave=False, disable=not progress) as bar:
+        for s in range(0, n, batch_size):
+            parts.append(encode_items(model, modality, inputs[s:s + batch_size], batch_size))
+            bar.update(len(parts[-1]))
+    if not parts:
+        raise ValueError(f"no {modality}s to encode")
+    att = None if parts[0].attention is None else torch.cat([p.attention for p in parts])
+    return Items(modality, torch.cat([p.features for p in parts]), att)
+
+
 def build_index(model, dataset, side: str, split: str = "test", *, root=None, stopwords=(), batch_size: int = 256,
-                checkpoint=None) -> dict:
+                checkpoint=None, progress: bool = False) -> dict:
     """Encode one side of a split as the searchable collection (and the other side, so that an item of the
     split can be a query by its id). Everything a query needs except the model itself."""
     if side not in SIDES:
         raise ValueError(f"side must be one of {sorted(SIDES)}, got {side!r}")
     s = _split(dataset, split)
-    texts = encode_items(model, "text", s.bow, batch_size)
-    images = encode_items(model, "image", s.images, batch_size)
+    texts = encode_in_batches(model, "text", s.bow, batch_size, progress)
+    images = encode_in_batches(model, "image", s.images, batch_size, progress)
+    reference = None
+    if model.coattention.num_layers == 2:               # the "layer2-mean" stage-1 score's fixed partners
+        tr, m = dataset.train, min(REFERENCE_SAMPLE, len(dataset.train))
+        ref = reference_attention(encode_items(model, "text", tr.bow[:m], batch_size),
+                                  encode_items(model, "image", tr.images[:m], batch_size))
+        reference = {k: v.detach().float().cpu() for k, v in ref.items()}
     t_rec = _record(texts, s.text_ids, s.labels, top_words(s.bow, dataset.vocab))
     i_rec = _record(images, s.image_ids, s.labels)
     collection, queries = (i_rec, t_rec) if side == "images" else (t_rec, i_rec)
@@ -98,11 +130,67 @@ def build_index(model, dataset, side: str, split: str = "test", *, root=None, st
         "collection": collection, "queries": queries,
         "vocab": list(dataset.vocab), "language": dataset_language(dataset), "stopwords": sorted(set(stopwords)),
         "root": str(Path(root).resolve()) if root else None,
+        "reference_attention": reference, "ann": None,
     }
 
 
-def save_index(index: dict, path) -> None:
+def default_ann_stage1(model) -> str:
+    """The FAISS index's stage-1 score: "layer2-mean" for two-layer models (the best measured), else "layer1"."""
+    return "layer2-mean" if model.coattention.num_layers == 2 else "layer1"
+
+
+def build_ann(model, index: dict, kind: str = "auto", stage1: str | None = None, progress: bool = True, **kw):
+    """The FAISS index (scanet.ann.ANNIndex) of a search index's collection; kind "auto" chooses by size."""
+    from scanet.ann import ANNIndex
+
+    if kind not in ANN_CHOICES or kind == "none":
+        raise ValueError(f"kind must be one of {ANN_CHOICES[:-1]}, got {kind!r}")
+    stage1 = stage1 or default_ann_stage1(model)
+    reference = index.get("reference_attention") if stage1 == "layer2-mean" else None
+    param = next(model.parameters())
+    return ANNIndex.from_items(model, _items(index["collection"], param.device, param.dtype), kind, stage1=stage1,
+                               reference=reference, progress=progress, **kw)
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_index(index: dict, path, ann=None) -> None:
+    """Write the search index (and ``ann``, its FAISS index, beside it as <name>.faiss, recorded by sha256)."""
+    index["ann"] = None
+    if ann is not None:
+        from scanet.ann import ann_path_for
+
+        ann_path = ann.save(ann_path_for(path), overwrite=True)     # it belongs to the index being written
+        index["ann"] = {"file": ann_path.name, "sha256": _file_sha256(ann_path), "kind": ann.kind,
+                        "stage1": ann.stage1, "size": len(ann)}
     atomic_torch_save(path, index)           # temporary file, fsync, rename
+
+
+def load_ann(index: dict, path, model):
+    """The FAISS index saved with the search index at ``path``, or None if it was built without one. Refuses a
+    FAISS file other than the one recorded (sha256) and one built by other weights (ANNIndex.load)."""
+    rec = index.get("ann")
+    if not rec:
+        return None
+    from scanet.ann import ANNIndex
+
+    ann_path = Path(path).with_name(rec["file"])
+    if not ann_path.is_file():
+        raise FileNotFoundError(f"the search index {path} was built with the FAISS index {ann_path}, which is "
+                                "missing: rebuild the index (scanet search index), or query with --no-ann")
+    if _file_sha256(ann_path) != rec["sha256"]:
+        raise ValueError(f"{ann_path} is not the FAISS index built with {path} (its sha256 differs): rebuild the "
+                         "index (scanet search index), or query with --no-ann")
+    ann = ANNIndex.load(ann_path, model=model)
+    if len(ann) != len(index["collection"]["ids"]):
+        raise ValueError(f"{ann_path} holds {len(ann)} items, the search index {len(index['collection']['ids'])}")
+    return ann
 
 
 def load_index(path, model=None) -> dict:
@@ -183,9 +271,12 @@ def _resolve_shortlist(shortlist, n: int, k: int) -> int:
 
 @torch.no_grad()
 def search_index(model, index: dict, *, text: str | None = None, text_id: str | None = None,
-                 image_id: str | None = None, top_k: int = 10, shortlist="auto", stage1: str = "layer1",
-                 precision: str = "fp32") -> dict:
-    """One query (free text, or an item of the index's split by id) against the index's collection."""
+                 image_id: str | None = None, top_k: int = 10, shortlist="auto", stage1: str | None = None,
+                 precision: str = "fp32", ann=None) -> dict:
+    """One query (free text, or an item of the index's split by id) against the index's collection.
+
+    ``ann`` (load_ann): a two-stage query takes its shortlist from this FAISS index when ``stage1`` is its
+    score (None: the FAISS index's, else "layer1"); otherwise the exact GEMM shortlist."""
     if sum(x is not None for x in (text, text_id, image_id)) != 1:
         raise ValueError("give exactly one of text, text_id, image_id")
     if top_k < 1:
@@ -218,13 +309,21 @@ def search_index(model, index: dict, *, text: str | None = None, text_id: str | 
         if qrec.get("words"):
             info["words"] = qrec["words"][pos]
     S = _resolve_shortlist(shortlist, len(collection), top_k)
+    stage1 = stage1 or (ann.stage1 if ann is not None else "layer1")
     if S == 0 or S >= len(collection):
         res, mode = exhaustive_search(model, queries, collection, top_k, precision), "exhaustive"
+    elif ann is not None and ann.stage1 == stage1:
+        from scanet.ann import two_stage_search_ann
+
+        res = two_stage_search_ann(model, queries, collection, ann, top_k, S, precision=precision)
+        mode = f"two-stage (FAISS {ann.kind} {stage1} shortlist of {S})"
     else:
-        res = two_stage_search(model, queries, collection, top_k, S, stage1, precision=precision)
+        res = two_stage_search(model, queries, collection, top_k, S, stage1, precision=precision,
+                               reference=index.get("reference_attention"))
         mode = f"two-stage ({stage1} shortlist of {S})"
     results = []
-    for r, (i, logit) in enumerate(zip(res.indices[0].tolist(), res.logits[0].tolist())):
+    found = [(i, logit) for i, logit in zip(res.indices[0].tolist(), res.logits[0].tolist()) if i >= 0]
+    for r, (i, logit) in enumerate(found):                # (an approximate index may fill fewer than k slots)
         results.append({"rank": r + 1, "id": coll["ids"][i], "index": i, "logit": logit,
                         "similarity": float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))),
                         "class": class_name(index["classes"], coll["labels"][i])})

@@ -12,6 +12,9 @@ Two-stage search, for large collections:
                  logit1 = (f_t * a1_T * w) @ (f_i * a1_I).T + b. Exact for models with one layer (and for none);
                  for two layers it is the same head on the first layer's features, a strong proxy.
        "cosine"  cosine of the encoders' outputs in the common space (model-agnostic, weaker).
+       "layer2-mean"  two-layer models: the full two-layer score with the layer-2 attention computed against a
+                 fixed partner, the mean layer-1 attention of the other modality over a reference sample
+                 (``reference_attention``; the derivation is in scanet.ann's docstring). The best proxy measured.
      The top ``shortlist`` items of each query by that score (top_k_inner_product: chunked GEMM + top-k, or
      FAISS IndexFlatIP when installed and asked for: the same exact inner products).
   2. re-rank: the full co-attention score of the shortlisted pairs only (gathered pairs: 4 N^2 FLOPs each),
@@ -32,9 +35,16 @@ import numpy as np
 import torch
 
 from scanet import reference
+from scanet.io import tensor_hash
 from scanet.model import pair_logits
 
-STAGE1 = ("layer1", "cosine")
+STAGE1 = ("layer1", "cosine", "layer2-mean")
+
+
+def model_hash(model) -> str:
+    """sha256 (16 hex digits) of the model's weights and buffers: names, dtypes, shapes and bytes. A search index
+    and its FAISS index record it; loading either refuses another model."""
+    return tensor_hash(model.state_dict())[:16]
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -122,17 +132,55 @@ def score_pairs(model, texts: Items, images: Items, text_index=None, image_index
                        text_index=text_index, image_index=image_index)
 
 
-def stage1_vectors(model, items: Items, method: str = "layer1") -> torch.Tensor:
-    """Per-item vectors whose inner product is the stage-1 score (see the module docstring)."""
+def mean_attention(items: Items) -> torch.Tensor:
+    """(N,) the mean layer-1 attention of encoded items: a "layer2-mean" reference."""
+    if items.attention is None or len(items) == 0:
+        raise ValueError("mean_attention needs items of a model with co-attention layers (attention maps)")
+    return items.attention.double().mean(0).to(items.attention.dtype)
+
+
+def reference_attention(texts: Items, images: Items) -> dict:
+    """{"text": mean text attention, "image": mean image attention} of reference samples (the training split)."""
+    return {"text": mean_attention(texts), "image": mean_attention(images)}
+
+
+@torch.no_grad()
+def stage1_vectors(model, items: Items, method: str = "layer1", reference: dict | None = None) -> torch.Tensor:
+    """Per-item vectors whose inner product is the stage-1 score (see the module docstring); "layer2-mean"
+    needs ``reference`` (reference_attention)."""
     if method not in STAGE1:
         raise ValueError(f"stage-1 score must be one of {STAGE1}, got {method!r}")
     f = items.features
     if method == "cosine":
         return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    v = f if items.attention is None else f * items.attention
+    if method == "layer2-mean":
+        v = _layer2_mean_vectors(model, items, reference)
+    else:
+        v = f if items.attention is None else f * items.attention
     if items.modality == "text":                        # the head's weight goes on one side
         v = v * model.head.fc.weight.detach().reshape(-1).to(v.dtype)
     return v
+
+
+def _layer2_mean_vectors(model, items: Items, reference: dict | None) -> torch.Tensor:
+    c = model.coattention
+    if c.num_layers != 2:
+        raise ValueError(f"stage-1 'layer2-mean' is for models with 2 co-attention layers, this one has "
+                         f"{c.num_layers}: use 'layer1' (exact for 1 layer)")
+    if reference is None or set(reference) != {"text", "image"}:
+        raise ValueError("stage-1 'layer2-mean' needs reference={'text': ..., 'image': ...}, the mean layer-1 "
+                         "attention of each modality (scanet.retrieve.reference_attention of the training split)")
+    other = "image" if items.modality == "text" else "text"
+    f, a1 = items.features, items.attention
+    partner = torch.as_tensor(reference[other], dtype=f.dtype, device=f.device)
+    if partner.shape != (f.shape[1],):
+        raise ValueError(f"reference attention of the {other}s must be ({f.shape[1]},), got {tuple(partner.shape)}")
+    # The layer-2 attention that weighs THIS item's side comes from the partner's layer-2 map computed on this
+    # item's layer-1 features: text features attend through text_fc[1], image features through image_fc[1].
+    fc = (c.text_fc if items.modality == "text" else c.image_fc)[1]
+    p2 = torch.softmax(torch.relu(torch.nn.functional.linear(partner * f, fc.weight.to(f.dtype),
+                                                              fc.bias.to(f.dtype))), dim=-1) * c.scale
+    return p2 * a1 * f
 
 
 def _faiss():
@@ -210,13 +258,15 @@ def exhaustive_search(model, queries: Items, collection: Items, k: int, precisio
 
 @torch.no_grad()
 def two_stage_search(model, queries: Items, collection: Items, k: int, shortlist: int, stage1: str = "layer1",
-                     backend: str = "torch", precision: str = "fp32", scorer: str = "auto") -> SearchResult:
-    """Shortlist ``shortlist`` items per query by the stage-1 score, re-rank them by the full model, keep k."""
+                     backend: str = "torch", precision: str = "fp32", scorer: str = "auto",
+                     reference: dict | None = None) -> SearchResult:
+    """Shortlist ``shortlist`` items per query by the stage-1 score, re-rank them by the full model, keep k.
+    ``reference``: the reference attention of stage-1 "layer2-mean" (reference_attention)."""
     if shortlist < 1:
         raise ValueError(f"shortlist must be >= 1, got {shortlist}")
     texts, images = _texts_images(queries, collection)
-    _, short = top_k_inner_product(stage1_vectors(model, queries, stage1), stage1_vectors(model, collection, stage1),
-                                   shortlist, backend=backend)
+    _, short = top_k_inner_product(stage1_vectors(model, queries, stage1, reference),
+                                   stage1_vectors(model, collection, stage1, reference), shortlist, backend=backend)
     Q, S = short.shape
     q_index = torch.arange(Q, device=short.device).repeat_interleave(S)
     c_index = short.reshape(-1)

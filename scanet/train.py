@@ -5,6 +5,12 @@ drawn once from the training split with the run's seed. Checkpoints are scanet.c
 all pairs in a fresh order drawn from (seed, epoch), and dropout's random stream is reseeded from (seed, epoch)
 too, so a run resumed from the checkpoint of epoch e continues exactly as the uninterrupted run would have.
 
+Data-parallel (torchrun, scanet.distributed): every rank draws the same epoch order and takes its piece of each
+global batch (shard_batches); the loss is the global batch's, from moments all-reduced across ranks
+(distributed_scanet_loss), and DistributedDataParallel averages the gradients, so N ranks of B/N pairs step as
+one process of B. Rank 0 alone evaluates and writes (checkpoints, metrics, plots, evaluation.json); the other
+ranks receive each epoch's row and the early-stop decision from it, so every rank runs the same epochs.
+
 Model selection never looks at the test split: ``validation_fraction`` of the training items (stratified by class,
 seeded; scanet.data.splits) are held out before the pairs are drawn, their MAP (text->image and image->text,
 all validation items as candidates) is measured after every epoch, the best epoch is saved as ``best.pt`` beside
@@ -22,13 +28,14 @@ from pathlib import Path
 
 import torch
 
+from scanet import distributed as sd
 from scanet.checkpoint import (CHECKPOINT_FORMAT, build_model, load_checkpoint, load_model,  # noqa: F401
                                preset_from_dict, save_checkpoint)
 from scanet.config import Preset
 from scanet.data.prepared import PreparedDataset, Split
 from scanet.data.splits import carve_validation
 from scanet.evaluate import evaluate_model, evaluate_protocols, model_scorer, retrieval_report
-from scanet.loss import scanet_loss
+from scanet.loss import distributed_scanet_loss, scanet_loss
 from scanet.pairs import make_pairs
 from scanet.plots import plot_pr_curves, plot_training_curve
 
@@ -82,9 +89,16 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc = preset.train
-    device = torch.device(device)
+    info = sd.init_from_env(device)
+    device = sd.device_for(info, device)
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
+    if cuda_graphs and info.distributed:
+        raise ValueError("--cuda-graphs is not supported under torchrun (one process per device without graphs)")
+    main = sd.is_main()
+    progress = progress and main
+    if not main:
+        log = _silent
     torch.manual_seed(tc.seed)
     model = build_model(preset, dataset, fused=fused).to(device)
     # fused=True: one multi-tensor kernel instead of a loop over parameters (on CPU the default Adam costs a
@@ -110,7 +124,13 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         best = state.get("best", best)
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
 
-    step_model = torch.compile(model) if compile else model
+    # The buffers (input statistics, the word graph) are fixed, identical on every rank: synced once at
+    # construction, not before every forward.
+    net = (torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+        if info.distributed else model)
+    step_model = torch.compile(net) if compile else net
+    batch_loss = distributed_scanet_loss if info.distributed else scanet_loss
     tr, val = dataset.train, None
     if tc.validation_fraction > 0:
         tr, val = carve_validation(dataset.train, tc.validation_fraction, tc.seed)
@@ -120,11 +140,10 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     ti, ii, target = (torch.as_tensor(a, device=device) for a in
                       make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed))
     n_pairs = len(target)
-    steps = n_pairs // tc.batch_size if cuda_graphs else math.ceil(n_pairs / tc.batch_size)
 
     def step_fn(idx, zero_grad=True):
         sim = step_model(texts[ti[idx]], images[ii[idx]])
-        loss, _ = scanet_loss(sim, target[idx], tc.margin, tc.lam)
+        loss, _ = batch_loss(sim, target[idx], tc.margin, tc.lam)
         if zero_grad:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -137,9 +156,12 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     report = None
     for epoch in range(start_epoch, tc.epochs):
         model.train()
-        gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-        order = torch.randperm(n_pairs, generator=gen).to(device)
-        torch.manual_seed(tc.seed * 100_003 + epoch)             # dropout's stream, reproducible on resume
+        order = sd.epoch_order(n_pairs, tc.seed, epoch)           # the same permutation on every rank
+        batches = [b.to(device) for b in sd.shard_batches(order, tc.batch_size, info.rank, info.world_size,
+                                                          drop_last=cuda_graphs)]
+        steps = len(batches)
+        # dropout's stream, reproducible on resume; each rank its own (rank 0: the one-process stream)
+        torch.manual_seed(tc.seed * 100_003 + epoch + 7_919 * info.rank)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         bar = range(steps)
@@ -148,7 +170,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
 
             bar = tqdm(bar, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step", leave=False)
         for s in bar:
-            idx = order[s * tc.batch_size:(s + 1) * tc.batch_size]
+            idx = batches[s]
             loss = graphed(idx) if graphed is not None else step_fn(idx)
             loss_sum += loss
             if progress and s % 50 == 0:
@@ -161,6 +183,13 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
                                      "lower the learning rate")
         last = epoch + 1 == tc.epochs
         report = None
+        if not main:                       # rank 0 evaluates and writes; the others follow its row and decision
+            row, best, stop = sd.broadcast_object(None)
+            history.append(row)
+            sd.barrier()
+            if stop:
+                break
+            continue
         if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or last:
             t1 = time.perf_counter()
             report, _ = evaluate_model(model, dataset, "test", tc.score_chunk)
@@ -176,6 +205,9 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
             if improved:
                 best = {"epoch": epoch + 1, "val_mean_map": row["val_mean_map"]}
         history.append(row)
+        stop = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
+        patience_out = val is not None and tc.patience and epoch + 1 - best["epoch"] >= tc.patience
+        sd.broadcast_object((row, best, bool(stop or patience_out)))
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
         state = {
             "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -188,14 +220,18 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         save_checkpoint(ckpt_path, state)
         (out / "metrics.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
         plot_training_curve(history, out / "training_curve.png")
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+        sd.barrier()                                          # the epoch's files exist before any rank goes on
+        if stop:
             break
-        if val is not None and tc.patience and epoch + 1 - best["epoch"] >= tc.patience:
+        if patience_out:
             log(f"early stop after epoch {epoch + 1}: no better validation MAP for {tc.patience} epochs "
                 f"(best: epoch {best['epoch']}, {best['val_mean_map']:.4f})")
             break
 
     selected_epoch = history[-1]["epoch"] if history else 0
+    if not main:                                              # rank 0 reports; evaluation.json is its file
+        return {"history": history, "report": None,
+                "selected_epoch": best["epoch"] if val is not None and best["epoch"] else selected_epoch}
     if val is not None and best["epoch"] and best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
         selected_epoch = best["epoch"]
@@ -209,6 +245,10 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     (out / "evaluation.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     plot_pr_curves({"SCANet": report}, out / "pr_curves.png", title=dataset.name)
     return {"history": history, "report": report, "selected_epoch": selected_epoch}
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def split_report(model, split: Split, chunk_size: int = 64) -> dict:

@@ -247,7 +247,7 @@ def test_two_stage_query_and_contact_sheet(capsys, trained, indexes, tmp_path):
     plt.imsave(root / "images" / first["class"] / f"{first['id']}.png", np.random.default_rng(0).random((12, 16, 3)))
     sheet = tmp_path / "sheet.png"
     rc, out, _ = query(capsys, trained, indexes["images"], "--text-id", "te3", "--top-k", "5", "--shortlist",
-                       "60", "--contact-sheet", str(sheet), "--root", str(root), "--json")
+                       "60", "--stage1", "layer1", "--contact-sheet", str(sheet), "--root", str(root), "--json")
     assert rc == 0
     res = json.loads(out)
     assert res["mode"] == "two-stage (layer1 shortlist of 60)"
@@ -292,3 +292,74 @@ def test_model_hash_tracks_weights():
     with torch.no_grad():
         b.head.fc.bias += 1e-9
     assert index_mod.model_hash(a) != index_mod.model_hash(b)
+
+
+# ----------------------------------------------------------------------------- FAISS beside the search index
+def test_faiss_index_beside_the_search_index_returns_the_exhaustive_top_k(capsys, trained, indexes, tmp_path):
+    pytest.importorskip("faiss")                   # in [dev]: the tests run it
+    from scanet.ann import ann_path_for
+    from scanet.index import load_index
+
+    index = load_index(indexes["images"])         # built by the fixture with the default --ann auto: flat here
+    assert index["ann"]["kind"] == "flat" and index["ann"]["stage1"] == "layer2-mean"
+    assert ann_path_for(indexes["images"]).is_file() and index["reference_attention"]["text"].shape == (
+        index["common_dim"],)
+    hnsw = str(tmp_path / "hnsw.pt")
+    assert main(["search", "index", "--checkpoint", trained["ckpt"], "--data", trained["data"], "--side", "images",
+                 "--out", hnsw, "--ann", "hnsw"]) == 0
+    assert "FAISS hnsw index of 200 layer2-mean vectors" in capsys.readouterr().out
+    for qid in ("te0", "te3", "te11", "te42", "te150"):
+        rc, out, _ = query(capsys, trained, indexes["images"], "--text-id", qid, "--top-k", "10", "--shortlist", "0",
+                           "--json")
+        exhaustive = json.loads(out)
+        assert rc == 0 and exhaustive["mode"] == "exhaustive"
+        for path, kind in ((indexes["images"], "flat"), (hnsw, "hnsw")):
+            rc, out, _ = query(capsys, trained, path, "--text-id", qid, "--top-k", "10", "--shortlist", "60", "--json")
+            res = json.loads(out)
+            assert rc == 0 and res["mode"] == f"two-stage (FAISS {kind} layer2-mean shortlist of 60)"
+            assert [r["id"] for r in res["results"]] == [r["id"] for r in exhaustive["results"]], (qid, kind)
+        # the flat FAISS shortlist is the exact GEMM shortlist of the same score
+        rc, out, _ = query(capsys, trained, indexes["images"], "--text-id", qid, "--top-k", "10", "--shortlist",
+                           "20", "--json")
+        faiss_top = json.loads(out)
+        rc, out, _ = query(capsys, trained, indexes["images"], "--text-id", qid, "--top-k", "10", "--shortlist",
+                           "20", "--no-ann", "--stage1", "layer2-mean", "--json")
+        gemm_top = json.loads(out)
+        assert gemm_top["mode"] == "two-stage (layer2-mean shortlist of 20)"
+        assert [r["id"] for r in faiss_top["results"]] == [r["id"] for r in gemm_top["results"]]
+
+
+def test_faiss_index_of_another_model_or_index_is_refused(capsys, trained, indexes, tmp_path):
+    pytest.importorskip("faiss")
+    import shutil
+
+    from scanet.index import load_ann, load_index
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    for path, kind in ((a, "flat"), (b, "hnsw")):
+        assert main(["search", "index", "--checkpoint", trained["ckpt"], "--data", trained["data"], "--side",
+                     "images", "--out", str(path), "--ann", kind]) == 0
+    capsys.readouterr()
+    # other weights: ANNIndex.load's model-hash check
+    model, _ = load_model(trained["ckpt"], trained["dataset"])
+    with torch.no_grad():
+        model.head.fc.bias += 1e-3
+    with pytest.raises(ValueError, match="was built with model .* rebuild the index"):
+        load_ann(load_index(a), a, model)
+    # a FAISS file that is not the one built with this search index (same model, another index)
+    shutil.copy(b.with_suffix(".faiss"), a.with_suffix(".faiss"))
+    rc, _, err = query(capsys, trained, str(a), "--text-id", "te1", "--shortlist", "30")
+    assert rc == 2 and "is not the FAISS index built with" in err
+    rc, out, _ = query(capsys, trained, str(a), "--text-id", "te1", "--shortlist", "30", "--no-ann", "--json")
+    assert rc == 0 and json.loads(out)["mode"] == "two-stage (layer1 shortlist of 30)"
+    a.with_suffix(".faiss").unlink()
+    rc, _, err = query(capsys, trained, str(a), "--text-id", "te1", "--shortlist", "30")
+    assert rc == 2 and "which is missing" in err
+    # --ann none: no FAISS index recorded, the exact GEMM shortlist
+    c = tmp_path / "c.pt"
+    assert main(["search", "index", "--checkpoint", trained["ckpt"], "--data", trained["data"], "--side", "images",
+                 "--out", str(c), "--ann", "none"]) == 0
+    capsys.readouterr()
+    assert load_index(c)["ann"] is None and not c.with_suffix(".faiss").exists()
+    rc, out, _ = query(capsys, trained, str(c), "--text-id", "te1", "--shortlist", "30", "--json")
+    assert rc == 0 and json.loads(out)["mode"] == "two-stage (layer1 shortlist of 30)"

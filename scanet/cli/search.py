@@ -9,35 +9,49 @@ from pathlib import Path
 from scanet import retrieve
 from scanet.cli._common import dataset_options, load_trained
 from scanet.fused._dispatch import PRECISIONS
-from scanet.index import AUTO_EXHAUSTIVE_MAX, SIDES
+from scanet.index import ANN_CHOICES, AUTO_EXHAUSTIVE_MAX, SIDES
 from scanet.retrieve import STAGE1
 
 
 def cmd_index(args) -> None:
     from scanet.data.text import read_stopwords
-    from scanet.index import build_index, save_index
+    from scanet.index import build_ann, build_index, save_index
 
     model, _, dataset = load_trained(args, args.preset)
     stop_file = Path(args.root) / "stopwords.txt" if args.root else None
     stopwords = read_stopwords(stop_file) if stop_file is not None and stop_file.is_file() else ()
     t0 = time.perf_counter()
     index = build_index(model, dataset, args.side, args.split, root=args.root, stopwords=stopwords,
-                        batch_size=args.batch_size, checkpoint=args.checkpoint)
-    save_index(index, args.out)
+                        batch_size=args.batch_size, checkpoint=args.checkpoint, progress=True)
+    ann = None
+    if args.ann != "none":
+        if args.ann == "auto" and retrieve._faiss() is None:
+            print("FAISS is not installed (pip install faiss-cpu): no FAISS index; two-stage queries use the exact "
+                  "GEMM shortlist")
+        else:
+            t1 = time.perf_counter()
+            ann = build_ann(model, index, args.ann, args.ann_stage1, progress=True)
+            ann_seconds = time.perf_counter() - t1
+    save_index(index, args.out, ann)
     print(f"indexed {len(index['collection']['ids'])} {args.side} ({dataset.name}, {args.split} split) with model "
           f"{index['model_hash']} in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    if ann is not None:
+        print(f"FAISS {ann.kind} index of {len(ann)} {ann.stage1} vectors in {ann_seconds:.1f} s -> "
+              f"{Path(args.out).with_name(index['ann']['file'])}")
 
 
 def cmd_query(args) -> None:
     from scanet.checkpoint import load_checkpoint, load_model
-    from scanet.index import load_index, search_index
+    from scanet.index import load_ann, load_index, search_index
     from scanet.plots import contact_sheet
 
     model, _ = load_model(load_checkpoint(args.checkpoint), None, device=args.device)
     model.eval()
     index = load_index(args.index, model)
+    ann = None if args.no_ann else load_ann(index, args.index, model)
     result = search_index(model, index, text=args.text, text_id=args.text_id, image_id=args.image_id,
-                          top_k=args.top_k, shortlist=args.shortlist, stage1=args.stage1, precision=args.precision)
+                          top_k=args.top_k, shortlist=args.shortlist, stage1=args.stage1, precision=args.precision,
+                          ann=ann)
     root = args.root or index.get("root")
     if args.contact_sheet:
         result["contact_sheet"] = str(contact_sheet(result, args.contact_sheet, root))
@@ -76,6 +90,11 @@ def add_commands(subparsers) -> None:
     pi.add_argument("--out", required=True, help="the index file to write (.pt)")
     pi.add_argument("--device", default="cpu")
     pi.add_argument("--batch-size", type=int, default=256, help="items encoded at a time")
+    pi.add_argument("--ann", default="auto", choices=ANN_CHOICES,
+                    help="FAISS index beside the search index (<name>.faiss) for the two-stage shortlist: auto = "
+                         "when FAISS is installed, exact (flat) up to 100,000 items, HNSW above; none = no index")
+    pi.add_argument("--ann-stage1", choices=STAGE1,
+                    help="the FAISS index's stage-1 score (default: layer2-mean for two-layer models, else layer1)")
     pi.set_defaults(func=cmd_index)
 
     pq = sub.add_parser("query", help="top-k of one query against an index")
@@ -89,7 +108,11 @@ def add_commands(subparsers) -> None:
     pq.add_argument("--shortlist", default="auto",
                     help=f"two-stage shortlist size; 0 = exhaustive; auto = exhaustive up to {AUTO_EXHAUSTIVE_MAX} "
                          "items, else max(20 k, 200)")
-    pq.add_argument("--stage1", default="layer1", choices=STAGE1, help="the shortlist's score")
+    pq.add_argument("--stage1", choices=STAGE1,
+                    help="the shortlist's score (default: the FAISS index's, else layer1); a score other than the "
+                         "FAISS index's uses the exact GEMM shortlist")
+    pq.add_argument("--no-ann", action="store_true",
+                    help="ignore the FAISS index: exact GEMM shortlist over all items")
     pq.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                     help="GEMM inputs of the fused scorer (CUDA only)")
     pq.add_argument("--contact-sheet", help="write a PNG of the query and its results")

@@ -63,18 +63,36 @@ def _write_results(out: Path, reports: dict, extra: dict) -> None:
 
 
 def cmd_train(args) -> None:
+    from scanet import distributed as sd
+
+    try:
+        _train_run(args)
+    finally:
+        sd.destroy()                      # under torchrun: leave the process group (a no-op for one process)
+
+
+def _train_run(args) -> None:
+    from scanet import distributed as sd
     from scanet.config import apply_overrides, get_preset
     from scanet.train import train
 
     preset = apply_overrides(get_preset(args.preset or ("wiki" if args.root else "synthetic")), args.set or [])
+    sd.init_from_env(args.device)         # torchrun: join the group (train() finds it joined)
+    if not sd.is_main():
+        sd.barrier()                      # rank 0 prepares (and caches) the dataset, then the others read it
     dataset = load_dataset(args, preset)
+    if sd.is_main():
+        sd.barrier()
     out = Path(args.out or Path("runs") / preset.name)
     t0 = time.perf_counter()
     fused = use_fused(args)
-    print(f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}")
+    if sd.is_main():
+        print(f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}")
     result = train(preset, dataset, out, device=args.device, fused=fused, resume=args.resume,
                    compile=args.compile, cuda_graphs=args.cuda_graphs)
     wall = time.perf_counter() - t0
+    if not sd.is_main():                  # under torchrun rank 0 alone writes the results
+        return
     reports = {"SCANet": result["report"]}
     if not args.no_baseline:
         reports.update(_baseline_rows(dataset, args.root, "both"))
