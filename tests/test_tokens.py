@@ -41,6 +41,10 @@ def test_subset_and_arrays_round_trip_through_npz(tmp_path):
     t = token_ids(DOCS, VOCAB)
     s = t.subset([3, 3, 0])
     assert [s.sequence(r).tolist() for r in range(3)] == [[4, 3, 1, 4, 2], [4, 3, 1, 4, 2], [2, 1, 2]]
+    both = TokenSequences.concatenate([t, s])
+    assert len(both) == 7 and [both.sequence(r).tolist() for r in (3, 4, 6)] == [[4, 3, 1, 4, 2]] * 2 + [[2, 1, 2]]
+    with pytest.raises(ValueError, match="different vocabularies"):
+        TokenSequences.concatenate([t, token_ids(DOCS, VOCAB[:3])])
     np.savez(tmp_path / "a.npz", **t.to_arrays("train"))
     with np.load(tmp_path / "a.npz") as a:
         back = TokenSequences.from_arrays(a, "train", len(VOCAB))

@@ -71,6 +71,18 @@ class TokenSequences:
         np.cumsum([s.size for s in seqs], out=indptr[1:])
         return TokenSequences(indptr, np.concatenate(seqs) if seqs else np.zeros(0, np.int32), self.vocab_size)
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["TokenSequences"]) -> "TokenSequences":
+        """The texts of ``parts`` one after another (e.g. train + test for a retrieval index)."""
+        if not parts:
+            raise ValueError("concatenate needs at least one TokenSequences")
+        sizes = {p.vocab_size for p in parts}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot concatenate token sequences over different vocabularies (sizes {sorted(sizes)})")
+        offsets = np.cumsum([0] + [p.ids.size for p in parts[:-1]])
+        indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets)])
+        return cls(indptr, np.concatenate([p.ids for p in parts]), sizes.pop())
+
     def padded(self, rows=None, max_length: int | None = None, pad_to: int | None = None):
         """(ids (B, T) int64, lengths (B,) int64) for the texts ``rows`` (default: all), ids padded with 0.
 
