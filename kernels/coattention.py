@@ -333,7 +333,8 @@ def rowwise_config(M: int, N: int, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------- launchers
 def _index_64(*tensors: torch.Tensor) -> bool:
     """Whether some element of these tensors lies 2^31 or more elements from its base pointer."""
-    reach = max(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else 0 for t in tensors)
+    reach = max(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+                for t in tensors)
     return reach >= 2 ** 31 - 1
 
 

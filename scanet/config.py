@@ -85,7 +85,7 @@ PRESETS = {
         model=ModelConfig(common_dim=256, dropout=0.5),
         train=TrainConfig(epochs=2, batch_size=256, lr=3e-4, weight_decay=0.0, positive_pairs=80_000,
                           negative_pairs=80_000),
-        vocab_size=None, knn=None,
+        vocab_size=None, knn=None,  # type: ignore[arg-type]  # None: dataset.json decides (_typed allows it here only)
     ),
 }
 

@@ -224,7 +224,7 @@ def search_index(model, index: dict, *, text: str | None = None, text_id: str | 
         res = two_stage_search(model, queries, collection, top_k, S, stage1, precision=precision)
         mode = f"two-stage ({stage1} shortlist of {S})"
     results = []
-    for r, (i, logit) in enumerate(zip(res.indices[0].tolist(), res.logits[0].tolist())):
+    for r, (i, logit) in enumerate(zip(res.indices[0].tolist(), res.logits[0].tolist(), strict=True)):
         results.append({"rank": r + 1, "id": coll["ids"][i], "index": i, "logit": logit,
                         "similarity": float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))),
                         "class": class_name(index["classes"], coll["labels"][i])})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scanet.laplacian import Laplacian, check_laplacian  # noqa: F401  (check_laplacian: public here)
+from scanet.laplacian import Laplacian, check_laplacian
 
 ACTIVATIONS = ("relu", "none", None)
 
@@ -101,7 +101,9 @@ def chebyshev_basis(laplacian_csr: torch.Tensor, x: torch.Tensor, K: int) -> lis
 
 def cheb_conv_from_basis(basis, weight, bias=None, activation="relu") -> torch.Tensor:
     """y = act(sum_k T_k @ W_k + b) from a precomputed basis (see ``chebyshev_basis``)."""
-    y = sum(torch.matmul(t, weight[k]) for k, t in enumerate(basis))
+    y = torch.matmul(basis[0], weight[0])
+    for k in range(1, len(basis)):
+        y = y + torch.matmul(basis[k], weight[k])
     if bias is not None:
         y = y + bias
     return F.relu(y) if activation == "relu" else y

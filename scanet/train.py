@@ -1,9 +1,9 @@
 """Training: one readable loop (nanoGPT style), atomic checkpoints with exact resume, metrics as JSON and PNG.
 
 Pairs (scanet.pairs): ``positive_pairs`` matching and ``negative_pairs`` non-matching (text, image) pairs,
-drawn once from the training split with the run's seed. Checkpoints are scanet.checkpoint's. Every epoch visits all pairs in a fresh order drawn from (seed, epoch), and dropout's random stream
-is reseeded from (seed, epoch) too, so a run resumed from the checkpoint of epoch e continues exactly as the
-uninterrupted run would have.
+drawn once from the training split with the run's seed. Checkpoints are scanet.checkpoint's. Every epoch visits
+all pairs in a fresh order drawn from (seed, epoch), and dropout's random stream is reseeded from (seed, epoch)
+too, so a run resumed from the checkpoint of epoch e continues exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -12,16 +12,23 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from scanet.checkpoint import (CHECKPOINT_FORMAT, build_model, load_checkpoint, load_model,  # noqa: F401
-                               preset_from_dict, save_checkpoint)
+from scanet.checkpoint import (  # noqa: F401
+    CHECKPOINT_FORMAT,
+    build_model,
+    load_checkpoint,
+    load_model,
+    preset_from_dict,
+    save_checkpoint,
+)
 from scanet.config import Preset
 from scanet.data.prepared import PreparedDataset
 from scanet.evaluate import evaluate_model
 from scanet.loss import scanet_loss
-from scanet.pairs import make_pairs  # noqa: F401  (scanet.train.make_pairs: where it used to live)
+from scanet.pairs import make_pairs
 from scanet.plots import plot_pr_curves, plot_training_curve
 
 
@@ -39,7 +46,8 @@ class GraphedStep:
     def __init__(self, step_fn, batch_size: int, device, warmup: int = 3):
         self.step_fn, self.warmup, self.calls = step_fn, warmup, 0
         self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.graph, self.static_loss = None, None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_loss = torch.empty(0, device=device)   # the captured step's loss (set at capture)
         self.side = torch.cuda.Stream(device=device)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
@@ -62,7 +70,7 @@ class GraphedStep:
         return self.static_loss
 
 
-def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device: str = "cpu",
+def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device: str | torch.device = "cpu",
           fused: bool = False, resume: bool = False, compile: bool = False, cuda_graphs: bool = False,
           progress: bool = True, stop_after_epoch: int | None = None, log=print) -> dict:
     """Train, evaluate on the test split, checkpoint every epoch. Returns the last metrics row.
@@ -119,7 +127,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         opt.step()
         return loss.detach()
 
-    step_fn.zero_grad = lambda: opt.zero_grad(set_to_none=True)
+    step_fn.zero_grad = lambda: opt.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # read by GraphedStep
     graphed = GraphedStep(step_fn, tc.batch_size, device) if cuda_graphs else None
 
     report = None
@@ -130,7 +138,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         torch.manual_seed(tc.seed * 100_003 + epoch)             # dropout's stream, reproducible on resume
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        bar = range(steps)
+        bar: Any = range(steps)   # or its tqdm wrapper
         if progress:
             from tqdm import tqdm
 

@@ -194,7 +194,7 @@ def test_imagenet_predictions_on_real_photos_are_sensible(shared_data, lite0):
     if not all((root / c).is_file() for c in cases):
         pytest.skip(f"WebNews images not found under {root}")
     preds = sf.classify([root / c for c in cases], top=5)
-    for (name, want), top in zip(cases.items(), preds):
+    for (name, want), top in zip(cases.items(), preds, strict=True):
         assert top[0][0] == want, (name, top)
         assert top[0][1] > 0.3, (name, top)
 
