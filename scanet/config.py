@@ -41,8 +41,8 @@ class Preset:
     dataset: str                      # loader name in scanet.data
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    vocab_size: int = 10_055          # the paper's Wiki graph has 10,055 words
-    knn: int = 8
+    vocab_size: int | None = 10_055   # the paper's Wiki graph has 10,055 words; None: the preparer's default
+    knn: int | None = 8
 
 
 PRESETS = {
@@ -85,7 +85,7 @@ PRESETS = {
         model=ModelConfig(common_dim=256, dropout=0.5),
         train=TrainConfig(epochs=2, batch_size=256, lr=3e-4, weight_decay=0.0, positive_pairs=80_000,
                           negative_pairs=80_000),
-        vocab_size=None, knn=None,  # type: ignore[arg-type]  # None: dataset.json decides (_typed allows it here only)
+        vocab_size=None, knn=None,
     ),
 }
 

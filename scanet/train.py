@@ -28,7 +28,7 @@ from scanet.config import Preset
 from scanet.data.prepared import PreparedDataset
 from scanet.evaluate import evaluate_model
 from scanet.loss import scanet_loss
-from scanet.pairs import make_pairs
+from scanet.pairs import make_pairs  # scanet.train.make_pairs: where it used to live
 from scanet.plots import plot_pr_curves, plot_training_curve
 
 

@@ -222,8 +222,11 @@ def test_cache_recomputes_only_changed_images(tmp_path, monkeypatch, meancolour)
     for i in range(4):
         _rgb(i).save(d / f"{i}.png")
     names = [f"{i}.png" for i in range(4)]
-    run = lambda: sf.extract_cached([d / n for n in names], names, tmp_path / "f.npy", meancolour.name,  # noqa: E731
-                                    progress=False, log=lambda m: None)
+
+    def run():
+        return sf.extract_cached([d / n for n in names], names, tmp_path / "f.npy", meancolour.name,
+                                 progress=False, log=lambda m: None)
+
     first = run()
     assert first.computed == 4
     again = run()

@@ -21,7 +21,7 @@ import numpy as np
 
 from scanet.data.assemble import assemble
 from scanet.data.embeddings import WordVectors, load_word_vectors
-from scanet.data.lists import ListEntry, read_list
+from scanet.data.lists import ListEntry, read_list  # scanet.data.wiki.read_list: public here
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer, read_stopwords
 from scanet.features import DEFAULT_MODEL, cnn_features_for_entries, get_image_model
