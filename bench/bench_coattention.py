@@ -30,7 +30,6 @@ vs torch.compile vs fused (SCANet(fused=True), CUDA only). Each row records proj
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

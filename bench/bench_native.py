@@ -338,7 +338,7 @@ def test_native_train_step(benchmark, measure, monkeypatch, provider):
     """One training step of scanet.model.SCANet at the Wiki preset (fused=False, ChebConv.op swapped)."""
     _require(provider)
     from scanet.loss import scanet_loss
-    from scanet.model import SCANet, ChebConv
+    from scanet.model import ChebConv, SCANet
 
     lt, L = word_graph()
     B = 256
@@ -539,7 +539,8 @@ def main(argv=None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"cpu-{platform.machine()}-{os.cpu_count()}cores",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "command": "OMP_WAIT_POLICY=passive python bench/bench_native.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "OMP_WAIT_POLICY=passive python bench/bench_native.py "
+                   + " ".join(argv if argv is not None else sys.argv[1:]),
         "note": ("providers interleaved round by round on a shared 2-core machine (other jobs running): read "
                  f"the ratios, not the times; load average (1, 5, 15 min) at the start {load_at_start}, "
                  f"at the end " + " ".join(f"{x:.1f}" for x in os.getloadavg())),

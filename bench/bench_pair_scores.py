@@ -185,9 +185,9 @@ def test_pair_scores(benchmark, measure, bench_device, full_sweep, nq, nc, N, pr
 @pytest.fixture(scope="module")
 def retrieval_setup(tmp_path_factory, bench_device):
     from scanet import retrieve
+    from scanet.checkpoint import load_model
     from scanet.config import get_preset
     from scanet.data import synthetic
-    from scanet.checkpoint import load_model
     from scanet.train import train
 
     base = tmp_path_factory.mktemp("retrieval")

@@ -142,9 +142,11 @@ def pytest_sessionfinish(session, exitstatus):
     if tr is not None:
         tr.write_line("")
         tr.write_line(f"scanet benchmark summary ({summary['device']}) -> {path}")
-        tr.write_line(f"{'op':<18} {'case':<34} {'provider':<16} {'median ms':>10} {'x eager':>8} {'GB/s':>8} {'TFLOP/s':>8}")
+        tr.write_line(f"{'op':<18} {'case':<34} {'provider':<16} {'median ms':>10} {'x eager':>8} {'GB/s':>8} "
+                      f"{'TFLOP/s':>8}")
         for r in rows:
             sp = f"{r['speedup_vs_eager']:.2f}" if r["speedup_vs_eager"] else "-"
             gb = f"{r['GB/s']:.1f}" if r.get("GB/s") else "-"
             tf = f"{r['TFLOP/s']:.2f}" if r.get("TFLOP/s") else "-"
-            tr.write_line(f"{r['op']:<18} {r['case']:<34} {r['provider']:<16} {r['median_s'] * 1e3:>10.3f} {sp:>8} {gb:>8} {tf:>8}")
+            tr.write_line(f"{r['op']:<18} {r['case']:<34} {r['provider']:<16} {r['median_s'] * 1e3:>10.3f} "
+                          f"{sp:>8} {gb:>8} {tf:>8}")

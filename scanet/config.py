@@ -43,8 +43,8 @@ class Preset:
     dataset: str                      # loader name in scanet.data
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    vocab_size: int = 10_055          # the paper's Wiki graph has 10,055 words
-    knn: int = 8
+    vocab_size: int | None = 10_055   # the paper's Wiki graph has 10,055 words; None: the preparer's default
+    knn: int | None = 8
 
 
 PRESETS = {

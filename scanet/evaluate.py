@@ -19,17 +19,27 @@ not comparable: every table labels which protocol a figure comes from.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
+if TYPE_CHECKING:
+    from scanet.data.prepared import PreparedDataset, Split
+    from scanet.model import SCANet
 
-def _np(a) -> np.ndarray:
+# Scores and labels: a torch tensor (any device) or anything numpy reads; labels are class indices or multi-hot rows.
+ArrayLike = torch.Tensor | npt.ArrayLike
+
+
+def _np(a: ArrayLike) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-def relevance(query_labels, candidate_labels) -> np.ndarray:
+def relevance(query_labels: ArrayLike, candidate_labels: ArrayLike) -> np.ndarray:
     q, c = _np(query_labels), _np(candidate_labels)
     if q.ndim != c.ndim or q.ndim not in (1, 2):
         raise ValueError(f"labels must both be (n,) class indices or (n, C) multi-hot, got {q.shape} and {c.shape}")
@@ -40,7 +50,8 @@ def relevance(query_labels, candidate_labels) -> np.ndarray:
     return (q.astype(np.float32) @ c.astype(np.float32).T) > 0
 
 
-def ranked_relevance(scores, query_labels, candidate_labels, k: int | None = None) -> np.ndarray:
+def ranked_relevance(scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike,
+                     k: int | None = None) -> np.ndarray:
     """(Q, k or Nc) boolean: is the candidate at each rank relevant to the query."""
     s = _np(scores).astype(np.float64)
     rel = relevance(query_labels, candidate_labels)
@@ -55,7 +66,7 @@ def ranked_relevance(scores, query_labels, candidate_labels, k: int | None = Non
     return np.take_along_axis(rel, order, axis=1)
 
 
-def average_precisions(scores, query_labels, candidate_labels, k: int | None = None,
+def average_precisions(scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike, k: int | None = None,
                        k_normalization: str = "min_r_k") -> np.ndarray:
     """AP of each query (NaN where the query has no relevant candidate)."""
     rel_all = relevance(query_labels, candidate_labels)
@@ -78,7 +89,8 @@ def average_precisions(scores, query_labels, candidate_labels, k: int | None = N
     return ap
 
 
-def mean_average_precision(scores, query_labels, candidate_labels, k: int | None = None,
+def mean_average_precision(scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike,
+                           k: int | None = None,
                            k_normalization: str = "min_r_k") -> float:
     """MAP of ranking every candidate for every query (rows of ``scores`` are queries)."""
     ap = average_precisions(scores, query_labels, candidate_labels, k, k_normalization)
@@ -87,12 +99,13 @@ def mean_average_precision(scores, query_labels, candidate_labels, k: int | None
     return float(np.nanmean(ap))
 
 
-def precision_at_k(scores, query_labels, candidate_labels, k: int) -> float:
+def precision_at_k(scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike, k: int) -> float:
     hits = ranked_relevance(scores, query_labels, candidate_labels, k)
     return float(hits.mean())
 
 
-def precision_recall_curve(scores, query_labels, candidate_labels, points: int = 11):
+def precision_recall_curve(scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike,
+                           points: int = 11) -> tuple[list[float], list[float]]:
     """Mean interpolated precision at ``points`` recall levels 0, 0.1, ..., 1 (queries with R > 0)."""
     hits = ranked_relevance(scores, query_labels, candidate_labels)
     R = hits.sum(axis=1)
@@ -111,10 +124,11 @@ def precision_recall_curve(scores, query_labels, candidate_labels, points: int =
     return levels.tolist(), out
 
 
-def retrieval_report(scores, text_labels, image_labels, ks=(10, 50, 100)) -> dict:
+def retrieval_report(scores: ArrayLike, text_labels: ArrayLike, image_labels: ArrayLike,
+                     ks: Sequence[int] = (10, 50, 100)) -> dict:
     """Both directions from one (Nt, Ni) text-image score matrix: text->image uses rows, image->text columns."""
     s = _np(scores)
-    report = {}
+    report: dict[str, Any] = {}
     for direction, mat, ql, cl in (("text2image", s, text_labels, image_labels),
                                    ("image2text", s.T, image_labels, text_labels)):
         rec, prec = precision_recall_curve(mat, ql, cl)
@@ -166,7 +180,7 @@ PROTOCOLS = {
 }
 
 
-def get_protocols(names) -> list[Protocol]:
+def get_protocols(names: str | Sequence[str]) -> list[Protocol]:
     """``"both"``, one name, or a list of names -> Protocol objects (a clear error for an unknown name)."""
     if isinstance(names, str):
         names = list(PROTOCOLS) if names == "both" else [names]
@@ -177,14 +191,15 @@ def get_protocols(names) -> list[Protocol]:
     return [PROTOCOLS[n] for n in names]
 
 
-def protocol_report(protocol: Protocol, text2image_scores, text_query_labels, image_candidate_labels,
-                    image2text_scores, image_query_labels, text_candidate_labels) -> dict:
+def protocol_report(protocol: Protocol, text2image_scores: ArrayLike, text_query_labels: ArrayLike,
+                    image_candidate_labels: ArrayLike, image2text_scores: ArrayLike, image_query_labels: ArrayLike,
+                    text_candidate_labels: ArrayLike) -> dict:
     """MAP of both directions under ``protocol`` from two score matrices (rows are the test queries).
 
     text2image_scores: (test texts, candidate images); image2text_scores: (test images, candidate texts).
     Returns {"protocol", "label", "text2image": {metric: ...}, "image2text": {...}, "mean": headline mean}.
     """
-    out = {"protocol": protocol.name, "label": protocol.label, "metric": protocol.metric}
+    out: dict[str, Any] = {"protocol": protocol.name, "label": protocol.label, "metric": protocol.metric}
     for direction, s, ql, cl in (("text2image", text2image_scores, text_query_labels, image_candidate_labels),
                                  ("image2text", image2text_scores, image_query_labels, text_candidate_labels)):
         row = {protocol.metric: mean_average_precision(s, ql, cl, protocol.k, protocol.k_normalization)}
@@ -195,7 +210,8 @@ def protocol_report(protocol: Protocol, text2image_scores, text_query_labels, im
     return out
 
 
-def evaluate_protocols(score_fn, dataset, protocols="both") -> dict:
+def evaluate_protocols(score_fn: Callable[[Split, Split], ArrayLike], dataset: PreparedDataset,
+                       protocols: str | Sequence[str] = "both") -> dict:
     """Evaluate a scorer under each protocol. ``score_fn(text_split, image_split)`` returns the
     (texts of text_split, images of image_split) score matrix; higher = more similar.
 
@@ -219,12 +235,12 @@ def evaluate_protocols(score_fn, dataset, protocols="both") -> dict:
     return reports
 
 
-def model_scorer(model, chunk_size: int = 64, progress: bool = False):
+def model_scorer(model: SCANet, chunk_size: int = 64, progress: bool = False) -> Callable[[Split, Split], np.ndarray]:
     """``score_fn`` for evaluate_protocols: the model's logits of every (text, image) pair of two splits."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
 
-    def score(text_split, image_split):
+    def score(text_split: Split, image_split: Split) -> np.ndarray:
         texts = torch.as_tensor(text_split.text_matrix(), device=device, dtype=dtype)
         images = torch.as_tensor(image_split.images, device=device, dtype=dtype)
         return model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True).cpu().numpy()
@@ -232,7 +248,8 @@ def model_scorer(model, chunk_size: int = 64, progress: bool = False):
     return score
 
 
-def evaluate_model(model, dataset, split: str = "test", chunk_size: int = 64, device=None,
+def evaluate_model(model: SCANet, dataset: PreparedDataset, split: str = "test", chunk_size: int = 64,
+                   device: str | torch.device | None = None,
                    progress: bool = False) -> tuple[dict, np.ndarray]:
     """Score every test text against every test image with ``model.score_all`` and report MAP both ways.
 

@@ -322,7 +322,7 @@ def search_index(model, index: dict, *, text: str | None = None, text_id: str | 
                                reference=index.get("reference_attention"))
         mode = f"two-stage ({stage1} shortlist of {S})"
     results = []
-    found = [(i, logit) for i, logit in zip(res.indices[0].tolist(), res.logits[0].tolist()) if i >= 0]
+    found = [(i, logit) for i, logit in zip(res.indices[0].tolist(), res.logits[0].tolist(), strict=True) if i >= 0]
     for r, (i, logit) in enumerate(found):                # (an approximate index may fill fewer than k slots)
         results.append({"rank": r + 1, "id": coll["ids"][i], "index": i, "logit": logit,
                         "similarity": float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))),

@@ -18,8 +18,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 
 def atomic_write(path: str | Path, write: Callable) -> None:
@@ -77,7 +77,7 @@ def _feed_file(h, path: Path) -> None:
 def sha256_file(path: str | Path) -> str:
     """sha256 of one file's content."""
     h = hashlib.sha256()
-    _feed_file(h, path)
+    _feed_file(h, Path(path))
     return h.hexdigest()
 
 

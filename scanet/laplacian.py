@@ -117,10 +117,14 @@ class Laplacian(nn.Module):
     """The rescaled Laplacian L~ = 2L/lmax - I of the word graph, prepared once (see the module docstring).
 
     ``Laplacian(matrix)``: a scipy sparse matrix, a torch sparse CSR (or COO) tensor, or the three arrays
-    ``(crow, col, values)`` (also ``Laplacian.from_arrays``). ``csr(dtype)`` is the torch CSR view of the buffers (no copy
-    unless a dtype cast is asked for); calling the module returns it too (``model.laplacian()``).
+    ``(crow, col, values)`` (also ``Laplacian.from_arrays``). ``csr(dtype)`` is the torch CSR view of the buffers
+    (no copy unless a dtype cast is asked for); calling the module returns it too (``model.laplacian()``).
     ``transpose()`` is (crow, col, values) of L~^T: the buffers themselves when ``symmetric``.
     """
+
+    crow: torch.Tensor     # buffers (register_buffer), declared for the type checker
+    col: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self, laplacian):
         super().__init__()
@@ -131,12 +135,12 @@ class Laplacian(nn.Module):
         self._prepare()
 
     @classmethod
-    def from_arrays(cls, crow, col, values) -> "Laplacian":
+    def from_arrays(cls, crow, col, values) -> Laplacian:
         """From the three CSR arrays (a checkpoint's buffers), without building a CSR tensor first."""
         return cls((crow, col, values))
 
     @classmethod
-    def of(cls, laplacian) -> "Laplacian":
+    def of(cls, laplacian) -> Laplacian:
         """``laplacian`` itself when it is a Laplacian, else a new one built (and checked) from it."""
         return laplacian if isinstance(laplacian, cls) else cls(laplacian)
 
@@ -163,7 +167,7 @@ class Laplacian(nn.Module):
         crow_t, col_t, values_t = transpose_arrays(self.crow, self.col, self.values, V)
         self.symmetric = is_symmetric(self.crow, self.col, self.values, crow_t, col_t, values_t)
         keep = None if self.symmetric else (crow_t, col_t, values_t)
-        for name, t in zip(("crow_t", "col_t", "values_t"), keep or (None, None, None)):
+        for name, t in zip(("crow_t", "col_t", "values_t"), keep or (None, None, None), strict=True):
             self.register_buffer(name, t, persistent=False)
 
     def _load_from_state_dict(self, *args, **kwargs):

@@ -12,6 +12,7 @@ ops (same constructor, parameters and state_dict). Imports: reference -> layers 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,13 +28,14 @@ class ChebConv(nn.Module):
     x: (B, V, in_channels) -> (B, V, out_channels).
     """
 
-    op = staticmethod(reference.cheb_conv)
+    op: Callable[..., torch.Tensor] = staticmethod(reference.cheb_conv)   # fused/ swaps in its own
 
     def __init__(self, in_channels: int, out_channels: int, K: int = 3, bias: bool = True,
                  activation: str | None = "relu"):
         super().__init__()
         if K < 1 or in_channels < 1 or out_channels < 1:
-            raise ValueError(f"ChebConv needs K, in_channels, out_channels >= 1, got {K}, {in_channels}, {out_channels}")
+            raise ValueError(f"ChebConv needs K, in_channels, out_channels >= 1, "
+                             f"got {K}, {in_channels}, {out_channels}")
         self.in_channels, self.out_channels, self.K, self.activation = in_channels, out_channels, K, activation
         self.weight = nn.Parameter(torch.empty(K, in_channels, out_channels))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
@@ -91,6 +93,9 @@ class ImageEncoder(nn.Module):
     (``set_input_statistics``), so they travel with the checkpoint. Raw SIFT-BoVW histograms sum to 1 (entries
     near 1/128): unstandardized, the image path would start 100x smaller than the text path.
     """
+
+    input_mean: torch.Tensor     # buffers (register_buffer), declared for the type checker
+    input_std: torch.Tensor
 
     def __init__(self, in_dim: int, out_dim: int, activation: str = "none"):
         super().__init__()

@@ -12,13 +12,15 @@ constructor arguments and state_dict), so a checkpoint moves freely between the 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from scanet import reference
 from scanet.config import ModelConfig
 from scanet.laplacian import Laplacian
-from scanet.layers import ChebConv, ImageEncoder, SimilarityHead, StackedCoAttention, TextEncoder  # noqa: F401
+from scanet.layers import ChebConv, ImageEncoder, SimilarityHead, StackedCoAttention, TextEncoder
 
 SCORERS = ("auto", "fused", "eager")
 # Checkpoints written before scanet.laplacian kept the Laplacian as three top-level buffers.
@@ -34,7 +36,7 @@ class SCANet(nn.Module):
     state_dict; ``model.laplacian()`` is its torch CSR).
     """
 
-    def __init__(self, vocab_size: int, image_dim: int, laplacian, config: ModelConfig | None = None,
+    def __init__(self, vocab_size: int, image_dim: int, laplacian: object, config: ModelConfig | None = None,
                  fused: bool = False):
         super().__init__()
         self.config = config = config or ModelConfig()
@@ -102,7 +104,7 @@ class SCANet(nn.Module):
             self.train(was_training)
 
 
-def use_fused_scorer(model, features: torch.Tensor, scorer: str = "auto") -> bool:
+def use_fused_scorer(model: SCANet, features: torch.Tensor, scorer: str = "auto") -> bool:
     """THE rule for scoring pairs: the fused kernel for two co-attention layers, on CUDA float32 ("auto"), or
     wherever the kernel can run ("fused"); never for "eager"."""
     if scorer not in SCORERS:
@@ -117,8 +119,8 @@ def use_fused_scorer(model, features: torch.Tensor, scorer: str = "auto") -> boo
 
 
 @torch.no_grad()
-def pair_logits(model, f_t, f_i, *, scorer: str = "auto", precision: str = "fp32", chunk_pairs: int = 16384,
-                progress: bool = False, **kw) -> torch.Tensor:
+def pair_logits(model: SCANet, f_t: torch.Tensor, f_i: torch.Tensor, *, scorer: str = "auto", precision: str = "fp32",
+                chunk_pairs: int = 16384, progress: bool = False, **kw: Any) -> torch.Tensor:
     """Logits of all pairs (Nt, Ni), or of the listed pairs (text_index=, image_index=: (P,)), by the scorer
     ``use_fused_scorer`` picks: ``scanet.fused.pair_scores`` or its oracle ``reference.pair_logits``."""
     if use_fused_scorer(model, f_t, scorer):
@@ -128,7 +130,7 @@ def pair_logits(model, f_t, f_i, *, scorer: str = "auto", precision: str = "fp32
     return reference.pair_logits(model, f_t, f_i, chunk_pairs=chunk_pairs, progress=progress, **kw)
 
 
-def _rename_old_laplacian_keys(state_dict, prefix, *args):
+def _rename_old_laplacian_keys(state_dict: dict, prefix: str, *args: object) -> None:
     for old, new in _OLD_LAPLACIAN_KEYS.items():
         if prefix + old in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)

@@ -62,7 +62,11 @@ __all__ = ["available", "unavailable_reason", "cheb_conv", "chebyshev_basis", "c
            "dropout_keep_mask", "library_path", "build_info", "clear_laplacian_cache"]
 
 from scanet.native_library import (  # noqa: F401 - re-exported: the loader's checks are tested through here
-    BUILD_STATUS_FILE, PKG_DIR, _load_from, _select_library, _stale_schema,
+    BUILD_STATUS_FILE,
+    PKG_DIR,
+    _load_from,
+    _select_library,
+    _stale_schema,
 )
 
 _STATE: dict = {"done": False, "ok": False, "reason": None, "path": None, "info": None}
@@ -303,13 +307,13 @@ class _LaplacianInfo:
                     t = torch.ops.scanet_native.csr_transpose(*(a.detach() for a in self.arrays))
                 # The transpose comes out with sorted columns: equal arrays <=> symmetric (for sorted input;
                 # an unsorted one is reported non-symmetric and takes the transpose, still correct).
-                self._symmetric = all(torch.equal(a, b) for a, b in zip(self.arrays, t))
+                self._symmetric = all(torch.equal(a, b) for a, b in zip(self.arrays, t, strict=True))
                 self._transpose = None if self._symmetric else t
 
     @property
     def symmetric(self) -> bool:
         self._compute()
-        return self._symmetric
+        return bool(self._symmetric)
 
     def transpose(self):
         """(crow, col, values) of L~^T: (None, None, None) when L~ is symmetric (backward then uses L~)."""

@@ -50,10 +50,10 @@ def plot_pr_curves(reports: dict[str, dict], path: str | Path, title: str = "pre
     plt = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.25 * len(reports)))
-    lines = []
-    for ax, direction in zip(axes, ("text2image", "image2text")):
+    lines: list = []
+    for ax, direction in zip(axes, ("text2image", "image2text"), strict=True):
         lines = []
-        for name, rep in reports.items():
+        for rep in reports.values():
             pr = rep[direction]["pr_curve"]
             (line,) = ax.plot(pr["recall"], pr["precision"], marker="o", ms=3)
             lines.append(line)
@@ -78,7 +78,7 @@ def contact_sheet(result: dict, path, root=None, columns: int = 5) -> Path:
 
     plt = _pyplot()
 
-    tiles = []
+    tiles: list[tuple[str, str, Path | None]] = []
     q = result["query"]
     if q["kind"] == "free text":
         tiles.append(("query (free text)", textwrap.shorten(q["text"], 160), None))
@@ -99,13 +99,13 @@ def contact_sheet(result: dict, path, root=None, columns: int = 5) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (title, body, img) in zip(axes.flat, tiles):
+    for ax, (title, body, img) in zip(axes.flat, tiles, strict=False):  # the grid may have more cells than tiles
         ax.set_title(title, fontsize=8)
         if img is not None:
             try:
                 ax.imshow(plt.imread(img))
                 continue
-            except Exception:  # an unreadable image file: fall back to a text tile
+            except Exception:  # noqa: BLE001 - any unreadable image file: fall back to a text tile
                 body = f"(unreadable image {Path(img).name})"
         ax.add_patch(plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, facecolor="#f2f2f2", edgecolor="#999999"))
         ax.text(0.5, 0.5, textwrap.fill(body, 28), ha="center", va="center", fontsize=7, transform=ax.transAxes,

@@ -12,20 +12,25 @@ before any kernel runs.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NoReturn
+
 import torch
 import torch.nn.functional as F
 
-from scanet.laplacian import Laplacian, check_laplacian  # noqa: F401  (check_laplacian: public here)
+from scanet.laplacian import Laplacian, check_laplacian  # check_laplacian: public here
 
 ACTIVATIONS = ("relu", "none", None)
 
 
 # ----------------------------------------------------------------------------------------------------- checks
-def _fail(msg: str):
+def _fail(msg: str) -> NoReturn:
     raise ValueError(msg)
 
 
-def check_cheb_inputs(laplacian_csr, x, weight, bias=None, activation="relu", *, check_indices=True) -> None:
+def check_cheb_inputs(laplacian_csr: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None, activation: str | None = "relu", *,
+                      check_indices: bool = True) -> None:
     """``laplacian_csr``: a torch sparse CSR tensor (a Laplacian object is converted by the callers first)."""
     check_laplacian(laplacian_csr, check_indices=check_indices)
     for name, t in (("x", x), ("weight", weight)):
@@ -58,7 +63,7 @@ def check_cheb_inputs(laplacian_csr, x, weight, bias=None, activation="relu", *,
         _fail(f"all inputs must have one floating dtype, got {dtypes}")
 
 
-def check_coattention_inputs(f, g, weight, bias) -> None:
+def check_coattention_inputs(f: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     for name, t in (("f", f), ("g", g), ("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -99,15 +104,19 @@ def chebyshev_basis(laplacian_csr: torch.Tensor, x: torch.Tensor, K: int) -> lis
     return basis
 
 
-def cheb_conv_from_basis(basis, weight, bias=None, activation="relu") -> torch.Tensor:
+def cheb_conv_from_basis(basis: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         activation: str | None = "relu") -> torch.Tensor:
     """y = act(sum_k T_k @ W_k + b) from a precomputed basis (see ``chebyshev_basis``)."""
-    y = sum(torch.matmul(t, weight[k]) for k, t in enumerate(basis))
+    y = torch.matmul(basis[0], weight[0])
+    for k in range(1, len(basis)):
+        y = y + torch.matmul(basis[k], weight[k])
     if bias is not None:
         y = y + bias
     return F.relu(y) if activation == "relu" else y
 
 
-def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu") -> torch.Tensor:
+def cheb_conv(laplacian_csr: torch.Tensor | Laplacian, x: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None = None, activation: str | None = "relu") -> torch.Tensor:
     """One Chebyshev graph convolution.
 
     laplacian_csr: (V, V) rescaled Laplacian L~ = 2L/lmax - I as a torch sparse CSR tensor.

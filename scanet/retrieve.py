@@ -66,10 +66,10 @@ class Items:
     def __len__(self):
         return self.features.shape[0]
 
-    def subset(self, index) -> "Items":
+    def subset(self, index) -> Items:
         return Items(self.modality, self.features[index], None if self.attention is None else self.attention[index])
 
-    def to(self, device) -> "Items":
+    def to(self, device) -> Items:
         return Items(self.modality, self.features.to(device),
                      None if self.attention is None else self.attention.to(device))
 
@@ -185,7 +185,7 @@ def _layer2_mean_vectors(model, items: Items, reference: dict | None) -> torch.T
 
 def _faiss():
     try:
-        import faiss  # noqa: F401
+        import faiss
     except ImportError:
         return None
     return faiss
@@ -215,16 +215,19 @@ def top_k_inner_product(queries: torch.Tensor, keys: torch.Tensor, k: int, backe
         index.add(np.ascontiguousarray(keys.detach().float().cpu().numpy()))
         d, i = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
         return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).long().to(queries.device)
-    best_s = best_i = None
+    best_s: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
     for s in range(0, C, chunk):
         scores = queries @ keys[s:s + chunk].T
         top_s, top_i = scores.topk(min(k, scores.shape[1]), dim=1)
         top_i = top_i + s
-        if best_s is not None:
+        if best_s is not None and best_i is not None:
             merged = torch.cat([best_s, top_s], 1)
             top_s, pick = merged.topk(min(k, merged.shape[1]), dim=1)
             top_i = torch.cat([best_i, top_i], 1).gather(1, pick)
         best_s, best_i = top_s, top_i
+    if best_s is None or best_i is None:
+        raise ValueError("keys has no rows: there is nothing to search")
     return best_s, best_i
 
 
@@ -312,6 +315,7 @@ def shortlist_report(model, queries: Items, collection: Items, query_labels, col
         res = two_stage_search(model, queries, collection, S, S, stage1, backend, precision, scorer)  # keep all S
         _sync(queries.features)
         seconds = time.perf_counter() - t0
+        assert res.shortlist is not None   # two_stage_search always keeps its shortlist
         found = (exh_idx.cpu()[:, :, None] == res.shortlist.cpu()[:, None, :]).any(-1).float().mean().item()
         composite = _ranking_matrix(res.indices.cpu(), s1.detach().double().cpu())
         m = mean_average_precision(composite, query_labels, collection_labels)

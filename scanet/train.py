@@ -25,6 +25,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,7 +55,8 @@ class GraphedStep:
     def __init__(self, step_fn, batch_size: int, device, warmup: int = 3):
         self.step_fn, self.warmup, self.calls = step_fn, warmup, 0
         self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.graph, self.static_loss = None, None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_loss = torch.empty(0, device=device)   # the captured step's loss (set at capture)
         self.side = torch.cuda.Stream(device=device)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,7 @@ class GraphedStep:
         return self.static_loss
 
 
-def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device: str = "cpu",
+def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device: str | torch.device = "cpu",
           fused: bool = False, resume: bool = False, compile: bool = False, cuda_graphs: bool = False,
           progress: bool = True, stop_after_epoch: int | None = None, log=print) -> dict:
     """Train, evaluate on the test split, checkpoint every epoch. Returns the last metrics row.
@@ -150,7 +152,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         opt.step()
         return loss.detach()
 
-    step_fn.zero_grad = lambda: opt.zero_grad(set_to_none=True)
+    step_fn.zero_grad = lambda: opt.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # read by GraphedStep
     graphed = GraphedStep(step_fn, tc.batch_size, device) if cuda_graphs else None
 
     report = None
@@ -164,7 +166,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         torch.manual_seed(tc.seed * 100_003 + epoch + 7_919 * info.rank)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        bar = range(steps)
+        bar: Any = range(steps)   # or its tqdm wrapper
         if progress:
             from tqdm import tqdm
 

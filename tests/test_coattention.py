@@ -72,7 +72,7 @@ def test_forward_and_gradients_match_float64(device, M, N, scale):
     out, grads, ref, ref_grads = run_both(inputs, scale, dout)
     assert out.shape == (M, N) and out.dtype == torch.float32
     assert rel_err(out, ref) < OUT_TOL
-    for name, got, want in zip(("f", "g", "weight", "bias"), grads, ref_grads):
+    for name, got, want in zip(("f", "g", "weight", "bias"), grads, ref_grads, strict=True):
         assert got.shape == want.shape, name
         assert rel_err(got, want) < GRAD_TOL, f"d{name}: {rel_err(got, want):.2e}"
 
@@ -89,7 +89,7 @@ def test_autograd_function_matches_float64(device):
     ref = reference.coattention(*ref_leaves, scale=300.0)
     ref.backward(dout.double())
     assert rel_err(out, ref) < OUT_TOL
-    for got, want in zip(leaves, ref_leaves):
+    for got, want in zip(leaves, ref_leaves, strict=True):
         assert rel_err(got.grad, want.grad) < GRAD_TOL
 
 
@@ -126,7 +126,8 @@ def test_large_logits_do_not_overflow(device, N):
     bounds = (dh_err * weight.abs().sum(0).max().item(),       # df = dh @ W
               dh_err * f.abs().sum(0).max().item(),            # dW = dh.T @ f
               dh_err * f.shape[0])                             # db = sum over rows of dh
-    for got, want, bound in zip((grads[0], grads[2], grads[3]), (ref_grads[0], ref_grads[2], ref_grads[3]), bounds):
+    for got, want, bound in zip((grads[0], grads[2], grads[3]), (ref_grads[0], ref_grads[2], ref_grads[3]), bounds,
+                                strict=True):
         assert (got.double().cpu() - want.cpu()).abs().max().item() <= bound
 
 
@@ -177,7 +178,7 @@ def test_non_contiguous_inputs_are_taken_as_they_are(device, N):
     ref = reference.coattention(*ref_leaves, scale=float(N))
     ref.sum().backward()
     assert rel_err(out, ref) < OUT_TOL
-    for got, want in zip(leaves, ref_leaves):
+    for got, want in zip(leaves, ref_leaves, strict=True):
         assert rel_err(got.grad, want.grad) < GRAD_TOL
 
 
@@ -266,7 +267,7 @@ def test_stacked_coattention_is_a_drop_in(device):
         (t * i).sum().backward()
         outs.append((t, i, ft.grad, fi.grad, [p.grad for p in module.parameters()]))
     (t0, i0, gt0, gi0, p0), (t1, i1, gt1, gi1, p1) = outs
-    for x, y in [(t1, t0), (i1, i0), (gt1, gt0), (gi1, gi0)] + list(zip(p1, p0)):
+    for x, y in [(t1, t0), (i1, i0), (gt1, gt0), (gi1, gi0)] + list(zip(p1, p0, strict=True)):
         assert rel_err(x, y) < GRAD_TOL
     # attention() (used by score_all) is inherited unchanged.
     torch.testing.assert_close(drop_in.attention(1, "image", f_i), eager.attention(1, "image", f_i))
@@ -334,7 +335,8 @@ def test_training_scanet_fused_matches_eager():
 # ------------------------------------------------------------------------------ reference, compile, opcheck
 def test_reference_gradcheck_float64():
     gen = torch.Generator().manual_seed(0)
-    args = [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_() for s in ((3, 5), (3, 5), (5, 5), (5,))]
+    args = [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()
+            for s in ((3, 5), (3, 5), (5, 5), (5,))]
     assert torch.autograd.gradcheck(lambda *a: reference.coattention(*a, scale=2.5), args)
 
 
@@ -371,7 +373,7 @@ def test_torch_compile_fullgraph_keeps_the_op_in_the_graph():
     assert len(graphs) == 1
     assert "scanet.coattention_forward" in graphs[0].code
     torch.testing.assert_close(got, want)
-    for x, y in zip(got_leaves, want_leaves):
+    for x, y in zip(got_leaves, want_leaves, strict=True):
         torch.testing.assert_close(x.grad, y.grad)
 
 
@@ -390,7 +392,7 @@ def test_torch_compile_inductor_runs_the_op():
     want = (reference.coattention(*ref_leaves, scale=2.0) * ref_leaves[1]).sum()
     want.backward()
     assert rel_err(got, want) < OUT_TOL
-    for x, y in zip(leaves, ref_leaves):
+    for x, y in zip(leaves, ref_leaves, strict=True):
         assert rel_err(x.grad, y.grad) < GRAD_TOL
 
 
@@ -404,7 +406,7 @@ def test_reduced_precision_on_cuda(precision, tol, M, N):
     dout = torch.randn(M, N, device="cuda")
     out, grads, ref, ref_grads = run_both(inputs, float(N), dout, precision=precision)
     assert rel_err(out, ref) < tol
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         assert rel_err(got, want) < tol
 
 
@@ -415,7 +417,7 @@ def test_fp32_backward_with_triton_gemms_on_cuda(monkeypatch):
     inputs = make_inputs(777, 1024, "cuda", seed=1)
     dout = torch.randn(777, 1024, device="cuda")
     out, grads, ref, ref_grads = run_both(inputs, 1024.0, dout)
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         assert rel_err(got, want) < GRAD_TOL
 
 

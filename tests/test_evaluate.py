@@ -2,8 +2,13 @@
 import numpy as np
 import pytest
 
-from scanet.evaluate import (average_precisions, mean_average_precision, precision_at_k, precision_recall_curve,
-                             retrieval_report)
+from scanet.evaluate import (
+    average_precisions,
+    mean_average_precision,
+    precision_at_k,
+    precision_recall_curve,
+    retrieval_report,
+)
 
 
 def test_map_hand_computed():
@@ -67,7 +72,7 @@ def test_pr_curve_and_report_shapes():
     s = rng.random((20, 20))
     rec, prec = precision_recall_curve(s, labels, labels)
     assert len(rec) == len(prec) == 11 and rec[0] == 0 and rec[-1] == 1
-    assert all(a >= b - 1e-12 for a, b in zip(prec, prec[1:]))   # interpolated precision never rises
+    assert all(a >= b - 1e-12 for a, b in zip(prec, prec[1:], strict=False))   # interpolated precision never rises
     rep = retrieval_report(s, labels, labels)
     assert rep["mean_map"] == pytest.approx((rep["text2image"]["map"] + rep["image2text"]["map"]) / 2)
     assert rep["image2text"]["map"] == pytest.approx(mean_average_precision(s.T, labels, labels))

@@ -194,7 +194,7 @@ def test_imagenet_predictions_on_real_photos_are_sensible(shared_data, lite0):
     if not all((root / c).is_file() for c in cases):
         pytest.skip(f"WebNews images not found under {root}")
     preds = sf.classify([root / c for c in cases], top=5)
-    for (name, want), top in zip(cases.items(), preds):
+    for (name, want), top in zip(cases.items(), preds, strict=True):
         assert top[0][0] == want, (name, top)
         assert top[0][1] > 0.3, (name, top)
 
@@ -222,8 +222,11 @@ def test_cache_recomputes_only_changed_images(tmp_path, monkeypatch, meancolour)
     for i in range(4):
         _rgb(i).save(d / f"{i}.png")
     names = [f"{i}.png" for i in range(4)]
-    run = lambda: sf.extract_cached([d / n for n in names], names, tmp_path / "f.npy", meancolour.name,  # noqa: E731
-                                    progress=False, log=lambda m: None)
+
+    def run():
+        return sf.extract_cached([d / n for n in names], names, tmp_path / "f.npy", meancolour.name,
+                                 progress=False, log=lambda m: None)
+
     first = run()
     assert first.computed == 4
     again = run()

@@ -4,8 +4,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scanet.data.graph import (knn_graph, largest_eigenvalue, normalized_laplacian, rescale_laplacian,
-                               to_torch_csr, word_graph)
+from scanet.data.graph import (
+    knn_graph,
+    largest_eigenvalue,
+    normalized_laplacian,
+    rescale_laplacian,
+    to_torch_csr,
+    word_graph,
+)
 
 
 @pytest.fixture

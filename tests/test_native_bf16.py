@@ -146,7 +146,7 @@ def test_low_precision_outside_autocast_follows_promotion():
     assert y.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
     y_ref, grads_ref = _reference64(Lbf, x, wb.float(), bb.float(), "relu", go)
     mags = _magnitudes(Lbf, x, wb, bb, go, 3)
-    for name, got, want, mag in zip(("y", "dx", "dW", "db"), (y, *grads), (y_ref, *grads_ref), mags):
+    for name, got, want, mag in zip(("y", "dx", "dW", "db"), (y, *grads), (y_ref, *grads_ref), mags, strict=True):
         _assert_close_terms(got, want, mag, torch.bfloat16, name)
     y32, _ = _run(native.cheb_conv, L, x, w, b, "relu", go)
     assert y32.dtype == torch.float32
@@ -200,7 +200,7 @@ def test_text_encoder_under_autocast_matches_float64(monkeypatch):
     # The FC is a bf16 GEMM (inputs rounded to 8 bits): a few bf16 eps of the output scale.
     torch.testing.assert_close(out.double(), out_ref.detach(), rtol=3e-2,
                                atol=3e-2 * float(out_ref.detach().abs().max()))
-    for got, want in zip(grads, grads_ref):
+    for got, want in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2 * float(want.abs().max()))
 
 
@@ -233,7 +233,7 @@ def test_symmetric_flag(kind, symmetric):
     if symmetric is True and not is_sym:   # the caller's promise is used as given: dx is then L~'s, not L~^T's
         assert not torch.allclose(grads[0], grads_ref[0])
     else:
-        for got, want in zip(grads, grads_ref):
+        for got, want in zip(grads, grads_ref, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     # Per step after the first: no transpose at all (symmetric: none ever; otherwise the cached one).
     assert _op_calls(step) == 0
@@ -261,7 +261,8 @@ def test_dropout_mask_statistics(p):
 
 
 @pytest.mark.parametrize("act", ["relu", None])
-@pytest.mark.parametrize("shape", [(3, 7, 1, 1), (5, 33, 2, 3), (64, 70, 1, 1)], ids=lambda s: "B{}V{}Fi{}Fo{}".format(*s))
+@pytest.mark.parametrize("shape", [(3, 7, 1, 1), (5, 33, 2, 3), (64, 70, 1, 1)],
+                         ids=lambda s: "B{}V{}Fi{}Fo{}".format(*s))
 @pytest.mark.parametrize("x_layout", ["bv", "vb"])
 def test_dropout_in_epilogue_matches_eager_with_the_same_mask(act, shape, x_layout):
     B, V, F_in, F_out = shape
@@ -283,8 +284,8 @@ def test_dropout_in_epilogue_matches_eager_with_the_same_mask(act, shape, x_layo
         assert torch.equal((y != 0).double(), mask)
     torch.testing.assert_close(y, y_plain * mask / (1 - p), rtol=1e-12, atol=1e-12)
     _, grads_ref = _run(lambda *a: reference.cheb_conv(*a) * mask / (1 - p), L, x, w, b, act, go)
-    for name, got, want in zip(("dx", "dW", "db"), grads, grads_ref):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    for name, got, want in zip(("dx", "dW", "db"), grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
     # The mask keeps about 1 - p of the elements.
     n = mask.numel()
     assert abs(float(mask.mean()) - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n) + 1e-12
@@ -320,7 +321,7 @@ def test_dropout_under_autocast_matches_float64():
     y_ref, grads_ref = _reference64(L, x, w, b, None, go, mask=mask, p=p)
     mags = [m / (1 - p) for m in _magnitudes(L, x, w, b, go, 3)]     # the kept terms are scaled by 1/(1-p)
     for name, got, want, mag, dt in zip(("y", "dx", "dW", "db"), (y, *grads), (y_ref, *grads_ref), mags,
-                                        (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)):
+                                        (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32), strict=True):
         _assert_close_terms(got, want, mag, dt, name)
 
 
@@ -337,7 +338,7 @@ def test_thread_count_does_not_change_results_bitwise_bf16_dropout():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out.append(_run(native.cheb_conv, L, x, w, b, "relu", go, dropout_p=0.2))
     (y1, g1), (y2, g2) = out
-    assert torch.equal(y1, y2) and all(torch.equal(a, c) for a, c in zip(g1, g2))
+    assert torch.equal(y1, y2) and all(torch.equal(a, c) for a, c in zip(g1, g2, strict=True))
 
 
 def test_opcheck_low_precision_and_dropout():

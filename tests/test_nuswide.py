@@ -91,7 +91,7 @@ def vectors_file(tmp_path):
     """8-d vectors, one cluster per concept's tags; 'blue' and 'sky' for the compound tag."""
     rng = np.random.default_rng(1)
     rows = []
-    for k, (c, ts) in enumerate(TOPIC_TAGS.items()):
+    for k, ts in enumerate(TOPIC_TAGS.values()):
         for t in ts:
             rows.append((t, rng.normal(size=8) + 4 * np.eye(8)[k]))
     rows += [("sky", rng.normal(size=8)), ("unused", rng.normal(size=8))]

@@ -14,6 +14,7 @@ from scanet.data.pascal import VOC_CLASSES
 
 # a small vocabulary: words of three classes (cat, car, person) and a compound tag without a vector of its own
 WORDS = ["cat", "kitten", "fur", "car", "wheel", "road", "person", "face", "shirt", "pottedplant"]
+N_WORDS = len(WORDS)
 CLASS_WORDS = {"cat": [0, 1, 2], "car": [3, 4, 5], "person": [6, 7, 8]}
 
 
@@ -28,7 +29,7 @@ def write_voc(path, words):
     scipy.io.savemat(path, {"voc": cell})
 
 
-def write_split(path, n, rng, n_words=len(WORDS), class_words=CLASS_WORDS, color_dim=64, bow_dim=100):
+def write_split(path, n, rng, n_words=N_WORDS, class_words=CLASS_WORDS, color_dim=64, bow_dim=100):
     """A struct array split in two halves D1, D2 with the released fields. Returns the per-image truth."""
     fields = ["filename", "objectcount", "taglist", "gist", "color", "bow"]
     D = np.zeros((1, n), dtype=[(f, object) for f in fields])
@@ -88,7 +89,7 @@ def test_struct_arrays_prepare_train_evaluate(tmp_path, vectors_file):
             for j in t["tags"]:
                 want[WORDS[j]] = want.get(WORDS[j], 0) + 1
             row = s.bow[k]
-            assert {ds.vocab[j]: v for j, v in zip(row.indices, row.data)} == want
+            assert {ds.vocab[j]: v for j, v in zip(row.indices, row.data, strict=True)} == want
     report = json.loads((out / "preparation_report.json").read_text())
     assert report["tag_vectors"] == {"pottedplant": "mean of potted+plant"}
     single = [t for t in truth["train"] if (t["objectcount"] > 0).sum() == 1]

@@ -43,7 +43,7 @@ def write_matrix(path, data, dim=12, seed=1, skip=()):
     m = np.stack([means[classes.index(data[n]["category"])] + rng.normal(size=dim) for n in names])
     np.save(path, m.astype(np.float32))
     path.with_suffix(".txt").write_text("\n".join(names))
-    return dict(zip(names, m))
+    return dict(zip(names, m, strict=True))
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_feature_matrix_split_and_text(tmp_path, vectors_file):
                 if w in ds.vocab:
                     want[w] = want.get(w, 0) + 1
         row = ds.train.bow[k]
-        assert {ds.vocab[j]: v for j, v in zip(row.indices, row.data)} == want
+        assert {ds.vocab[j]: v for j, v in zip(row.indices, row.data, strict=True)} == want
     other = pascal_sentences.prepare(root, tmp_path / "p2", image_features=str(tmp_path / "feats.npy"), n_val=8,
                                      n_test=8, seed=1, knn=3, embeddings=str(vectors_file), progress=_quiet)
     assert other.test.text_ids != ds.test.text_ids

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import make_items, make_model
 from scanet import index as index_mod
 from scanet import reference, retrieve
+from scanet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from scanet.cli import main
 from scanet.config import get_preset
 from scanet.data import images as data_images
 from scanet.data import synthetic
 from scanet.data.text import bag_of_words, text_features
-from scanet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from scanet.train import train
-from helpers import make_items, make_model
 
 
 def encoded(model, n_text, n_image, seed):
@@ -189,7 +189,7 @@ def test_query_by_image_id_and_table_output(capsys, trained, indexes):
     lines = out.strip().splitlines()
     assert lines[0] == f"query: image id te7 ({ds.classes[ds.test.labels[7]]})"
     table = lines[-5:]
-    for line, i in zip(table, order.tolist()):
+    for line, i in zip(table, order.tolist(), strict=True):
         rank, tid, sim, logit, cls = line.split()
         assert tid == ds.test.text_ids[i] and cls == ds.classes[ds.test.labels[i]]
         assert float(sim) == pytest.approx(sims[i].item(), abs=2e-6)

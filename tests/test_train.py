@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from scanet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from scanet.config import apply_overrides, get_preset
 from scanet.data import synthetic
-from scanet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from scanet.pairs import make_pairs
 from scanet.train import train
 
@@ -37,8 +37,8 @@ def test_make_pairs_counts_and_targets():
 
 
 def test_short_synthetic_run_raises_map(dataset, tmp_path):
-    from scanet.evaluate import evaluate_model
     from scanet.checkpoint import build_model
+    from scanet.evaluate import evaluate_model
 
     preset = _preset(epochs=3, eval_every=0)
     torch.manual_seed(preset.train.seed)

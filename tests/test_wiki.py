@@ -104,7 +104,8 @@ def test_corrupt_prepared_folder(tmp_path, vectors_file):
 
 
 def test_real_wiki_lists_and_texts(wiki_root):
-    train, test = wiki.read_list(wiki_root / "trainset_txt_img_cat.list"), wiki.read_list(wiki_root / "testset_txt_img_cat.list")
+    train = wiki.read_list(wiki_root / "trainset_txt_img_cat.list")
+    test = wiki.read_list(wiki_root / "testset_txt_img_cat.list")
     assert (len(train), len(test)) == (2173, 693)
     counts = np.bincount([e.label for e in test], minlength=11)[1:]
     assert counts.tolist() == [34, 88, 96, 85, 65, 58, 51, 41, 71, 104]

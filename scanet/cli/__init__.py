@@ -21,8 +21,8 @@ import sys
 # little on a dedicated one. It must be set before torch is imported, which the verb modules below do.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from scanet.cli import features, prepare, search, train  # noqa: E402
-from scanet.cli._common import dataset_options, load_dataset, load_trained, use_fused  # noqa: E402,F401
+from scanet.cli import features, prepare, search, train
+from scanet.cli._common import dataset_options, load_dataset, load_trained, use_fused  # noqa: F401
 
 VERB_MODULES = (prepare, train, search, features)
 

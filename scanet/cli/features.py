@@ -5,8 +5,14 @@ import sys
 from pathlib import Path
 
 from scanet.data.images import IMAGE_EXTENSIONS, list_images
-from scanet.features import DEFAULT_MODEL, IMAGE_MODELS, classify, extract_cached, imagenet_class_name, \
-    model_availability
+from scanet.features import (
+    DEFAULT_MODEL,
+    IMAGE_MODELS,
+    classify,
+    extract_cached,
+    imagenet_class_name,
+    model_availability,
+)
 from scanet.features.extract import _paths_next_to
 
 
@@ -51,7 +57,7 @@ def cmd_models(args) -> None:
 
 
 def cmd_classify(args) -> None:
-    for f, top in zip(args.images, classify(args.images, args.model, args.top)):
+    for f, top in zip(args.images, classify(args.images, args.model, args.top), strict=True):
         print(f"{f}: " + ", ".join(f"{i} {imagenet_class_name(i)} ({p:.2f})" for i, p in top))
 
 

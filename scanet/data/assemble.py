@@ -9,8 +9,9 @@ not), the word graph over the vocabulary, the splits, and the preparation report
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
@@ -20,11 +21,12 @@ from scanet.data.prepared import PreparedDataset, Split
 REPORT_NAME = "preparation_report.json"
 
 
-def partition(items: dict[str, list], reason_of: Callable[[object], str | None],
-              describe: Callable[[object], dict] | None = None) -> tuple[dict[str, list], list[dict]]:
+def partition(items: dict[str, list], reason_of: Callable[[Any], str | None],
+              describe: Callable[[Any], dict] | None = None) -> tuple[dict[str, list], list[dict]]:
     """Split each split's items into kept (``reason_of(item)`` is None) and excluded records
     {split, text_id, image_id, **describe(item), reason}."""
-    kept, excluded = {}, []
+    kept: dict[str, list] = {}
+    excluded: list[dict] = []
     for split, its in items.items():
         kept[split] = []
         for it in its:

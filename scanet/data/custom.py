@@ -20,21 +20,28 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from scanet.data.assemble import REPORT_NAME, assemble, counts, partition, write_report  # noqa: F401
+from scanet.data.custom_inputs import (
+    _TEXT_MATRIX_NAMES,
+    _image_choices,
+    _read_ids,
+    _text_matrix_file,
+    cooccurrence_vectors,
+    load_text_matrix,
+)
 from scanet.data.embeddings import GLOVE_50D, load_word_vectors
 from scanet.data.languages import LANGUAGES, embeddings_for, tokenizer_for, tokenizer_version, train_word2vec
-from scanet.data.custom_inputs import (_TEXT_MATRIX_NAMES, _image_choices, _read_ids, _text_matrix_file,  # noqa: F401
-                                       cooccurrence_vectors, load_text_matrix)
 from scanet.data.lists import read_rows
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, read_stopwords
 from scanet.features import features_for_images, get_image_model
 
-SETTINGS = {
+SETTINGS: dict[str, Any] = {
     "name": None,               # dataset name (default: the folder's name)
     "language": "en",           # "en", "zh" or "whitespace" (see scanet.data.languages)
     "stopwords": None,          # a stop-word file relative to ROOT (one word a line)

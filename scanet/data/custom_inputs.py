@@ -34,6 +34,8 @@ def _read_ids(path: Path, n_rows: int, what: str) -> dict[str, int]:
 
 def load_text_matrix(root: Path) -> tuple[sp.csr_matrix, dict[str, int], list[str]]:
     f = _text_matrix_file(root)
+    if f is None:
+        raise FileNotFoundError(f"{root} has no text matrix (one of {', '.join(_TEXT_MATRIX_NAMES)})")
     try:
         m = sp.load_npz(f) if f.suffix == ".npz" else np.load(f)
     except Exception as e:  # numpy/scipy raise several types for a broken file

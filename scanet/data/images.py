@@ -74,7 +74,7 @@ def resolve_image(index: dict[str, list[str]], image_id: str, images_dir: str | 
         why = (f"the copy in the item's class folder {preferred_folder!r} is used" if preferred else
                "no copy in the item's class folder: the first in sorted order is used")
         choice.notes.append(f"id found in {len(paths)} places; {why}: {chosen}; also "
-                            + ", ".join(f"{p} ({s})" for p, s in zip(others, same)))
+                            + ", ".join(f"{p} ({s})" for p, s in zip(others, same, strict=True)))
     elif preferred_folder is not None and not preferred:
         choice.notes.append(f"image is in folder {Path(chosen).parent.name!r}, not in the item's class folder "
                             f"{preferred_folder!r}: used anyway")

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -237,7 +238,7 @@ def select_candidates(rel: Release, n_concepts: int = 10, concepts: list[str] | 
         ranked, counts = rank_concepts(rel, all_concepts, notes)
         chosen = ranked[:n_concepts]
     n_rows = split_sizes(rel, all_concepts)
-    out = {"concepts": chosen, "concept_counts": counts, "rows": {}, "labels": {}, "n_rows": n_rows,
+    out: dict[str, Any] = {"concepts": chosen, "concept_counts": counts, "rows": {}, "labels": {}, "n_rows": n_rows,
            "label_anomalies": notes}
     for s in SPLITS:
         Y = np.stack([read_label_file(rel, c, s, n_rows[s], [] if counts else notes) for c in chosen], axis=1)
@@ -254,7 +255,8 @@ def _draw(rng: np.random.Generator, pool: np.ndarray, n: int | None, ok, what: s
     want = len(pool) if n is None else n
     if want > len(pool):
         raise ValueError(f"{what}: {want} items asked for but only {len(pool)} candidates exist")
-    taken, pos = [], 0
+    taken: list = []
+    pos = 0
     while len(taken) < want and pos < len(order):
         chunk = pool[order[pos:pos + max(2 * (want - len(taken)), 64)]]
         pos += len(chunk)
@@ -347,16 +349,17 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
         text_files = [tag_dir / "All_Tags.txt", tag_dir / "Final_Tag_List.txt", img_dir / "Imagelist.txt"]
     list_files = [img_dir / f"{s}Imagelist.txt" for s in SPLITS]
     if tag_source == "all":
-        for f in list_files:
-            if not f.is_file():
-                raise FileNotFoundError(f"tags='all' maps All_Tags.txt rows to the splits by name: {f} is missing")
+        for list_file in list_files:
+            if not list_file.is_file():
+                raise FileNotFoundError(f"tags='all' maps All_Tags.txt rows to the splits by name: {list_file} "
+                                        "is missing")
     if image_features == "bow500":
         image_files = [bow_file(root, s) for s in SPLITS]
     else:
         image_files = [Path(image_features)]
-    for f in text_files + image_files:
-        if not f.is_file():
-            raise FileNotFoundError(f"NUS-WIDE file missing: {f}")
+    for input_file in text_files + image_files:
+        if not input_file.is_file():
+            raise FileNotFoundError(f"NUS-WIDE file missing: {input_file}")
     inputs = {"labels": hash_files(rel.files_read(label_rels + ["ConceptsList/Concepts81.txt"])),
               "texts": hash_files(text_files), "images": hash_files(image_files),
               "image_lists": hash_files([f for f in list_files if f.is_file()]) if any(f.is_file() for f in list_files)
@@ -392,7 +395,7 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
             def has_tags(rows, s=s, parsed=parsed):
                 fresh = [int(r) for r in rows if int(r) not in parsed]
                 if fresh:
-                    parsed.update(zip(fresh, token_rows(s, np.asarray(fresh, np.int64))))
+                    parsed.update(zip(fresh, token_rows(s, np.asarray(fresh, np.int64)), strict=True))
                 return np.asarray([bool(parsed[int(r)]) or not drop_untagged for r in rows], dtype=bool)
 
             drawn[s] = _draw(rng, sel["rows"][s], n, has_tags, f"NUS-WIDE {s}")
@@ -406,14 +409,16 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
         splits, per_concept = {}, {}
         for s in SPLITS:
             Y = sel["labels"][s][np.searchsorted(sel["rows"][s], drawn[s])]
-            per_concept[s] = dict(zip(sel["concepts"], Y.sum(axis=0).tolist()))
+            per_concept[s] = dict(zip(sel["concepts"], Y.sum(axis=0).tolist(), strict=True))
             labels = Y.argmax(axis=1).astype(np.int64) if exactly_one else Y.astype(bool)
-            ids = [names[s][r] if names[s] else f"{s}/{r + 1}" for r in drawn[s]]
+            split_names = names[s]
+            ids = [split_names[r] if split_names else f"{s}/{r + 1}" for r in drawn[s]]
             splits[s] = Split(ids, ids, bag_of_words(toks[s], vocab), feats(s, drawn[s]), labels)
         ds = PreparedDataset("nuswide", vocab, lap, lm, list(sel["concepts"]), splits["Train"], splits["Test"])
         report.update({"concepts": sel["concepts"], "concept_counts_train_plus_test": sel["concept_counts"],
                        "candidates": {s: int(len(sel["rows"][s])) for s in SPLITS},
-                       "candidates_per_concept": {s: dict(zip(sel["concepts"], sel["labels"][s].sum(0).tolist()))
+                       "candidates_per_concept": {s: dict(zip(sel["concepts"], sel["labels"][s].sum(0).tolist(),
+                                                              strict=True))
                                                   for s in SPLITS},
                        "drawn": {s: int(len(drawn[s])) for s in SPLITS},
                        "drawn_per_concept": per_concept,
@@ -438,11 +443,11 @@ def _tag_reader(root: Path, tag_source: str, words: list[str], with_vector: set[
     if tag_source == "1k":
         files = {s: MatrixFile(tag_dir / f"{s}_Tags1k.dat", n_rows[s], len(words), "tag") for s in SPLITS}
 
-        def token_rows(split, rows):
+        def tag_rows_1k(split, rows):
             m = files[split].rows(rows)
             return [[words[j] for j in np.flatnonzero(r) if words[j] in with_vector for _ in range(int(r[j]))]
                     for r in m]
-        return token_rows
+        return tag_rows_1k
     state: dict = {}
 
     def token_rows(split, rows):

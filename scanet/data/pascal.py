@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,8 +84,9 @@ def read_split(path: Path, n_words: int, features: tuple[str, ...]) -> dict:
     mat = _loadmat(path)
     parts = [k for k in ("D1", "D2") if k in mat]
     if not parts:
-        raise ValueError(f"{path} has no struct array D1 or D2 (has {sorted(k for k in mat if not k.startswith('__'))})")
-    out = {"filenames": [], "objectcount": [], "taglists": [], "features": []}
+        raise ValueError(f"{path} has no struct array D1 or D2 "
+                         f"(has {sorted(k for k in mat if not k.startswith('__'))})")
+    out: dict[str, Any] = {"filenames": [], "objectcount": [], "taglists": [], "features": []}
     for key in parts:
         D = mat[key]
         if D.dtype.names is None:
@@ -151,8 +153,8 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, single_objec
         words = read_vocabulary(root / "voc.mat")
         wv, how = tag_word_vectors(words, load_word_vectors(embeddings))
         have = set(wv.words)
-        progress(f"{len(wv.words)} of {len(words)} tags have a vector ({sum(h.startswith('mean') for h in how.values())}"
-                 " as the mean of their parts)")
+        progress(f"{len(wv.words)} of {len(words)} tags have a vector "
+                 f"({sum(h.startswith('mean') for h in how.values())} as the mean of their parts)")
         splits, counts = {}, {}
         for sname in ("train", "test"):
             d = read_split(root / f"{sname}.mat", len(words), features)

@@ -61,7 +61,8 @@ def image_id(name: str) -> str:
     return Path(str(name).replace("\\", "/")).stem.strip()
 
 
-def stratified_split(categories: list[str], n_val: int, n_test: int, seed: int) -> tuple[list[int], list[int], list[int]]:
+def stratified_split(categories: list[str], n_val: int, n_test: int,
+                     seed: int) -> tuple[list[int], list[int], list[int]]:
     """Indices for train / val / test: per class, in seeded random order, n_val / n_test share of it each
     (rounded so that the totals are exactly n_val and n_test)."""
     rng = np.random.default_rng(seed)
@@ -162,7 +163,7 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, image_featur
                        "split": {"train": len(train), "val": len(val), "test": len(test)},
                        "val_ids": [ids[i] for i in val], "val_in_train": val_in_train,
                        "captions_per_image": {str(k): int(v) for k, v in zip(*np.unique(
-                           [len(data[n]["captions"]) for n in names], return_counts=True))},
+                           [len(data[n]["captions"]) for n in names], return_counts=True), strict=True)},
                        "vocab_size": len(vocab), "word_vectors": wv.name})
         return PreparedDataset("pascal-sentences", vocab, lap, lm, classes, split(train), split(test))
 
@@ -180,8 +181,9 @@ def _image_features(root, names, ids, image_features, image_model, batch_size, o
 
         index = index_images(root / "images")
         choices = [resolve_image(index, i, root / "images") for i in ids]
-        return features_for_images(root / "images", choices, out_dir.parent / f"{out_dir.name}.images-{image_model}.npy",
-                                   image_model, batch_size, progress=True, log=progress)
+        return features_for_images(root / "images", choices,
+                                   out_dir.parent / f"{out_dir.name}.images-{image_model}.npy", image_model,
+                                   batch_size, progress=True, log=progress)
     matrix = Path(image_features)
     m = np.load(matrix)
     if m.ndim != 2:

@@ -12,9 +12,9 @@ parameters and input hashes match, and rebuilds (atomically) otherwise.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -96,7 +96,7 @@ class PreparedDataset:
         (out / "manifest.json").write_text(json.dumps(self.manifest, indent=1), encoding="utf-8")
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "PreparedDataset":
+    def load(cls, out_dir: str | Path) -> PreparedDataset:
         out = Path(out_dir)
         for f in ("manifest.json", "arrays.npz", "vocab.txt", "meta.json"):
             if not (out / f).is_file():

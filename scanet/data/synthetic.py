@@ -18,6 +18,7 @@ them to reach a high MAP. Everything is exact and fast, so the tests and the def
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -74,7 +75,7 @@ def generate(n_train: int = 600, n_test: int = 200, n_classes: int = 6, vocab_si
 
 def prepare(out_dir: str | Path | None = None, progress=print, **params) -> PreparedDataset:
     """Generate (cached in ``out_dir``, default ``prepared/synthetic``) with the given parameters."""
-    defaults = dict(n_train=600, n_test=200, n_classes=6, vocab_size=200, image_dim=32, text_len=60,
+    defaults: dict[str, Any] = dict(n_train=600, n_test=200, n_classes=6, vocab_size=200, image_dim=32, text_len=60,
                     text_signal=0.35, image_noise=1.0, twin_shift=0.6, knn=8, seed=0)
     unknown = set(params) - set(defaults)
     if unknown:

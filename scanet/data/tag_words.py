@@ -4,9 +4,12 @@ Tag vocabularies glue words together: 39 of the 399 Hwang & Grauman Pascal tags 
 'trafficlight', ...) and many NUS-WIDE tags ('blackandwhite', 'nikond80') have no GloVe vector of their own. A
 tag without a vector would have no place in the word graph, so ``tag_vectors`` gives such a tag the mean vector
 of its parts when it splits into words that do have vectors (fewest parts, each of 2+ letters, at most
-``max_parts``; among equal splits the one whose rarest part is most frequent), and leaves it out otherwise. How each tag got its vector is returned for the preparation report.
+``max_parts``; among equal splits the one whose rarest part is most frequent), and leaves it out otherwise. How
+each tag got its vector is returned for the preparation report.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -19,7 +22,7 @@ def split_compound(word: str, rank: dict[str, int], max_parts: int = 3) -> list[
     frequency order): "cardoor" is car+door, not cardo+or. None when there is none within ``max_parts``."""
     n = len(word)
 
-    def splits(i: int, left: int):
+    def splits(i: int, left: int) -> Iterator[tuple[str, ...]]:
         if i == n:
             yield ()
             return
@@ -30,10 +33,11 @@ def split_compound(word: str, rank: dict[str, int], max_parts: int = 3) -> list[
                 for rest in splits(j, left - 1):
                     yield (word[i:j],) + rest
 
-    options = [p for p in splits(0, max_parts) if len(p) > 1]
+    options: list[tuple[str, ...]] = [p for p in splits(0, max_parts) if len(p) > 1]
     if not options:
         return None
-    return list(min(options, key=lambda p: (len(p), max(rank[w] for w in p), p)))
+    best = min(options, key=lambda p: (len(p), max(rank[w] for w in p), p))
+    return list(best)
 
 
 def tag_vectors(tags, wv: WordVectors, max_parts: int = 3) -> tuple[list[str], np.ndarray, dict[str, str]]:

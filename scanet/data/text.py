@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -46,7 +46,9 @@ def build_vocabulary(docs: Sequence[Sequence[str]], size: int, keep: Callable[[s
 def bag_of_words(docs: Sequence[Sequence[str]], vocab: Sequence[str]) -> sp.csr_matrix:
     """(n_docs, V) float32 CSR of raw counts; words outside the vocabulary are dropped."""
     index = {w: i for i, w in enumerate(vocab)}
-    indptr, indices, data = [0], [], []
+    indptr: list[int] = [0]
+    indices: list[int] = []
+    data: list[float] = []
     for doc in docs:
         c = Counter(index[w] for w in doc if w in index)
         cols = sorted(c)

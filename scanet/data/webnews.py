@@ -108,7 +108,7 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
 
         kept, excluded = partition(splits, reason, lambda e: {"label": classes[e.label - 1]})
         toks = {s: [tok(read_text(root / "texts" / f"{e.text_id}.txt")) for e in kept[s]] for s in kept}
-        empty = [e.text_id for s in kept for e, t in zip(kept[s], toks[s]) if not t]
+        empty = [e.text_id for s in kept for e, t in zip(kept[s], toks[s], strict=True) if not t]
         if empty:
             progress(f"note: {len(empty)} texts have no token after tokenization, e.g. {empty[:5]}")
         wv = embeddings_for("zh", embeddings, toks["train"], progress, dim=w2v_dim, epochs=w2v_epochs,

@@ -21,7 +21,7 @@ import numpy as np
 
 from scanet.data.assemble import assemble
 from scanet.data.embeddings import WordVectors, load_word_vectors
-from scanet.data.lists import ListEntry, read_list  # noqa: F401  (scanet.data.wiki.read_list: public here)
+from scanet.data.lists import ListEntry, read_list  # scanet.data.wiki.read_list: public here
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer, read_stopwords
 from scanet.features import DEFAULT_MODEL, cnn_features_for_entries, get_image_model
@@ -95,7 +95,7 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     """
     root = Path(root)
     if root.is_dir() and not (root / "trainset_txt_img_cat.list").is_file():
-        from scanet.data import wiki_mat                      # the labelled .mat release (wikiData.mat)
+        from scanet.data import wiki_mat  # the labelled .mat release (wikiData.mat)
 
         if wiki_mat.find_labelled_mat(root) is not None:
             return wiki_mat.prepare(root, out_dir, knn=knn, lmax=lmax, progress=progress)

@@ -35,7 +35,7 @@ def _variables(path: Path) -> set[str]:
 
     try:
         return {name for name, _, _ in scipy.io.whosmat(path)}
-    except Exception:  # not a MATLAB v5 file: it is not a candidate
+    except Exception:  # noqa: BLE001 - scipy raises many types for a file that is not MATLAB v5: not a candidate
         return set()
 
 
@@ -82,16 +82,17 @@ def read_mat(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} lacks {missing} (has {sorted(k for k in mat if not k.startswith('__'))})")
     out, columns = {}, {}
     for split in ("tr", "te"):
-        I, T = (np.asarray(mat[f"{m}_{split}"], dtype=np.float32) for m in ("I", "T"))
-        if I.ndim != 2 or T.ndim != 2 or T.shape[0] != I.shape[0]:
-            raise ValueError(f"{path}: I_{split} {I.shape} and T_{split} {T.shape} must be 2-D with one row per item")
-        for k, a in ((f"I_{split}", I), (f"T_{split}", T)):
+        img, txt = (np.asarray(mat[f"{m}_{split}"], dtype=np.float32) for m in ("I", "T"))
+        if img.ndim != 2 or txt.ndim != 2 or txt.shape[0] != img.shape[0]:
+            raise ValueError(f"{path}: I_{split} {img.shape} and T_{split} {txt.shape} must be 2-D "
+                             "with one row per item")
+        for k, a in ((f"I_{split}", img), (f"T_{split}", txt)):
             if not np.isfinite(a).all():
                 raise ValueError(f"{path}: {k} contains NaN or inf")
-        if (T < 0).any():
+        if (txt < 0).any():
             raise ValueError(f"{path}: T_{split} must be non-negative (word counts, tf-idf or topic proportions)")
-        out[f"I_{split}"], out[f"T_{split}"] = I, T
-        out[f"L_{split}"], columns[split] = read_labels(mat[f"L_{split}"], I.shape[0], f"L_{split}", path)
+        out[f"I_{split}"], out[f"T_{split}"] = img, txt
+        out[f"L_{split}"], columns[split] = read_labels(mat[f"L_{split}"], img.shape[0], f"L_{split}", path)
     if columns["tr"] != columns["te"]:
         raise ValueError(f"{path}: L_tr and L_te must both be one-hot or both label columns")
     if columns["tr"] and min(out["L_tr"].min(), out["L_te"].min()) >= 1:   # MATLAB's 1-based class numbers

@@ -7,6 +7,7 @@ recorded ("notes"). A file that is missing, empty, truncated or not an image rai
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,12 +15,16 @@ import torch
 from scanet.data.images import FORMAT_OF_EXTENSION as _FORMAT_OF_EXTENSION
 from scanet.features.models import ImageModelSpec
 
+if TYPE_CHECKING:   # Pillow is imported where an image is decoded (an optional dependency)
+    from PIL import Image
+
+
 # ========================================================================================== image reading
 class ImageLoadError(ValueError):
     """A file that cannot give an image; ``str(e)`` is the reason that goes into the report."""
 
 
-def load_rgb(path: str | Path) -> tuple["Image.Image", list[str]]:  # noqa: F821
+def load_rgb(path: str | Path) -> tuple[Image.Image, list[str]]:
     """Decode any image file into an 8-bit RGB PIL image; returns (image, notes on what was converted).
 
     Raises ImageLoadError (missing, empty, truncated, not an image, too large) with the reason.
@@ -98,8 +103,8 @@ def preprocess(img, spec: ImageModelSpec) -> torch.Tensor:
     w, h = img.size
     side = max(1, int(spec.crop_fraction * min(w, h)))
     left, top = (w - side + 1) // 2, (h - side + 1) // 2
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[spec.resample]
+    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[spec.resample]
     img = img.resize((spec.size, spec.size), resample, box=(left, top, left + side, top + side))
-    a = np.asarray(img, dtype=np.float32)
-    a = (a - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    pixels = np.asarray(img, dtype=np.float32)
+    a = (pixels - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))

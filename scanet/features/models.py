@@ -3,14 +3,17 @@ an identifier of their weights, and whether they can run on this machine (nothin
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from scanet.features.efficientnet import (FoldedEfficientNetLite, efficientnet_lite0_weights_path,
-                                          load_efficientnet_lite0)
+from scanet.features.efficientnet import (
+    FoldedEfficientNetLite,
+    efficientnet_lite0_weights_path,
+    load_efficientnet_lite0,
+)
 from scanet.io import sha256_file
 
 DEFAULT_MODEL = "efficientnet-lite0"
@@ -128,7 +131,7 @@ def get_image_model(name: str) -> ImageModelSpec:
 
 def model_availability() -> dict[str, str | None]:
     """name -> None when the extractor can run here, else the reason it cannot."""
-    out = {}
+    out: dict[str, str | None] = {}
     for name, spec in IMAGE_MODELS.items():
         try:
             spec.weights()

@@ -24,7 +24,7 @@ import torch
 
 from scanet import reference
 from scanet.fused._dispatch import PRECISIONS, check_precision, kernels, kernels_can_run  # noqa: F401
-from scanet.reference import _fail, check_pair_inputs, head_weights, layer1_attention  # noqa: F401
+from scanet.reference import _fail, check_pair_inputs, head_weights, layer1_attention
 
 
 def fused_available(device) -> bool:
