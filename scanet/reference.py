@@ -201,6 +201,8 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
     O(output + chunk_pairs * N). a1_t / a1_i: layer-1 attention maps when already known. Computes in the
     features' dtype.
     """
+    if isinstance(chunk_pairs, bool) or not isinstance(chunk_pairs, int) or chunk_pairs < 1:
+        _fail(f"chunk_pairs={chunk_pairs!r}: chunk_pairs must be an int >= 1")
     check_pair_inputs(model, f_t, f_i, a1_t, a1_i, text_index, image_index)
     L = model.coattention.num_layers
     w, b = head_weights(model, f_t.dtype)

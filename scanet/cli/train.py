@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from scanet.cli._common import dataset_options, load_dataset, load_trained, module_options, use_fused
+from scanet.config import TrainConfig, arg_type
 
 
 def _baseline_rows(dataset, root) -> dict:
@@ -91,6 +92,6 @@ def add_commands(sub) -> None:
     dataset_options(p)
     p.add_argument("--out", help="output folder (default: the checkpoint's)")
     module_options(p, "fused modules (default: auto, as for train)", "eager modules")
-    p.add_argument("--chunk-size", type=int, default=64, help="texts scored at a time (bounds memory)")
+    p.add_argument("--chunk-size", type=arg_type(TrainConfig, "score_chunk", "--chunk-size"), default=64, help="texts scored at a time (bounds memory)")
     p.add_argument("--baseline", action="store_true", help="also run the CCA baseline")
     p.set_defaults(func=cmd_evaluate)

@@ -48,6 +48,11 @@ def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(PREPARERS))}")
     if root is None and name != "synthetic":
         raise ValueError(f"dataset {name!r} needs --root DIR (its raw data)")
+    from scanet.config import Preset, check_field
+
+    for key in ("vocab_size", "knn"):                 # the Preset fields' bounds, whoever calls
+        if options.get(key) is not None:
+            options[key] = check_field(Preset("", ""), key, options[key], where="prepare option ")
     return PREPARERS[name](root, out_dir, **options)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from scanet.config import check_setting
 from scanet.data.assemble import REPORT_NAME, assemble, counts, partition, write_report  # noqa: F401
 from scanet.data.embeddings import GLOVE_50D, load_word_vectors
 from scanet.data.languages import LANGUAGES, embeddings_for, tokenizer_for, tokenizer_version, train_word2vec
@@ -50,6 +51,10 @@ SETTINGS = {
 }
 
 
+# The numeric settings' types and bounds (checked by scanet.config.check_setting, the checker of --set).
+SETTING_BOUNDS = {"vocab_size": (int, {"lo": 1}), "knn": (int, {"lo": 1}), "batch_size": (int, {"lo": 1})}
+
+
 @dataclass
 class Item:
     text_id: str
@@ -74,6 +79,8 @@ def read_settings(root: Path, overrides: dict) -> dict:
         s.update(given)
     s.update({k: v for k, v in overrides.items() if v is not None})
     s["name"] = s["name"] or root.name
+    for key, (kind, bounds) in SETTING_BOUNDS.items():     # the one checker of scanet.config
+        s[key] = check_setting(key, s[key], kind, where=f"{f}: " if f.is_file() else "", **bounds)
     if s["language"] not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {s['language']!r}")
     if s["on_missing"] not in ("error", "exclude"):
