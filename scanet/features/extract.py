@@ -18,7 +18,7 @@ from scanet.data.assemble import partition
 from scanet.data.images import ImageChoice, choose_images
 from scanet.features.decode import ImageLoadError, load_rgb, preprocess
 from scanet.features.models import DEFAULT_MODEL, get_image_model, load_image_model
-from scanet.io import atomic_write, sha256_file
+from scanet.io import atomic_write, safe_np_load, sha256_file
 
 FEATURES_FORMAT = "scanet-image-features-v1"
 
@@ -161,7 +161,7 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
         try:
             old = json.loads(manifest_path.read_text(encoding="utf-8"))
             if all(old.get(k) == v for k, v in key.items()):
-                old_feats = np.load(out)
+                old_feats = safe_np_load(out, "image feature cache")
                 if old_feats.shape == (len(old["rows"]), spec.dim):
                     reuse = {sha: old_feats[i] for i, (_, sha) in enumerate(old["rows"])}
             else:
