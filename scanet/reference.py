@@ -116,7 +116,7 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu") -> torch.T
     """
     if isinstance(laplacian_csr, Laplacian):
         laplacian_csr = laplacian_csr.csr(x.dtype if isinstance(x, torch.Tensor) else None)
-    check_cheb_inputs(laplacian_csr, x, weight, bias, activation, check_indices=False)
+    check_cheb_inputs(laplacian_csr, x, weight, bias, activation)   # indices: once per tensor
     return cheb_conv_from_basis(chebyshev_basis(laplacian_csr, x, weight.shape[0]), weight, bias, activation)
 
 
