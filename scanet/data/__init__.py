@@ -56,14 +56,41 @@ def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
     return PREPARERS[name](root, out_dir, **options)
 
 
-def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared") -> PreparedDataset:
+def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared", fingerprint: str | None = None
+                       ) -> PreparedDataset:
     """The dataset a preset trains on: the prepared folder ``data`` if given, else its raw data at ``root``
-    prepared (cached) into ``prepared_dir/<dataset>`` with the preset's vocabulary size and kNN."""
+    prepared (cached) into ``prepared_dir/<dataset>`` with the preset's vocabulary size and kNN.
+
+    ``fingerprint`` (a checkpoint's ``dataset_fingerprint``): the prepared data a trained model needs. A cache
+    holding exactly it is loaded as it is (it may have been prepared with non-default options); a cache holding
+    other prepared data is refused, never rebuilt with the preset's defaults over the user's cache."""
     if data:
         return PreparedDataset.load(data)
+    out = Path(prepared_dir) / preset.dataset
+    if fingerprint and (out / "manifest.json").is_file():
+        _cache_of_checkpoint(out, fingerprint)
+        return PreparedDataset.load(out)
     if preset.dataset == "synthetic":
-        return prepare("synthetic", out_dir=Path(prepared_dir) / "synthetic")
+        return prepare("synthetic", out_dir=out)
     if not root:
         raise ValueError(f"preset {preset.name!r} needs --root DIR (the raw {preset.dataset} data) or --data")
     opts = {k: v for k, v in (("vocab_size", preset.vocab_size), ("knn", preset.knn)) if v is not None}
-    return prepare(preset.dataset, root, Path(prepared_dir) / preset.dataset, **opts)
+    return prepare(preset.dataset, root, out, **opts)
+
+
+def _cache_of_checkpoint(out: Path, fingerprint: str) -> None:
+    """Refuse (ValueError) a prepared cache whose fingerprint is not the checkpoint's, naming both."""
+    import json
+
+    from scanet.io import read_text
+
+    try:
+        have = json.loads(read_text(out / "manifest.json", "prepared-data manifest"))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{out}/manifest.json is unreadable ({e}); prepare the data again with the options of the "
+                         "training run, or pass --data") from None
+    if have.get("fingerprint") != fingerprint:
+        raise ValueError(f"{out} holds prepared data {have.get('fingerprint')} (parameters {have.get('params')}) "
+                         f"but the checkpoint was trained on prepared data {fingerprint}; it is not rebuilt with "
+                         "the preset's defaults over your cache. Pass --data with the training run's prepared "
+                         "folder, or --prepared-dir with another folder to prepare into")
