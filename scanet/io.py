@@ -34,6 +34,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def _write_failure(path: Path, e: BaseException) -> OSError | None:
     """The sentence for a write that failed for want of space or permission (None: not such a failure)."""
     text = str(e)
@@ -62,6 +66,7 @@ def atomic_write(path: str | Path, write: Callable) -> None:
     except OSError as e:
         raise (_write_failure(path, e) or e) from e
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)       # mkstemp makes 0600; the file gets the mode open() would give
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -105,6 +110,7 @@ def atomic_directory(out: str | Path):
 
 # ------------------------------------------------------------------------------------------- leftovers
 _TMP_FILE = re.compile(r"^(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")       # atomic_write's names
+_OLD_TMP_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")            # before names carried the pid
 _TMP_DIR = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)-[^-]+$")           # atomic_directory's
 
 
@@ -121,22 +127,28 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_leftovers(folder: str | Path, log: Callable[[str], None] | None = None) -> list[Path]:
+def remove_leftovers(folder: str | Path, log: Callable[[str], None] | None = None, locked: bool = False
+                     ) -> list[Path]:
     """Remove the temporary files / folders of atomic_write / atomic_directory in ``folder`` whose writer is no
-    longer running (its pid is in the name); returns what was removed. A live writer's file is left alone."""
+    longer running (its pid is in the name); returns what was removed. A live writer's file is left alone.
+    ``locked``: the caller holds the folder's lock (a run folder), so the pid-less temporary files of older
+    versions are leftovers too."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
         m = (_TMP_FILE if p.is_file() else _TMP_DIR).match(p.name)
+        if m is None and locked and p.is_file() and _OLD_TMP_FILE.match(p.name):
+            m = {"pid": "0"}                                     # an old-style name in a folder we own
         if m is None or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"])):
             continue
         size = p.stat().st_size if p.is_file() else 0
         (p.unlink if p.is_file() else lambda: shutil.rmtree(p, ignore_errors=True))()
         removed.append(p)
         if log is not None:
-            log(f"removed {p} (left by process {m['pid']}, which is gone{f'; {size / 2**20:.1f} MiB' if size else ''})")
+            who = f"process {m['pid']}, which is gone" if m["pid"] != "0" else "an interrupted write"
+            log(f"removed {p} (left by {who}{f'; {size / 2**20:.1f} MiB' if size else ''})")
     return removed
 
 
@@ -211,8 +223,10 @@ def safe_np_load(path: str | Path, what: str = "numeric array file", mmap_mode=N
     except ValueError as e:
         if str(e).startswith(str(path)):
             raise
-        reason = "it holds Python objects (a pickle), which are never loaded" if "allow_pickle" in str(e) else str(e)
-        raise ValueError(f"{path} ({what}) cannot be read: {reason}") from None
+        if "allow_pickle" in str(e):
+            raise ValueError(f"{path} ({what}) cannot be read: it holds Python objects (a pickle), which are "
+                             "never loaded; save a numeric array") from None
+        raise ValueError(f"{path} ({what}) is truncated or damaged ({e})") from None
     except Exception as e:     # BadZipFile, EOFError, zlib.error, OSError: a truncated or damaged file
         raise ValueError(f"{path} ({what}) is truncated or damaged ({type(e).__name__}: {e})") from None
 

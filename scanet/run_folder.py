@@ -143,7 +143,7 @@ def claim(out: str | Path, preset, fingerprint: str, *, resume: bool = False, fo
     fd = _acquire_lock(out, log)
     folder = RunFolder(out, fd, resume=False)
     try:
-        remove_leftovers(out, log)
+        remove_leftovers(out, log, locked=True)
         ckpt = out / "last.pt"
         existing = [f for f in RUN_FILES if (out / f).exists()]
         if not resume:

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:      # OSError: a full disk, a read-only folder, a missing file
         print(f"scanet {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
