@@ -41,14 +41,19 @@ os.umask(_UMASK)
 def _write_failure(path: Path, e: BaseException) -> OSError | None:
     """The sentence for a write that failed for want of space or permission (None: not such a failure)."""
     text = str(e)
-    nospace = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
-        "No space left" in text or ("inline_container" in text and "write" in text)
+    try:
+        free = shutil.disk_usage(path.parent).free
+        free_text = f"; {free / 2**20:.1f} MiB free there"
+    except OSError:
+        free, free_text = None, ""
+    # torch's writer reports a short write as "[enforce fail at inline_container.cc:...] ... unexpected pos"
+    # or "file write failed", without errno: with (almost) nothing left free that is a full disk.
+    torch_writer = "inline_container" in text or "PytorchStreamWriter" in text
+    nospace = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
+        or (torch_writer and free is not None and free < 64 * 2**20)
+    if torch_writer and not nospace:
+        return OSError(errno.EIO, f"cannot write {path}: torch's writer failed ({text.strip()[:200]})")
     if nospace:
-        try:
-            free = shutil.disk_usage(path.parent).free
-            free_text = f"; {free / 2**20:.1f} MiB free there"
-        except OSError:
-            free_text = ""
         return OSError(errno.ENOSPC, f"cannot write {path}: no space left on the device{free_text} "
                                      f"(the previous file, if any, is untouched)")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):

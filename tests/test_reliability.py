@@ -582,13 +582,35 @@ def test_rule8_full_disk_during_checkpoint_write(world, tmp_path, capsys, small_
         import errno
 
         out = tmp_path / "full"
-        real = os.fsync
-        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
-        del real
+
+        def full_save(obj, fh):
+            fh.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(torch, "save", full_save)
     rc, _, err = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", out / "run"], capsys)
     assert rc == 2 and "no space left on the device" in err and "last.pt" in err, err
     assert "inline_container" not in err.split("no space left")[0]
     assert not list((out / "run").glob("*.tmp"))                          # the partial file is removed
+
+
+def test_rule8_torch_writer_failure_on_a_full_disk_is_a_sentence(tmp_path, small_mount, monkeypatch):
+    from scanet.io import atomic_torch_save as save
+
+    out = small_mount("64k") or tmp_path                       # patched: free space is what decides
+    if out == tmp_path:
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1024))
+
+    def failing_save(obj, fh):
+        fh.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4416 vs 4344")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    (out / "last.pt").write_bytes(b"previous")
+    with pytest.raises(OSError) as e:
+        save(out / "last.pt", {"a": 1})
+    assert e.value.strerror.startswith(f"cannot write {out / 'last.pt'}: no space left on the device")
+    assert (out / "last.pt").read_bytes() == b"previous" and not list(out.glob("*.tmp"))
 
 
 def test_rule8_read_only_output_found_before_training(world, tmp_path, capsys, small_mount, monkeypatch):

@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (ValueError, OSError, ImportError) as e:      # OSError: a full disk, a read-only folder, a missing file
-        print(f"scanet {args.command}: error: {e}", file=sys.stderr)
+        # An OSError we raised carries its sentence in strerror (str() would prefix "[Errno 28]").
+        text = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None and len(e.args) == 2 else e
+        print(f"scanet {args.command}: error: {text}", file=sys.stderr)
         return 2
     return 0
