@@ -49,7 +49,7 @@ def check_root(root: Path) -> None:
 
 
 def read_categories(root: Path, entries: list[ListEntry]) -> list[str]:
-    names = [ln.strip() for ln in read_text(root / "categories.list", "category list").splitlines() if ln.strip()]
+    names = [ln.strip() for ln in _read_text(root / "categories.list", "category list").splitlines() if ln.strip()]
     top = max(e.label for e in entries)
     if top > len(names):
         raise ValueError(f"{root / 'categories.list'} names {len(names)} classes but the lists use label {top}")
