@@ -30,6 +30,8 @@ def _fail(msg: str):
 
 # id(raw CSR tensor) -> what it was when its indices were checked (see _csr_key); entries leave with the tensor.
 _CHECKED: dict[int, tuple] = {}
+# id(raw CSR tensor) -> (its key, the Laplacian built from it) for Laplacian.of; entries leave with the tensor.
+_OPERATORS: dict[int, tuple] = {}
 
 
 def _csr_key(t: torch.Tensor) -> tuple:
@@ -171,8 +173,24 @@ class Laplacian(nn.Module):
 
     @classmethod
     def of(cls, laplacian) -> "Laplacian":
-        """``laplacian`` itself when it is a Laplacian, else a new one built (and checked) from it."""
-        return laplacian if isinstance(laplacian, cls) else cls(laplacian)
+        """``laplacian`` itself when it is a Laplacian, else one built (and checked) from it. For a raw torch
+        CSR the operator is built once per tensor and reused while the tensor lives unchanged (its index and
+        value arrays' version counters), so the fused path does not re-check and re-transpose it per call."""
+        if isinstance(laplacian, cls):
+            return laplacian
+        if isinstance(laplacian, torch.Tensor) and laplacian.layout == torch.sparse_csr \
+                and not laplacian.requires_grad:
+            values = laplacian.values()
+            key = _csr_key(laplacian) + (values.data_ptr(), values._version, str(values.dtype))
+            hit = _OPERATORS.get(id(laplacian))
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            op = cls(laplacian)
+            if id(laplacian) not in _OPERATORS:
+                weakref.finalize(laplacian, _OPERATORS.pop, id(laplacian), None)
+            _OPERATORS[id(laplacian)] = (key, op)
+            return op
+        return cls(laplacian)
 
     @property
     def size(self) -> int:

@@ -510,6 +510,11 @@ def test_rule7_checked_once_per_tensor_and_again_after_an_in_place_change():
         L.col_indices()[2] = 7                                   # written in place: checked again, and refused
         with pytest.raises(ValueError, match="out of range"):
             cheb_conv(L, x, w)
+        L2 = _csr([0, 1, 2, 3], [0, 1, 2])                     # the fused path's operator: built once per tensor
+        op = lap.Laplacian.of(L2)
+        assert lap.Laplacian.of(L2) is op
+        L2.values()[0] = 5.0                                     # new values: a new operator (symmetry, transpose)
+        assert lap.Laplacian.of(L2) is not op and float(lap.Laplacian.of(L2).values[0]) == 5.0
         layer = lap.Laplacian(sp.identity(3, format="csr", dtype=np.float32))
         n = len(calls)
         cheb_conv(layer, x, w)

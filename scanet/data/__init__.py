@@ -68,8 +68,12 @@ def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared", fi
         return PreparedDataset.load(data)
     out = Path(prepared_dir) / preset.dataset
     if fingerprint and (out / "manifest.json").is_file():
-        _cache_of_checkpoint(out, fingerprint)
-        return PreparedDataset.load(out)
+        params = _cache_of_checkpoint(out, fingerprint)
+        try:
+            return PreparedDataset.load(out)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"{e}. It holds the checkpoint's prepared data: prepare it again with the options "
+                             f"it was made with (parameters {params})") from e
     if preset.dataset == "synthetic":
         return prepare("synthetic", out_dir=out)
     if not root:
@@ -78,8 +82,9 @@ def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared", fi
     return prepare(preset.dataset, root, out, **opts)
 
 
-def _cache_of_checkpoint(out: Path, fingerprint: str) -> None:
-    """Refuse (ValueError) a prepared cache whose fingerprint is not the checkpoint's, naming both."""
+def _cache_of_checkpoint(out: Path, fingerprint: str) -> dict:
+    """Refuse (ValueError) a prepared cache whose fingerprint is not the checkpoint's, naming both; else return
+    the cache's preparation parameters."""
     import json
 
     from scanet.io import read_text
@@ -94,3 +99,4 @@ def _cache_of_checkpoint(out: Path, fingerprint: str) -> None:
                          f"but the checkpoint was trained on prepared data {fingerprint}; it is not rebuilt with "
                          "the preset's defaults over your cache. Pass --data with the training run's prepared "
                          "folder, or --prepared-dir with another folder to prepare into")
+    return have.get("params")
