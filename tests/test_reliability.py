@@ -523,22 +523,34 @@ def test_rule7_checked_once_per_tensor_and_again_after_an_in_place_change():
         lap.check_csr_indices = real
 
 
-@pytest.mark.parametrize("case,corrupt,fragment", [
+LAPLACIAN_CORRUPTIONS = [
     ("crow out of range", lambda m: m["laplacian.crow"].__setitem__(1, 10 ** 9), "malformed crow_indices"),
     ("column out of range", lambda m: m["laplacian.col"].__setitem__(0, 10 ** 6), "column indices out of range"),
     ("crow truncated", lambda m: m.__setitem__("laplacian.crow", m["laplacian.crow"][:-5]), "malformed"),
     ("values missing", lambda m: m.__setitem__("laplacian.values", m["laplacian.values"][:-1]), "values"),
-])
-def test_rule7_evaluate_eager_on_a_corrupted_laplacian(world, tmp_path, capsys, case, corrupt, fragment):
-    state = load_checkpoint(world / "run" / "last.pt")
-    corrupt(state["model"])
-    atomic_torch_save(tmp_path / "bad.pt", state)
-    code = ("import sys, warnings; warnings.simplefilter('ignore'); from scanet.cli import main; "
-            f"sys.exit(main(['evaluate', '--checkpoint', {str(tmp_path / 'bad.pt')!r}, '--prepared-dir', "
-            f"{str(world / 'prepared')!r}, '--eager', '--out', {str(tmp_path / 'e')!r}]))")
+]
+
+
+def test_rule7_evaluate_eager_on_a_corrupted_laplacian(world, tmp_path):
+    """In a child process (one for all cases), so that a segfault would be exit -11, not a crashed test run."""
+    paths = []
+    for k, (case, corrupt, fragment) in enumerate(LAPLACIAN_CORRUPTIONS):
+        state = load_checkpoint(world / "run" / "last.pt")
+        corrupt(state["model"])
+        atomic_torch_save(tmp_path / f"bad{k}.pt", state)
+        paths.append(str(tmp_path / f"bad{k}.pt"))
+    code = ("import contextlib, io, json, sys, warnings; warnings.simplefilter('ignore')\n"
+            "from scanet.cli import main\nout = []\n"
+            f"for k, ckpt in enumerate({paths!r}):\n"
+            "    err = io.StringIO()\n    with contextlib.redirect_stderr(err):\n"
+            f"        rc = main(['evaluate', '--checkpoint', ckpt, '--prepared-dir', {str(world / 'prepared')!r}, "
+            f"'--eager', '--out', {str(tmp_path)!r} + f'/e{{k}}'])\n"
+            "    out.append([rc, err.getvalue()])\nprint(json.dumps(out))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
-    assert p.returncode == 2 and "malformed Laplacian" in p.stderr and fragment in p.stderr, (p.returncode, p.stderr)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    for (case, _, fragment), (rc, err) in zip(LAPLACIAN_CORRUPTIONS, json.loads(p.stdout.splitlines()[-1])):
+        assert rc == 2 and "malformed Laplacian" in err and fragment in err, (case, rc, err)
 
 
 # ============================================================================ rule 8: errors name file + problem
