@@ -12,7 +12,8 @@
    the lock held nothing else can be writing there.
 4. **Saved work**: a folder that holds a run (last.pt, metrics.json, results.json, ...) is never overwritten
    silently. Without ``--resume`` it is refused (``--force`` replaces it: the old run's files are removed
-   first, so a crash cannot mix the two runs). With ``--resume``: no checkpoint -> said, and a fresh run;
+   first, so a crash cannot mix the two runs). With ``--resume``: no checkpoint -> said, and a fresh run
+   (refused when other run files are there, unless ``--force``);
    a checkpoint -> its configuration is compared key by key with this one: equal, or only ``train.epochs``
    larger than the epochs done (extending a finished run), resumes; any other difference is refused naming
    the keys, their saved and given values; other prepared data (fingerprint) is refused.
@@ -156,6 +157,11 @@ def claim(out: str | Path, preset, fingerprint: str, *, resume: bool = False, fo
                     (out / f).unlink()
             return folder
         if not ckpt.is_file():
+            if existing and not force:
+                raise ValueError(f"--resume: run folder {out} holds {', '.join(existing)} but no checkpoint "
+                                 f"({ckpt}) to resume from; --force replaces them with a fresh run")
+            for f in existing:
+                (out / f).unlink()
             log(f"--resume: no checkpoint at {ckpt}; starting a fresh run")
             return folder
         state = load_checkpoint(ckpt)

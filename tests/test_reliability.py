@@ -158,6 +158,7 @@ def test_rule2_existing_run_refused_force_replaces(world, tmp_path, capsys):
 
 @pytest.mark.parametrize("case,extra,rc_want,fragment", [
     ("no checkpoint: says it starts fresh", "empty", 0, "no checkpoint at"),
+    ("no checkpoint but results.json: refused", "no-ckpt", 2, "holds metrics.json, evaluation.json, results.json"),
     ("same config, finished: nothing to train", [], 0, "already done all 1 epochs"),
     ("larger epochs extends the finished run", ["--set", "epochs=2"], 0, "extending the run"),
     ("lr changed: refused, key named", ["--set", "lr=0.002"], 2, "train.lr (saved 0.001, given 0.002)"),
@@ -169,6 +170,9 @@ def test_rule2_resume_rules(world, tmp_path, capsys, case, extra, rc_want, fragm
     run = fresh_run(world, tmp_path)
     if extra == "empty":
         shutil.rmtree(run)
+        extra = []
+    if extra == "no-ckpt":
+        (run / "last.pt").unlink()
         extra = []
     rc, out, err = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--resume", *extra], capsys)
     assert rc == rc_want and fragment in (out + err), (case, out[-500:], err)
