@@ -70,6 +70,8 @@ def cmd_evaluate(args) -> None:
     from scanet.evaluate import evaluate_model
     from scanet.io import check_writable
 
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     # Where the results go, checked before any work: writable, and nothing there overwritten without --force.
     out = check_writable(args.out or Path(args.checkpoint).parent, "output folder")
     targets = [out / f"{EVALUATE_STEM}results.json", out / f"{EVALUATE_STEM}pr_curves.png"]
