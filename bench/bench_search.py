@@ -154,7 +154,7 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def subset_recall(trained, kind: str, S: int, stage1: str = "layer2-mean") -> float:
     """recall@10 of two-stage search (a FAISS index of ``kind`` on the subset) against exhaustive search."""
-    from scanet import ann, retrieve
+    from scanet import ann
 
     key = ("recall", kind, S, stage1)
     if key not in _CACHE:

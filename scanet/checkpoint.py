@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scanet.config import ModelConfig, Preset, TrainConfig
+from scanet.config import ModelConfig, Preset, TrainConfig, validate
 from scanet.data.prepared import PreparedDataset
 from scanet.io import atomic_torch_save, safe_torch_load
 from scanet.laplacian import Laplacian
@@ -38,9 +38,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
-def preset_from_dict(d: dict) -> Preset:
-    model = ModelConfig(**{**d["model"], "gcn_channels": tuple(d["model"]["gcn_channels"])})
-    return Preset(**{**d, "model": model, "train": TrainConfig(**d["train"])})
+def preset_from_dict(d: dict, where: str = "checkpoint ") -> Preset:
+    """The Preset of a checkpoint's plain dict, every field type- and range-checked (scanet.config.validate)."""
+    try:
+        model = ModelConfig(**{**d["model"], "gcn_channels": tuple(d["model"]["gcn_channels"])})
+        preset = Preset(**{**d, "model": model, "train": TrainConfig(**d["train"])})
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}configuration is malformed ({type(e).__name__}: {e})") from None
+    return validate(preset, where=where + "setting ")
 
 
 def build_model(preset: Preset, dataset: PreparedDataset, fused: bool = False) -> SCANet:

@@ -1,50 +1,68 @@
 """Configuration as dataclasses, with one preset per dataset (the paper's hyper-parameters).
 
 Every field of a preset can be overridden from the command line (``scanet train --set epochs=10``).
+
+Every field declares its allowed values once, in its metadata (``_f(default, lo=, hi=, choices=)``), next to
+its type; ``check_value`` is the ONE checker and ``validate(preset)`` applies it to every field. It runs on
+``apply_overrides`` (``--set``), ``get_preset``, ``preset_from_dict`` (checkpoints) and, through
+``arg_type``/``check_setting``, on CLI flags (``--chunk-size``) and dataset.json settings (``knn``), so
+``batch_size=0``, ``epochs=abc`` or ``lr=nan`` end in one sentence naming the key, the value and what is
+allowed, never in a ZeroDivisionError an epoch later.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+
+def _f(default, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
+    """A dataclass field with its allowed range (``lo <= v <= hi``, open ends with ``lo_open``/``hi_open``) or
+    choices in its metadata; floats must also be finite. Mutable defaults (tuples are fine) are not used."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+                                            "choices": choices})
 
 
 @dataclass
 class ModelConfig:
-    common_dim: int = 1024            # N, the common space (paper: 1024 on Wiki)
-    cheb_k: int = 3                   # Chebyshev order K (T0, T1, T2)
-    gcn_channels: tuple = (1, 1)      # output channels of each graph convolution (paper: one channel, two layers)
-    coattention_layers: int = 2       # stacked co-attention layers (paper's best: 2)
-    attention_scale: str = "n"        # "n": p * N, uniform attention = identity; "1": the paper's equations as written
-    dropout: float = 0.2              # before the text FC and before the head's FC
-    encoder_activation: str = "none"  # activation after the encoders' FC layers: "none", "relu" or "tanh"
+    common_dim: int = _f(1024, lo=1)          # N, the common space (paper: 1024 on Wiki)
+    cheb_k: int = _f(3, lo=1)                 # Chebyshev order K (T0, T1, T2)
+    gcn_channels: tuple = _f((1, 1), lo=1)    # output channels of each graph convolution (paper: one channel,
+    #                                           two layers); lo applies to every entry, at least one entry
+    coattention_layers: int = _f(2, lo=0)     # stacked co-attention layers (paper's best: 2)
+    attention_scale: str = _f("n", choices=("n", "1"))  # "n": p * N, uniform attention = identity; "1": the
+    #                                                     paper's equations as written
+    dropout: float = _f(0.2, lo=0.0, hi=1.0, hi_open=True)   # before the text FC and before the head's FC
+    encoder_activation: str = _f("none", choices=("none", "relu", "tanh"))  # after the encoders' FC layers
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 80
-    batch_size: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.005       # the paper's L2 0.005
-    decoupled_weight_decay: bool = True   # True: AdamW; False: L2 in the gradient (Adam weight_decay), see README
-    margin: float = 0.6               # m of eq. 10
-    lam: float = 0.35                 # lambda of eq. 10
-    positive_pairs: int = 40_000
-    negative_pairs: int = 40_000
-    seed: int = 0
-    eval_every: int = 1               # epochs between test-set MAP evaluations (0: only at the end)
-    score_chunk: int = 64             # texts scored at a time in evaluation (bounds memory)
-    validation_fraction: float = 0.1  # training items held out (stratified, seeded) to select the epoch; 0: none
-    patience: int = 0                 # stop after this many epochs without a better validation MAP; 0: never
+    epochs: int = _f(80, lo=1)
+    batch_size: int = _f(256, lo=1)
+    lr: float = _f(1e-4, lo=0.0, lo_open=True)
+    weight_decay: float = _f(0.005, lo=0.0)   # the paper's L2 0.005
+    decoupled_weight_decay: bool = True       # True: AdamW; False: L2 in the gradient (Adam weight_decay), see README
+    margin: float = _f(0.6, lo=0.0)           # m of eq. 10
+    lam: float = _f(0.35, lo=0.0)             # lambda of eq. 10
+    positive_pairs: int = _f(40_000, lo=1)
+    negative_pairs: int = _f(40_000, lo=1)
+    seed: int = _f(0, lo=0, hi=2**63 - 1)
+    eval_every: int = _f(1, lo=0)             # epochs between test-set MAP evaluations (0: only at the end)
+    score_chunk: int = _f(64, lo=1)           # texts scored at a time in evaluation (bounds memory)
+    validation_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)  # training items held out (stratified,
+    #   seeded) to select the epoch; 0: none
+    patience: int = _f(0, lo=0)               # stop after this many epochs without a better validation MAP; 0: never
 
 
 @dataclass
 class Preset:
     name: str
-    dataset: str                      # loader name in scanet.data
+    dataset: str                              # loader name in scanet.data
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    vocab_size: int | None = 10_055   # the paper's Wiki graph has 10,055 words; None: the preparer's default
-    knn: int | None = 8
+    vocab_size: int | None = _f(10_055, lo=1)   # the paper's Wiki graph has 10,055 words; None: the preparer's default
+    knn: int | None = _f(8, lo=1)
 
 
 PRESETS = {
@@ -96,44 +114,148 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     p = PRESETS[name]       # a copy down to the sections: changing it never changes PRESETS
-    return dataclasses.replace(p, model=dataclasses.replace(p.model), train=dataclasses.replace(p.train))
+    return validate(dataclasses.replace(p, model=dataclasses.replace(p.model), train=dataclasses.replace(p.train)))
 
 
-_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
+# ----------------------------------------------------------------------------------------------- checking
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
+
+
+def _allowed(kind: type, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, optional=False) -> str:
+    """What a value may be, in words: 'an int >= 1', 'a float in [0, 1)', 'one of 'n', '1''."""
+    if choices is not None:
+        text = "one of " + ", ".join(repr(c) for c in choices)
+    else:
+        text = {int: "an int", float: "a finite float", str: "a string", bool: "True or False",
+                tuple: "a non-empty tuple of ints"}[kind]
+        if lo is not None and hi is not None:
+            text += f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            text += f" {'>' if lo_open else '>='} {lo:g}"
+        elif hi is not None:
+            text += f" {'<' if hi_open else '<='} {hi:g}"
+    return text + (" or None" if optional else "")
+
+
+def check_value(key: str, value, kind: type, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None,
+                optional=False, where: str = ""):
+    """THE checker: ``value`` converted to ``kind`` (int -> float, list -> tuple; the text 'nan'/'inf' is read as
+    a float so that it is refused for being non-finite, not for being text) and range-checked, else a ValueError
+    '{where}{key}={value!r}: {key} must be {allowed}'. Returns the converted value."""
+    def fail():
+        raise ValueError(f"{where}{key}={value!r}: {key} must be "
+                         f"{_allowed(kind, lo, hi, lo_open, hi_open, choices, optional)}")
+
+    if value is None:
+        if optional:
+            return None
+        fail()
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            fail()
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind is str:
+        ok = isinstance(value, str)
+    elif kind is tuple:
+        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+    else:
+        ok = True
+    if not ok:
+        fail()
+    v = float(value) if kind is float else tuple(value) if kind is tuple else value
+    if choices is not None and v not in choices:
+        fail()
+    for x in (v if kind is tuple else (v,)):
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            if lo is not None and (x < lo or (lo_open and x == lo)):
+                fail()
+            if hi is not None and (x > hi or (hi_open and x == hi)):
+                fail()
+    return v
+
+
+def _field_rule(f: dataclasses.Field) -> dict:
+    """The declared type and bounds of a dataclass field, as check_value's keyword arguments."""
+    text = str(f.type)
+    kind = _TYPES.get(text.split("|")[0].strip())
+    rule = {k: v for k, v in f.metadata.items() if k in ("lo", "hi", "lo_open", "hi_open", "choices")}
+    return dict(kind=kind, optional="None" in text, **rule)
+
+
+def check_field(obj, name: str, value, key: str | None = None, where: str = ""):
+    """``value`` checked against field ``name`` of dataclass ``obj`` (type and declared bounds); returned converted."""
+    f = {f.name: f for f in dataclasses.fields(obj)}[name]
+    rule = _field_rule(f)
+    if rule["kind"] is None:
+        return value
+    return check_value(key or name, value, where=where, **rule)
+
+
+def validate(preset: Preset, where: str = "") -> Preset:
+    """Every field of the preset (and its model and train sections) checked in place; returns the preset."""
+    for obj in (preset, preset.model, preset.train):
+        for f in dataclasses.fields(obj):
+            if f.name in ("model", "train"):
+                continue
+            setattr(obj, f.name, check_field(obj, f.name, getattr(obj, f.name), where=where))
+    return preset
+
+
+def arg_type(section, name: str, flag: str | None = None):
+    """An argparse ``type=`` for a CLI flag ``flag`` that sets the same thing as dataclass field
+    ``section.name`` (``--chunk-size`` is ``TrainConfig.score_chunk``): the same type and bounds, an argparse
+    error otherwise. (None is never a flag's value: leaving the flag out is.)"""
+    f = {f.name: f for f in dataclasses.fields(section)}[name]
+    return flag_type(**dict(_field_rule(f), optional=False), name=flag or name)
+
+
+def flag_type(kind: type, name: str = "value", **bounds):
+    """An argparse ``type=`` checked by ``check_value`` (for flags that are no dataclass field: --top-k)."""
+    import argparse
+    import ast
+
+    def parse(text: str):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        try:
+            return check_value(name, value, kind, **bounds)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = kind.__name__     # argparse names the type in its messages
+    return parse
+
+
+def check_setting(key: str, value, kind: type, where: str = "", **bounds):
+    """A setting outside the dataclasses (dataset.json, a preparer's options): the same checker."""
+    return check_value(key, value, kind, where=where, **bounds)
 
 
 def _typed(obj, name: str, key: str, raw: str, value):
-    """``value`` checked against the field's declared type (nanoGPT's configurator: an override must have the
-    type of the field it replaces); ints are accepted for floats, lists for tuples, raw text for strings."""
+    """``value`` checked against the field's declared type and bounds (nanoGPT's configurator: an override must
+    have the type of the field it replaces); ints are accepted for floats, lists for tuples, raw text for strings."""
     field_type = {f.name: f.type for f in dataclasses.fields(obj)}[name]
-    want = _FIELD_TYPES.get(str(field_type).split("|")[0].strip())
-    if value is None and (getattr(obj, name) is None or "None" in str(field_type)):
-        return None
-    if want is None:
-        return value
-    if want is str:
-        return value if isinstance(value, str) else raw
-    if want is bool:
-        ok = isinstance(value, bool)
-    elif want is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif want is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:                                                   # tuple
-        ok = isinstance(value, (list, tuple))
-        value = tuple(value) if ok else value
-    if not ok:
-        raise ValueError(f"override {key}={raw}: {key} is a {want.__name__} "
-                         f"(currently {getattr(obj, name)!r}), got {type(value).__name__} {value!r}")
-    return value
+    if _TYPES.get(str(field_type).split("|")[0].strip()) is str and not isinstance(value, str):
+        value = raw
+    return check_field(obj, name, value, key, where="override ")
 
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     """Apply ``key=value`` overrides; keys are fields of the preset, ``model.x`` or ``train.x`` (or bare x).
 
     Values are Python literals (``epochs=10``, ``gcn_channels=(2,1)``, ``decoupled_weight_decay=False``; text
-    needs no quotes) and must have the field's type: a ValueError names the key, the value and the type.
+    needs no quotes) and must have the field's type and lie in its declared bounds: a ValueError names the key,
+    the value and what is allowed.
     """
     import ast
 
@@ -163,4 +285,4 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
             raise ValueError(f"unknown config key {key!r}")
         for obj, name in targets:
             setattr(obj, name, _typed(obj, name, key, raw, value))
-    return preset
+    return validate(preset)

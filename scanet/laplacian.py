@@ -8,11 +8,16 @@ transpose kept as non-persistent buffers (backward propagates with L~^T). Loadin
 re-runs the preparation: the flag and the transpose always describe the values in the buffers.
 
 ``reference.cheb_conv``, ``fused.cheb_conv`` and ``native.cheb_conv`` accept a ``Laplacian`` or a raw torch
-sparse CSR tensor; a raw CSR is checked on every call (``as_csr``/``Laplacian.of``), a ``Laplacian`` never
-again. Memory: three int64/float arrays, (V + 1) + 2 nnz words; the Wiki graph (V = 10,055, nnz ~ 160k)
+sparse CSR tensor. A raw CSR's index arrays are checked ONCE per tensor (``check_laplacian`` remembers the
+tensors it has checked, by identity and the version counters of their index arrays, so an in-place change is
+checked again): an out-of-range column or a malformed row pointer is a ValueError, never garbage from reading
+outside an array, never a segfault in torch.sparse.mm or the native op. The CSR views a ``Laplacian`` hands
+out (``csr()``) are born checked. Memory: three int64/float arrays, (V + 1) + 2 nnz words; the Wiki graph (V = 10,055, nnz ~ 160k)
 is ~2.6 MB, twice that when a transpose is kept.
 """
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -23,8 +28,31 @@ def _fail(msg: str):
     raise ValueError(msg)
 
 
+# id(raw CSR tensor) -> what it was when its indices were checked (see _csr_key); entries leave with the tensor.
+_CHECKED: dict[int, tuple] = {}
+# id(raw CSR tensor) -> (its key, the Laplacian built from it) for Laplacian.of; entries leave with the tensor.
+_OPERATORS: dict[int, tuple] = {}
+
+
+def _csr_key(t: torch.Tensor) -> tuple:
+    crow, col = t.crow_indices(), t.col_indices()
+    return (crow.data_ptr(), col.data_ptr(), crow._version, col._version, tuple(t.shape), str(crow.device))
+
+
+def _remember_checked(t: torch.Tensor) -> torch.Tensor:
+    """Record that ``t``'s index arrays are valid (a finalizer forgets it when ``t`` is freed)."""
+    i = id(t)
+    if i not in _CHECKED:
+        weakref.finalize(t, _CHECKED.pop, i, None)
+    _CHECKED[i] = _csr_key(t)
+    return t
+
+
 def check_laplacian(laplacian_csr: torch.Tensor, *, check_indices: bool = True) -> None:
-    """Raise a clear error unless ``laplacian_csr`` is a square sparse CSR matrix with valid, sorted indices."""
+    """Raise a clear error unless ``laplacian_csr`` is a square sparse CSR matrix with valid, sorted indices.
+
+    The index checks (a pass over crow and col) run once per tensor: a tensor checked before, whose index
+    arrays have not been written since, is not checked again."""
     if not isinstance(laplacian_csr, torch.Tensor):
         _fail(f"laplacian_csr must be a torch sparse CSR tensor or a scanet.laplacian.Laplacian, got "
               f"{type(laplacian_csr).__name__}")
@@ -35,12 +63,22 @@ def check_laplacian(laplacian_csr: torch.Tensor, *, check_indices: bool = True) 
         _fail(f"laplacian_csr must be square (V, V), got shape {tuple(laplacian_csr.shape)}")
     if not laplacian_csr.dtype.is_floating_point:
         _fail(f"laplacian_csr must be floating point, got {laplacian_csr.dtype}")
-    if check_indices:
-        check_csr_indices(laplacian_csr.crow_indices(), laplacian_csr.col_indices(), laplacian_csr.shape[0])
+    if check_indices and _CHECKED.get(id(laplacian_csr)) != _csr_key(laplacian_csr):
+        crow, col = laplacian_csr.crow_indices(), laplacian_csr.col_indices()
+        if laplacian_csr.values().numel() != col.numel():
+            _fail(f"laplacian_csr has {col.numel()} column indices but {laplacian_csr.values().numel()} values")
+        check_csr_indices(crow, col, laplacian_csr.shape[0])
+        _remember_checked(laplacian_csr)
 
 
 def check_csr_indices(crow: torch.Tensor, col: torch.Tensor, V: int) -> None:
     """Column indices in [0, V) and sorted within each row; crow a non-decreasing pointer from 0 to nnz."""
+    if crow.dim() != 1 or col.dim() != 1:
+        _fail(f"laplacian_csr index arrays must be 1-D, got crow {tuple(crow.shape)}, col {tuple(col.shape)}")
+    if crow.numel() != V + 1 or int(crow[0]) != 0 or int(crow[-1]) != col.numel() or \
+            bool((crow[1:] < crow[:-1]).any()):
+        _fail(f"laplacian_csr has a malformed crow_indices array (it must hold V + 1 = {V + 1} non-decreasing "
+              f"row offsets from 0 to nnz = {col.numel()})")
     if col.numel():
         if int(col.min()) < 0 or int(col.max()) >= V:
             _fail(f"laplacian_csr has column indices out of range [0, {V}): "
@@ -52,8 +90,6 @@ def check_csr_indices(crow: torch.Tensor, col: torch.Tensor, V: int) -> None:
             if not torch.isin(dec, row_starts).all():
                 _fail("laplacian_csr has unsorted column indices within a row "
                       "(sort them, e.g. scipy's .sort_indices() before conversion)")
-    if crow.numel() != V + 1 or crow[0] != 0 or crow[-1] != col.numel() or bool((crow[1:] < crow[:-1]).any()):
-        _fail("laplacian_csr has a malformed crow_indices array")
 
 
 def transpose_arrays(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, V: int):
@@ -141,8 +177,24 @@ class Laplacian(nn.Module):
 
     @classmethod
     def of(cls, laplacian) -> Laplacian:
-        """``laplacian`` itself when it is a Laplacian, else a new one built (and checked) from it."""
-        return laplacian if isinstance(laplacian, cls) else cls(laplacian)
+        """``laplacian`` itself when it is a Laplacian, else one built (and checked) from it. For a raw torch
+        CSR the operator is built once per tensor and reused while the tensor lives unchanged (its index and
+        value arrays' version counters), so the fused path does not re-check and re-transpose it per call."""
+        if isinstance(laplacian, cls):
+            return laplacian
+        if isinstance(laplacian, torch.Tensor) and laplacian.layout == torch.sparse_csr \
+                and not laplacian.requires_grad:
+            values = laplacian.values()
+            key = _csr_key(laplacian) + (values.data_ptr(), values._version, str(values.dtype))
+            hit = _OPERATORS.get(id(laplacian))
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            op = cls(laplacian)
+            if id(laplacian) not in _OPERATORS:
+                weakref.finalize(laplacian, _OPERATORS.pop, id(laplacian), None)
+            _OPERATORS[id(laplacian)] = (key, op)
+            return op
+        return cls(laplacian)
 
     @property
     def size(self) -> int:
@@ -176,7 +228,8 @@ class Laplacian(nn.Module):
 
     def csr(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         values = self.values if dtype is None else self.values.to(dtype)
-        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+        return _remember_checked(torch.sparse_csr_tensor(self.crow, self.col, values, self.shape,
+                                                         check_invariants=False))   # checked in _prepare
 
     def transpose(self, dtype: torch.dtype | None = None):
         crow, col, values = (self.crow, self.col, self.values) if self.symmetric else \

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from scanet import reference
-from scanet.config import ModelConfig
+from scanet.config import ModelConfig, check_value
 from scanet.laplacian import Laplacian
 from scanet.layers import ChebConv, ImageEncoder, SimilarityHead, StackedCoAttention, TextEncoder
 
@@ -92,12 +92,13 @@ class SCANet(nn.Module):
         else the eager oracle), "fused" (the fused scorer wherever its kernel can run: also CPU under
         TRITON_INTERPRET=1; a model with another number of layers keeps the oracle), or "eager".
         """
+        chunk_size = check_value("chunk_size", chunk_size, int, lo=1)   # 0 once left the scores unwritten
         was_training = self.training
         self.eval()
         try:
             f_t = self.encode_text(texts)
             f_i = self.encode_image(images)
-            out = pair_logits(self, f_t, f_i, scorer=scorer, chunk_pairs=max(1, chunk_size) * max(1, len(f_i)),
+            out = pair_logits(self, f_t, f_i, scorer=scorer, chunk_pairs=chunk_size * max(1, len(f_i)),
                               progress=progress)
             return out if logits else torch.sigmoid(out)
         finally:

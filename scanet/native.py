@@ -438,7 +438,7 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", *, symmetr
             symmetric = laplacian_csr.symmetric
         x_dtype = getattr(x, "dtype", None)
         laplacian_csr = laplacian_csr.csr(torch.float64 if x_dtype == torch.float64 else torch.float32)
-    reference.check_laplacian(laplacian_csr, check_indices=False)
+    reference.check_laplacian(laplacian_csr)   # indices: once per tensor
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -499,7 +499,7 @@ def chebyshev_basis(laplacian_csr, x, K: int) -> torch.Tensor:
     if not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be an int >= 1, got {K!r}")
     laplacian_csr = as_csr(laplacian_csr, getattr(x, "dtype", None))
-    reference.check_laplacian(laplacian_csr, check_indices=False)
+    reference.check_laplacian(laplacian_csr)   # indices: once per tensor
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a (B, V, F) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.shape[1] != laplacian_csr.shape[0]:

@@ -125,7 +125,7 @@ def cheb_conv(laplacian_csr: torch.Tensor | Laplacian, x: torch.Tensor, weight: 
     """
     if isinstance(laplacian_csr, Laplacian):
         laplacian_csr = laplacian_csr.csr(x.dtype if isinstance(x, torch.Tensor) else None)
-    check_cheb_inputs(laplacian_csr, x, weight, bias, activation, check_indices=False)
+    check_cheb_inputs(laplacian_csr, x, weight, bias, activation)   # indices: once per tensor
     return cheb_conv_from_basis(chebyshev_basis(laplacian_csr, x, weight.shape[0]), weight, bias, activation)
 
 
@@ -210,6 +210,8 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
     O(output + chunk_pairs * N). a1_t / a1_i: layer-1 attention maps when already known. Computes in the
     features' dtype.
     """
+    if isinstance(chunk_pairs, bool) or not isinstance(chunk_pairs, int) or chunk_pairs < 1:
+        _fail(f"chunk_pairs={chunk_pairs!r}: chunk_pairs must be an int >= 1")
     check_pair_inputs(model, f_t, f_i, a1_t, a1_i, text_index, image_index)
     L = model.coattention.num_layers
     w, b = head_weights(model, f_t.dtype)

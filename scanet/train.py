@@ -39,6 +39,7 @@ from scanet.evaluate import evaluate_model, evaluate_protocols, model_scorer, re
 from scanet.loss import distributed_scanet_loss, scanet_loss
 from scanet.pairs import make_pairs
 from scanet.plots import plot_pr_curves, plot_training_curve
+from scanet.run_folder import claim as claim_run_folder, config_differences
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -81,15 +82,18 @@ class GraphedStep:
 
 def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device: str | torch.device = "cpu",
           fused: bool = False, resume: bool = False, compile: bool = False, cuda_graphs: bool = False,
-          progress: bool = True, stop_after_epoch: int | None = None, log=print) -> dict:
+          progress: bool = True, stop_after_epoch: int | None = None, log=print, force: bool = False) -> dict:
     """Train, evaluate on the test split, checkpoint every epoch. Returns the last metrics row.
 
-    ``stop_after_epoch`` ends the run early (for tests of resume); ``resume`` continues from out_dir/last.pt.
+    ``stop_after_epoch`` ends the run early (for tests of resume); ``resume`` continues from out_dir/last.pt;
+    ``force`` replaces a run already in out_dir (scanet.run_folder.claim decides, before anything is trained).
     ``compile`` runs the model under torch.compile; ``cuda_graphs`` captures the whole step in a CUDA graph
     (CUDA only; each epoch then drops its last partial batch, see GraphedStep).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Writable, locked, leftovers removed, saved work never overwritten silently (scanet.run_folder).
+    run = claim_run_folder(out, preset, dataset.fingerprint, resume=resume, force=force, log=log)  # noqa: F841
+    resume = run.resume
     tc = preset.train
     info = sd.init_from_env(device)
     device = sd.device_for(info, device)
@@ -117,7 +121,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         if state.get("dataset_fingerprint") != dataset.fingerprint:
             raise ValueError(f"{ckpt_path} was trained on other prepared data "
                              f"({state.get('dataset_fingerprint')} vs {dataset.fingerprint})")
-        if state["preset"] != dataclasses.asdict(preset):
+        if config_differences(state["preset"], preset).keys() - {"train.epochs"}:   # claim() named them
             raise ValueError(f"{ckpt_path} was trained with another configuration; resume needs the same one "
                              f"(saved: {state['preset']})")
         model.load_state_dict(state["model"])

@@ -39,7 +39,7 @@ def test_evaluate_reproduces_training_map(trained, capsys):
                "--out", str(trained / "eval"), "--eager"])
     assert rc == 0
     trained_map = json.loads((run / "evaluation.json").read_text())["mean_map"]
-    again = json.loads((trained / "eval" / "results.json").read_text())["map"]["SCANet"]["mean"]
+    again = json.loads((trained / "eval" / "evaluate_results.json").read_text())["map"]["SCANet"]["mean"]
     assert again == pytest.approx(trained_map, abs=1e-9)
 
 

@@ -121,11 +121,11 @@ def test_python_dash_m_scanet_and_prepare_help(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("epochs=2.5", "epochs is a int.*got float 2.5"),
-    ("decoupled_weight_decay=1", "decoupled_weight_decay is a bool.*got int 1"),
-    ("lr=fast", "lr is a float.*got str 'fast'"),
-    ("gcn_channels=3", "gcn_channels is a tuple.*got int 3"),
-    ("model.common_dim=[1]", "common_dim is a int.*got list"),
+    ("epochs=2.5", "epochs=2.5: epochs must be an int >= 1"),
+    ("decoupled_weight_decay=1", "decoupled_weight_decay=1: decoupled_weight_decay must be True or False"),
+    ("lr=fast", "lr='fast': lr must be a finite float > 0"),
+    ("gcn_channels=3", "gcn_channels=3: gcn_channels must be a non-empty tuple of ints >= 1"),
+    ("model.common_dim=[1]", r"model.common_dim=\[1\]: model.common_dim must be an int >= 1"),
 ])
 def test_set_is_type_checked(override, match):
     with pytest.raises(ValueError, match=match):

@@ -99,7 +99,7 @@ def test_corrupt_prepared_folder(tmp_path, vectors_file):
     with pytest.raises(ValueError, match="corrupt"):
         PreparedDataset.load(tmp_path / "p")
     shutil.rmtree(tmp_path / "p")
-    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+    with pytest.raises(FileNotFoundError, match="not a complete prepared dataset"):
         PreparedDataset.load(tmp_path / "p")
 
 

@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"scanet {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:      # OSError: a full disk, a read-only folder, a missing file
+        # An OSError we raised carries its sentence in strerror (str() would prefix "[Errno 28]").
+        text = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None and len(e.args) == 2 else e
+        print(f"scanet {args.command}: error: {text}", file=sys.stderr)
         return 2
     return 0

@@ -15,11 +15,13 @@ def dataset_options(p: argparse.ArgumentParser, root_help: str = "raw data direc
     p.add_argument("--prepared-dir", default="prepared", help="where prepared datasets are cached")
 
 
-def load_dataset(args, preset):
-    """The dataset of --data, else the preset's dataset prepared from --root (scanet.data.dataset_for_preset)."""
+def load_dataset(args, preset, fingerprint: str | None = None):
+    """The dataset of --data, else the preset's dataset prepared from --root (scanet.data.dataset_for_preset);
+    ``fingerprint``: a checkpoint's prepared data, which an existing cache must hold (never rebuilt over it)."""
     from scanet.data import dataset_for_preset
 
-    return dataset_for_preset(preset, data=args.data, root=args.root, prepared_dir=args.prepared_dir)
+    return dataset_for_preset(preset, data=args.data, root=args.root, prepared_dir=args.prepared_dir,
+                              fingerprint=fingerprint)
 
 
 def load_trained(args, preset_name: str | None = None, fused: bool = False):
@@ -30,7 +32,7 @@ def load_trained(args, preset_name: str | None = None, fused: bool = False):
 
     state = load_checkpoint(args.checkpoint)
     preset = get_preset(preset_name) if preset_name else preset_from_dict(state["preset"])
-    dataset = load_dataset(args, preset)
+    dataset = load_dataset(args, preset, fingerprint=None if preset_name else state.get("dataset_fingerprint"))
     model, _ = load_model(state, dataset, device=args.device, fused=fused)
     return model, state, dataset
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from scanet.config import flag_type
 from scanet.data.images import IMAGE_EXTENSIONS, list_images
 from scanet.features import (
     DEFAULT_MODEL,
@@ -69,7 +70,7 @@ def add_commands(subparsers) -> None:
     q.add_argument("--root", required=True, help="folder of images (searched recursively)")
     q.add_argument("--out", required=True, help="FEATS.npy; FEATS.manifest.json and FEATS.report.json go beside")
     q.add_argument("--model", default=DEFAULT_MODEL, choices=list(IMAGE_MODELS))
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--batch-size", type=flag_type(int, "--batch-size", lo=1), default=32)
     q.add_argument("--list", help="a file of image paths relative to --root, one a line (default: every image)")
     q.add_argument("--allow-failures", "--allow-missing", action="store_true",
                    help="write features for the readable images even if some are missing or unreadable")
@@ -80,5 +81,5 @@ def add_commands(subparsers) -> None:
     q = sub.add_parser("classify", help="ImageNet top-k of images (checks the weights and preprocessing)")
     q.add_argument("images", nargs="+")
     q.add_argument("--model", default=DEFAULT_MODEL, choices=list(IMAGE_MODELS))
-    q.add_argument("--top", type=int, default=5)
+    q.add_argument("--top", type=flag_type(int, "--top", lo=1), default=5)
     q.set_defaults(func=cmd_classify)

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from scanet.config import Preset, arg_type
+
 
 def cmd_prepare(args) -> None:
     from scanet.data import prepare
@@ -34,8 +36,8 @@ def add_commands(sub) -> None:
     p.add_argument("--root", help="raw data directory")
     p.add_argument("--out", help="output folder (default prepared/<dataset>)")
     p.add_argument("--prepared-dir", default="prepared")
-    p.add_argument("--vocab-size", type=int, help="default: the dataset's (wiki 10,055, webnews 5,000)")
-    p.add_argument("--knn", type=int, help="default: the dataset's (8)")
+    p.add_argument("--vocab-size", type=arg_type(Preset, "vocab_size", "--vocab-size"), help="default: the dataset's (wiki 10,055, webnews 5,000)")
+    p.add_argument("--knn", type=arg_type(Preset, "knn", "--knn"), help="default: the dataset's (8)")
     p.add_argument("--embeddings", help="'glove-6b-50d', 'word2vec', 'cooccurrence' or a word2vec/GloVe file "
                                         "(default: the dataset's: GloVe for wiki, word2vec for webnews)")
     p.add_argument("--lmax", help="'exact' (eigsh) or a number such as 2 (default: the dataset's, 'exact')")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from scanet import retrieve
 from scanet.cli._common import dataset_options, load_trained
+from scanet.config import flag_type
 from scanet.fused._dispatch import PRECISIONS
 from scanet.index import ANN_CHOICES, AUTO_EXHAUSTIVE_MAX, SIDES
 from scanet.retrieve import STAGE1
@@ -89,7 +90,7 @@ def add_commands(subparsers) -> None:
     pi.add_argument("--split", default="test", choices=["test", "train", "all"])
     pi.add_argument("--out", required=True, help="the index file to write (.pt)")
     pi.add_argument("--device", default="cpu")
-    pi.add_argument("--batch-size", type=int, default=256, help="items encoded at a time")
+    pi.add_argument("--batch-size", type=flag_type(int, "--batch-size", lo=1), default=256, help="items encoded at a time")
     pi.add_argument("--ann", default="auto", choices=ANN_CHOICES,
                     help="FAISS index beside the search index (<name>.faiss) for the two-stage shortlist: auto = "
                          "when FAISS is installed, exact (flat) up to 100,000 items, HNSW above; none = no index")
@@ -104,7 +105,7 @@ def add_commands(subparsers) -> None:
     g.add_argument("--text", help="free text (tokenized as the training texts; images index)")
     g.add_argument("--text-id", help="a text of the indexed split, by id (images index)")
     g.add_argument("--image-id", help="an image of the indexed split, by id (texts index)")
-    pq.add_argument("--top-k", type=int, default=10)
+    pq.add_argument("--top-k", type=flag_type(int, "--top-k", lo=1), default=10)
     pq.add_argument("--shortlist", default="auto",
                     help=f"two-stage shortlist size; 0 = exhaustive; auto = exhaustive up to {AUTO_EXHAUSTIVE_MAX} "
                          "items, else max(20 k, 200)")

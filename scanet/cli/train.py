@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from scanet.cli._common import dataset_options, load_dataset, load_trained, module_options, use_fused
+from scanet.config import TrainConfig, arg_type
 
 
 def _baseline_scorers(dataset, root) -> dict:
@@ -36,9 +37,11 @@ def _baseline_rows(dataset, root, protocols) -> dict:
     return rows
 
 
-def _write_results(out: Path, reports: dict, extra: dict) -> None:
-    """results.json (a MAP table per protocol, labelled, plus the full reports) and pr_curves.png."""
+def _write_results(out: Path, reports: dict, extra: dict, stem: str = "") -> None:
+    """``{stem}results.json`` (a MAP table per protocol, labelled, plus the full reports) and
+    ``{stem}pr_curves.png`` in ``out``, each written atomically."""
     from scanet.evaluate import PROTOCOLS
+    from scanet.io import atomic_write
     from scanet.plots import plot_pr_curves
 
     tables = {}
@@ -51,15 +54,15 @@ def _write_results(out: Path, reports: dict, extra: dict) -> None:
                                       for name, r in rows.items()}}
     table = {name: {"text2image": r["text2image"]["map"], "image2text": r["image2text"]["map"],
                     "mean": r["mean_map"]} for name, r in reports.items()}
-    (out / "results.json").write_text(json.dumps({"map": table, "protocols": tables, **extra,
-                                                  "reports": reports}, indent=1))
-    plot_pr_curves(reports, out / "pr_curves.png", title=extra.get("dataset", ""))
+    text = json.dumps({"map": table, "protocols": tables, **extra, "reports": reports}, indent=1)
+    atomic_write(out / f"{stem}results.json", lambda fh: fh.write(text.encode()))
+    plot_pr_curves(reports, out / f"{stem}pr_curves.png", title=extra.get("dataset", ""))
     for t in tables.values():
         print(f"\n{t['label']}")
         print(f"{'method':<60} {'text->image':>12} {'image->text':>12} {'mean':>8}")
         for name, row in t["rows"].items():
             print(f"{name:<60} {row['text2image']:>12.4f} {row['image2text']:>12.4f} {row['mean']:>8.4f}")
-    print(f"\nwritten: {out / 'results.json'}, {out / 'pr_curves.png'}")
+    print(f"\nwritten: {out / f'{stem}results.json'}, {out / f'{stem}pr_curves.png'}")
 
 
 def cmd_train(args) -> None:
@@ -74,22 +77,23 @@ def cmd_train(args) -> None:
 def _train_run(args) -> None:
     from scanet import distributed as sd
     from scanet.config import apply_overrides, get_preset
+    from scanet.io import check_writable
     from scanet.train import train
 
     preset = apply_overrides(get_preset(args.preset or ("wiki" if args.root else "synthetic")), args.set or [])
     sd.init_from_env(args.device)         # torchrun: join the group (train() finds it joined)
+    out = check_writable(args.out or Path("runs") / preset.name, "run folder")    # before preparing data
     if not sd.is_main():
         sd.barrier()                      # rank 0 prepares (and caches) the dataset, then the others read it
     dataset = load_dataset(args, preset)
     if sd.is_main():
         sd.barrier()
-    out = Path(args.out or Path("runs") / preset.name)
     t0 = time.perf_counter()
     fused = use_fused(args)
     if sd.is_main():
         print(f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}")
     result = train(preset, dataset, out, device=args.device, fused=fused, resume=args.resume,
-                   compile=args.compile, cuda_graphs=args.cuda_graphs)
+                   compile=args.compile, cuda_graphs=args.cuda_graphs, force=args.force)
     wall = time.perf_counter() - t0
     if not sd.is_main():                  # under torchrun rank 0 alone writes the results
         return
@@ -103,19 +107,29 @@ def _train_run(args) -> None:
                                   "seconds_per_epoch": [h["epoch_seconds"] for h in result["history"]]})
 
 
+EVALUATE_STEM = "evaluate_"     # scanet evaluate writes evaluate_results.json: never the run's results.json
+
+
 def cmd_evaluate(args) -> None:
     from scanet.evaluate import evaluate_model, evaluate_protocols, model_scorer
+    from scanet.io import check_writable
 
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    # Where the results go, checked before any work: writable, and nothing there overwritten without --force.
+    out = check_writable(args.out or Path(args.checkpoint).parent, "output folder")
+    targets = [out / f"{EVALUATE_STEM}results.json", out / f"{EVALUATE_STEM}pr_curves.png"]
+    if not args.force and any(t.exists() for t in targets):
+        raise ValueError(f"{targets[0]} already exists (an earlier evaluation); --force overwrites it, or choose "
+                         "another --out")
     model, state, dataset = load_trained(args, fused=use_fused(args))
     report, _ = evaluate_model(model, dataset, "test", args.chunk_size, progress=True)
     report["protocols"] = evaluate_protocols(model_scorer(model, args.chunk_size), dataset, args.protocol)
     reports = {"SCANet": report}
     if args.baseline:
         reports.update(_baseline_rows(dataset, args.root, args.protocol))
-    out = Path(args.out or Path(args.checkpoint).parent)
-    out.mkdir(parents=True, exist_ok=True)
     _write_results(out, reports, {"dataset": dataset.name, "checkpoint": str(args.checkpoint),
-                                  "epoch": state["epoch"]})
+                                  "epoch": state["epoch"]}, stem=EVALUATE_STEM)
 
 
 def add_commands(sub) -> None:
@@ -124,7 +138,9 @@ def add_commands(sub) -> None:
     dataset_options(p)
     p.add_argument("--out", help="run folder (default runs/<preset>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. epochs=10")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (a larger --set epochs= "
+                                                         "extends a finished run; other changes are refused)")
+    p.add_argument("--force", action="store_true", help="replace a run already in OUT (default: refuse)")
     module_options(p, "use the fused modules of scanet.fused (default: on CUDA, and on CPU when the native "
                       "backend is built)", "use the eager modules of scanet.model")
     p.add_argument("--compile", action="store_true", help="run the training step under torch.compile")
@@ -136,9 +152,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="MAP of a checkpoint on the test split (JSON + PR-curve PNG)")
     p.add_argument("--checkpoint", required=True)
     dataset_options(p)
-    p.add_argument("--out", help="output folder (default: the checkpoint's)")
+    p.add_argument("--out", help="output folder of evaluate_results.json / evaluate_pr_curves.png (default: the "
+                                 "checkpoint's; the training run's results.json is never touched)")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier evaluation's files")
     module_options(p, "fused modules (default: auto, as for train)", "eager modules")
-    p.add_argument("--chunk-size", type=int, default=64, help="texts scored at a time (bounds memory)")
+    p.add_argument("--chunk-size", type=arg_type(TrainConfig, "score_chunk", "--chunk-size"), default=64, help="texts scored at a time (bounds memory)")
     p.add_argument("--baseline", action="store_true", help="also run the CCA baseline")
     p.add_argument("--protocol", choices=("standard", "paper", "both"), default="both",
                    help="standard: test queries vs test candidates, MAP@all (+MAP@50); paper: test queries vs "

@@ -48,17 +48,55 @@ def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(PREPARERS))}")
     if root is None and name != "synthetic":
         raise ValueError(f"dataset {name!r} needs --root DIR (its raw data)")
+    from scanet.config import Preset, check_field
+
+    for key in ("vocab_size", "knn"):                 # the Preset fields' bounds, whoever calls
+        if options.get(key) is not None:
+            options[key] = check_field(Preset("", ""), key, options[key], where="prepare option ")
     return PREPARERS[name](root, out_dir, **options)
 
 
-def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared") -> PreparedDataset:
+def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared", fingerprint: str | None = None
+                       ) -> PreparedDataset:
     """The dataset a preset trains on: the prepared folder ``data`` if given, else its raw data at ``root``
-    prepared (cached) into ``prepared_dir/<dataset>`` with the preset's vocabulary size and kNN."""
+    prepared (cached) into ``prepared_dir/<dataset>`` with the preset's vocabulary size and kNN.
+
+    ``fingerprint`` (a checkpoint's ``dataset_fingerprint``): the prepared data a trained model needs. A cache
+    holding exactly it is loaded as it is (it may have been prepared with non-default options); a cache holding
+    other prepared data is refused, never rebuilt with the preset's defaults over the user's cache."""
     if data:
         return PreparedDataset.load(data)
+    out = Path(prepared_dir) / preset.dataset
+    if fingerprint and (out / "manifest.json").is_file():
+        params = _cache_of_checkpoint(out, fingerprint)
+        try:
+            return PreparedDataset.load(out)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"{e}. It holds the checkpoint's prepared data: prepare it again with the options "
+                             f"it was made with (parameters {params})") from e
     if preset.dataset == "synthetic":
-        return prepare("synthetic", out_dir=Path(prepared_dir) / "synthetic")
+        return prepare("synthetic", out_dir=out)
     if not root:
         raise ValueError(f"preset {preset.name!r} needs --root DIR (the raw {preset.dataset} data) or --data")
     opts = {k: v for k, v in (("vocab_size", preset.vocab_size), ("knn", preset.knn)) if v is not None}
-    return prepare(preset.dataset, root, Path(prepared_dir) / preset.dataset, **opts)
+    return prepare(preset.dataset, root, out, **opts)
+
+
+def _cache_of_checkpoint(out: Path, fingerprint: str) -> dict:
+    """Refuse (ValueError) a prepared cache whose fingerprint is not the checkpoint's, naming both; else return
+    the cache's preparation parameters."""
+    import json
+
+    from scanet.io import read_text
+
+    try:
+        have = json.loads(read_text(out / "manifest.json", "prepared-data manifest"))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{out}/manifest.json is unreadable ({e}); prepare the data again with the options of the "
+                         "training run, or pass --data") from None
+    if have.get("fingerprint") != fingerprint:
+        raise ValueError(f"{out} holds prepared data {have.get('fingerprint')} (parameters {have.get('params')}) "
+                         f"but the checkpoint was trained on prepared data {fingerprint}; it is not rebuilt with "
+                         "the preset's defaults over your cache. Pass --data with the training run's prepared "
+                         "folder, or --prepared-dir with another folder to prepare into")
+    return have.get("params")

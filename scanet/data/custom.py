@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from scanet.config import check_setting
 from scanet.data.assemble import REPORT_NAME, assemble, counts, partition, write_report  # noqa: F401
 from scanet.data.custom_inputs import (
     _TEXT_MATRIX_NAMES,
@@ -40,6 +41,7 @@ from scanet.data.lists import read_rows
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, read_stopwords
 from scanet.features import features_for_images, get_image_model
+from scanet.io import read_text, safe_np_load
 
 SETTINGS: dict[str, Any] = {
     "name": None,               # dataset name (default: the folder's name)
@@ -57,6 +59,10 @@ SETTINGS: dict[str, Any] = {
 }
 
 
+# The numeric settings' types and bounds (checked by scanet.config.check_setting, the checker of --set).
+SETTING_BOUNDS = {"vocab_size": (int, {"lo": 1}), "knn": (int, {"lo": 1}), "batch_size": (int, {"lo": 1})}
+
+
 @dataclass
 class Item:
     text_id: str
@@ -70,7 +76,7 @@ def read_settings(root: Path, overrides: dict) -> dict:
     f = root / "dataset.json"
     if f.is_file():
         try:
-            given = json.loads(f.read_text(encoding="utf-8"))
+            given = json.loads(read_text(f, "settings"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{f} is not valid JSON: {e}") from None
         if not isinstance(given, dict):
@@ -81,6 +87,8 @@ def read_settings(root: Path, overrides: dict) -> dict:
         s.update(given)
     s.update({k: v for k, v in overrides.items() if v is not None})
     s["name"] = s["name"] or root.name
+    for key, (kind, bounds) in SETTING_BOUNDS.items():     # the one checker of scanet.config
+        s[key] = check_setting(key, s[key], kind, where=f"{f}: " if f.is_file() else "", **bounds)
     if s["language"] not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {s['language']!r}")
     if s["on_missing"] not in ("error", "exclude"):
@@ -95,7 +103,7 @@ def read_classes(root: Path) -> list[str] | None:
     f = root / "classes.txt"
     if not f.is_file():
         return None
-    names = [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    names = [ln.strip() for ln in read_text(f, "class list").splitlines() if ln.strip()]
     if len(set(names)) != len(names):
         raise ValueError(f"{f}: class names must be unique")
     bad = [n for n in names if "," in n]
@@ -235,7 +243,7 @@ def image_features(root: Path, s: dict, src: Sources, items: list[Item], classes
         feats, problems = features_for_images(root / "images", list(choices.values()), cache, s["image_model"],
                                               s["batch_size"], progress=True, log=progress)
         return feats, problems, {c.image_id: c.notes for c in choices.values() if c.notes}
-    m = np.load(src.image_matrix)
+    m = safe_np_load(src.image_matrix, "image feature matrix")
     if m.ndim != 2:
         raise ValueError(f"{src.image_matrix} must be a 2-D (images, features) matrix, got shape {m.shape}")
     rows = _read_ids(root / "image_ids.txt", m.shape[0], "image")
@@ -269,7 +277,7 @@ def vocabulary_and_counts(root: Path, s: dict, src: Sources, kept: dict, progres
     if src.text_matrix is None:
         stop = read_stopwords(root / s["stopwords"]) if s["stopwords"] else None
         tok = tokenizer_for(s["language"], stop)
-        toks = {k: [tok((root / "texts" / f"{it.text_id}.txt").read_text(encoding="utf-8-sig")) for it in v]
+        toks = {k: [tok(read_text(root / "texts" / f"{it.text_id}.txt", "text")) for it in v]
                 for k, v in kept.items()}
         if emb == "cooccurrence":
             vocab = build_vocabulary(toks["train"], s["vocab_size"])

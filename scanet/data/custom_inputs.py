@@ -10,6 +10,7 @@ import scipy.sparse as sp
 
 from scanet.data.embeddings import WordVectors
 from scanet.data.images import ImageChoice, index_images, resolve_image
+from scanet.io import read_text, safe_np_load
 
 _TEXT_MATRIX_NAMES = ("text_features.npz", "text_features.npy")
 
@@ -24,7 +25,7 @@ def _text_matrix_file(root: Path) -> Path | None:
 def _read_ids(path: Path, n_rows: int, what: str) -> dict[str, int]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: it names the rows of the {what} matrix, one id a line")
-    ids = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    ids = [ln.strip() for ln in read_text(path, "id list").splitlines() if ln.strip()]
     if len(ids) != n_rows:
         raise ValueError(f"{path} has {len(ids)} ids but the {what} matrix has {n_rows} rows")
     if len(set(ids)) != len(ids):
@@ -36,10 +37,13 @@ def load_text_matrix(root: Path) -> tuple[sp.csr_matrix, dict[str, int], list[st
     f = _text_matrix_file(root)
     if f is None:
         raise FileNotFoundError(f"{root} has no text matrix (one of {', '.join(_TEXT_MATRIX_NAMES)})")
-    try:
-        m = sp.load_npz(f) if f.suffix == ".npz" else np.load(f)
-    except Exception as e:  # numpy/scipy raise several types for a broken file
-        raise ValueError(f"cannot read {f}: {e}") from e
+    if f.suffix == ".npz":
+        try:
+            m = sp.load_npz(f)           # allow_pickle=False inside
+        except Exception as e:  # numpy/scipy raise several types for a broken file
+            raise ValueError(f"{f} (text matrix) cannot be read as a scipy sparse .npz: {e}") from e
+    else:
+        m = safe_np_load(f, "text matrix")
     m = sp.csr_matrix(m, dtype=np.float32)
     if m.ndim != 2:
         raise ValueError(f"{f} must be a 2-D (texts, words) matrix")
@@ -48,7 +52,7 @@ def load_text_matrix(root: Path) -> tuple[sp.csr_matrix, dict[str, int], list[st
     vocab_file = root / "vocab.txt"
     if not vocab_file.is_file():
         raise FileNotFoundError(f"{vocab_file} is missing: it names the columns of {f.name}, one word a line")
-    words = [ln.strip() for ln in vocab_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    words = [ln.strip() for ln in read_text(vocab_file, "vocabulary").splitlines() if ln.strip()]
     if len(words) != m.shape[1]:
         raise ValueError(f"{vocab_file} has {len(words)} words but {f.name} has {m.shape[1]} columns")
     if len(set(words)) != len(words):

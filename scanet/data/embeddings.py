@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scanet.io import safe_np_load
 
 GLOVE_50D = "glove-6b-50d"
 
@@ -39,7 +40,7 @@ def load_glove_6b_50d() -> WordVectors:
     import pyarrow.parquet as pq
 
     words = [str(w) for w in pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()]
-    vectors = np.load(root / "glove_6B_50d_emb.npy").astype(np.float32)
+    vectors = safe_np_load(root / "glove_6B_50d_emb.npy", "GloVe vector matrix").astype(np.float32)
     if len(words) != len(vectors):
         raise ValueError(f"GloVe index has {len(words)} words but the matrix has {len(vectors)} rows")
     return WordVectors(words, vectors, GLOVE_50D)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from scanet.io import read_text
+
 
 @dataclass
 class ListEntry:
@@ -30,7 +32,7 @@ def read_rows(path: Path, expected: str = "text_id<TAB>image_id<TAB>category", *
     if not path.is_file():
         raise FileNotFoundError(f"list file not found: {path}")
     rows = []
-    for n, line in enumerate(path.read_text(encoding=encoding).splitlines(), 1):
+    for n, line in enumerate(read_text(path, "list file", encoding).splitlines(), 1):
         if not line.strip() or (comments and line.lstrip().startswith("#")):
             continue
         parts = line.split("\t") if "\t" in line or not whitespace else line.split()

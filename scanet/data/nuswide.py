@@ -54,6 +54,7 @@ from scanet.data.graph import word_graph
 from scanet.data.prepared import PreparedDataset, Split, cached, hash_files
 from scanet.data.tag_words import tag_word_vectors
 from scanet.data.text import bag_of_words, build_vocabulary
+from scanet.io import safe_np_load
 
 SPLITS = ("Train", "Test")
 N_OFFICIAL = {"Train": 161_789, "Test": 107_859}
@@ -480,7 +481,7 @@ def _image_reader(root: Path, image_features: str, n_rows: dict):
     if image_features == "bow500":
         files = {s: MatrixFile(bow_file(root, s), n_rows[s], 500, "image feature") for s in SPLITS}
         return lambda split, rows: files[split].rows(rows)
-    m = np.load(image_features, mmap_mode="r")
+    m = safe_np_load(image_features, "image feature matrix", mmap_mode="r")
     n_all = sum(n_rows.values())
     if m.ndim != 2 or m.shape[0] != n_all:
         raise ValueError(f"{image_features}: expected ({n_all}, D) features (Train rows, then Test rows), "

@@ -26,6 +26,7 @@ from scanet.data.embeddings import GLOVE_50D, load_word_vectors
 from scanet.data.graph import word_graph
 from scanet.data.prepared import PreparedDataset, Split, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer
+from scanet.io import read_text, safe_np_load
 
 JSON_NAME = "pascal_sentences.json"
 REPORT_NAME = "preparation_report.json"
@@ -43,7 +44,7 @@ def read_captions(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"Pascal Sentences captions not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "captions JSON"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or not data:
@@ -185,11 +186,11 @@ def _image_features(root, names, ids, image_features, image_model, batch_size, o
                                    out_dir.parent / f"{out_dir.name}.images-{image_model}.npy", image_model,
                                    batch_size, progress=True, log=progress)
     matrix = Path(image_features)
-    m = np.load(matrix)
+    m = safe_np_load(matrix, "image feature matrix")
     if m.ndim != 2:
         raise ValueError(f"{matrix} must be a 2-D (images, features) matrix, got shape {m.shape}")
     names_file = _matrix_names(matrix)
-    row_names = [ln.strip() for ln in names_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    row_names = [ln.strip() for ln in read_text(names_file, "feature row names").splitlines() if ln.strip()]
     if len(row_names) != m.shape[0]:
         raise ValueError(f"{names_file} names {len(row_names)} rows but {matrix} has {m.shape[0]}")
     rows = {image_id(n): i for i, n in enumerate(row_names)}

@@ -7,7 +7,13 @@ A prepared dataset is a folder:
     meta.json       class names, item ids, lmax
 
 Preparation is cached: ``cached(out_dir, params, inputs, build)`` returns the saved dataset when the manifest's
-parameters and input hashes match, and rebuilds (atomically) otherwise.
+parameters and input hashes match, and rebuilds (atomically) otherwise. The manifest also records the sha256 of
+each output file (``outputs``); ``load`` checks them, so a truncated, emptied or bit-flipped arrays.npz or a
+deleted vocab.txt is never trusted: ``cached`` rebuilds it, ``load`` of a given folder refuses it.
+
+A ``PreparedDataset`` checks itself when made (``__post_init__``): train and test image features of one width,
+bag-of-words rows as wide as the vocabulary, a square Laplacian of that size, labels of one kind within the
+classes. A dataset that cannot be trained on is refused at preparation, not an epoch later.
 """
 from __future__ import annotations
 
@@ -20,9 +26,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from scanet.data.text import text_features
-from scanet.io import atomic_directory, hash_files, json_hash, sha256_file  # noqa: F401  (hash_files, sha256_file: public here)
+from scanet.io import (atomic_directory, hash_files, json_hash, read_text, remove_leftovers,  # noqa: F401
+                       safe_np_load, sha256_file)  # (hash_files: public here)
 
 FORMAT_VERSION = 1
+OUTPUT_FILES = ("arrays.npz", "vocab.txt", "meta.json")   # hashed into the manifest's "outputs"
 
 
 @dataclass
@@ -41,6 +49,10 @@ class Split:
                 raise ValueError(f"split has {n} text ids but {name} has {size} rows")
         if self.images.ndim != 2:
             raise ValueError(f"image features must be 2-D (n, D), got shape {self.images.shape}")
+        if self.images.dtype.kind not in "biuf":
+            raise ValueError(f"image features must be numbers, got dtype {self.images.dtype}")
+        if self.labels.ndim not in (1, 2):
+            raise ValueError(f"labels must be (n,) class indices or (n, C) multi-hot, got shape {self.labels.shape}")
         if not np.isfinite(self.images).all():
             bad = int((~np.isfinite(self.images)).any(axis=1).sum())
             raise ValueError(f"image features contain NaN or inf in {bad} rows")
@@ -63,6 +75,35 @@ class PreparedDataset:
     train: Split
     test: Split
     manifest: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """What training and evaluation need of the two splits together (each Split checked itself)."""
+        V = len(self.vocab)
+        problems = []
+        if self.train.images.shape[1] != self.test.images.shape[1]:
+            problems.append(f"train image features are {self.train.images.shape[1]}-d but test image features are "
+                            f"{self.test.images.shape[1]}-d (one feature extractor for both splits)")
+        if tuple(self.laplacian.shape) != (V, V):
+            problems.append(f"the Laplacian is {tuple(self.laplacian.shape)} for a vocabulary of {V} words")
+        for sname in ("train", "test"):
+            sp_ = getattr(self, sname)
+            if sp_.bow.shape[1] != V:
+                problems.append(f"{sname} bag-of-words has {sp_.bow.shape[1]} columns for {V} words")
+            labels = sp_.labels
+            if labels.ndim == 1 and len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
+                problems.append(f"{sname} labels lie in [{labels.min()}, {labels.max()}] but there are "
+                                f"{len(self.classes)} classes")
+            if labels.ndim == 2 and labels.shape[1] != len(self.classes):
+                problems.append(f"{sname} multi-hot labels have {labels.shape[1]} columns for "
+                                f"{len(self.classes)} classes")
+        if self.train.labels.ndim != self.test.labels.ndim:
+            problems.append("train and test labels are of different kinds (class indices vs multi-hot)")
+        if len(self.train) == 0 or len(self.test) == 0:
+            problems.append(f"a split is empty ({len(self.train)} train, {len(self.test)} test items)")
+        if not np.isfinite(self.lmax) or self.lmax <= 0:
+            problems.append(f"lmax must be a finite positive number, got {self.lmax}")
+        if problems:
+            raise ValueError(f"dataset {self.name!r} cannot be trained on: " + "; ".join(problems))
 
     @property
     def vocab_size(self) -> int:
@@ -93,20 +134,30 @@ class PreparedDataset:
                 "train_text_ids": self.train.text_ids, "train_image_ids": self.train.image_ids,
                 "test_text_ids": self.test.text_ids, "test_image_ids": self.test.image_ids}
         (out / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-        (out / "manifest.json").write_text(json.dumps(self.manifest, indent=1), encoding="utf-8")
+        self.manifest = dict(self.manifest, outputs={f: sha256_file(out / f) for f in OUTPUT_FILES})
+        (out / "manifest.json").write_text(json.dumps(self.manifest, indent=1), encoding="utf-8")   # last
 
     @classmethod
     def load(cls, out_dir: str | Path) -> PreparedDataset:
+        """The dataset saved at ``out_dir``, each output file checked against the manifest's sha256 first.
+        A missing file is a FileNotFoundError, a damaged one (or a manifest without hashes) a ValueError."""
         out = Path(out_dir)
-        for f in ("manifest.json", "arrays.npz", "vocab.txt", "meta.json"):
+        for f in ("manifest.json",) + OUTPUT_FILES:
             if not (out / f).is_file():
-                raise FileNotFoundError(f"{out} is not a prepared dataset: {f} is missing "
-                                        "(run `scanet prepare ...` first)")
+                raise FileNotFoundError(f"{out} is not a complete prepared dataset: {f} is missing "
+                                        "(`scanet prepare ...` rebuilds it)")
         try:
-            manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-            meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-            a = np.load(out / "arrays.npz")
-            vocab = (out / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+            manifest = json.loads(read_text(out / "manifest.json", "prepared-data manifest"))
+            recorded = manifest.get("outputs") if isinstance(manifest, dict) else None
+            if not isinstance(recorded, dict) or set(recorded) != set(OUTPUT_FILES):
+                raise ValueError("its manifest records no output hashes (written by an older version)")
+            bad = [f for f in OUTPUT_FILES if sha256_file(out / f) != recorded[f]]
+            if bad:
+                raise ValueError(f"{', '.join(bad)} differ from the sha256 recorded in manifest.json "
+                                 "(truncated, emptied or changed after preparation)")
+            meta = json.loads(read_text(out / "meta.json", "prepared-data meta"))
+            a = safe_np_load(out / "arrays.npz", "prepared arrays")
+            vocab = read_text(out / "vocab.txt", "vocabulary").split("\n")[:-1]
             V = len(vocab)
             lap = sp.csr_matrix((a["lap_data"], a["lap_indices"], a["lap_indptr"]), shape=(V, V))
             splits = {}
@@ -115,11 +166,11 @@ class PreparedDataset:
                                     shape=(len(meta[f"{sname}_text_ids"]), V))
                 splits[sname] = Split(meta[f"{sname}_text_ids"], meta[f"{sname}_image_ids"], bow,
                                       a[f"{sname}_images"], a[f"{sname}_labels"])
-        except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"prepared dataset at {out} is corrupt ({type(e).__name__}: {e}); "
-                             "delete the folder and prepare again") from e
-        return cls(meta["name"], vocab, lap, float(meta["lmax"]), meta["classes"], splits["train"], splits["test"],
-                   manifest)
+            return cls(meta["name"], vocab, lap, float(meta["lmax"]), meta["classes"], splits["train"],
+                       splits["test"], manifest)
+        except (KeyError, TypeError, ValueError, OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"prepared dataset at {out} is corrupt: {e}; "
+                             "`scanet prepare` (or the training command) rebuilds it") from e
 
 
 # --------------------------------------------------------------------------------------------------- caching
@@ -131,15 +182,16 @@ def cached(out_dir: str | Path, params: dict, inputs: dict[str, str],
     interrupted preparation never leaves a half-written dataset behind.
     """
     out = Path(out_dir)
+    remove_leftovers(out.parent, progress)        # the temporary folders of a preparation that was killed
     want = {"format_version": FORMAT_VERSION, "params": params, "inputs": inputs}
     if (out / "manifest.json").is_file():
         try:
-            have = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+            have = json.loads(read_text(out / "manifest.json", "prepared-data manifest"))
             if all(have.get(k) == v for k, v in want.items()):
                 return PreparedDataset.load(out)
             progress(f"prepared data at {out} is stale (inputs or parameters changed): rebuilding")
-        except (ValueError, json.JSONDecodeError):
-            progress(f"prepared data at {out} is unreadable: rebuilding")
+        except (ValueError, FileNotFoundError, json.JSONDecodeError, AttributeError) as e:
+            progress(f"prepared data at {out} is unusable ({e}): rebuilding")
     ds = build()
     fingerprint = json_hash(want)[:16]
     ds.manifest = dict(want, fingerprint=fingerprint, name=ds.name, vocab_size=ds.vocab_size,

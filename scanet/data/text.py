@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from scanet.io import read_text
+
 _WORD = re.compile(r"[a-z]+")
 
 
 def read_stopwords(path: str | Path) -> set[str]:
-    return {w.strip().lower() for w in Path(path).read_text(encoding="utf-8").splitlines() if w.strip()}
+    return {w.strip().lower() for w in read_text(path, "stop-word list").splitlines() if w.strip()}
 
 
 def english_tokenizer(stopwords: Iterable[str] = ()) -> Callable[[str], list[str]]:

@@ -32,6 +32,7 @@ from scanet.data.lists import ListEntry, read_list
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.wiki import build_text_dataset
 from scanet.features import features_for_images, get_image_model
+from scanet.io import read_text as _read_text
 
 LISTS = ("trainset_txt_img_cat.list", "testset_txt_img_cat.list")
 
@@ -48,7 +49,7 @@ def check_root(root: Path) -> None:
 
 
 def read_categories(root: Path, entries: list[ListEntry]) -> list[str]:
-    names = [ln.strip() for ln in (root / "categories.list").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    names = [ln.strip() for ln in _read_text(root / "categories.list", "category list").splitlines() if ln.strip()]
     top = max(e.label for e in entries)
     if top > len(names):
         raise ValueError(f"{root / 'categories.list'} names {len(names)} classes but the lists use label {top}")
@@ -61,11 +62,7 @@ def resolve_entries(root: Path, entries: list[ListEntry], classes: list[str]):
 
 
 def read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 ({e})") from None
+    return _read_text(path, "news text")
 
 
 def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: int = 5000, knn: int = 8,

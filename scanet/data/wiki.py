@@ -25,6 +25,7 @@ from scanet.data.lists import ListEntry, read_list  # scanet.data.wiki.read_list
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer, read_stopwords
 from scanet.features import DEFAULT_MODEL, cnn_features_for_entries, get_image_model
+from scanet.io import read_text, safe_np_load
 
 _TEXT = re.compile(r"<text>(.*?)</text>", re.DOTALL)
 _TAG = re.compile(r"<[^>]{0,200}>")
@@ -136,7 +137,7 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
         else:
             if not feature_file.is_file():
                 raise FileNotFoundError(f"image feature matrix not found: {feature_file}")
-            m = np.load(feature_file).astype(np.float32)
+            m = safe_np_load(feature_file, "image feature matrix").astype(np.float32)
             if m.ndim != 2 or m.shape[0] != len(train_e) + len(test_e):
                 raise ValueError(f"{feature_file}: expected ({len(train_e) + len(test_e)}, D), got {m.shape}")
             img_tr, img_te = m[:len(train_e)], m[len(train_e):]
@@ -149,7 +150,7 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
 def _class_names(root: Path, entries: list[ListEntry]) -> list[str]:
     n = max(e.label for e in entries)
     f = root / "categories.list"
-    names = f.read_text(encoding="utf-8").split() if f.is_file() else []
+    names = read_text(f, "category list").split() if f.is_file() else []
     return names if len(names) == n else [str(i + 1) for i in range(n)]
 
 

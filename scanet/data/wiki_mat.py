@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from scanet.data.graph import word_graph
 from scanet.data.prepared import PreparedDataset, Split, cached, hash_files
+from scanet.io import read_text
 
 KEYS = ("I_tr", "I_te", "T_tr", "T_te", "L_tr", "L_te")
 DEFAULT_NAME = "wikiData.mat"
@@ -155,7 +156,7 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, mat_file: st
 
 def _class_names(root: Path, n: int) -> list[str]:
     f = root / "categories.list"
-    names = f.read_text(encoding="utf-8").split() if f.is_file() else []
+    names = read_text(f, "category list").split() if f.is_file() else []
     if len(names) == n:
         return names
     return list(WIKI_CLASSES) if n == len(WIKI_CLASSES) else [str(i + 1) for i in range(n)]

@@ -18,7 +18,7 @@ from scanet.data.assemble import partition
 from scanet.data.images import ImageChoice, choose_images
 from scanet.features.decode import ImageLoadError, load_rgb, preprocess
 from scanet.features.models import DEFAULT_MODEL, get_image_model, load_image_model
-from scanet.io import atomic_write, sha256_file
+from scanet.io import atomic_write, safe_np_load, sha256_file
 
 FEATURES_FORMAT = "scanet-image-features-v1"
 
@@ -161,13 +161,24 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
         try:
             old = json.loads(manifest_path.read_text(encoding="utf-8"))
             if all(old.get(k) == v for k, v in key.items()):
-                old_feats = np.load(out)
+                # The cache is checked, never trusted: the matrix's sha256 as recorded, and only finite rows
+                # reused (a NaN row is the cache's fault, not the image's: it is recomputed).
+                if old.get("features_sha256") not in (None, sha256_file(out)):
+                    raise ValueError(f"{out} differs from the sha256 its manifest recorded")
+                old_feats = safe_np_load(out, "image feature cache")
                 if old_feats.shape == (len(old["rows"]), spec.dim):
-                    reuse = {sha: old_feats[i] for i, (_, sha) in enumerate(old["rows"])}
+                    finite = np.isfinite(old_feats).all(axis=1)
+                    reuse = {sha: old_feats[i] for i, (_, sha) in enumerate(old["rows"]) if finite[i]}
+                    if not finite.all():
+                        log(f"image feature cache at {out}: {int((~finite).sum())} rows hold NaN or inf: "
+                            "recomputing them")
+                else:
+                    log(f"image feature cache at {out} has shape {old_feats.shape}, not "
+                        f"({len(old['rows'])}, {spec.dim}): recomputing")
             else:
                 log(f"image features at {out} were made with another model or preprocessing: recomputing")
-        except (ValueError, KeyError, OSError, json.JSONDecodeError):
-            log(f"image feature cache at {out} is unreadable: recomputing")
+        except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError) as e:
+            log(f"image feature cache at {out} is unusable ({e}): recomputing")
     todo = [i for i, h in enumerate(hashes) if h is None or h not in reuse]
     loaded = load_image_model(spec) if todo else None
     fresh = extract_features([paths[i] for i in todo], [names[i] for i in todo], model, batch_size,
@@ -200,7 +211,7 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
     result = FeatureResult(spec.name, out_names, feats, failed, notes, time.perf_counter() - t0,
                            fresh.computed if fresh else 0)
     atomic_write(out, lambda fh: np.save(fh, feats))
-    manifest = dict(key, rows=[[n, h] for n, h in zip(out_names, row_hashes, strict=True)],
+    manifest = dict(key, features_sha256=sha256_file(out), rows=[[n, h] for n, h in zip(out_names, row_hashes, strict=True)],
                     failed=sorted(failed), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     atomic_write(manifest_path, lambda fh: fh.write(json.dumps(manifest, indent=0).encode()))
     by_sha = {h: notes[n] for n, h in zip(out_names, row_hashes, strict=True) if n in notes}

@@ -53,11 +53,11 @@ def cheb_conv(laplacian, x, weight, bias=None, activation="relu", **tiles) -> to
     given = laplacian
     csr = laplacian.csr(x.dtype if isinstance(x, torch.Tensor) else None) if isinstance(laplacian, Laplacian) \
         else laplacian
-    reference.check_cheb_inputs(csr, x, weight, bias, activation, check_indices=False)
+    reference.check_cheb_inputs(csr, x, weight, bias, activation)   # indices: once per tensor
     if not isinstance(given, Laplacian) and csr.requires_grad:
         raise ValueError("the fused cheb_conv treats the Laplacian as a constant, but laplacian_csr requires "
                          "grad; use scanet.reference.cheb_conv for gradients with respect to the Laplacian")
-    lap = Laplacian.of(given)                   # a raw CSR: checked (indices, symmetry) here, every call
+    lap = Laplacian.of(given)                   # a raw CSR: checked (indices, symmetry) once per tensor
     if x.numel() == 0 or weight.shape[2] == 0:
         return reference.cheb_conv(csr, x, weight, bias, activation)
     if x.device.type == "cuda":
