@@ -28,7 +28,6 @@ scanet.retrieve.shortlist_report: recall_at_k (of the exhaustive top 10 within t
 """
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import scipy.sparse as sp
@@ -183,21 +182,10 @@ def test_pair_scores(benchmark, measure, bench_device, full_sweep, nq, nc, N, pr
 
 # ------------------------------------------------------------------------------------------------ retrieval
 @pytest.fixture(scope="module")
-def retrieval_setup(tmp_path_factory, bench_device):
+def retrieval_setup(trained_synthetic):
     from scanet import retrieve
-    from scanet.checkpoint import load_model
-    from scanet.config import get_preset
-    from scanet.data import synthetic
-    from scanet.train import train
 
-    base = tmp_path_factory.mktemp("retrieval")
-    ds = synthetic.prepare(base / "prepared", progress=lambda *a: None, n_test=693)
-    preset = get_preset("synthetic")
-    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, common_dim=256),
-                                 train=dataclasses.replace(preset.train, epochs=3, eval_every=0))
-    train(preset, ds, base / "run", device=str(bench_device), progress=False, log=lambda *a: None)
-    model, _ = load_model(base / "run" / "last.pt", ds, device=bench_device)
-    model.eval()
+    model, ds, _ = trained_synthetic
     texts = retrieve.encode_items(model, "text", ds.test.text_matrix())
     images = retrieve.encode_items(model, "image", ds.test.images)
     report = retrieve.shortlist_report(model, texts, images, ds.test.labels, ds.test.labels, k=10,

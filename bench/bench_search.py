@@ -31,7 +31,6 @@ which is why HNSW is chosen by size now.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import resource
 import time
 
@@ -50,21 +49,11 @@ _CACHE: dict = {}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, bench_device):
+def trained(trained_synthetic):
     pytest.importorskip("faiss", reason="bench_search needs faiss-cpu")
     from scanet import ann, retrieve
-    from scanet.config import get_preset
-    from scanet.data import synthetic
-    from scanet.train import load_model, train
 
-    base = tmp_path_factory.mktemp("search")
-    ds = synthetic.prepare(base / "prepared", progress=lambda *a: None, n_test=693)
-    preset = get_preset("synthetic")
-    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, common_dim=256),
-                                 train=dataclasses.replace(preset.train, epochs=3, eval_every=0))
-    train(preset, ds, base / "run", device=str(bench_device), progress=False, log=lambda *a: None)
-    model, _ = load_model(base / "run" / "last.pt", ds, device=bench_device)
-    model.eval()
+    model, ds, base = trained_synthetic
     ref = ann.reference_attention(retrieve.encode_items(model, "text", ds.train.text_matrix()),
                                   retrieve.encode_items(model, "image", ds.train.images))
     return {"model": model, "dataset": ds, "reference": ref, "dir": base}

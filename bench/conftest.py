@@ -150,3 +150,24 @@ def pytest_sessionfinish(session, exitstatus):
             tf = f"{r['TFLOP/s']:.2f}" if r.get("TFLOP/s") else "-"
             tr.write_line(f"{r['op']:<18} {r['case']:<34} {r['provider']:<16} {r['median_s'] * 1e3:>10.3f} "
                           f"{sp:>8} {gb:>8} {tf:>8}")
+
+
+@pytest.fixture(scope="session")
+def trained_synthetic(tmp_path_factory, bench_device):
+    """(model, dataset, folder): a SCANet trained on the synthetic data (N = 256, 3 epochs, 693 test items), in
+    eval mode, shared by the retrieval benchmarks (bench_pair_scores, bench_search)."""
+    import dataclasses
+
+    from scanet.checkpoint import load_model
+    from scanet.config import get_preset
+    from scanet.data import synthetic
+    from scanet.train import train
+
+    base = tmp_path_factory.mktemp("trained-synthetic")
+    ds = synthetic.prepare(base / "prepared", progress=lambda *a: None, n_test=693)
+    preset = get_preset("synthetic")
+    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, common_dim=256),
+                                 train=dataclasses.replace(preset.train, epochs=3, eval_every=0))
+    train(preset, ds, base / "run", device=str(bench_device), progress=False, log=lambda *a: None)
+    model, _ = load_model(base / "run" / "last.pt", ds, device=bench_device)
+    return model.eval(), ds, base

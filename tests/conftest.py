@@ -40,3 +40,11 @@ def devices():
     if torch.cuda.is_available():
         out.append("cuda")
     return out
+
+
+@pytest.fixture(scope="module")
+def synthetic_dataset(tmp_path_factory):
+    """The default synthetic dataset, prepared once per test module."""
+    from scanet.data import synthetic
+
+    return synthetic.prepare(tmp_path_factory.mktemp("prep") / "synthetic", progress=lambda s: None)

@@ -53,3 +53,13 @@ def make_items(n_text, n_image, seed, device="cpu"):
 @torch.no_grad()
 def encode(model, bow, image):
     return model.encode_text(bow), model.encode_image(image)
+
+
+def synthetic_preset(**train):
+    """The synthetic preset with its TrainConfig fields replaced (tests/test_train.py, test_model_selection.py)."""
+    import dataclasses
+
+    from scanet.config import get_preset
+
+    p = get_preset("synthetic")
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, **train))

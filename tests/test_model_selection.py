@@ -1,24 +1,20 @@
 """Model selection on a validation split carved from training: best.pt, patience, the selected epoch's report."""
-import dataclasses
 import json
 
 import pytest
 import torch
 
+from helpers import synthetic_preset
 from scanet.checkpoint import load_checkpoint
-from scanet.config import get_preset
-from scanet.data import synthetic
 from scanet.train import train
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return synthetic.prepare(tmp_path_factory.mktemp("prep") / "synthetic", progress=lambda s: None)
+def dataset(synthetic_dataset):
+    return synthetic_dataset
 
 
-def _preset(**train):
-    p = get_preset("synthetic")
-    return dataclasses.replace(p, train=dataclasses.replace(p.train, **train))
+_preset = synthetic_preset
 
 
 def test_best_checkpoint_is_the_best_validation_epoch(dataset, tmp_path):

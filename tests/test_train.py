@@ -1,11 +1,11 @@
 """Training: pairs, a short synthetic run that raises MAP, exact resume, checkpoints, presets."""
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import synthetic_preset
 from scanet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from scanet.config import apply_overrides, get_preset
 from scanet.data import synthetic
@@ -14,13 +14,11 @@ from scanet.train import train
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return synthetic.prepare(tmp_path_factory.mktemp("prep") / "synthetic", progress=lambda s: None)
+def dataset(synthetic_dataset):
+    return synthetic_dataset
 
 
-def _preset(**train):
-    p = get_preset("synthetic")
-    return dataclasses.replace(p, train=dataclasses.replace(p.train, **train))
+_preset = synthetic_preset
 
 
 def test_make_pairs_counts_and_targets():
