@@ -74,7 +74,7 @@ def step_times(B=256, T=512, d=50, N=1024, V=10_055, images=64, size=128) -> dic
     for name, enc, x in (("lstm (hidden 256, mean)", TextLSTM(V, N, embedding_dim=d), tokens),
                          ("cnn (3/4/5 x 100)", TextCNN(V, N, embedding_dim=d), tokens),
                          (f"cnn5 ({size}x{size})", ImageCNN5(N), pixels)):
-        def step():
+        def step(enc=enc, x=x):
             enc.zero_grad()
             enc(x).sum().backward()
         rows[name] = {"batch": int(x.shape[0]), "seconds_fwd_bwd": round(_median_time(step), 4)}

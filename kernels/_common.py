@@ -131,7 +131,7 @@ def dot_flags(precision: str, gpu: GPU | None) -> tuple[str, str]:
 
 def index_64(*tensors) -> bool:
     """Whether some element of these tensors lies 2^31 or more elements from its base pointer."""
-    reach = max(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else 0 for t in tensors)
+    reach = max(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0 for t in tensors)
     return reach >= 2 ** 31 - 1
 
 

@@ -118,7 +118,8 @@ class ANNIndex:
             m: torch.as_tensor(np.asarray(reference[m], dtype=np.float32)) for m in ("text", "image")}
         self.model_hash, self.stage1, self.modality = model_hash, stage1, modality
         self.build_seconds = build_seconds
-        self.nprobe = self.ef_search = None
+        self.nprobe: int | None = None
+        self.ef_search: int | None = None
         self.set_search_params(nprobe=nprobe, ef_search=ef_search)
 
     def __len__(self) -> int:

@@ -173,7 +173,8 @@ def check_value(key: str, value, kind: type, *, lo=None, hi=None, lo_open=False,
     v = float(value) if kind is float else tuple(value) if kind is tuple else value
     if choices is not None and v not in choices:
         fail()
-    for x in (v if kind is tuple else (v,)):
+    entries: tuple = v if isinstance(v, tuple) else (v,)
+    for x in entries:
         if isinstance(x, (int, float)) and not isinstance(x, bool):
             if lo is not None and (x < lo or (lo_open and x == lo)):
                 fail()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -173,7 +174,7 @@ class TextCNN(nn.Module):
         x, _, lengths = self.embed(tokens, lengths)
         x = x.transpose(1, 2)                                          # (B, d, T)
         out = []
-        for w, conv in zip(self.widths, self.convs):
+        for w, conv in zip(self.widths, self.convs, strict=True):
             y = F.relu(conv(x))                                        # (B, filters, T + w - 1)
             valid = torch.arange(y.shape[-1], device=y.device) < (lengths + (w - 1)).unsqueeze(1)
             valid &= (lengths > 0).unsqueeze(1)                       # an empty text has no window
@@ -249,9 +250,10 @@ class VGG19(nn.Module):
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
-        layers, c_in = [], 3
+        layers: list[nn.Module] = []
+        c_in = 3
         for v in VGG19_CONFIG:
-            if v == "M":
+            if not isinstance(v, int):   # "M"
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
                 layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
@@ -300,6 +302,10 @@ class ResNet50(nn.Module):
     25,557,032 parameters. ``pool5(x)``: the 2048-d global average pool of layer4, the input of ``fc``."""
 
     feature_dim = 2048
+    layer1: nn.Sequential   # set in __init__ by name (torchvision's keys)
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, num_classes: int = 1000, layers=(3, 4, 6, 3)):
         super().__init__()
@@ -308,7 +314,7 @@ class ResNet50(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         inplanes = 64
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
             stage = []
             for b in range(blocks):
                 stage.append(Bottleneck(inplanes, planes, stride=(1 if i == 0 or b > 0 else 2)))
@@ -341,8 +347,8 @@ def load_torchvision_weights(model_cls, path: str | Path, **kwargs) -> nn.Module
     if not path.is_file():
         raise ValueError(f"{name} weights file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # UnpicklingError (code or unknown types in the file), RuntimeError (not a torch file)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # noqa: TID251 - weights_only, errors below
+    except Exception as e:  # noqa: BLE001 - UnpicklingError (code or unknown types in the file), RuntimeError (not a torch file)
         raise ValueError(f"{path} is not a torch weights file that loads without executing code "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -374,10 +380,10 @@ def load_torchvision_weights(model_cls, path: str | Path, **kwargs) -> nn.Module
 def load_vgg19(path: str | Path) -> VGG19:
     """VGG-19 from a torchvision ``vgg19-*.pth`` file (e.g. vgg19-dcbb9e9d.pth, IMAGENET1K_V1); see
     load_torchvision_weights."""
-    return load_torchvision_weights(VGG19, path)
+    return cast(VGG19, load_torchvision_weights(VGG19, path))
 
 
 def load_resnet50(path: str | Path) -> ResNet50:
     """ResNet-50 from a torchvision ``resnet50-*.pth`` file (e.g. resnet50-0676ba61.pth, IMAGENET1K_V1, or the
     V2 file); see load_torchvision_weights."""
-    return load_torchvision_weights(ResNet50, path)
+    return cast(ResNet50, load_torchvision_weights(ResNet50, path))

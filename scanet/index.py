@@ -98,7 +98,7 @@ def encode_in_batches(model, modality: str, inputs, batch_size: int = 256, progr
             bar.update(len(parts[-1]))
     if not parts:
         raise ValueError(f"no {modality}s to encode")
-    att = None if parts[0].attention is None else torch.cat([p.attention for p in parts])
+    att = None if parts[0].attention is None else torch.cat([p.attention for p in parts if p.attention is not None])
     return Items(modality, torch.cat([p.features for p in parts]), att)
 
 

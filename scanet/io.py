@@ -32,7 +32,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
+from typing import Any
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -139,17 +139,20 @@ def remove_leftovers(folder: str | Path, log: Callable[[str], None] | None = Non
     ``locked``: the caller holds the folder's lock (a run folder), so the pid-less temporary files of older
     versions are leftovers too."""
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        m = (_TMP_FILE if p.is_file() else _TMP_DIR).match(p.name)
+        m: Any = (_TMP_FILE if p.is_file() else _TMP_DIR).match(p.name)   # a match, or the dict below
         if m is None and locked and p.is_file() and _OLD_TMP_FILE.match(p.name):
             m = {"pid": "0"}                                     # an old-style name in a folder we own
         if m is None or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"])):
             continue
         size = p.stat().st_size if p.is_file() else 0
-        (p.unlink if p.is_file() else lambda: shutil.rmtree(p, ignore_errors=True))()
+        if p.is_file():
+            p.unlink()
+        else:
+            shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
         if log is not None:
             who = f"process {m['pid']}, which is gone" if m["pid"] != "0" else "an interrupted write"
@@ -173,7 +176,7 @@ def check_writable(folder: str | Path, what: str = "output folder") -> Path:
     except OSError as e:
         reason = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
                   errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
-                  errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror or str(e))
+                  errno.EDQUOT: "disk quota exceeded"}.get(e.errno or 0, e.strerror or str(e))
         raise OSError(e.errno, f"the {what} {folder} is not writable: {reason}") from e
     return folder
 
@@ -232,7 +235,7 @@ def safe_np_load(path: str | Path, what: str = "numeric array file", mmap_mode=N
             raise ValueError(f"{path} ({what}) cannot be read: it holds Python objects (a pickle), which are "
                              "never loaded; save a numeric array") from None
         raise ValueError(f"{path} ({what}) is truncated or damaged ({e})") from None
-    except Exception as e:     # BadZipFile, EOFError, zlib.error, OSError: a truncated or damaged file
+    except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, OSError: a truncated or damaged file
         raise ValueError(f"{path} ({what}) is truncated or damaged ({type(e).__name__}: {e})") from None
 
 

@@ -260,6 +260,6 @@ def test_scanet_ddp_adamw_float32_equals_one_process(tmp_path):
     moved = 0
     for k, v in model.state_dict().items():
         if v.is_floating_point():
-            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
             moved += not torch.equal(v, start[k])
     assert moved >= 4, "the steps must move the parameters"

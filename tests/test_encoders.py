@@ -123,7 +123,7 @@ def test_cnn_pooling_matches_kim_on_each_text_alone():
     for i, s in enumerate(seqs):
         x = enc.embed.embedding(s).T.unsqueeze(0)                              # (1, d, L)
         want = []
-        for w, conv in zip(enc.widths, enc.convs):
+        for w, conv in zip(enc.widths, enc.convs, strict=True):
             y = torch.nn.functional.conv1d(x, conv.weight, conv.bias, padding=w - 1)
             assert y.shape[-1] == len(s) + w - 1
             want.append(torch.relu(y)[0].amax(-1))

@@ -44,14 +44,14 @@ def coattention_errors(M, N, seed):
     ref_leaves = [t.double().requires_grad_() for t in (f, g, w, b)]
     ref = coattention64(*ref_leaves, float(N))
     ref.backward(dout.double())
-    return rel_err(out, ref), [rel_err(x.grad, y.grad) for x, y in zip(leaves, ref_leaves)]
+    return rel_err(out, ref), [rel_err(x.grad, y.grad) for x, y in zip(leaves, ref_leaves, strict=True)]
 
 
 @pytest.mark.parametrize("M,N", [(70, 7), (5, 256), (4, 500)])       # N = 1024: test_fp16_errors_figures
 def test_coattention_fp16_matches_float64(M, N):
     out_err, grad_errs = coattention_errors(M, N, seed=M + N)
     assert out_err < OUT_TOL, out_err
-    for name, err in zip(("f", "g", "weight", "bias"), grad_errs):
+    for name, err in zip(("f", "g", "weight", "bias"), grad_errs, strict=True):
         assert err < GRAD_TOL, f"d{name}: {err:.2e}"
     assert out_err > 1e-6, "fp16 rounding must show: the fp16 path did not run (fp32 is ~1e-7)"
 

@@ -538,7 +538,7 @@ LAPLACIAN_CORRUPTIONS = [
 def test_rule7_evaluate_eager_on_a_corrupted_laplacian(world, tmp_path):
     """In a child process (one for all cases), so that a segfault would be exit -11, not a crashed test run."""
     paths = []
-    for k, (case, corrupt, fragment) in enumerate(LAPLACIAN_CORRUPTIONS):
+    for k, (_case, corrupt, _fragment) in enumerate(LAPLACIAN_CORRUPTIONS):
         state = load_checkpoint(world / "run" / "last.pt")
         corrupt(state["model"])
         atomic_torch_save(tmp_path / f"bad{k}.pt", state)
@@ -553,7 +553,7 @@ def test_rule7_evaluate_eager_on_a_corrupted_laplacian(world, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
-    for (case, _, fragment), (rc, err) in zip(LAPLACIAN_CORRUPTIONS, json.loads(p.stdout.splitlines()[-1])):
+    for (case, _, fragment), (rc, err) in zip(LAPLACIAN_CORRUPTIONS, json.loads(p.stdout.splitlines()[-1]), strict=True):
         assert rc == 2 and "malformed Laplacian" in err and fragment in err, (case, rc, err)
 
 

@@ -60,7 +60,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     moved = 0
     for k, v in one.items():
         if v.is_floating_point():
-            torch.testing.assert_close(two[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(two[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
             moved += not torch.allclose(v, start[k], rtol=1e-3, atol=1e-5)
     assert moved >= 4, "the epoch must move the parameters for the comparison to mean much"
     # rank 0 alone wrote the run's files, once: one metrics row, and results.json of the one evaluation

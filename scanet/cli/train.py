@@ -44,7 +44,7 @@ def _write_results(out: Path, reports: dict, extra: dict, stem: str = "") -> Non
     from scanet.io import atomic_write
     from scanet.plots import plot_pr_curves
 
-    tables = {}
+    tables: dict[str, dict] = {}
     for pname, proto in PROTOCOLS.items():
         rows = {name: r["protocols"][pname] for name, r in reports.items() if pname in r.get("protocols", {})}
         if rows:

@@ -80,7 +80,7 @@ class TokenSequences:
         if len(sizes) != 1:
             raise ValueError(f"cannot concatenate token sequences over different vocabularies (sizes {sorted(sizes)})")
         offsets = np.cumsum([0] + [p.ids.size for p in parts[:-1]])
-        indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets)])
+        indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets, strict=True)])
         return cls(indptr, np.concatenate([p.ids for p in parts]), sizes.pop())
 
     def padded(self, rows=None, max_length: int | None = None, pad_to: int | None = None):
@@ -106,7 +106,7 @@ class TokenSequences:
         else:
             T = max(longest, 1)
         out = np.zeros((rows.size, T), np.int64)
-        for b, (r, L) in enumerate(zip(rows, lengths)):
+        for b, (r, L) in enumerate(zip(rows, lengths, strict=True)):
             out[b, :L] = self.ids[self.indptr[r]:self.indptr[r] + L]
         return out, lengths.astype(np.int64)
 
