@@ -56,3 +56,17 @@ def test_errors_are_clear(trained, tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["evaluate", "--checkpoint", str(bad)]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_prepare_passes_dataset_options_and_names_unknown_ones(tmp_path, capsys):
+    out = tmp_path / "syn"
+    assert main(["prepare", "synthetic", "--out", str(out), "--option", "n_train=120", "--option", "n_test=36"]) == 0
+    import json as _json
+
+    manifest = _json.loads((out / "manifest.json").read_text())
+    assert manifest["n_train"] == 120 and manifest["n_test"] == 36
+    assert main(["prepare", "wiki", "--root", str(tmp_path), "--option", "n_train=5"]) == 2
+    err = capsys.readouterr().err
+    assert "has no option 'n_train'" in err and "vocab_size" in err
+    assert main(["prepare", "synthetic", "--option", "oops"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import time
 from pathlib import Path
@@ -19,6 +20,14 @@ def cmd_prepare(args) -> None:
         lmax = None if args.lmax is None else args.lmax if args.lmax == "exact" else float(args.lmax)
         opts = {k: v for k, v in dict(vocab_size=args.vocab_size, knn=args.knn, embeddings=args.embeddings,
                                       lmax=lmax, image_features=args.image_features).items() if v is not None}
+    for item in args.option or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r} is not of the form KEY=VALUE")
+        try:
+            opts[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            opts[key] = raw                        # a plain word: a string
     t0 = time.perf_counter()
     ds = prepare(args.dataset, args.root, args.out or Path(args.prepared_dir) / args.dataset, **opts)
     print(json.dumps({k: v for k, v in ds.manifest.items() if k not in ("inputs", "params")}, indent=1))
@@ -43,4 +52,7 @@ def add_commands(sub) -> None:
     p.add_argument("--lmax", help="'exact' (eigsh) or a number such as 2 (default: the dataset's, 'exact')")
     p.add_argument("--image-features", help="wiki: 'sift' (default), 'cnn' (EfficientNet-Lite0 on ROOT/images) "
                                             "or an .npy matrix")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="any other option of the dataset's preparer, e.g. nuswide: --option n_train=40000 "
+                        "--option tags=all; pascal: --option single_object=False (an unknown key lists them)")
     p.set_defaults(func=cmd_prepare)

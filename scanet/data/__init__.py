@@ -5,6 +5,7 @@
 command line (an already prepared folder, else prepare the preset's dataset, cached).
 """
 import importlib
+import inspect
 from pathlib import Path
 
 from scanet.data.prepared import PreparedDataset, Split  # noqa: F401
@@ -53,7 +54,24 @@ def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
     for key in ("vocab_size", "knn"):                 # the Preset fields' bounds, whoever calls
         if options.get(key) is not None:
             options[key] = check_field(Preset("", ""), key, options[key], where="prepare option ")
+    known = preparer_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown and known is not ANY_OPTION:
+        raise ValueError(f"dataset {name!r} has no option {unknown[0]!r}; its options: {', '.join(known)}")
     return PREPARERS[name](root, out_dir, **options)
+
+
+ANY_OPTION: list[str] = []   # a preparer that takes **params checks them itself (synthetic)
+
+
+def preparer_options(name: str) -> list[str]:
+    """The keyword options of a dataset's prepare() (what `scanet prepare NAME --option KEY=VALUE` accepts)."""
+    mod = importlib.import_module(f"scanet.data.{name.replace('-', '_')}")
+    params = list(inspect.signature(mod.prepare).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return ANY_OPTION
+    return [p.name for p in params if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty)
+            and p.name not in ("out_dir", "progress", "log")]
 
 
 def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared", fingerprint: str | None = None
