@@ -9,6 +9,14 @@
 The input checks live here too (``check_cheb_inputs``, ``check_coattention_inputs``, ``check_pair_inputs``;
 the Laplacian's own in scanet.laplacian) so that the fused implementations raise exactly the same clear errors
 before any kernel runs.
+
+Precision (``compute_dtype``). float64 must come alone (the oracle's own precision). Otherwise any mix of
+float32, bfloat16 and float16 is accepted, which is what ``torch.autocast`` hands an op (bf16 activations,
+float32 parameters): under autocast the result has the autocast dtype, outside it the promoted dtype of the
+inputs. What stays float32 and why: the Chebyshev recursion (every sparse product and the sum over k; each
+step doubles the previous term's rounding error), the softmax statistics of the attention (max and sum over
+N terms), and all-pairs logits (bf16 would tie rankings). The co-attention GEMM f W^T runs in the compute
+dtype (bf16 on the CPU's AMX under autocast): it is most of the FLOPs and accumulates in float32 anyway.
 """
 from __future__ import annotations
 
@@ -18,11 +26,40 @@ import torch.nn.functional as F
 from scanet.laplacian import Laplacian, check_laplacian  # noqa: F401  (check_laplacian: public here)
 
 ACTIVATIONS = ("relu", "none", None)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+MIXABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------------- checks
 def _fail(msg: str):
     raise ValueError(msg)
+
+
+def _check_dtypes(dtypes: dict) -> None:
+    """float64 alone, or any mix of float32 / bfloat16 / float16 (what autocast hands an op)."""
+    values = set(dtypes.values())
+    if not all(d.is_floating_point for d in values) or (len(values) > 1 and not values <= set(MIXABLE)):
+        _fail(f"all inputs must have one floating dtype (or a mix of float32, bfloat16 and float16), got {dtypes}")
+
+
+def compute_dtype(device, *tensors) -> torch.dtype:
+    """The dtype an op computes its GEMMs in and returns: float64 for float64 inputs; else the autocast dtype
+    when autocast is on for ``device``; else the promoted dtype of the (checked) inputs."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    if torch.float64 in dtypes:
+        return torch.float64
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums, softmax statistics and logits: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_cheb_inputs(laplacian_csr, x, weight, bias=None, activation="relu", *, check_indices=True) -> None:
@@ -53,9 +90,7 @@ def check_cheb_inputs(laplacian_csr, x, weight, bias=None, activation="relu", *,
     devices = {n: t.device for n, t in tensors.items()}
     if len(set(devices.values())) > 1:
         _fail(f"all inputs must be on one device, got {devices}")
-    dtypes = {n: t.dtype for n, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        _fail(f"all inputs must have one floating dtype, got {dtypes}")
+    _check_dtypes({n: t.dtype for n, t in tensors.items()})
 
 
 def check_coattention_inputs(f, g, weight, bias) -> None:
@@ -75,9 +110,7 @@ def check_coattention_inputs(f, g, weight, bias) -> None:
     devices = {n: t.device for n, t in tensors.items()}
     if len(set(devices.values())) > 1:
         _fail(f"all inputs must be on one device, got {devices}")
-    dtypes = {n: t.dtype for n, t in tensors.items()}
-    if len(set(dtypes.values())) > 1 or not f.dtype.is_floating_point:
-        _fail(f"all inputs must have one floating dtype, got {dtypes}")
+    _check_dtypes({n: t.dtype for n, t in tensors.items()})
 
 
 # ------------------------------------------------------------------------------------------------- Chebyshev
@@ -112,12 +145,29 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu") -> torch.T
 
     laplacian_csr: (V, V) rescaled Laplacian L~ = 2L/lmax - I as a torch sparse CSR tensor.
     x: (B, V, F_in) signals; weight: (K, F_in, F_out); bias: (F_out,) or None; activation: "relu" or None.
-    Returns (B, V, F_out) = act(sum_k T_k(L~) x @ weight[k] + bias). A ``Laplacian`` is used in x's dtype.
+    Returns (B, V, F_out) = act(sum_k T_k(L~) x @ weight[k] + bias). A ``Laplacian`` is used in x's dtype
+    (float32 for bf16/fp16 x).
+
+    Low precision (bf16/fp16 inputs, or any input under ``torch.autocast``): the whole convolution, sparse
+    products, recursion and the sum over k, is computed in float32 with autocast off (the recursion doubles
+    each term's rounding error; torch's CSR kernels have no bf16 anyway), and the result is cast once to
+    ``compute_dtype`` (the autocast dtype under autocast). Gradients come back in each input's dtype.
     """
+    tensors = all(isinstance(t, torch.Tensor) for t in (x, weight)) and (bias is None or isinstance(bias, torch.Tensor))
+    low = tensors and x.dtype != torch.float64 and (
+        torch.is_autocast_enabled(x.device.type) or
+        any(t is not None and t.dtype in LOW_PRECISION for t in (x, weight, bias)))
     if isinstance(laplacian_csr, Laplacian):
-        laplacian_csr = laplacian_csr.csr(x.dtype if isinstance(x, torch.Tensor) else None)
+        laplacian_csr = laplacian_csr.csr(torch.float32 if low else (x.dtype if isinstance(x, torch.Tensor) else None))
     check_cheb_inputs(laplacian_csr, x, weight, bias, activation, check_indices=False)
-    return cheb_conv_from_basis(chebyshev_basis(laplacian_csr, x, weight.shape[0]), weight, bias, activation)
+    if not low:
+        return cheb_conv_from_basis(chebyshev_basis(laplacian_csr, x, weight.shape[0]), weight, bias, activation)
+    out_dtype = compute_dtype(x.device, x, weight, bias)
+    lap32 = laplacian_csr if laplacian_csr.dtype == torch.float32 else laplacian_csr.to(torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        basis = chebyshev_basis(lap32, x.float(), weight.shape[0])
+        y = cheb_conv_from_basis(basis, weight.float(), None if bias is None else bias.float(), activation)
+    return y.to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- co-attention
@@ -127,16 +177,31 @@ def coattention(f, g, weight, bias, *, scale: float = 1.0) -> torch.Tensor:
     f: (M, N) features of the modality that attends; g: (M, N) features of the OTHER modality, which the
     attention re-weights; weight: (N, N); bias: (N,). ``scale`` (default 1, the paper's equations) multiplies
     the output: SCANet uses scale = N so that a uniform attention is the identity (see scanet.model).
+
+    dtypes: see the module docstring. The GEMM runs in ``compute_dtype`` (bf16 under bf16 autocast), the
+    softmax and the product with g in float32 (float64 for float64), and the result is cast once to the
+    compute dtype. Under autocast an fp32 weight/bias with bf16 f/g is the normal case, not an error.
     """
     check_coattention_inputs(f, g, weight, bias)
-    out = attention_map(f, weight, bias) * g
-    return out * scale if scale != 1.0 else out
+    dtype = compute_dtype(f.device, f, g, weight, bias)
+    p = _attention(f, weight, bias, dtype)                               # float32 (float64) probabilities
+    out = p * g.to(p.dtype)
+    out = out * scale if scale != 1.0 else out
+    return out.to(dtype)
+
+
+def _attention(f, weight, bias, dtype):
+    z = F.linear(f.to(dtype), weight.to(dtype), bias.to(dtype))
+    return torch.softmax(F.relu(z), dim=-1, dtype=statistics_dtype(dtype))
 
 
 def attention_map(f, weight, bias, scale: float = 1.0) -> torch.Tensor:
-    """softmax(relu(f @ weight.T + bias), dim=-1) * scale, in f's dtype: the map a co-attention step applies."""
-    p = torch.softmax(F.relu(F.linear(f, weight.to(f.dtype), bias.to(f.dtype))), dim=-1)
-    return p * scale if scale != 1.0 else p
+    """softmax(relu(f @ weight.T + bias), dim=-1) * scale: the map a co-attention step applies, in
+    ``compute_dtype(f, weight, bias)`` (f's dtype unless mixed or under autocast); softmax statistics in float32."""
+    dtype = compute_dtype(f.device, f, weight, bias)
+    p = _attention(f, weight, bias, dtype)
+    p = p * scale if scale != 1.0 else p
+    return p.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------ all-pair logits
@@ -198,22 +263,32 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
     ``model``: a SCANet (anything with its ``coattention`` and ``head``), in eval mode. By the number of layers L:
     L = 0: (f_t * w) @ f_i.T + b, one GEMM; L = 1: layer 1 is per item, (f_t * a1_T * w) @ (f_i * a1_I).T + b,
     one GEMM; L >= 2: layers >= 2 per pair, ``chunk_pairs`` pairs at a time, so peak memory is
-    O(output + chunk_pairs * N). a1_t / a1_i: layer-1 attention maps when already known. Computes in the
-    features' dtype.
+    O(output + chunk_pairs * N). a1_t / a1_i: layer-1 attention maps when already known.
+
+    Precision: computes in ``compute_dtype`` of the features (bf16 under bf16 autocast: the layer-2 GEMMs of
+    every chunk, 2 Nt Ni N^2 FLOPs, are the whole cost and run on the CPU's AMX); softmax statistics and the
+    head's dot product w . (f_T * f_I) are float32, and the logits are float32 for bf16/fp16 features (a
+    bf16 logit has 8 significant bits: near-equal pairs would tie and MAP would move). float64 stays float64.
     """
     check_pair_inputs(model, f_t, f_i, a1_t, a1_i, text_index, image_index)
     L = model.coattention.num_layers
-    w, b = head_weights(model, f_t.dtype)
+    dtype = compute_dtype(f_t.device, f_t, f_i)
+    out_dtype = statistics_dtype(dtype)                   # the logits: float32 (float64 for float64)
+    f_t, f_i = f_t.to(dtype), f_i.to(dtype)
+    w, b = head_weights(model, out_dtype)
     all_pairs = text_index is None
     Nt, Ni = f_t.shape[0], f_i.shape[0]
     if L >= 1:
-        a1_t = layer1_attention(model, f_t, "text") if a1_t is None else a1_t.to(f_t.dtype)
-        a1_i = layer1_attention(model, f_i, "image") if a1_i is None else a1_i.to(f_t.dtype)
+        a1_t = layer1_attention(model, f_t, "text") if a1_t is None else a1_t
+        a1_i = layer1_attention(model, f_i, "image") if a1_i is None else a1_i
+        a1_t, a1_i = a1_t.to(dtype), a1_i.to(dtype)
     if all_pairs and L <= 1:
-        return (f_t * w) @ f_i.T + b if L == 0 else (f_t * a1_t * w) @ (f_i * a1_i).T + b
+        lhs, rhs = (f_t, f_i) if L == 0 else (f_t * a1_t, f_i * a1_i)
+        with torch.autocast(f_t.device.type, enabled=False):   # one small GEMM (Nt Ni N): in float32
+            return (lhs.to(out_dtype) * w) @ rhs.to(out_dtype).T + b
     if all_pairs:
         rows = max(1, chunk_pairs // max(Ni, 1))                       # whole rows of texts a chunk
-        out = torch.empty(Nt, Ni, dtype=f_t.dtype, device=f_t.device)
+        out = torch.empty(Nt, Ni, dtype=out_dtype, device=f_t.device)
         cols = torch.arange(Ni, device=f_t.device)
         starts = range(0, Nt, rows)
         if progress:
@@ -226,7 +301,7 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
             out[s:e] = _pairs(model, f_t, f_i, a1_t, a1_i, ti, cols.repeat(e - s), w, b).reshape(e - s, Ni)
         return out
     P = text_index.numel()
-    out = torch.empty(P, dtype=f_t.dtype, device=f_t.device)
+    out = torch.empty(P, dtype=out_dtype, device=f_t.device)
     for s in range(0, P, max(1, chunk_pairs)):
         e = min(s + chunk_pairs, P)
         out[s:e] = _pairs(model, f_t, f_i, a1_t, a1_i, text_index[s:e], image_index[s:e], w, b)
@@ -236,9 +311,11 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
 def _pairs(model, f_t, f_i, a1_t, a1_i, ti, ii, w, b):
     ti, ii = ti.to(f_t.device).long(), ii.to(f_t.device).long()
     if model.coattention.num_layers == 0:
-        return (f_t[ti] * f_i[ii]) @ w + b
-    pt = a1_i[ii] * f_t[ti]                  # f_T after layer 1
-    pi = a1_t[ti] * f_i[ii]                  # f_I after layer 1
+        pt, pi = f_t[ti], f_i[ii]
+    else:
+        pt = a1_i[ii] * f_t[ti]                  # f_T after layer 1
+        pi = a1_t[ti] * f_i[ii]                  # f_I after layer 1
     for k in range(1, model.coattention.num_layers):
         pt, pi = model.coattention.layer(k, pt, pi)
-    return (pt * pi) @ w + b
+    with torch.autocast(pt.device.type, enabled=False):   # the head's dot product in float32 (w's dtype)
+        return (pt.to(w.dtype) * pi.to(w.dtype)) @ w + b
