@@ -33,6 +33,8 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1               # epochs between test-set MAP evaluations (0: only at the end)
     score_chunk: int = 64             # texts scored at a time in evaluation (bounds memory)
+    precision: str = "fp32"           # "fp32", "bf16" or "fp16": the forward passes under torch.autocast
+                                      # (scanet.precision: what stays float32 and why)
 
 
 @dataclass

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from scanet.precision import autocast_context
+
 
 def _np(a) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
@@ -219,29 +221,35 @@ def evaluate_protocols(score_fn, dataset, protocols="both") -> dict:
     return reports
 
 
-def model_scorer(model, chunk_size: int = 64, progress: bool = False):
-    """``score_fn`` for evaluate_protocols: the model's logits of every (text, image) pair of two splits."""
+def model_scorer(model, chunk_size: int = 64, progress: bool = False, precision: str = "fp32"):
+    """``score_fn`` for evaluate_protocols: the model's logits of every (text, image) pair of two splits,
+    scored under ``autocast_context(precision)`` (the logits stay float32)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
 
     def score(text_split, image_split):
         texts = torch.as_tensor(text_split.text_matrix(), device=device, dtype=dtype)
         images = torch.as_tensor(image_split.images, device=device, dtype=dtype)
-        return model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True).cpu().numpy()
+        with autocast_context(device, precision):
+            out = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True)
+        return out.cpu().numpy()
 
     return score
 
 
 def evaluate_model(model, dataset, split: str = "test", chunk_size: int = 64, device=None,
-                   progress: bool = False) -> tuple[dict, np.ndarray]:
+                   progress: bool = False, precision: str = "fp32") -> tuple[dict, np.ndarray]:
     """Score every test text against every test image with ``model.score_all`` and report MAP both ways.
 
     Ranks by the logits (the similarity's ranking without float32 sigmoid saturation); returns them too.
+    ``precision``: scoring under ``scanet.precision.autocast_context`` ("bf16": the layer-2 GEMMs on AMX).
     """
     s = getattr(dataset, split)
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     texts = torch.as_tensor(s.text_matrix(), device=device, dtype=dtype)
     images = torch.as_tensor(s.images, device=device, dtype=dtype)
-    scores = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True).cpu().numpy()
+    with autocast_context(device, precision):
+        scores = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True)
+    scores = scores.cpu().numpy()
     return retrieval_report(scores, s.labels, s.labels), scores

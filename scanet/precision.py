@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")     # torch is imported inside the functions: the CLI's --help needs none
 
 
 def check_precision(precision) -> None:
@@ -37,14 +34,19 @@ def check_precision(precision) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
+def autocast_dtype(precision: str):
+    """None for "fp32", else the torch dtype (torch.bfloat16 / torch.float16)."""
+    import torch
+
     check_precision(precision)
-    return _DTYPES[precision]
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def autocast_context(device, precision: str = "fp32"):
     """``with autocast_context(device, precision):`` around a forward pass (and nothing else: the loss and the
     optimizer step run outside, in float32). ``device``: a torch.device or string ("cpu", "cuda:0")."""
+    import torch
+
     dtype = autocast_dtype(precision)
     if dtype is None:
         return contextlib.nullcontext()

@@ -22,6 +22,7 @@ from scanet.data.prepared import PreparedDataset
 from scanet.evaluate import evaluate_model
 from scanet.loss import scanet_loss
 from scanet.pairs import make_pairs  # noqa: F401  (scanet.train.make_pairs: where it used to live)
+from scanet.precision import autocast_context
 from scanet.plots import plot_pr_curves, plot_training_curve
 
 
@@ -111,7 +112,8 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     steps = n_pairs // tc.batch_size if cuda_graphs else math.ceil(n_pairs / tc.batch_size)
 
     def step_fn(idx, zero_grad=True):
-        sim = step_model(texts[ti[idx]], images[ii[idx]])
+        with autocast_context(device, tc.precision):           # the forward only: sim (and the loss) float32
+            sim = step_model(texts[ti[idx]], images[ii[idx]])
         loss, _ = scanet_loss(sim, target[idx], tc.margin, tc.lam)
         if zero_grad:
             opt.zero_grad(set_to_none=True)
@@ -151,7 +153,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         report = None
         if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or last:
             t1 = time.perf_counter()
-            report, _ = evaluate_model(model, dataset, "test", tc.score_chunk)
+            report, _ = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
             row.update(text2image_map=report["text2image"]["map"], image2text_map=report["image2text"]["map"],
                        mean_map=report["mean_map"], eval_seconds=time.perf_counter() - t1)
         history.append(row)
@@ -168,7 +170,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
             break
 
     if report is None:                                            # the last epoch was not evaluated
-        report, _ = evaluate_model(model, dataset, "test", tc.score_chunk)
+        report, _ = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
     (out / "evaluation.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     plot_pr_curves({"SCANet": report}, out / "pr_curves.png", title=dataset.name)
     return {"history": history, "report": report}

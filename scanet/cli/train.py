@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from scanet.cli._common import dataset_options, load_dataset, load_trained, module_options, use_fused
+from scanet.precision import PRECISIONS
 
 
 def _baseline_rows(dataset, root) -> dict:
@@ -38,14 +39,18 @@ def _write_results(out: Path, reports: dict, extra: dict) -> None:
 
 def cmd_train(args) -> None:
     from scanet.config import apply_overrides, get_preset
+    from scanet.precision import check_precision
     from scanet.train import train
 
-    preset = apply_overrides(get_preset(args.preset or ("wiki" if args.root else "synthetic")), args.set or [])
+    overrides = (args.set or []) + ([f"precision={args.precision}"] if args.precision else [])
+    preset = apply_overrides(get_preset(args.preset or ("wiki" if args.root else "synthetic")), overrides)
+    check_precision(preset.train.precision)
     dataset = load_dataset(args, preset)
     out = Path(args.out or Path("runs") / preset.name)
     t0 = time.perf_counter()
     fused = use_fused(args)
-    print(f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}")
+    print(f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}, "
+          f"precision {preset.train.precision}")
     result = train(preset, dataset, out, device=args.device, fused=fused, resume=args.resume,
                    compile=args.compile, cuda_graphs=args.cuda_graphs)
     wall = time.perf_counter() - t0
@@ -53,7 +58,7 @@ def cmd_train(args) -> None:
     if not args.no_baseline:
         reports.update(_baseline_rows(dataset, args.root))
     _write_results(out, reports, {"dataset": dataset.name, "preset": preset.name, "epochs": preset.train.epochs,
-                                  "train_wall_seconds": wall,
+                                  "precision": preset.train.precision, "train_wall_seconds": wall,
                                   "seconds_per_epoch": [h["epoch_seconds"] for h in result["history"]]})
 
 
@@ -61,14 +66,14 @@ def cmd_evaluate(args) -> None:
     from scanet.evaluate import evaluate_model
 
     model, state, dataset = load_trained(args, fused=use_fused(args))
-    report, _ = evaluate_model(model, dataset, "test", args.chunk_size, progress=True)
+    report, _ = evaluate_model(model, dataset, "test", args.chunk_size, progress=True, precision=args.precision)
     reports = {"SCANet": report}
     if args.baseline:
         reports.update(_baseline_rows(dataset, args.root))
     out = Path(args.out or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)
     _write_results(out, reports, {"dataset": dataset.name, "checkpoint": str(args.checkpoint),
-                                  "epoch": state["epoch"]})
+                                  "epoch": state["epoch"], "precision": args.precision})
 
 
 def add_commands(sub) -> None:
@@ -83,6 +88,9 @@ def add_commands(sub) -> None:
     p.add_argument("--compile", action="store_true", help="run the training step under torch.compile")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the whole training step in a CUDA graph (CUDA only; drops each epoch's partial batch)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="forward passes under torch.autocast in bf16/fp16 (sets train.precision; default: the "
+                        "preset's, fp32); parameters, optimizer state, softmax statistics and the loss stay fp32")
     p.add_argument("--no-baseline", action="store_true", help="skip the CCA baseline")
     p.set_defaults(func=cmd_train)
 
@@ -92,5 +100,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="output folder (default: the checkpoint's)")
     module_options(p, "fused modules (default: auto, as for train)", "eager modules")
     p.add_argument("--chunk-size", type=int, default=64, help="texts scored at a time (bounds memory)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="score under torch.autocast in bf16/fp16 (the logits stay fp32; default fp32)")
     p.add_argument("--baseline", action="store_true", help="also run the CCA baseline")
     p.set_defaults(func=cmd_evaluate)
