@@ -393,3 +393,21 @@ def test_bf16_scoring_of_a_trained_model_keeps_map_and_rankings(dataset, tmp_pat
     top32, top16 = np.argsort(-s32, 1)[:, :k], np.argsort(-s16, 1)[:, :k]
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top32, top16)])
     assert overlap > 0.9, overlap
+
+
+def test_a_checkpoint_from_before_the_precision_setting_resumes(dataset, tmp_path):
+    """Checkpoints written before TrainConfig.precision existed trained in fp32 and still resume."""
+    from scanet.checkpoint import load_checkpoint, save_checkpoint
+    from scanet.train import train
+
+    preset = _preset(epochs=2, eval_every=0, positive_pairs=200, negative_pairs=200)
+    train(preset, dataset, tmp_path, progress=False, stop_after_epoch=1, log=lambda s: None)
+    state = load_checkpoint(tmp_path / "last.pt")
+    del state["preset"]["train"]["precision"]
+    save_checkpoint(tmp_path / "last.pt", state)
+    assert load_checkpoint(tmp_path / "last.pt")["preset"]["train"]["precision"] == "fp32"
+    out = train(preset, dataset, tmp_path, progress=False, resume=True, log=lambda s: None)
+    assert [h["epoch"] for h in out["history"]] == [1, 2]
+    with pytest.raises(ValueError, match="another configuration"):     # but not as a bf16 run
+        train(dataclasses.replace(preset, train=dataclasses.replace(preset.train, precision="bf16", epochs=3)),
+              dataset, tmp_path, progress=False, resume=True, log=lambda s: None)
