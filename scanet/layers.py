@@ -57,6 +57,11 @@ class ChebConv(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, K={self.K}, activation={self.activation}"
 
 
+def _native(conv, x) -> bool:
+    """Does this (fused) ChebConv run the native op on x (dropout in its epilogue, a chosen output dtype)?"""
+    return getattr(conv, "fuses_dropout", None) is not None and conv.fuses_dropout(x)
+
+
 def _activation(name: str) -> nn.Module:
     table = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}
     if name not in table:
@@ -71,7 +76,8 @@ class TextEncoder(nn.Module):
     ``conv.fuses_dropout(x)``), it does, in its epilogue, with ``self.dropout.p`` and ``self.training``: the same
     distribution as ``nn.Dropout`` without its separate mask pass (13% of the Wiki step), reproducible by seed
     (the mask's seed is drawn from torch's default generator). Otherwise ``self.dropout`` runs as before. The
-    module and its state_dict are the same either way (nn.Dropout has no state).
+    module and its state_dict are the same either way (nn.Dropout has no state). Under autocast on that backend
+    the hidden layers' outputs stay float32 (only the last one, which feeds the bf16 FC, is bf16).
     """
 
     def __init__(self, vocab_size: int, out_dim: int, channels=(1, 1), K: int = 3, dropout: float = 0.2,
@@ -87,9 +93,12 @@ class TextEncoder(nn.Module):
     def forward(self, bow: torch.Tensor, laplacian) -> torch.Tensor:
         x = bow.unsqueeze(-1)                                     # (B, V, 1): one signal per text
         for conv in self.convs[:-1]:
-            x = conv(x, laplacian)
+            if _native(conv, x) and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+                x = conv(x, laplacian, out_dtype=torch.float32)   # hidden signal float32: read in place
+            else:
+                x = conv(x, laplacian)
         last = self.convs[-1]
-        if self.dropout.p > 0.0 and getattr(last, "fuses_dropout", None) is not None and last.fuses_dropout(x):
+        if self.dropout.p > 0.0 and _native(last, x):
             h = last(x, laplacian, dropout_p=self.dropout.p, training=self.training).flatten(1)
         else:
             h = self.dropout(last(x, laplacian).flatten(1))

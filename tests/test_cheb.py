@@ -287,9 +287,10 @@ def test_cpu_dispatch_without_interpreter(monkeypatch):
     monkeypatch.setattr(reference, "cheb_conv", lambda *a: calls.append("eager") or eager(*a))
     assert torch.equal(cheb_conv(L, x, w, b), torch.full((2, V, 1), 7.0)) and calls == ["native"]
     # bf16 (and autocast) go to the native op too, with the Laplacian's symmetry and the dropout handed over
-    cheb_conv(Laplacian(L), x.bfloat16(), w, b, dropout_p=0.3, training=False)
+    cheb_conv(Laplacian(L), x.bfloat16(), w, b, dropout_p=0.3, training=False, out_dtype=torch.float32)
     assert calls == ["native", "native"]
-    assert seen_kw[-1] == {"symmetric": Laplacian(L).symmetric, "dropout_p": 0.3, "training": False}
+    assert seen_kw[-1] == {"symmetric": Laplacian(L).symmetric, "dropout_p": 0.3, "training": False,
+                           "out_dtype": torch.float32}
     calls.clear()
     fake.available = lambda: False
     torch.testing.assert_close(cheb_conv(L, x, w, b), eager(L, x, w, b))

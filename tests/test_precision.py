@@ -278,11 +278,14 @@ def test_text_encoder_dropout_runs_in_the_native_epilogue(monkeypatch):
     # the mask: the last layer's output equals the no-dropout output * keep / (1 - p), keep from the seed
     enc.eval()
     torch.testing.assert_close(enc(bow, model.laplacian), eager.text_encoder.eval()(bow, model.laplacian))
+    hidden = []
+    hook = enc.convs[0].register_forward_hook(lambda mod, args, out: hidden.append(out.dtype))
     with torch.autocast("cpu", dtype=BF16):                          # and under autocast
         enc.train()
         torch.manual_seed(5)
         c = enc(bow, model.laplacian)
-    assert c.dtype == BF16
+    hook.remove()
+    assert c.dtype == BF16 and hidden == [torch.float32]             # the hidden signal stays float32
     _close(c, a, "dropout under autocast", rel=8 * EPS)
 
 

@@ -73,12 +73,14 @@ def fuses_dropout(x: torch.Tensor) -> bool:
 
 
 def cheb_conv(laplacian, x, weight, bias=None, activation="relu", *, dropout_p: float = 0.0,
-              training: bool = True, **tiles) -> torch.Tensor:
+              training: bool = True, out_dtype: torch.dtype | None = None, **tiles) -> torch.Tensor:
     """One Chebyshev graph convolution dropout(act(sum_k T_k(L~) x W_k + b)); see ``scanet.reference.cheb_conv``.
 
     laplacian: (V, V) ``Laplacian`` or torch sparse CSR; x: (B, V, F_in); weight: (K, F_in, F_out); bias:
     (F_out,) or None; activation: "relu" or None. dropout_p, training: dropout on the result (fused into the
-    native epilogue on CPU). ``tiles`` (block_rows=, block_batch=) override the kernels' tile heuristic on the
+    native epilogue on CPU). ``out_dtype``: the result's dtype (default: ``reference.compute_dtype``); under
+    autocast, float32 keeps a hidden layer's output float32 (the next layer reads it in place, and its dx is
+    not narrowed to bf16). ``tiles`` (block_rows=, block_batch=) override the kernels' tile heuristic on the
     Triton path (tests use it to run many programs on tiny inputs).
     """
     given = laplacian
@@ -96,7 +98,7 @@ def cheb_conv(laplacian, x, weight, bias=None, activation="relu", *, dropout_p: 
     lap = Laplacian.of(given)                   # a raw CSR: checked (indices, symmetry) here, every call
     if fuses_dropout(x) and weight.shape[2] > 0:
         return _native_module().cheb_conv(csr, x, weight, bias, activation, symmetric=lap.symmetric,
-                                          dropout_p=dropout_p, training=training)
+                                          dropout_p=dropout_p, training=training, out_dtype=out_dtype)
     if x.numel() == 0 or weight.shape[2] == 0:
         y = reference.cheb_conv(csr, x, weight, bias, activation)
     elif x.device.type == "cuda":
@@ -107,14 +109,17 @@ def cheb_conv(laplacian, x, weight, bias=None, activation="relu", *, dropout_p: 
         y = _triton_cheb_conv(interpreted_kernels("cheb"), lap, x, weight, bias, activation, **tiles)
     else:
         y = reference.cheb_conv(csr, x, weight, bias, activation)
+    if out_dtype is not None and y.dtype != out_dtype:
+        y = y.to(out_dtype)
     return F.dropout(y, dropout_p, training) if dropout_p > 0.0 else y
 
 
 class ChebConv(_EagerChebConv):
     """Drop-in for ``scanet.layers.ChebConv`` (same constructor, parameters and state_dict) over ``cheb_conv``.
 
-    ``forward(x, laplacian, dropout_p=0.0, training=True)``: the dropout after this layer, in the native
-    epilogue where ``fuses_dropout(x)`` (scanet.layers.TextEncoder asks before handing it over).
+    ``forward(x, laplacian, dropout_p=0.0, training=True, out_dtype=None)``: the dropout after this layer, in
+    the native epilogue where ``fuses_dropout(x)`` (scanet.layers.TextEncoder asks before handing it over),
+    and the output dtype (TextEncoder keeps hidden layers float32 under autocast).
     """
 
     op = staticmethod(cheb_conv)
@@ -123,8 +128,9 @@ class ChebConv(_EagerChebConv):
     def fuses_dropout(x: torch.Tensor) -> bool:
         return fuses_dropout(x)
 
-    def forward(self, x: torch.Tensor, laplacian, dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
-        if dropout_p == 0.0:
+    def forward(self, x: torch.Tensor, laplacian, dropout_p: float = 0.0, training: bool = True,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if dropout_p == 0.0 and out_dtype is None:
             return type(self).op(laplacian, x, self.weight, self.bias, self.activation)
         return type(self).op(laplacian, x, self.weight, self.bias, self.activation, dropout_p=dropout_p,
-                             training=training)
+                             training=training, out_dtype=out_dtype)
