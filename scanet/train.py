@@ -22,8 +22,8 @@ from scanet.data.prepared import PreparedDataset
 from scanet.evaluate import evaluate_model
 from scanet.loss import scanet_loss
 from scanet.pairs import make_pairs  # noqa: F401  (scanet.train.make_pairs: where it used to live)
-from scanet.precision import autocast_context
 from scanet.plots import plot_pr_curves, plot_training_curve
+from scanet.precision import autocast_context
 
 
 # ----------------------------------------------------------------------------------------------------- train
