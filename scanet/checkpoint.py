@@ -35,6 +35,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     state = safe_torch_load(path, "SCANet checkpoint", map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a SCANet checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    train_cfg = state.get("preset", {}).get("train") if isinstance(state.get("preset"), dict) else None
+    if isinstance(train_cfg, dict):
+        train_cfg.setdefault("precision", "fp32")   # written before the precision setting: trained in fp32
     return state
 
 

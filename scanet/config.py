@@ -53,6 +53,8 @@ class TrainConfig:
     validation_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)  # training items held out (stratified,
     #   seeded) to select the epoch; 0: none
     patience: int = _f(0, lo=0)               # stop after this many epochs without a better validation MAP; 0: never
+    precision: str = _f("fp32", choices=("fp32", "bf16", "fp16"))   # the forward passes under torch.autocast
+    #   (scanet.precision: what stays float32 and why)
 
 
 @dataclass

@@ -27,6 +27,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from scanet.precision import autocast_context
+
 if TYPE_CHECKING:
     from scanet.data.prepared import PreparedDataset, Split
     from scanet.model import SCANet
@@ -235,30 +237,37 @@ def evaluate_protocols(score_fn: Callable[[Split, Split], ArrayLike], dataset: P
     return reports
 
 
-def model_scorer(model: SCANet, chunk_size: int = 64, progress: bool = False) -> Callable[[Split, Split], np.ndarray]:
-    """``score_fn`` for evaluate_protocols: the model's logits of every (text, image) pair of two splits."""
+def model_scorer(model: SCANet, chunk_size: int = 64, progress: bool = False,
+                 precision: str = "fp32") -> Callable[[Split, Split], np.ndarray]:
+    """``score_fn`` for evaluate_protocols: the model's logits of every (text, image) pair of two splits,
+    scored under ``autocast_context(precision)`` (the logits stay float32)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
 
     def score(text_split: Split, image_split: Split) -> np.ndarray:
         texts = torch.as_tensor(text_split.text_matrix(), device=device, dtype=dtype)
         images = torch.as_tensor(image_split.images, device=device, dtype=dtype)
-        return model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True).cpu().numpy()
+        with autocast_context(device, precision):
+            out = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True)
+        return out.cpu().numpy()
 
     return score
 
 
 def evaluate_model(model: SCANet, dataset: PreparedDataset, split: str = "test", chunk_size: int = 64,
-                   device: str | torch.device | None = None,
-                   progress: bool = False) -> tuple[dict, np.ndarray]:
+                   device: str | torch.device | None = None, progress: bool = False,
+                   precision: str = "fp32") -> tuple[dict, np.ndarray]:
     """Score every test text against every test image with ``model.score_all`` and report MAP both ways.
 
     Ranks by the logits (the similarity's ranking without float32 sigmoid saturation); returns them too.
+    ``precision``: scoring under ``scanet.precision.autocast_context`` ("bf16": the layer-2 GEMMs on AMX).
     """
     s = getattr(dataset, split)
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     texts = torch.as_tensor(s.text_matrix(), device=device, dtype=dtype)
     images = torch.as_tensor(s.images, device=device, dtype=dtype)
-    scores = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True).cpu().numpy()
+    with autocast_context(device, precision):
+        logits = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True)
+    scores = logits.cpu().numpy()
     return retrieval_report(scores, s.labels, s.labels), scores

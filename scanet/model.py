@@ -74,7 +74,8 @@ class SCANet(nn.Module):
         return self.head(f_t, f_i)
 
     def forward(self, bow: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(bow, image))
+        logits = self.logits(bow, image)       # bf16 under bf16 autocast: the loss gets float32 similarities
+        return torch.sigmoid(logits.to(reference.statistics_dtype(logits.dtype)))
 
     # -- all pairs --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -106,7 +107,8 @@ class SCANet(nn.Module):
 
 
 def use_fused_scorer(model: SCANet, features: torch.Tensor, scorer: str = "auto") -> bool:
-    """THE rule for scoring pairs: the fused kernel for two co-attention layers, on CUDA float32 ("auto"), or
+    """THE rule for scoring pairs: the fused kernel for two co-attention layers, on CUDA float32, bfloat16 or
+    float16 features ("auto"; low-precision features, i.e. autocast, mean bf16/tf32 GEMM operands), or
     wherever the kernel can run ("fused"); never for "eager"."""
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
@@ -116,7 +118,7 @@ def use_fused_scorer(model: SCANet, features: torch.Tensor, scorer: str = "auto"
         from scanet.fused import kernels_can_run
 
         return kernels_can_run(features.device)
-    return features.is_cuda and features.dtype == torch.float32
+    return features.is_cuda and features.dtype in reference.MIXABLE   # bf16/fp16 (autocast): bf16/tf32 GEMMs
 
 
 @torch.no_grad()

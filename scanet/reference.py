@@ -9,6 +9,14 @@
 The input checks live here too (``check_cheb_inputs``, ``check_coattention_inputs``, ``check_pair_inputs``;
 the Laplacian's own in scanet.laplacian) so that the fused implementations raise exactly the same clear errors
 before any kernel runs.
+
+Precision (``compute_dtype``). float64 must come alone (the oracle's own precision). Otherwise any mix of
+float32, bfloat16 and float16 is accepted, which is what ``torch.autocast`` hands an op (bf16 activations,
+float32 parameters): under autocast the result has the autocast dtype, outside it the promoted dtype of the
+inputs. What stays float32 and why: the Chebyshev recursion (every sparse product and the sum over k; each
+step doubles the previous term's rounding error), the softmax statistics of the attention (max and sum over
+N terms), and all-pairs logits (bf16 would tie rankings). The co-attention GEMM f W^T runs in the compute
+dtype (bf16 on the CPU's AMX under autocast): it is most of the FLOPs and accumulates in float32 anyway.
 """
 from __future__ import annotations
 
@@ -21,11 +29,45 @@ import torch.nn.functional as F
 from scanet.laplacian import Laplacian, check_laplacian  # check_laplacian: public here
 
 ACTIVATIONS = ("relu", "none", None)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Pairs scored at a time at most, whatever chunk_pairs allows: a (4096, 1024) bf16 intermediate is 8 MB, so the
+# dozen elementwise passes of a chunk (relu, softmax, products) run from cache instead of DRAM. Measured on the
+# 2-core machine, 693 x 693 at N = 1024 in bf16: chunks of 4 texts (2.8k pairs) 1.3-1.8 s per 64 texts against
+# 2.4-2.6 s for one chunk of 64 texts (44k pairs).
+CACHE_PAIRS = 4096
+MIXABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------------- checks
 def _fail(msg: str) -> NoReturn:
     raise ValueError(msg)
+
+
+def _check_dtypes(dtypes: dict) -> None:
+    """float64 alone, or any mix of float32 / bfloat16 / float16 (what autocast hands an op)."""
+    values = set(dtypes.values())
+    if not all(d.is_floating_point for d in values) or (len(values) > 1 and not values <= set(MIXABLE)):
+        _fail(f"all inputs must have one floating dtype (or a mix of float32, bfloat16 and float16), got {dtypes}")
+
+
+def compute_dtype(device, *tensors) -> torch.dtype:
+    """The dtype an op computes its GEMMs in and returns: float64 for float64 inputs; else the autocast dtype
+    when autocast is on for ``device``; else the promoted dtype of the (checked) inputs."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    if torch.float64 in dtypes:
+        return torch.float64
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums, softmax statistics and logits: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_cheb_inputs(laplacian_csr: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -58,9 +100,7 @@ def check_cheb_inputs(laplacian_csr: torch.Tensor, x: torch.Tensor, weight: torc
     devices = {n: t.device for n, t in tensors.items()}
     if len(set(devices.values())) > 1:
         _fail(f"all inputs must be on one device, got {devices}")
-    dtypes = {n: t.dtype for n, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        _fail(f"all inputs must have one floating dtype, got {dtypes}")
+    _check_dtypes({n: t.dtype for n, t in tensors.items()})
 
 
 def check_coattention_inputs(f: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -80,9 +120,7 @@ def check_coattention_inputs(f: torch.Tensor, g: torch.Tensor, weight: torch.Ten
     devices = {n: t.device for n, t in tensors.items()}
     if len(set(devices.values())) > 1:
         _fail(f"all inputs must be on one device, got {devices}")
-    dtypes = {n: t.dtype for n, t in tensors.items()}
-    if len(set(dtypes.values())) > 1 or not f.dtype.is_floating_point:
-        _fail(f"all inputs must have one floating dtype, got {dtypes}")
+    _check_dtypes({n: t.dtype for n, t in tensors.items()})
 
 
 # ------------------------------------------------------------------------------------------------- Chebyshev
@@ -121,12 +159,29 @@ def cheb_conv(laplacian_csr: torch.Tensor | Laplacian, x: torch.Tensor, weight: 
 
     laplacian_csr: (V, V) rescaled Laplacian L~ = 2L/lmax - I as a torch sparse CSR tensor.
     x: (B, V, F_in) signals; weight: (K, F_in, F_out); bias: (F_out,) or None; activation: "relu" or None.
-    Returns (B, V, F_out) = act(sum_k T_k(L~) x @ weight[k] + bias). A ``Laplacian`` is used in x's dtype.
+    Returns (B, V, F_out) = act(sum_k T_k(L~) x @ weight[k] + bias). A ``Laplacian`` is used in x's dtype
+    (float32 for bf16/fp16 x).
+
+    Low precision (bf16/fp16 inputs, or any input under ``torch.autocast``): the whole convolution, sparse
+    products, recursion and the sum over k, is computed in float32 with autocast off (the recursion doubles
+    each term's rounding error; torch's CSR kernels have no bf16 anyway), and the result is cast once to
+    ``compute_dtype`` (the autocast dtype under autocast). Gradients come back in each input's dtype.
     """
+    tensors = all(isinstance(t, torch.Tensor) for t in (x, weight)) and (bias is None or isinstance(bias, torch.Tensor))
+    low = tensors and x.dtype != torch.float64 and (
+        torch.is_autocast_enabled(x.device.type) or
+        any(t is not None and t.dtype in LOW_PRECISION for t in (x, weight, bias)))
     if isinstance(laplacian_csr, Laplacian):
-        laplacian_csr = laplacian_csr.csr(x.dtype if isinstance(x, torch.Tensor) else None)
+        laplacian_csr = laplacian_csr.csr(torch.float32 if low else (x.dtype if isinstance(x, torch.Tensor) else None))
     check_cheb_inputs(laplacian_csr, x, weight, bias, activation)   # indices: once per tensor
-    return cheb_conv_from_basis(chebyshev_basis(laplacian_csr, x, weight.shape[0]), weight, bias, activation)
+    if not low:
+        return cheb_conv_from_basis(chebyshev_basis(laplacian_csr, x, weight.shape[0]), weight, bias, activation)
+    out_dtype = compute_dtype(x.device, x, weight, bias)
+    lap32 = laplacian_csr if laplacian_csr.dtype == torch.float32 else laplacian_csr.to(torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        basis = chebyshev_basis(lap32, x.float(), weight.shape[0])
+        y = cheb_conv_from_basis(basis, weight.float(), None if bias is None else bias.float(), activation)
+    return y.to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- co-attention
@@ -136,15 +191,30 @@ def coattention(f, g, weight, bias, *, scale: float = 1.0) -> torch.Tensor:
     f: (M, N) features of the modality that attends; g: (M, N) features of the OTHER modality, which the
     attention re-weights; weight: (N, N); bias: (N,). ``scale`` (default 1, the paper's equations) multiplies
     the output: SCANet uses scale = N so that a uniform attention is the identity (see scanet.model).
+
+    dtypes: see the module docstring. Everything runs in ``compute_dtype`` (bf16 under bf16 autocast: the GEMM
+    on AMX), with the softmax statistics in float32 (see ``_attention``). Under autocast an fp32 weight/bias
+    with bf16 f/g is the normal case, not an error.
     """
     check_coattention_inputs(f, g, weight, bias)
-    out = attention_map(f, weight, bias) * g
+    dtype = compute_dtype(f.device, f, g, weight, bias)
+    out = _attention(f, weight, bias, dtype) * g.to(dtype)
     return out * scale if scale != 1.0 else out
 
 
+def _attention(f, weight, bias, dtype):
+    """softmax(relu(f W^T + b)) in ``dtype``. For bf16/fp16 torch's softmax kernels (CPU and CUDA) keep the
+    row max and the sum of exponentials in float32 and round only the output: the statistics stay float32
+    without a float32 copy of the (M, N) map (measured: max relative error 2^-9, one rounding, at N = 1e5)."""
+    z = F.linear(f.to(dtype), weight.to(dtype), bias.to(dtype))
+    return torch.softmax(F.relu(z), dim=-1)
+
+
 def attention_map(f, weight, bias, scale: float = 1.0) -> torch.Tensor:
-    """softmax(relu(f @ weight.T + bias), dim=-1) * scale, in f's dtype: the map a co-attention step applies."""
-    p = torch.softmax(F.relu(F.linear(f, weight.to(f.dtype), bias.to(f.dtype))), dim=-1)
+    """softmax(relu(f @ weight.T + bias), dim=-1) * scale: the map a co-attention step applies, in
+    ``compute_dtype(f, weight, bias)`` (f's dtype unless mixed or under autocast); softmax statistics float32."""
+    dtype = compute_dtype(f.device, f, weight, bias)
+    p = _attention(f, weight, bias, dtype)
     return p * scale if scale != 1.0 else p
 
 
@@ -206,26 +276,35 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
 
     ``model``: a SCANet (anything with its ``coattention`` and ``head``), in eval mode. By the number of layers L:
     L = 0: (f_t * w) @ f_i.T + b, one GEMM; L = 1: layer 1 is per item, (f_t * a1_T * w) @ (f_i * a1_I).T + b,
-    one GEMM; L >= 2: layers >= 2 per pair, ``chunk_pairs`` pairs at a time, so peak memory is
-    O(output + chunk_pairs * N). a1_t / a1_i: layer-1 attention maps when already known. Computes in the
-    features' dtype.
+    one GEMM; L >= 2: layers >= 2 per pair, at most ``chunk_pairs`` (and at most ``CACHE_PAIRS``) pairs at a
+    time, so peak memory is O(output + chunk_pairs * N). a1_t / a1_i: layer-1 attention maps when already known.
+
+    Precision: computes in ``compute_dtype`` of the features (bf16 under bf16 autocast: the layer-2 GEMMs of
+    every chunk, 2 Nt Ni N^2 FLOPs, are the whole cost and run on the CPU's AMX); softmax statistics and the
+    head's dot product w . (f_T * f_I) are float32, and the logits are float32 for bf16/fp16 features (a
+    bf16 logit has 8 significant bits: near-equal pairs would tie and MAP would move). float64 stays float64.
     """
     if isinstance(chunk_pairs, bool) or not isinstance(chunk_pairs, int) or chunk_pairs < 1:
         _fail(f"chunk_pairs={chunk_pairs!r}: chunk_pairs must be an int >= 1")
     check_pair_inputs(model, f_t, f_i, a1_t, a1_i, text_index, image_index)
     L = model.coattention.num_layers
-    w, b = head_weights(model, f_t.dtype)
+    dtype = compute_dtype(f_t.device, f_t, f_i)
+    out_dtype = statistics_dtype(dtype)                   # the logits: float32 (float64 for float64)
+    f_t, f_i = f_t.to(dtype), f_i.to(dtype)
+    w, b = head_weights(model, out_dtype)
     all_pairs = text_index is None
     Nt, Ni = f_t.shape[0], f_i.shape[0]
     if L >= 1:
-        a1_t = layer1_attention(model, f_t, "text") if a1_t is None else a1_t.to(f_t.dtype)
-        a1_i = layer1_attention(model, f_i, "image") if a1_i is None else a1_i.to(f_t.dtype)
+        a1_t = layer1_attention(model, f_t, "text") if a1_t is None else a1_t
+        a1_i = layer1_attention(model, f_i, "image") if a1_i is None else a1_i
+        a1_t, a1_i = a1_t.to(dtype), a1_i.to(dtype)
     if all_pairs and L <= 1:
-        return (f_t * w) @ f_i.T + b if L == 0 else (f_t * a1_t * w) @ (f_i * a1_i).T + b
+        lhs, rhs = (f_t, f_i) if L == 0 else (f_t * a1_t, f_i * a1_i)
+        with torch.autocast(f_t.device.type, enabled=False):   # one small GEMM (Nt Ni N): in float32
+            return (lhs.to(out_dtype) * w) @ rhs.to(out_dtype).T + b
     if all_pairs:
-        rows = max(1, chunk_pairs // max(Ni, 1))                       # whole rows of texts a chunk
-        out = torch.empty(Nt, Ni, dtype=f_t.dtype, device=f_t.device)
-        cols = torch.arange(Ni, device=f_t.device)
+        rows = max(1, min(chunk_pairs, CACHE_PAIRS) // max(Ni, 1))     # whole rows of texts a chunk
+        out = torch.empty(Nt, Ni, dtype=out_dtype, device=f_t.device)
         starts = range(0, Nt, rows)
         if progress:
             from tqdm import tqdm
@@ -233,13 +312,16 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
             starts = tqdm(starts, desc="scoring", unit="chunk")
         for s in starts:
             e = min(s + rows, Nt)
-            ti = torch.arange(s, e, device=f_t.device).repeat_interleave(Ni)
-            out[s:e] = _pairs(model, f_t, f_i, a1_t, a1_i, ti, cols.repeat(e - s), w, b).reshape(e - s, Ni)
+            # layer 1 applied by broadcasting (text s..e against every image): no gathered copies of f, a1
+            pt = (a1_i.unsqueeze(0) * f_t[s:e].unsqueeze(1)).reshape(-1, f_t.shape[1])
+            pi = (a1_t[s:e].unsqueeze(1) * f_i.unsqueeze(0)).reshape(-1, f_t.shape[1])
+            out[s:e] = _layers_and_head(model, pt, pi, w, b).reshape(e - s, Ni)
         return out
     P = text_index.numel()
-    out = torch.empty(P, dtype=f_t.dtype, device=f_t.device)
-    for s in range(0, P, max(1, chunk_pairs)):
-        e = min(s + chunk_pairs, P)
+    out = torch.empty(P, dtype=out_dtype, device=f_t.device)
+    step = max(1, min(chunk_pairs, CACHE_PAIRS))
+    for s in range(0, P, step):
+        e = min(s + step, P)
         out[s:e] = _pairs(model, f_t, f_i, a1_t, a1_i, text_index[s:e], image_index[s:e], w, b)
     return out
 
@@ -247,9 +329,27 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
 def _pairs(model, f_t, f_i, a1_t, a1_i, ti, ii, w, b):
     ti, ii = ti.to(f_t.device).long(), ii.to(f_t.device).long()
     if model.coattention.num_layers == 0:
-        return (f_t[ti] * f_i[ii]) @ w + b
-    pt = a1_i[ii] * f_t[ti]                  # f_T after layer 1
-    pi = a1_t[ti] * f_i[ii]                  # f_I after layer 1
-    for k in range(1, model.coattention.num_layers):
-        pt, pi = model.coattention.layer(k, pt, pi)
-    return (pt * pi) @ w + b
+        pt, pi = f_t[ti], f_i[ii]
+    else:
+        pt = a1_i[ii] * f_t[ti]                  # f_T after layer 1
+        pi = a1_t[ti] * f_i[ii]                  # f_I after layer 1
+    return _layers_and_head(model, pt, pi, w, b)
+
+
+def _layers_and_head(model, pt, pi, w, b):
+    """Co-attention layers >= 2 on per-pair features, then the head. The last layer runs unscaled and its
+    scale, squared (it multiplies both factors of f_T * f_I), is folded into the head's weight: one pass over
+    the (P, N) features fewer each way. The logit's dot product is in w's dtype (float32 for bf16 features:
+    the product f_T * f_I is written in float32 directly, and the sum over N is float32)."""
+    coatt = model.coattention
+    L = coatt.num_layers
+    for k in range(1, L - 1):
+        pt, pi = coatt.layer(k, pt, pi)
+    if L >= 2:
+        k, dtype = L - 1, compute_dtype(pt.device, pt, pi)
+        pt, pi = (_attention(pi, coatt.image_fc[k].weight, coatt.image_fc[k].bias, dtype) * pt,    # p_I * f_T
+                  _attention(pt, coatt.text_fc[k].weight, coatt.text_fc[k].bias, dtype) * pi)     # p_T * f_I
+        w = w * (coatt.scale * coatt.scale)
+    with torch.autocast(pt.device.type, enabled=False):
+        prod = torch.empty(pt.shape, dtype=w.dtype, device=pt.device)
+        return torch.mul(pt, pi, out=prod) @ w + b

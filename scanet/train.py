@@ -39,6 +39,7 @@ from scanet.evaluate import evaluate_model, evaluate_protocols, model_scorer, re
 from scanet.loss import distributed_scanet_loss, scanet_loss
 from scanet.pairs import make_pairs
 from scanet.plots import plot_pr_curves, plot_training_curve
+from scanet.precision import autocast_context
 from scanet.run_folder import claim as claim_run_folder, config_differences
 
 
@@ -148,7 +149,8 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     n_pairs = len(target)
 
     def step_fn(idx, zero_grad=True):
-        sim = step_model(texts[ti[idx]], images[ii[idx]])
+        with autocast_context(device, tc.precision):           # the forward only: sim (and the loss) float32
+            sim = step_model(texts[ti[idx]], images[ii[idx]])
         loss, _ = batch_loss(sim, target[idx], tc.margin, tc.lam)
         if zero_grad:
             opt.zero_grad(set_to_none=True)
@@ -198,7 +200,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
             continue
         if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or last:
             t1 = time.perf_counter()
-            report, _ = evaluate_model(model, dataset, "test", tc.score_chunk)
+            report, _ = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
             row.update(text2image_map=report["text2image"]["map"], image2text_map=report["image2text"]["map"],
                        mean_map=report["mean_map"], eval_seconds=time.perf_counter() - t1)
         improved = False
@@ -243,8 +245,8 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         selected_epoch = best["epoch"]
         report = None
     if report is None or selected_epoch != history[-1]["epoch"]:
-        report, _ = evaluate_model(model, dataset, "test", tc.score_chunk)
-    protocols = evaluate_protocols(model_scorer(model, tc.score_chunk), dataset, "both")
+        report, _ = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
+    protocols = evaluate_protocols(model_scorer(model, tc.score_chunk, precision=tc.precision), dataset, "both")
     report = {**report, "selected_epoch": selected_epoch,
               "selected_by": "validation MAP" if val is not None else "last epoch (no validation split)",
               "protocols": protocols}

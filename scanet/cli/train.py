@@ -7,6 +7,7 @@ from pathlib import Path
 
 from scanet.cli._common import dataset_options, load_dataset, load_trained, module_options, use_fused
 from scanet.config import TrainConfig, arg_type
+from scanet.precision import PRECISIONS
 
 
 def _baseline_scorers(dataset, root) -> dict:
@@ -78,9 +79,12 @@ def _train_run(args) -> None:
     from scanet import distributed as sd
     from scanet.config import apply_overrides, get_preset
     from scanet.io import check_writable
+    from scanet.precision import check_precision
     from scanet.train import train
 
-    preset = apply_overrides(get_preset(args.preset or ("wiki" if args.root else "synthetic")), args.set or [])
+    overrides = (args.set or []) + ([f"precision={args.precision}"] if args.precision else [])
+    preset = apply_overrides(get_preset(args.preset or ("wiki" if args.root else "synthetic")), overrides)
+    check_precision(preset.train.precision)
     sd.init_from_env(args.device)         # torchrun: join the group (train() finds it joined)
     out = check_writable(args.out or Path("runs") / preset.name, "run folder")    # before preparing data
     if not sd.is_main():
@@ -91,7 +95,8 @@ def _train_run(args) -> None:
     t0 = time.perf_counter()
     fused = use_fused(args)
     if sd.is_main():
-        print(f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}")
+        print(f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}, "
+              f"precision {preset.train.precision}")
     result = train(preset, dataset, out, device=args.device, fused=fused, resume=args.resume,
                    compile=args.compile, cuda_graphs=args.cuda_graphs, force=args.force)
     wall = time.perf_counter() - t0
@@ -103,7 +108,7 @@ def _train_run(args) -> None:
     _write_results(out, reports, {"dataset": dataset.name, "preset": preset.name, "epochs": preset.train.epochs,
                                   "selected_epoch": result["selected_epoch"],
                                   "selected_by": result["report"]["selected_by"],
-                                  "train_wall_seconds": wall,
+                                  "precision": preset.train.precision, "train_wall_seconds": wall,
                                   "seconds_per_epoch": [h["epoch_seconds"] for h in result["history"]]})
 
 
@@ -123,13 +128,14 @@ def cmd_evaluate(args) -> None:
         raise ValueError(f"{targets[0]} already exists (an earlier evaluation); --force overwrites it, or choose "
                          "another --out")
     model, state, dataset = load_trained(args, fused=use_fused(args))
-    report, _ = evaluate_model(model, dataset, "test", args.chunk_size, progress=True)
-    report["protocols"] = evaluate_protocols(model_scorer(model, args.chunk_size), dataset, args.protocol)
+    report, _ = evaluate_model(model, dataset, "test", args.chunk_size, progress=True, precision=args.precision)
+    report["protocols"] = evaluate_protocols(model_scorer(model, args.chunk_size, precision=args.precision), dataset,
+                                             args.protocol)
     reports = {"SCANet": report}
     if args.baseline:
         reports.update(_baseline_rows(dataset, args.root, args.protocol))
     _write_results(out, reports, {"dataset": dataset.name, "checkpoint": str(args.checkpoint),
-                                  "epoch": state["epoch"]}, stem=EVALUATE_STEM)
+                                  "epoch": state["epoch"], "precision": args.precision}, stem=EVALUATE_STEM)
 
 
 def add_commands(sub) -> None:
@@ -146,6 +152,9 @@ def add_commands(sub) -> None:
     p.add_argument("--compile", action="store_true", help="run the training step under torch.compile")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the whole training step in a CUDA graph (CUDA only; drops each epoch's partial batch)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="forward passes under torch.autocast in bf16/fp16 (sets train.precision; default: the "
+                        "preset's, fp32); parameters, optimizer state, softmax statistics and the loss stay fp32")
     p.add_argument("--no-baseline", action="store_true", help="skip the CCA baseline")
     p.set_defaults(func=cmd_train)
 
@@ -156,7 +165,10 @@ def add_commands(sub) -> None:
                                  "checkpoint's; the training run's results.json is never touched)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier evaluation's files")
     module_options(p, "fused modules (default: auto, as for train)", "eager modules")
-    p.add_argument("--chunk-size", type=arg_type(TrainConfig, "score_chunk", "--chunk-size"), default=64, help="texts scored at a time (bounds memory)")
+    p.add_argument("--chunk-size", type=arg_type(TrainConfig, "score_chunk", "--chunk-size"), default=64,
+                   help="texts scored at a time (bounds memory)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="score under torch.autocast in bf16/fp16 (the logits stay fp32; default fp32)")
     p.add_argument("--baseline", action="store_true", help="also run the CCA baseline")
     p.add_argument("--protocol", choices=("standard", "paper", "both"), default="both",
                    help="standard: test queries vs test candidates, MAP@all (+MAP@50); paper: test queries vs "

@@ -11,6 +11,17 @@ dispatches on the device of x:
 The result has shape (B, V, F_out) and is a view of a (V, B, F_out) buffer (the kernels' layout): feeding it
 to another ChebConv costs no transpose. No gradient flows to the Laplacian; it is a constant.
 
+Precision (torch.autocast, bf16/fp16 x). The recursion and its sums stay float32 everywhere (each Chebyshev
+step doubles the previous term's rounding error): on CPU the native op takes bf16/fp16 x and fp32 weights
+as they come and returns the autocast dtype (its AutocastCPU kernel, see scanet.native); the Triton kernels
+(float32/float64 only) get x, weight and bias cast to float32 and their result is cast to the compute dtype;
+the eager fallback computes in float32 likewise (scanet.reference.cheb_conv). The Laplacian's values stay
+float32 for low-precision x (never rounded to bf16).
+
+Dropout (``dropout_p``, ``training``): on the native path it is applied in the op's epilogue (a
+counter-based mask regenerated in backward, seeded from torch's default generator: reproducible by seed);
+elsewhere ``F.dropout`` on the result, the same distribution. ``fuses_dropout(x)`` says which.
+
 ``laplacian`` is a ``scanet.laplacian.Laplacian`` (what SCANet owns: checked once when built, its symmetry
 known, its transpose kept when it is not symmetric) or a raw torch sparse CSR tensor, which is turned into a
 Laplacian on every call (the full index check, which synchronizes, and an O(nnz) transpose): pass the object
@@ -19,6 +30,7 @@ when calling in a loop. There is no process-global cache.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from scanet import reference
 from scanet.fused._dispatch import interpreted_kernels, interpreter_on
@@ -35,45 +47,90 @@ def _native_module():
 
 
 def _triton_cheb_conv(kernels, lap: Laplacian, x, weight, bias, activation, **tiles):
-    if x.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"the fused (Triton) cheb_conv takes float32 or float64 tensors, got {x.dtype}")
-    V = lap.size
-    op = kernels.CSR(lap.crow, lap.col, lap.values.to(x.dtype), V)
-    op_t = op if lap.symmetric else kernels.CSR(*lap.transpose(x.dtype), V)
-    return kernels.cheb_conv(op, x, weight, bias, activation, op_t=op_t, **tiles)
+    # The kernels compute in float32 or float64: low-precision / autocast inputs are widened here and the
+    # result narrowed once to the compute dtype (the recursion stays float32, see the module docstring).
+    dtype = reference.compute_dtype(x.device, x, weight, bias)
+    acc = reference.statistics_dtype(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        x, weight = x.to(acc), weight.to(acc)
+        bias = None if bias is None else bias.to(acc)
+        V = lap.size
+        op = kernels.CSR(lap.crow, lap.col, lap.values.to(acc), V)
+        op_t = op if lap.symmetric else kernels.CSR(*lap.transpose(acc), V)
+        y = kernels.cheb_conv(op, x, weight, bias, activation, op_t=op_t, **tiles)
+    return y if y.dtype == dtype else y.to(dtype)
 
 
-def cheb_conv(laplacian, x, weight, bias=None, activation="relu", **tiles) -> torch.Tensor:
-    """One Chebyshev graph convolution act(sum_k T_k(L~) x W_k + b); see ``scanet.reference.cheb_conv``.
+def _low(x, weight, bias) -> bool:
+    return x.dtype != torch.float64 and (torch.is_autocast_enabled(x.device.type) or any(
+        t is not None and t.dtype in reference.LOW_PRECISION for t in (x, weight, bias)))
+
+
+def fuses_dropout(x: torch.Tensor) -> bool:
+    """True when ``cheb_conv`` on x runs the native op, which applies dropout in its epilogue."""
+    return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and not interpreter_on()
+            and x.numel() > 0 and _native_module() is not None)
+
+
+def cheb_conv(laplacian, x, weight, bias=None, activation="relu", *, dropout_p: float = 0.0,
+              training: bool = True, out_dtype: torch.dtype | None = None, **tiles) -> torch.Tensor:
+    """One Chebyshev graph convolution dropout(act(sum_k T_k(L~) x W_k + b)); see ``scanet.reference.cheb_conv``.
 
     laplacian: (V, V) ``Laplacian`` or torch sparse CSR; x: (B, V, F_in); weight: (K, F_in, F_out); bias:
-    (F_out,) or None; activation: "relu" or None. ``tiles`` (block_rows=, block_batch=) override the kernels'
-    tile heuristic on the Triton path (tests use it to run many programs on tiny inputs).
+    (F_out,) or None; activation: "relu" or None. dropout_p, training: dropout on the result (fused into the
+    native epilogue on CPU). ``out_dtype``: the result's dtype (default: ``reference.compute_dtype``); under
+    autocast, float32 keeps a hidden layer's output float32 (the next layer reads it in place, and its dx is
+    not narrowed to bf16). ``tiles`` (block_rows=, block_batch=) override the kernels' tile heuristic on the
+    Triton path (tests use it to run many programs on tiny inputs).
     """
     given = laplacian
-    csr = laplacian.csr(x.dtype if isinstance(x, torch.Tensor) else None) if isinstance(laplacian, Laplacian) \
-        else laplacian
+    if isinstance(laplacian, Laplacian):
+        low = isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and _low(x, weight, bias)
+        csr = laplacian.csr(torch.float32 if low else (x.dtype if isinstance(x, torch.Tensor) else None))
+    else:
+        csr = laplacian
     reference.check_cheb_inputs(csr, x, weight, bias, activation)   # indices: once per tensor
     if not isinstance(given, Laplacian) and csr.requires_grad:
         raise ValueError("the fused cheb_conv treats the Laplacian as a constant, but laplacian_csr requires "
                          "grad; use scanet.reference.cheb_conv for gradients with respect to the Laplacian")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     lap = Laplacian.of(given)                   # a raw CSR: checked (indices, symmetry) once per tensor
+    if fuses_dropout(x) and weight.shape[2] > 0:
+        return _native_module().cheb_conv(csr, x, weight, bias, activation, symmetric=lap.symmetric,
+                                          dropout_p=dropout_p, training=training, out_dtype=out_dtype)
     if x.numel() == 0 or weight.shape[2] == 0:
-        return reference.cheb_conv(csr, x, weight, bias, activation)
-    if x.device.type == "cuda":
+        y = reference.cheb_conv(csr, x, weight, bias, activation)
+    elif x.device.type == "cuda":
         from scanet.kernels import cheb as kernels
 
-        return _triton_cheb_conv(kernels, lap, x, weight, bias, activation, **tiles)
-    if x.device.type == "cpu":
-        if interpreter_on():
-            return _triton_cheb_conv(interpreted_kernels("cheb"), lap, x, weight, bias, activation, **tiles)
-        native = _native_module()
-        if native is not None and x.dtype in (torch.float32, torch.float64):
-            return native.cheb_conv(csr, x, weight, bias, activation)
-    return reference.cheb_conv(csr, x, weight, bias, activation)
+        y = _triton_cheb_conv(kernels, lap, x, weight, bias, activation, **tiles)
+    elif x.device.type == "cpu" and interpreter_on():
+        y = _triton_cheb_conv(interpreted_kernels("cheb"), lap, x, weight, bias, activation, **tiles)
+    else:
+        y = reference.cheb_conv(csr, x, weight, bias, activation)
+    if out_dtype is not None and y.dtype != out_dtype:
+        y = y.to(out_dtype)
+    return F.dropout(y, dropout_p, training) if dropout_p > 0.0 else y
 
 
 class ChebConv(_EagerChebConv):
-    """Drop-in for ``scanet.layers.ChebConv`` (same constructor, parameters and state_dict) over ``cheb_conv``."""
+    """Drop-in for ``scanet.layers.ChebConv`` (same constructor, parameters and state_dict) over ``cheb_conv``.
+
+    ``forward(x, laplacian, dropout_p=0.0, training=True, out_dtype=None)``: the dropout after this layer, in
+    the native epilogue where ``fuses_dropout(x)`` (scanet.layers.TextEncoder asks before handing it over),
+    and the output dtype (TextEncoder keeps hidden layers float32 under autocast).
+    """
 
     op = staticmethod(cheb_conv)
+
+    @staticmethod
+    def fuses_dropout(x: torch.Tensor) -> bool:
+        return fuses_dropout(x)
+
+    def forward(self, x: torch.Tensor, laplacian, dropout_p: float = 0.0, training: bool = True,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if dropout_p == 0.0 and out_dtype is None:
+            return type(self).op(laplacian, x, self.weight, self.bias, self.activation)
+        return type(self).op(laplacian, x, self.weight, self.bias, self.activation, dropout_p=dropout_p,
+                             training=training, out_dtype=out_dtype)

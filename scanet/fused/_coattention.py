@@ -15,6 +15,14 @@ torch.compile (fullgraph=True included) keeps the op in its graph instead of bre
 rather than triton_op so that the same code works on torch 2.11 and 2.13 and under the CPU interpreter; the
 op is opaque to Inductor, which has nothing to fuse into it anyway (the GEMM epilogue is already fused).
 
+Autocast. The kernels take float32 tensors; under ``torch.autocast`` (or with bf16/fp16 f, g) the public op
+casts f, g, weight and bias to float32, asks the kernels for bf16 GEMM operands (``kernel_precision``: bf16
+for a bf16 compute dtype, tf32 for fp16, whose 10-bit mantissa tf32 keeps; an explicit "tf32"/"bf16" stays),
+and casts the result once to the compute dtype. Softmax statistics, accumulation and the saved tensors stay
+float32 (a sum over N = 1024 exponentials in bf16 keeps ~8 bits). The custom op itself is registered with
+``torch.library.register_autocast`` to run in float32 on CUDA and CPU, so a caller that reaches it under
+autocast (torch.compile's graph included) gets the same policy instead of autocast's default of ignoring it.
+
 ``precision`` ("fp32" default, "tf32", "bf16") chooses the GEMMs' operand precision on CUDA; accumulation and
 every output stay fp32. The errors against the float64 reference are documented in scanet.kernels.coattention
 (fp32 measured on CPU: at most 1.1e-6 of max |out| for out, 1.3e-6 for the gradients; tf32 ~1e-3 and
@@ -81,32 +89,58 @@ def _backward(ctx, dout, _grad_a, _grad_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+for _device_type in ("cuda", "cpu"):
+    torch.library.register_autocast("scanet::coattention_forward", _device_type, torch.float32)
+    torch.library.register_autocast("scanet::coattention_backward", _device_type, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- public op
 def uses_kernels(f: torch.Tensor) -> bool:
-    """True when ``coattention`` on tensors like ``f`` runs the Triton kernels (else the eager reference)."""
-    if f.dtype != torch.float32 or f.numel() == 0:
+    """True when ``coattention`` on tensors like ``f`` runs the Triton kernels (else the eager reference):
+    float32, bfloat16 or float16 (the last two, and autocast, through float32 with low-precision GEMMs)."""
+    if f.dtype not in reference.MIXABLE or f.numel() == 0:
         return False
     return kernels_can_run(f.device)
+
+
+def kernel_precision(dtype: torch.dtype, precision: str = "fp32") -> str:
+    """The kernels' GEMM operand precision for a compute dtype: an explicit "tf32"/"bf16"/"fp16" is kept; "fp32"
+    becomes "bf16" for bfloat16 and "fp16" for float16 (fp16 operands, fp32 accumulation)."""
+    _check_precision(precision)
+    if precision != "fp32":
+        return precision
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str | None = None) -> torch.Tensor:
     """softmax(relu(f @ weight.T + bias), dim=-1) * g * scale, fused (see the module docstring).
 
-    f, g: (M, N); weight: (N, N); bias: (N,); one device and one floating dtype. Differentiable in all four.
-    precision: None picks the device's default (``scanet.fused.default_precision``: tf32 on sm_80+, else fp32);
-    tf32/bf16/fp16 on a GPU without those tensor cores (V100) raise a ValueError.
+    f, g: (M, N); weight: (N, N); bias: (N,); one device; float64 alone or any mix of float32/bf16/fp16 (the
+    result has ``reference.compute_dtype``: the autocast dtype under autocast). Differentiable in all four.
+    precision: None picks the device's default (``scanet.fused.default_precision``: tf32 on sm_80+, else fp32),
+    or under autocast the autocast dtype's; an explicit tf32/bf16/fp16 on a GPU without those tensor cores
+    (V100) raises a ValueError.
     """
     reference.check_coattention_inputs(f, g, weight, bias)
+    explicit = precision is not None
     if precision is None:
         precision = default_precision(f.device)
     _check_precision(precision, f.device)
     if not uses_kernels(f):
         return reference.coattention(f, g, weight, bias, scale=scale)
+    dtype = reference.compute_dtype(f.device, f, g, weight, bias)
+    if dtype != torch.float32 or any(t.dtype != torch.float32 for t in (g, weight, bias)):
+        # Autocast or low-precision inputs: float32 tensors, low-precision GEMM operands, one cast at the end.
+        precision = kernel_precision(dtype, precision if explicit else "fp32")
+        try:
+            _check_precision(precision, f.device)
+        except ValueError:          # autocast asked for operands this GPU's tensor cores lack (V100): fp32
+            precision = "fp32"
+        f, g, weight, bias = (t.float() for t in (f, g, weight, bias))
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (f, g, weight, bias))
-    out, _, _ = _forward_op(f, g, weight, bias, float(scale), precision, save)
-    return out
+    with torch.autocast(f.device.type, enabled=False):
+        out, _, _ = _forward_op(f, g, weight, bias, float(scale), precision, save)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------- module

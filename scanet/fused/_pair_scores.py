@@ -40,7 +40,8 @@ def pair_scores(model, f_t: torch.Tensor, f_i: torch.Tensor, *, a1_t=None, a1_i=
     ``model``: a SCANet (or anything with its ``coattention`` and ``head``). a1_t / a1_i: layer-1 attention
     maps when already known (a search index stores them), else computed here. ``precision``: "fp32" (default),
     "tf32" or "bf16" GEMM inputs on CUDA (see scanet.kernels.pair_scores; the interpreter always computes fp32).
-    The kernel computes in float32; the result has the features' dtype. ``layout="list"`` scores all pairs
+    The kernel computes in float32 (its GEMM operands in ``scoring_precision``: bf16 for bf16 features or
+    under bf16 autocast); the logits are float32 (float64 for float64 features). ``layout="list"`` scores all pairs
     through the kernel's pair-list path; ``block_sizes`` overrides the tile heuristic (tests). Where the
     kernel cannot run (CPU without TRITON_INTERPRET=1) the oracle ``reference.pair_logits`` answers, unless
     ``strict=True``, which raises a ValueError instead.
@@ -72,8 +73,19 @@ def _pair_scores(model, f_t, f_i, a1_t, a1_i, text_index, image_index, precision
     a1_i = layer1_attention(model, f_i, "image") if a1_i is None else a1_i
     coatt = model.coattention
     w, b = head_weights(model, torch.float32)
-    out = pair_scores_layer2(
-        f_t, f_i, a1_t, a1_i, coatt.text_fc[1].weight, coatt.text_fc[1].bias, coatt.image_fc[1].weight,
-        coatt.image_fc[1].bias, w, b, coatt.scale, text_index=text_index, image_index=image_index,
-        precision=precision, layout=layout, block_sizes=block_sizes)
-    return out.to(f_t.dtype)
+    dtype = reference.compute_dtype(f_t.device, f_t, f_i)
+    with torch.autocast(f_t.device.type, enabled=False):     # the kernel reads float32 and casts itself
+        out = pair_scores_layer2(
+            f_t, f_i, a1_t, a1_i, coatt.text_fc[1].weight, coatt.text_fc[1].bias, coatt.image_fc[1].weight,
+            coatt.image_fc[1].bias, w, b, coatt.scale, text_index=text_index, image_index=image_index,
+            precision=scoring_precision(dtype, precision), layout=layout, block_sizes=block_sizes)
+    return out.to(reference.statistics_dtype(dtype))   # float32 logits for bf16/fp16: bf16 would tie rankings
+
+
+def scoring_precision(dtype: torch.dtype, precision: str = "fp32") -> str:
+    """The kernel's GEMM operand precision: an explicit "tf32"/"bf16" is kept; "fp32" becomes "bf16" for a
+    bfloat16 compute dtype (bf16 features or bf16 autocast) and "tf32" for float16 (the kernel has no fp16)."""
+    check_precision(precision)
+    if precision != "fp32":
+        return precision
+    return {torch.bfloat16: "bf16", torch.float16: "tf32"}.get(dtype, "fp32")
