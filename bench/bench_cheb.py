@@ -35,6 +35,7 @@ nothing is cached. The HBM-bound time is bytes / 4.3 TB/s on an H200; the L2 (60
 to V*B ~ 15M, which is why rows at large V*B sit between the two models.
 FLOP model: fwd 4 nnz N + 10 V N (two SpMMs, the recursion, three fmas, bias, ReLU); bwd 4 nnz N + 16 V N.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -83,8 +84,8 @@ def byte_model(V: int, nnz: int, N: int, mode: str, idx_bytes: int = 8) -> tuple
     C = (V + 1) * idx_bytes + nnz * (idx_bytes + 4)
     S = V * N * 4
     regather = (nnz - V) * N * 4
-    fwd = (2 * C + 5 * S, 2 * regather)            # gathers: x, T1
-    bwd = (2 * C + 8 * S, 3 * regather)            # gathers: dy and y (masked dz), U1
+    fwd = (2 * C + 5 * S, 2 * regather)  # gathers: x, T1
+    bwd = (2 * C + 8 * S, 3 * regather)  # gathers: dy and y (masked dz), U1
     parts = {"fwd": [fwd], "bwd": [bwd], "fwd+bwd": [fwd, bwd]}[mode]
     compulsory = sum(p[0] for p in parts)
     return compulsory, compulsory + sum(p[1] for p in parts)
@@ -99,9 +100,11 @@ def flop_model(V: int, nnz: int, N: int, mode: str) -> int:
 def _torch_runner(op, L, x, w, b, dy, mode):
     """fn() for a torch op with the reference signature."""
     if mode == "fwd":
+
         def fwd():
             with torch.no_grad():
                 return op(L, x, w, b, "relu")
+
         return fwd
     xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, w, b))
 
@@ -109,15 +112,18 @@ def _torch_runner(op, L, x, w, b, dy, mode):
         xg.grad = wg.grad = bg.grad = None
 
     if mode == "fwd+bwd":
+
         def fwd_bwd():
             op(L, xg, wg, bg, "relu").backward(dy)
             clear()
+
         return fwd_bwd
     y = op(L, xg, wg, bg, "relu")
 
     def bwd():
         y.backward(dy, retain_graph=True)
         clear()
+
     return bwd
 
 
@@ -165,8 +171,9 @@ def _make_runner(provider, V, B, mode, device):
             op = reference.cheb_conv
         elif provider == "fused":
             if device.type != "cuda":
-                pytest.skip("fused: the Triton kernels are benchmarked on CUDA only (the interpreter is not a "
-                            "benchmark)")
+                pytest.skip(
+                    "fused: the Triton kernels are benchmarked on CUDA only (the interpreter is not a benchmark)"
+                )
             from scanet.fused import cheb_conv as op
         else:
             try:
@@ -202,8 +209,9 @@ def _make_runner(provider, V, B, mode, device):
     if provider == "pyg":
         pyg_nn = pytest.importorskip("torch_geometric.nn", reason="pyg: torch_geometric is not installed")
         if B * A.nnz > PYG_MAX_MESSAGES:
-            pytest.skip(f"pyg: B*nnz = {B * A.nnz:.1e} messages (> {PYG_MAX_MESSAGES:.0e}) is too slow for the "
-                        "time budget")
+            pytest.skip(
+                f"pyg: B*nnz = {B * A.nnz:.1e} messages (> {PYG_MAX_MESSAGES:.0e}) is too slow for the time budget"
+            )
         coo = A.tocoo()
         edge_index = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64)).to(device)
         edge_weight = torch.from_numpy(coo.data.astype(np.float32)).to(device)
@@ -214,9 +222,11 @@ def _make_runner(provider, V, B, mode, device):
             return torch.relu(conv(x_, edge_index, edge_weight, lambda_max=2.0))
 
         if mode == "fwd":
+
             def fwd():
                 with torch.no_grad():
                     return op(None, xd, None, None, "relu")
+
             return fwd
         xg = xd.clone().requires_grad_()
 
@@ -225,15 +235,18 @@ def _make_runner(provider, V, B, mode, device):
             conv.zero_grad(set_to_none=True)
 
         if mode == "fwd+bwd":
+
             def fwd_bwd():
                 op(None, xg, None, None, "relu").backward(dyd)
                 clear()
+
             return fwd_bwd
         y = op(None, xg, None, None, "relu")
 
         def bwd():
             y.backward(dyd, retain_graph=True)
             clear()
+
         return bwd
     raise AssertionError(provider)
 
@@ -244,5 +257,15 @@ def test_cheb_conv(benchmark, measure, bench_device, provider, mode, V, B):
     fn = _make_runner(provider, V, B, mode, bench_device)
     nnz = graph_and_laplacian(V)[1].nnz
     compulsory, no_reuse = byte_model(V, nnz, B, mode)
-    measure(benchmark, fn, op=OP, case=f"V={V} B={B} {mode}", provider=provider, device=bench_device,
-            bytes=compulsory, flops=flop_model(V, nnz, B, mode), bytes_no_reuse=no_reuse, nnz=nnz)
+    measure(
+        benchmark,
+        fn,
+        op=OP,
+        case=f"V={V} B={B} {mode}",
+        provider=provider,
+        device=bench_device,
+        bytes=compulsory,
+        flops=flop_model(V, nnz, B, mode),
+        bytes_no_reuse=no_reuse,
+        nnz=nnz,
+    )

@@ -28,6 +28,7 @@ graph, 128-d image features, dropout 0.2, Adam with the paper's lr and weight de
 vs torch.compile vs fused (SCANet(fused=True), CUDA only). Each row records projected_80_epochs_s =
 80 epochs x 80,000 pairs / 256 pairs a step x the median step time.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -52,20 +53,20 @@ def flops_model(M: int, N: int, mode: str) -> int:
 
 
 def bytes_model(M: int, N: int, mode: str) -> int:
-    elems = {"fwd": 3 * M * N + N * N + N,
-             "bwd": 6 * M * N + 2 * N * N + N,
-             "fwd+bwd": 10 * M * N + 3 * N * N + 2 * N}[mode]
+    elems = {"fwd": 3 * M * N + N * N + N, "bwd": 6 * M * N + 2 * N * N + N, "fwd+bwd": 10 * M * N + 3 * N * N + 2 * N}[
+        mode
+    ]
     return 4 * elems
 
 
 def _inputs(M, N, device, seed=0):
-    gen = torch.Generator(device=device).manual_seed(seed)     # generated in place: M = 65536 is 1 GB a tensor
+    gen = torch.Generator(device=device).manual_seed(seed)  # generated in place: M = 65536 is 1 GB a tensor
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device)
 
     f, g = randn(M, N), randn(M, N)
-    weight = randn(N, N) / N ** 0.5
+    weight = randn(N, N) / N**0.5
     bias = 0.1 * randn(N)
     dout = randn(M, N)
     return [t.requires_grad_() for t in (f, g, weight, bias)], dout
@@ -102,6 +103,7 @@ def _step_fn(provider, M, N, mode, leaves, dout):
         op = _compiled_reference(M, N)
     else:
         import scanet.fused as fused
+
         precision = {"fused-tf32": "tf32", "fused-bf16": "bf16"}.get(provider, "fp32")
 
         def op(*args, scale):
@@ -129,11 +131,20 @@ def test_coattention(benchmark, measure, bench_device, full_sweep, monkeypatch, 
         if mode == "fwd":
             pytest.skip("fused-tlgemm differs from fused in the backward GEMMs only")
         from scanet.kernels import coattention as kernels
+
         monkeypatch.setattr(kernels, "BACKWARD_GEMM", "triton")
     leaves, dout = _inputs(M, N, bench_device)
     fn = _step_fn(provider, M, N, mode, leaves, dout)
-    measure(benchmark, fn, op="coattention", case=f"M={M} N={N} {mode}", provider=provider,
-            device=bench_device, bytes=bytes_model(M, N, mode), flops=flops_model(M, N, mode))
+    measure(
+        benchmark,
+        fn,
+        op="coattention",
+        case=f"M={M} N={N} {mode}",
+        provider=provider,
+        device=bench_device,
+        bytes=bytes_model(M, N, mode),
+        flops=flops_model(M, N, mode),
+    )
 
 
 # ----------------------------------------------------------------------------------------- training step
@@ -150,6 +161,7 @@ def test_train_step(benchmark, measure, bench_device, provider):
         if bench_device.type != "cuda":
             pytest.skip("the fused model is timed on CUDA only (on CPU its kernels run in the interpreter)")
         import scanet.fused as fused
+
         if not hasattr(fused, "ChebConv"):
             pytest.skip("SCANet(fused=True) needs scanet.fused.ChebConv")
 
@@ -161,7 +173,7 @@ def test_train_step(benchmark, measure, bench_device, provider):
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=preset.train.lr, weight_decay=preset.train.weight_decay)
     gen = torch.Generator().manual_seed(1)
-    bow = (torch.rand(B, V, generator=gen) < 0.01).float().to(bench_device)   # ~100 distinct words a text
+    bow = (torch.rand(B, V, generator=gen) < 0.01).float().to(bench_device)  # ~100 distinct words a text
     image = torch.randn(B, D, generator=gen).to(bench_device)
     target = (torch.rand(B, generator=gen) < 0.5).float().to(bench_device)
     forward = torch.compile(net) if provider == "compile" else net
@@ -175,9 +187,18 @@ def test_train_step(benchmark, measure, bench_device, provider):
 
     steps_80_epochs = WIKI_EPOCHS * WIKI_PAIRS_PER_EPOCH / B
     case = f"wiki B={B} N={preset.model.common_dim} V={V} k={preset.knn} D={D}"
-    median = measure(benchmark, step, op="train_step", case=case, provider=provider, device=bench_device,
-                     steps_80_epochs=steps_80_epochs,
-                     derived={"projected_80_epochs_s": lambda m: steps_80_epochs * m})
+    median = measure(
+        benchmark,
+        step,
+        op="train_step",
+        case=case,
+        provider=provider,
+        device=bench_device,
+        steps_80_epochs=steps_80_epochs,
+        derived={"projected_80_epochs_s": lambda m: steps_80_epochs * m},
+    )
     projected = steps_80_epochs * median
-    print(f"\ntrain_step {provider}: {median * 1e3:.1f} ms a step -> 80 epochs ~ {projected / 3600:.2f} h "
-          f"({steps_80_epochs:.0f} steps)")
+    print(
+        f"\ntrain_step {provider}: {median * 1e3:.1f} ms a step -> 80 epochs ~ {projected / 3600:.2f} h "
+        f"({steps_80_epochs:.0f} steps)"
+    )

@@ -46,6 +46,7 @@ Providers:
 Models. FLOPs: an SpMM is 2 nnz N (N = B*F signals); a GEMM 2 m n k; fwd+bwd of a linear layer 3 GEMMs.
 Bytes (GCN rows only): per SpMM the gathered neighbour rows nnz*N*4 plus one read and one write of V*N*4.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,12 +63,13 @@ V_WIKI = 10_055
 K = 3
 N_COMMON = 1024
 IMAGE_DIM = 4096
-N_TEXTS = 2_866            # texts in Eng-Wiki: the size of the cache a batch is gathered from
+N_TEXTS = 2_866  # texts in Eng-Wiki: the size of the cache a batch is gathered from
 PAIRS_PER_EPOCH = 80_000
 BATCHES = (64, 256, 1024)
 
-needs_native = pytest.mark.skipif(not native.available(),
-                                  reason=f"native extension unavailable: {native.unavailable_reason()}")
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native extension unavailable: {native.unavailable_reason()}"
+)
 
 
 def _skip_on_cuda():
@@ -101,8 +103,10 @@ def text_cache(L, bows: torch.Tensor) -> torch.Tensor:
     """The per-text basis cache (n, K, V): computed once per dataset, in chunks to bound the work buffers."""
     key = ("cache", bows.shape)
     if key not in _DATA:
-        parts = [native.chebyshev_basis(L, chunk.unsqueeze(-1), K).squeeze(-1).permute(1, 0, 2).contiguous()
-                 for chunk in bows.split(512)]
+        parts = [
+            native.chebyshev_basis(L, chunk.unsqueeze(-1), K).squeeze(-1).permute(1, 0, 2).contiguous()
+            for chunk in bows.split(512)
+        ]
         _DATA[key] = torch.cat(parts)
     return _DATA[key]
 
@@ -171,13 +175,18 @@ class ScipyChebConv(torch.autograd.Function):
 def scipy_cheb_conv(lt):
     def op(laplacian_csr, x, weight, bias=None, activation="relu"):
         return ScipyChebConv.apply(x, weight, bias, lt, activation == "relu")
+
     return op
 
 
 # ------------------------------------------------------------------------------------------------- helpers
 def _conv_op(provider, lt):
-    return {"eager": reference.cheb_conv, "scipy": scipy_cheb_conv(lt), "native": native.cheb_conv,
-            "native_cached": native.cheb_conv}[provider]
+    return {
+        "eager": reference.cheb_conv,
+        "scipy": scipy_cheb_conv(lt),
+        "native": native.cheb_conv,
+        "native_cached": native.cheb_conv,
+    }[provider]
 
 
 def _require(provider):
@@ -216,8 +225,16 @@ def test_native_cheb_layer(benchmark, measure, provider, B):
         torch.autograd.grad(y, (x, w, b), go)
 
     nnz = L.values().numel()
-    measure(benchmark, run, op="native_cheb_layer", case=f"V={V_WIKI} B={B} fwd+bwd", provider=provider,
-            flops=spmm_flops(nnz, B, 4), bytes=spmm_bytes(nnz, V_WIKI, B, 4), rounds=_rounds(B))
+    measure(
+        benchmark,
+        run,
+        op="native_cheb_layer",
+        case=f"V={V_WIKI} B={B} fwd+bwd",
+        provider=provider,
+        flops=spmm_flops(nnz, B, 4),
+        bytes=spmm_bytes(nnz, V_WIKI, B, 4),
+        rounds=_rounds(B),
+    )
 
 
 @pytest.fixture
@@ -255,6 +272,7 @@ def test_native_text_gcn(benchmark, measure, provider, B, threads):
             x = native.cheb_conv_from_basis(basis_view(cache), convs[0].weight, convs[0].bias, "relu", index=idx)
             return op(L, x, convs[1].weight, convs[1].bias, "relu")
     else:
+
         def forward():
             x = bows[idx].unsqueeze(-1)
             for c in convs:
@@ -265,10 +283,17 @@ def test_native_text_gcn(benchmark, measure, provider, B, threads):
         torch.autograd.grad(forward(), params, go)
 
     nnz = L.values().numel()
-    spmms = 4 if provider == "native_cached" else 6    # layer 1 fwd 2 (unless cached), layer 2 fwd 2 + dx 2
-    measure(benchmark, run, op="native_text_gcn", case=f"V={V_WIKI} B={B} threads={threads} fwd+bwd",
-            provider=provider,
-            flops=spmm_flops(nnz, B, spmms), bytes=spmm_bytes(nnz, V_WIKI, B, spmms), rounds=_rounds(B))
+    spmms = 4 if provider == "native_cached" else 6  # layer 1 fwd 2 (unless cached), layer 2 fwd 2 + dx 2
+    measure(
+        benchmark,
+        run,
+        op="native_text_gcn",
+        case=f"V={V_WIKI} B={B} threads={threads} fwd+bwd",
+        provider=provider,
+        flops=spmm_flops(nnz, B, spmms),
+        bytes=spmm_bytes(nnz, V_WIKI, B, spmms),
+        rounds=_rounds(B),
+    )
 
 
 @pytest.mark.parametrize("B", BATCHES, ids=[f"B={b}" for b in BATCHES])
@@ -292,6 +317,7 @@ def test_native_text_encoder(benchmark, measure, monkeypatch, provider, B):
         def forward():
             return encode_text_cached(enc, cache, idx, L)
     else:
+
         def forward():
             return enc(bows[idx], L)
 
@@ -301,8 +327,15 @@ def test_native_text_encoder(benchmark, measure, monkeypatch, provider, B):
     nnz = L.values().numel()
     spmms = 4 if provider == "native_cached" else 6
     flops = spmm_flops(nnz, B, spmms) + 3 * 2 * B * V_WIKI * N_COMMON
-    measure(benchmark, run, op="native_text_encoder", case=f"V={V_WIKI} B={B} fwd+bwd", provider=provider,
-            flops=flops, rounds=_rounds(B))
+    measure(
+        benchmark,
+        run,
+        op="native_text_encoder",
+        case=f"V={V_WIKI} B={B} fwd+bwd",
+        provider=provider,
+        flops=flops,
+        rounds=_rounds(B),
+    )
 
 
 def _coattention_step(f, g, weight, bias):
@@ -325,12 +358,25 @@ def test_native_coattention(benchmark, measure, provider):
         torch.autograd.grad(step(f, g, lin.weight, lin.bias), (f, g, lin.weight, lin.bias), go)
 
     # GEMMs: forward f W^T, backward dW and df; the elementwise softmax/ReLU/Hadamard passes are bandwidth.
-    measure(benchmark, run, op="native_coattention", case=f"M={M} N={N} fwd+bwd", provider=provider,
-            flops=3 * 2 * M * N * N, bytes=10 * M * N * 4)
+    measure(
+        benchmark,
+        run,
+        op="native_coattention",
+        case=f"M={M} N={N} fwd+bwd",
+        provider=provider,
+        flops=3 * 2 * M * N * N,
+        bytes=10 * M * N * 4,
+    )
 
 
-TRAIN_PROVIDERS = ["eager", "eager+fused_adam", "native", "native_cached", "native_cached+fused_adam",
-                   "native_cached+compile"]
+TRAIN_PROVIDERS = [
+    "eager",
+    "eager+fused_adam",
+    "native",
+    "native_cached",
+    "native_cached+fused_adam",
+    "native_cached+compile",
+]
 
 
 @pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
@@ -348,8 +394,9 @@ def test_native_train_step(benchmark, measure, monkeypatch, provider):
     model = SCANet(V_WIKI, IMAGE_DIM, lt, config).train()
     # Adam as scanet.train builds it, or with fused=True: one C++ loop over all parameters instead of ~10
     # multi-tensor passes (18.7M parameters, mostly the text FC's 10M).
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=0.005,
-                           **({"fused": True} if provider.endswith("+fused_adam") else {}))
+    opt = torch.optim.Adam(
+        model.parameters(), lr=1e-4, weight_decay=0.005, **({"fused": True} if provider.endswith("+fused_adam") else {})
+    )
     bows = bags_of_words(N_TEXTS, V_WIKI)
     images = torch.randn(N_TEXTS, IMAGE_DIM, generator=torch.Generator().manual_seed(4)).relu()
     g = torch.Generator().manual_seed(5)
@@ -365,6 +412,7 @@ def test_native_train_step(benchmark, measure, monkeypatch, provider):
             f_t, f_i = coattention(f_t, model.encode_image(images[ii]))
             return torch.sigmoid(model.head(f_t, f_i))
     else:
+
         def similarity():
             f_t, f_i = coattention(model.encode_text(bows[ti]), model.encode_image(images[ii]))
             return torch.sigmoid(model.head(f_t, f_i))
@@ -378,19 +426,33 @@ def test_native_train_step(benchmark, measure, monkeypatch, provider):
     N, L_co = config.common_dim, config.coattention_layers
     nnz = L.values().numel()
     spmms = 4 if provider.startswith("native_cached") else 6
-    flops = (spmm_flops(nnz, B, spmms) + 3 * 2 * B * V_WIKI * N + 3 * 2 * B * IMAGE_DIM * N
-             + L_co * 2 * 3 * 2 * B * N * N)
+    flops = (
+        spmm_flops(nnz, B, spmms) + 3 * 2 * B * V_WIKI * N + 3 * 2 * B * IMAGE_DIM * N + L_co * 2 * 3 * 2 * B * N * N
+    )
     steps = math.ceil(PAIRS_PER_EPOCH / B)
-    median = measure(benchmark, run, op="native_train_step", case=f"wiki B={B} N={N}", provider=provider,
-                     flops=flops, steps_per_epoch=steps)
+    median = measure(
+        benchmark,
+        run,
+        op="native_train_step",
+        case=f"wiki B={B} N={N}",
+        provider=provider,
+        flops=flops,
+        steps_per_epoch=steps,
+    )
     print(f"\n{provider}: step {median * 1e3:.1f} ms -> projected epoch {median * steps:.1f} s ({steps} steps)")
 
 
 # ------------------------------------------------------------------------------ bf16 and the fused dropout
 DROPOUT_P = 0.2
 DROPOUT_PROVIDERS = ["eager", "native_fused", "no_dropout"]
-TEXT_PATH_PROVIDERS = ["eager", "native_fp32", "native_fp32+fused_dropout", "native_bf16",
-                       "native_bf16+fused_dropout", "native_bf16+fused_dropout+fp32_hidden"]
+TEXT_PATH_PROVIDERS = [
+    "eager",
+    "native_fp32",
+    "native_fp32+fused_dropout",
+    "native_bf16",
+    "native_bf16+fused_dropout",
+    "native_bf16+fused_dropout+fp32_hidden",
+]
 
 
 def _hidden_signal(L, B):
@@ -406,7 +468,7 @@ def dropout_step(provider: str, B: int = 256):
     x = _hidden_signal(L, B).requires_grad_()
     w = torch.randn(K, 1, 1, generator=torch.Generator().manual_seed(1)).div_(K).requires_grad_()
     b = torch.zeros(1, requires_grad=True)
-    go = torch.randn(B, V_WIKI, generator=torch.Generator().manual_seed(3))   # the FC's (B, V) gradient
+    go = torch.randn(B, V_WIKI, generator=torch.Generator().manual_seed(3))  # the FC's (B, V) gradient
 
     def forward():
         if provider == "native_fused":
@@ -466,16 +528,29 @@ def text_path_flops(B: int = 256) -> int:
 def test_native_dropout(benchmark, measure, provider):
     """Dropout 0.2 on the second ChebConv's output, with that layer (x, W, b get gradients), B=256."""
     _require("native")
-    measure(benchmark, dropout_step(provider), op="native_dropout",
-            case=f"p={DROPOUT_P} V={V_WIKI} B=256 layer+dropout fwd+bwd", provider=provider, rounds=9)
+    measure(
+        benchmark,
+        dropout_step(provider),
+        op="native_dropout",
+        case=f"p={DROPOUT_P} V={V_WIKI} B=256 layer+dropout fwd+bwd",
+        provider=provider,
+        rounds=9,
+    )
 
 
 @pytest.mark.parametrize("provider", TEXT_PATH_PROVIDERS)
 def test_native_text_path(benchmark, measure, provider):
     """The Wiki text path (two ChebConvs K=3 one channel, dropout 0.2, FC 10055 -> 1024), B=256, fwd+bwd."""
     _require(provider)
-    measure(benchmark, text_path_step(provider), op="native_text_path", case=f"wiki V={V_WIKI} B=256 K={K} fwd+bwd",
-            provider=provider, flops=text_path_flops(), rounds=5 if provider == "eager" else 9)
+    measure(
+        benchmark,
+        text_path_step(provider),
+        op="native_text_path",
+        case=f"wiki V={V_WIKI} B=256 K={K} fwd+bwd",
+        provider=provider,
+        flops=text_path_flops(),
+        rounds=5 if provider == "eager" else 9,
+    )
 
 
 # ------------------------------------------------------------------------------ interleaved (a script)
@@ -487,7 +562,7 @@ def interleaved(steps: dict, rounds: int) -> dict:
     from tqdm import tqdm
 
     times = {name: [] for name in steps}
-    for fn in steps.values():   # warm-up: allocator, oneDNN primitives, the Laplacian cache
+    for fn in steps.values():  # warm-up: allocator, oneDNN primitives, the Laplacian cache
         fn()
     for _ in tqdm(range(rounds), desc="rounds"):
         for name, fn in steps.items():
@@ -520,30 +595,55 @@ def main(argv=None) -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for op, case, providers, make, flops, base in (
-                ("native_text_path", f"wiki V={V_WIKI} B=256 K={K} threads={threads} fwd+bwd", TEXT_PATH_PROVIDERS,
-                 text_path_step, text_path_flops(), "native_fp32"),
-                ("native_dropout", f"p={DROPOUT_P} V={V_WIKI} B=256 threads={threads} layer+dropout fwd+bwd",
-                 DROPOUT_PROVIDERS, dropout_step, None, "eager")):
+            (
+                "native_text_path",
+                f"wiki V={V_WIKI} B=256 K={K} threads={threads} fwd+bwd",
+                TEXT_PATH_PROVIDERS,
+                text_path_step,
+                text_path_flops(),
+                "native_fp32",
+            ),
+            (
+                "native_dropout",
+                f"p={DROPOUT_P} V={V_WIKI} B=256 threads={threads} layer+dropout fwd+bwd",
+                DROPOUT_PROVIDERS,
+                dropout_step,
+                None,
+                "eager",
+            ),
+        ):
             times = interleaved({p: make(p) for p in providers}, args.rounds)
             med = {p: statistics.median(t) for p, t in times.items()}
             for p, t in times.items():
-                row = dict(op=op, case=case, provider=p, median_s=med[p], min_s=min(t), rounds=len(t),
-                           flops=flops, speedup_vs_eager=med["eager"] / med[p])
+                row = dict(
+                    op=op,
+                    case=case,
+                    provider=p,
+                    median_s=med[p],
+                    min_s=min(t),
+                    rounds=len(t),
+                    flops=flops,
+                    speedup_vs_eager=med["eager"] / med[p],
+                )
                 row[f"speedup_vs_{base}"] = med[base] / med[p]
                 if flops:
                     row["TFLOP/s"] = flops / med[p] / 1e12
                 rows.append(row)
-                print(f"{op:<17} threads={threads} {p:<40} median {med[p] * 1e3:8.1f} ms  min {min(t) * 1e3:8.1f} ms"
-                      f"  x{base} {med[base] / med[p]:.2f}  x eager {med['eager'] / med[p]:.2f}")
+                print(
+                    f"{op:<17} threads={threads} {p:<40} median {med[p] * 1e3:8.1f} ms  min {min(t) * 1e3:8.1f} ms"
+                    f"  x{base} {med[base] / med[p]:.2f}  x eager {med['eager'] / med[p]:.2f}"
+                )
     summary = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"cpu-{platform.machine()}-{os.cpu_count()}cores",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "command": "OMP_WAIT_POLICY=passive python bench/bench_native.py "
-                   + " ".join(argv if argv is not None else sys.argv[1:]),
-        "note": ("providers interleaved round by round on a shared 2-core machine (other jobs running): read "
-                 f"the ratios, not the times; load average (1, 5, 15 min) at the start {load_at_start}, "
-                 f"at the end " + " ".join(f"{x:.1f}" for x in os.getloadavg())),
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": (
+            "providers interleaved round by round on a shared 2-core machine (other jobs running): read "
+            f"the ratios, not the times; load average (1, 5, 15 min) at the start {load_at_start}, "
+            f"at the end " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+        ),
         "rows": rows,
     }
     path = Path(args.json)

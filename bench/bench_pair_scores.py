@@ -26,8 +26,8 @@ test size) with a model trained here for 3 epochs at N = 256, text -> image, k =
 scanet.retrieve.shortlist_report: recall_at_k (of the exhaustive top 10 within the shortlist), map and map_lost
 (MAP@all of the two-stage ranking, and exhaustive MAP minus it); speedup_vs_eager is the speed won.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import scipy.sparse as sp
@@ -38,10 +38,10 @@ SHAPES_FULL = [(693, 693), (1000, 1000), (10000, 10000)]
 N_FULL = (256, 1024)
 REDUCED = {(693, 693, 256), (200, 200, 1024)}
 PROVIDERS = ("gemm", "gemm-tf32", "gemm-bf16", "eager", "compile", "fused", "fused-tf32", "fused-bf16")
-CHUNK = 64                        # texts a chunk in the eager and compiled paths (SCANet's default)
-GEMM_ROWS_MAX = 65536             # rows of the reference GEMM a call (bounds its memory)
+CHUNK = 64  # texts a chunk in the eager and compiled paths (SCANet's default)
+GEMM_ROWS_MAX = 65536  # rows of the reference GEMM a call (bounds its memory)
 
-_GEMM_RATE: dict = {}             # (case, precision) -> FLOP/s measured by the gemm providers of this run
+_GEMM_RATE: dict = {}  # (case, precision) -> FLOP/s measured by the gemm providers of this run
 _COMPILED: dict = {}
 
 
@@ -64,7 +64,7 @@ def _model(N: int, device):
     model = SCANet(4, 4, sp.identity(4, format="csr"), ModelConfig(common_dim=N, coattention_layers=2))
     with torch.no_grad():
         for fc in list(model.coattention.text_fc) + list(model.coattention.image_fc):
-            fc.weight.normal_(0.0, 1.0 / N ** 0.5)
+            fc.weight.normal_(0.0, 1.0 / N**0.5)
             fc.bias.normal_(0.0, 0.1)
     return model.eval().to(device)
 
@@ -74,7 +74,7 @@ def _layer2_chunk(f_t, a1_t, f_i, a1_i, w_t, b_t, w_i, b_i, w, b, scale: float):
     N = f_t.shape[1]
     x_t = (a1_i.unsqueeze(0) * f_t.unsqueeze(1)).reshape(-1, N)
     x_i = (a1_t.unsqueeze(1) * f_i.unsqueeze(0)).reshape(-1, N)
-    p_t = torch.softmax(F.relu(F.linear(x_t, w_t, b_t)), dim=-1) * scale     # attention from the text side
+    p_t = torch.softmax(F.relu(F.linear(x_t, w_t, b_t)), dim=-1) * scale  # attention from the text side
     p_i = torch.softmax(F.relu(F.linear(x_i, w_i, b_i)), dim=-1) * scale
     return (((p_i * x_t) * (p_t * x_i)) @ w + b).reshape(f_t.shape[0], f_i.shape[0])
 
@@ -101,9 +101,21 @@ def _score_fn(provider: str, model, f_t, f_i):
             a1_t, a1_i = layer1_attention(model, f_t, "text"), layer1_attention(model, f_i, "image")
             out = torch.empty(f_t.shape[0], f_i.shape[0], device=f_t.device)
             for s in range(0, f_t.shape[0], CHUNK):
-                out[s:s + CHUNK] = fn(f_t[s:s + CHUNK], a1_t[s:s + CHUNK], f_i, a1_i, c.text_fc[1].weight,
-                                      c.text_fc[1].bias, c.image_fc[1].weight, c.image_fc[1].bias, w, b, c.scale)
+                out[s : s + CHUNK] = fn(
+                    f_t[s : s + CHUNK],
+                    a1_t[s : s + CHUNK],
+                    f_i,
+                    a1_i,
+                    c.text_fc[1].weight,
+                    c.text_fc[1].bias,
+                    c.image_fc[1].weight,
+                    c.image_fc[1].bias,
+                    w,
+                    b,
+                    c.scale,
+                )
             return out
+
         return run
     precision = {"fused": "fp32", "fused-tf32": "tf32", "fused-bf16": "bf16"}[provider]
     return lambda: pair_scores(model, f_t, f_i, precision=precision)
@@ -123,6 +135,7 @@ def _gemm_fn(nq, nc, N, device, precision):
         for _ in range(reps):
             torch.matmul(a, w, out=out)
         return out
+
     return run, 2 * reps * mg * N * N
 
 
@@ -133,17 +146,17 @@ def test_pair_scores(benchmark, measure, bench_device, full_sweep, nq, nc, N, pr
     if (nq, nc, N) == (200, 200, 1024) and full_sweep:
         pytest.skip("(200, 200) at N = 1024 is the reduced CPU stand-in for the full sweep's shapes")
     if not full_sweep and (nq, nc, N) not in REDUCED:
-        pytest.skip("outside the reduced CPU sweep ((693, 693) at N = 256, (200, 200) at N = 1024): "
-                    "pass --bench-full")
+        pytest.skip("outside the reduced CPU sweep ((693, 693) at N = 256, (200, 200) at N = 1024): pass --bench-full")
     if provider.startswith("fused") and not cuda:
         pytest.skip("the fused scorer is timed on CUDA only (on CPU it runs in the Triton interpreter)")
     if provider in ("gemm-tf32", "gemm-bf16") and not cuda:
         pytest.skip(f"{provider} is the reference rate of the fused tensor-core variants, which need CUDA")
     case = f"Nq={nq} Nc={nc} N={N}"
     precision = {"gemm-tf32": "tf32", "gemm-bf16": "bf16", "fused-tf32": "tf32", "fused-bf16": "bf16"}.get(
-        provider, "fp32")
+        provider, "fp32"
+    )
     flops = flops_model(nq, nc, N)
-    heavy = flops > 5e13                       # 10k x 10k: a single eager call is many seconds
+    heavy = flops > 5e13  # 10k x 10k: a single eager call is many seconds
     rounds = 3 if (heavy or not cuda) else None
     pairs = nq * nc
     if provider.startswith("gemm"):
@@ -152,8 +165,16 @@ def test_pair_scores(benchmark, measure, bench_device, full_sweep, nq, nc, N, pr
         if precision == "tf32":
             torch.set_float32_matmul_precision("high")
         try:
-            median = measure(benchmark, fn, op="pair_scores", case=case, provider=provider, device=bench_device,
-                             flops=gemm_flops, rounds=rounds)
+            median = measure(
+                benchmark,
+                fn,
+                op="pair_scores",
+                case=case,
+                provider=provider,
+                device=bench_device,
+                flops=gemm_flops,
+                rounds=rounds,
+            )
         finally:
             torch.set_float32_matmul_precision(prev)
         _GEMM_RATE[(case, precision)] = gemm_flops / median
@@ -165,7 +186,7 @@ def test_pair_scores(benchmark, measure, bench_device, full_sweep, nq, nc, N, pr
     fn = _score_fn(provider, model, f_t, f_i)
     peak = None
     if cuda:
-        fn()                                    # compile / autotune outside the peak measurement
+        fn()  # compile / autotune outside the peak measurement
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -173,11 +194,20 @@ def test_pair_scores(benchmark, measure, bench_device, full_sweep, nq, nc, N, pr
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     rate = _GEMM_RATE.get((case, precision))
-    measure(benchmark, fn, op="pair_scores", case=case, provider=provider, device=bench_device, flops=flops,
-            rounds=rounds, peak_bytes=peak, output_bytes=4 * pairs,
-            peak_note=None if cuda else "CPU: no meaningful peak (tracemalloc misses torch's allocator)",
-            derived={"pairs_per_s": lambda m: pairs / m,
-                     "gemm_fraction": lambda m: (flops / m) / rate if rate else None})
+    measure(
+        benchmark,
+        fn,
+        op="pair_scores",
+        case=case,
+        provider=provider,
+        device=bench_device,
+        flops=flops,
+        rounds=rounds,
+        peak_bytes=peak,
+        output_bytes=4 * pairs,
+        peak_note=None if cuda else "CPU: no meaningful peak (tracemalloc misses torch's allocator)",
+        derived={"pairs_per_s": lambda m: pairs / m, "gemm_fraction": lambda m: (flops / m) / rate if rate else None},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
@@ -188,8 +218,9 @@ def retrieval_setup(trained_synthetic):
     model, ds, _ = trained_synthetic
     texts = retrieve.encode_items(model, "text", ds.test.text_matrix())
     images = retrieve.encode_items(model, "image", ds.test.images)
-    report = retrieve.shortlist_report(model, texts, images, ds.test.labels, ds.test.labels, k=10,
-                                       shortlists=(20, 50, 100))
+    report = retrieve.shortlist_report(
+        model, texts, images, ds.test.labels, ds.test.labels, k=10, shortlists=(20, 50, 100)
+    )
     return model, texts, images, report
 
 
@@ -201,15 +232,17 @@ def test_retrieval(benchmark, measure, bench_device, retrieval_setup, provider):
     nq, nc, N = len(texts), len(images), texts.features.shape[1]
     case = f"synthetic t2i Nq={nq} Nc={nc} N={N} k=10"
     if provider == "eager":
-        fn = lambda: retrieve.exhaustive_search(model, texts, images, 10)        # noqa: E731
-        extra = dict(map=report["exhaustive"]["map"], map_at_k=report["exhaustive"]["map_at_k"], recall_at_k=1.0,
-                     map_lost=0.0)
+        fn = lambda: retrieve.exhaustive_search(model, texts, images, 10)  # noqa: E731
+        extra = dict(
+            map=report["exhaustive"]["map"], map_at_k=report["exhaustive"]["map_at_k"], recall_at_k=1.0, map_lost=0.0
+        )
         flops = flops_model(nq, nc, N)
     else:
         S = int(provider.split("S")[-1])
         row = next(r for r in report["two_stage"] if r["shortlist"] == S)
-        fn = lambda: retrieve.two_stage_search(model, texts, images, 10, S)      # noqa: E731
+        fn = lambda: retrieve.two_stage_search(model, texts, images, 10, S)  # noqa: E731
         extra = {k: row[k] for k in ("recall_at_k", "map", "map_at_k", "map_lost")}
         flops = flops_model(nq, S, N) + 2 * nq * nc * N
-    measure(benchmark, fn, op="retrieval", case=case, provider=provider, device=bench_device, flops=flops,
-            rounds=5, **extra)
+    measure(
+        benchmark, fn, op="retrieval", case=case, provider=provider, device=bench_device, flops=flops, rounds=5, **extra
+    )

@@ -35,6 +35,7 @@ Models. FLOPs per step: SpMMs 6 x 2 nnz B (two layers, forward and backward's dx
 elementwise work are not counted). All pairs: 2 modalities x 2 Nt Ni N^2 (layer 2's GEMMs). gemm_share =
 (the op's FLOP/s) / (the gemm rate of the same precision at that op's shape, measured in this run).
 """
+
 from __future__ import annotations
 
 import math
@@ -82,7 +83,7 @@ def bags_of_words(n: int, V: int, seed: int = 0) -> torch.Tensor:
 def step_flops() -> int:
     nnz = wiki_graph().nnz
     N, L = N_COMMON, 2
-    return (6 * 2 * nnz * B + 3 * 2 * B * V_WIKI * N + 3 * 2 * B * IMAGE_DIM * N + L * 2 * 3 * 2 * B * N * N)
+    return 6 * 2 * nnz * B + 3 * 2 * B * V_WIKI * N + 3 * 2 * B * IMAGE_DIM * N + L * 2 * 3 * 2 * B * N * N
 
 
 def pair_flops(n: int = N_TEST, N: int = N_COMMON) -> int:
@@ -114,7 +115,7 @@ def train_step(provider: str):
     precision = "bf16" if provider.endswith("bf16") else "fp32"
     today = provider.endswith("_today")
 
-    if today:                # the step before the dropout moved into the epilogue: nn.Dropout after the GCN
+    if today:  # the step before the dropout moved into the epilogue: nn.Dropout after the GCN
         model.text_encoder.convs[-1].fuses_dropout = lambda x: False
     assert not fused or isinstance(model.text_encoder.convs[-1], fused_modules.ChebConv)
 
@@ -139,16 +140,16 @@ def pair_step(provider: str, n: int = N_TEST, N: int = N_COMMON):
     if key not in _DATA:
         from scanet.data.graph import random_graph_laplacian
 
-        torch.manual_seed(0)      # tiny encoders: only the co-attention and the head matter here
+        torch.manual_seed(0)  # tiny encoders: only the co-attention and the head matter here
         model = SCANet(16, 8, random_graph_laplacian(16, k=2), ModelConfig(common_dim=N)).eval()
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for fc in list(model.coattention.text_fc) + list(model.coattention.image_fc):
-                fc.weight.copy_(torch.randn(N, N, generator=g) * (2.0 / N ** 0.5))
+                fc.weight.copy_(torch.randn(N, N, generator=g) * (2.0 / N**0.5))
         _DATA[key] = (model, torch.randn(n, N, generator=g), torch.randn(n, N, generator=g))
     model, f_t, f_i = _DATA[key]
     precision = "bf16" if provider == "bf16" else "fp32"
-    if precision == "bf16":                       # what the encoders hand the scorer under bf16 autocast
+    if precision == "bf16":  # what the encoders hand the scorer under bf16 autocast
         f_t, f_i = f_t.bfloat16(), f_i.bfloat16()
 
     if provider == "fp32_today":
@@ -194,8 +195,14 @@ def gemm_step(op: str, provider: str):
 def test_gemm(benchmark, measure, op, provider):
     _skip_on_cuda()
     shape = GEMM_SHAPES[op]
-    measure(benchmark, gemm_step(op, provider), op="gemm", case=f"{op} {'x'.join(map(str, shape))}",
-            provider=provider, flops=gemm_flops(shape))
+    measure(
+        benchmark,
+        gemm_step(op, provider),
+        op="gemm",
+        case=f"{op} {'x'.join(map(str, shape))}",
+        provider=provider,
+        flops=gemm_flops(shape),
+    )
 
 
 @pytest.mark.parametrize("provider", STEP_PROVIDERS)
@@ -207,17 +214,31 @@ def test_train_step(benchmark, measure, provider):
     if provider != "eager" and not native.available():
         pytest.skip(f"native extension unavailable: {native.unavailable_reason()}")
     steps = math.ceil(PAIRS_PER_EPOCH / B)
-    measure(benchmark, train_step(provider), op="train_step", case=f"wiki B={B} V={V_WIKI} N={N_COMMON}",
-            provider=provider, flops=step_flops(), rounds=3 if provider == "eager" else 7,
-            derived={"epoch_s": lambda m: m * steps})
+    measure(
+        benchmark,
+        train_step(provider),
+        op="train_step",
+        case=f"wiki B={B} V={V_WIKI} N={N_COMMON}",
+        provider=provider,
+        flops=step_flops(),
+        rounds=3 if provider == "eager" else 7,
+        derived={"epoch_s": lambda m: m * steps},
+    )
 
 
 @pytest.mark.parametrize("provider", PAIR_PROVIDERS)
 def test_pair_scores(benchmark, measure, provider):
     """All 693 x 693 test pairs at N = 1024, the chunked CPU scorer, fp32 vs bf16."""
     _skip_on_cuda()
-    measure(benchmark, pair_step(provider), op="pair_scores", case=f"{N_TEST}x{N_TEST} N={N_COMMON}",
-            provider=provider, flops=pair_flops(), rounds=3)
+    measure(
+        benchmark,
+        pair_step(provider),
+        op="pair_scores",
+        case=f"{N_TEST}x{N_TEST} N={N_COMMON}",
+        provider=provider,
+        flops=pair_flops(),
+        rounds=3,
+    )
 
 
 # ------------------------------------------------------------------------------ interleaved (a script)
@@ -228,7 +249,7 @@ def interleaved(steps: dict, rounds: int) -> dict:
     from tqdm import tqdm
 
     times = {name: [] for name in steps}
-    for fn in steps.values():    # warm-up: oneDNN primitives, the Laplacian checks, Adam's state
+    for fn in steps.values():  # warm-up: oneDNN primitives, the Laplacian checks, Adam's state
         fn()
     for _ in tqdm(range(rounds), desc="rounds"):
         for name, fn in steps.items():
@@ -259,10 +280,25 @@ def main(argv=None) -> None:
     load_at_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
     rows = []
     for op, case, make, providers, flops, rounds, base in (
-            ("train_step", f"wiki B={B} V={V_WIKI} N={N_COMMON} threads={args.threads}", train_step,
-             STEP_PROVIDERS, step_flops(), args.rounds, "fused_fp32_today"),
-            ("pair_scores", f"{N_TEST}x{N_TEST} N={N_COMMON} threads={args.threads}", pair_step,
-             PAIR_PROVIDERS, pair_flops(), args.pair_rounds, "eager")):
+        (
+            "train_step",
+            f"wiki B={B} V={V_WIKI} N={N_COMMON} threads={args.threads}",
+            train_step,
+            STEP_PROVIDERS,
+            step_flops(),
+            args.rounds,
+            "fused_fp32_today",
+        ),
+        (
+            "pair_scores",
+            f"{N_TEST}x{N_TEST} N={N_COMMON} threads={args.threads}",
+            pair_step,
+            PAIR_PROVIDERS,
+            pair_flops(),
+            args.pair_rounds,
+            "eager",
+        ),
+    ):
         steps = {p: make(p) for p in providers}
         steps.update({f"gemm_{p}": gemm_step(op, p) for p in ("fp32", "bf16")})
         times = interleaved(steps, rounds)
@@ -272,9 +308,16 @@ def main(argv=None) -> None:
             is_gemm = p.startswith("gemm_")
             f = gemm_flops(GEMM_SHAPES[op]) if is_gemm else flops
             prec = "bf16" if p.endswith("bf16") else "fp32"
-            row = dict(op=op if not is_gemm else "gemm", case=case if not is_gemm else
-                       f"{op} {'x'.join(map(str, GEMM_SHAPES[op]))} threads={args.threads}", provider=p,
-                       median_s=med[p], min_s=min(t), rounds=len(t), flops=f, **{"TFLOP/s": f / med[p] / 1e12})
+            row = dict(
+                op=op if not is_gemm else "gemm",
+                case=case if not is_gemm else f"{op} {'x'.join(map(str, GEMM_SHAPES[op]))} threads={args.threads}",
+                provider=p,
+                median_s=med[p],
+                min_s=min(t),
+                rounds=len(t),
+                flops=f,
+                **{"TFLOP/s": f / med[p] / 1e12},
+            )
             if not is_gemm:
                 row["speedup_vs_eager"] = med["eager"] / med[p]
                 row[f"speedup_vs_{base}"] = med[base] / med[p]
@@ -282,19 +325,29 @@ def main(argv=None) -> None:
                 if op == "train_step":
                     row["epoch_s"] = med[p] * math.ceil(PAIRS_PER_EPOCH / B)
             rows.append(row)
-            extra = "" if is_gemm else (f"  x eager {row['speedup_vs_eager']:.2f}  x{base} "
-                                        f"{row[f'speedup_vs_{base}']:.2f}  gemm share {row['gemm_share']:.2f}")
-            print(f"{op:<12} {p:<18} median {med[p] * 1e3:9.1f} ms  min {min(t) * 1e3:9.1f} ms  "
-                  f"{f / med[p] / 1e12:.3f} TFLOP/s{extra}")
+            extra = (
+                ""
+                if is_gemm
+                else (
+                    f"  x eager {row['speedup_vs_eager']:.2f}  x{base} "
+                    f"{row[f'speedup_vs_{base}']:.2f}  gemm share {row['gemm_share']:.2f}"
+                )
+            )
+            print(
+                f"{op:<12} {p:<18} median {med[p] * 1e3:9.1f} ms  min {min(t) * 1e3:9.1f} ms  "
+                f"{f / med[p] / 1e12:.3f} TFLOP/s{extra}"
+            )
     summary = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"cpu-{platform.machine()}-{os.cpu_count()}cores",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "command": "OMP_WAIT_POLICY=passive python bench/bench_train_step.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        "note": ("providers interleaved round by round on a shared 2-core machine (other jobs running): read "
-                 f"the ratios, not the times; load average (1, 5, 15 min) at the start {load_at_start}, "
-                 f"at the end " + " ".join(f"{x:.1f}" for x in os.getloadavg())),
+        "command": "OMP_WAIT_POLICY=passive python bench/bench_train_step.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": (
+            "providers interleaved round by round on a shared 2-core machine (other jobs running): read "
+            f"the ratios, not the times; load average (1, 5, 15 min) at the start {load_at_start}, "
+            f"at the end " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+        ),
         "rows": rows,
     }
     path = Path(args.json)

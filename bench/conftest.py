@@ -9,6 +9,7 @@ in one table. At the end of the session every row gets its ratio to the ``eager`
 (op, case), measured side by side in this run, plus GB/s and TFLOP/s from the stated byte and FLOP models.
 The table is printed and written as JSON (``--bench-json PATH``, default bench/results/latest-<device>.json).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -26,10 +27,15 @@ _ROWS: list[dict] = []
 
 def pytest_addoption(parser):
     group = parser.getgroup("scanet benchmarks")
-    group.addoption("--benchmark", action="store_true", default=False,
-                    help="run the benchmark sweeps in bench/ (skipped otherwise)")
-    group.addoption("--bench-full", action="store_true", default=False,
-                    help="the full sweep (large V, B, M); default on CPU is a reduced sweep that fits 2 cores")
+    group.addoption(
+        "--benchmark", action="store_true", default=False, help="run the benchmark sweeps in bench/ (skipped otherwise)"
+    )
+    group.addoption(
+        "--bench-full",
+        action="store_true",
+        default=False,
+        help="the full sweep (large V, B, M); default on CPU is a reduced sweep that fits 2 cores",
+    )
     group.addoption("--bench-json", default=None, help="where to write the JSON summary")
 
 
@@ -60,10 +66,12 @@ def full_sweep(request) -> bool:
 
 def _synchronized(fn, device):
     if device is not None and torch.device(device).type == "cuda":
+
         def run():
             out = fn()
             torch.cuda.synchronize()
             return out
+
         return run
     return fn
 
@@ -75,8 +83,20 @@ def measure():
     ``derived`` maps a field name to a function of the median (seconds), e.g. a projected schedule time.
     """
 
-    def _measure(benchmark, fn, *, op: str, case: str, provider: str, device=None, bytes=None, flops=None,
-                 rounds: int | None = None, derived: dict | None = None, **extra):
+    def _measure(
+        benchmark,
+        fn,
+        *,
+        op: str,
+        case: str,
+        provider: str,
+        device=None,
+        bytes=None,
+        flops=None,
+        rounds: int | None = None,
+        derived: dict | None = None,
+        **extra,
+    ):
         run = _synchronized(fn, device)
         run()  # warm-up: compilation, autotuning, allocator
         if rounds is None:
@@ -86,15 +106,24 @@ def measure():
         benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
         median = benchmark.stats.stats.median
         times = sorted(benchmark.stats.stats.data)
-        p99 = times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)]      # nearest-rank percentile
+        p99 = times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)]  # nearest-rank percentile
         benchmark.extra_info["p99_s"] = p99
-        row = dict(op=op, case=case, provider=provider, median_s=median, p99_s=p99, rounds=len(times),
-                   bytes=bytes, flops=flops, **extra)
+        row = dict(
+            op=op,
+            case=case,
+            provider=provider,
+            median_s=median,
+            p99_s=p99,
+            rounds=len(times),
+            bytes=bytes,
+            flops=flops,
+            **extra,
+        )
         if bytes:
             row["GB/s"] = bytes / median / 1e9
         if flops:
             row["TFLOP/s"] = flops / median / 1e12
-        for key, from_median in (derived or {}).items():      # fields computed from the median
+        for key, from_median in (derived or {}).items():  # fields computed from the median
             row[key] = from_median(median)
             benchmark.extra_info[key] = row[key]
         _ROWS.append(row)
@@ -127,8 +156,11 @@ def pytest_sessionfinish(session, exitstatus):
         "device": device_name(),
         "cuda": torch.version.cuda,
         "versions": versions,
-        "note": ("CPU timings on shared 2-core machines are noisy: read the ratios, not the times"
-                 if not torch.cuda.is_available() else "CUDA timings synchronize after every call"),
+        "note": (
+            "CPU timings on shared 2-core machines are noisy: read the ratios, not the times"
+            if not torch.cuda.is_available()
+            else "CUDA timings synchronize after every call"
+        ),
         "rows": rows,
     }
     path = session.config.getoption("--bench-json")
@@ -142,14 +174,17 @@ def pytest_sessionfinish(session, exitstatus):
     if tr is not None:
         tr.write_line("")
         tr.write_line(f"scanet benchmark summary ({summary['device']}) -> {path}")
-        tr.write_line(f"{'op':<18} {'case':<34} {'provider':<16} {'median ms':>10} {'x eager':>8} {'GB/s':>8} "
-                      f"{'TFLOP/s':>8}")
+        tr.write_line(
+            f"{'op':<18} {'case':<34} {'provider':<16} {'median ms':>10} {'x eager':>8} {'GB/s':>8} {'TFLOP/s':>8}"
+        )
         for r in rows:
             sp = f"{r['speedup_vs_eager']:.2f}" if r["speedup_vs_eager"] else "-"
             gb = f"{r['GB/s']:.1f}" if r.get("GB/s") else "-"
             tf = f"{r['TFLOP/s']:.2f}" if r.get("TFLOP/s") else "-"
-            tr.write_line(f"{r['op']:<18} {r['case']:<34} {r['provider']:<16} {r['median_s'] * 1e3:>10.3f} "
-                          f"{sp:>8} {gb:>8} {tf:>8}")
+            tr.write_line(
+                f"{r['op']:<18} {r['case']:<34} {r['provider']:<16} {r['median_s'] * 1e3:>10.3f} "
+                f"{sp:>8} {gb:>8} {tf:>8}"
+            )
 
 
 @pytest.fixture(scope="session")
@@ -166,8 +201,11 @@ def trained_synthetic(tmp_path_factory, bench_device):
     base = tmp_path_factory.mktemp("trained-synthetic")
     ds = synthetic.prepare(base / "prepared", progress=lambda *a: None, n_test=693)
     preset = get_preset("synthetic")
-    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, common_dim=256),
-                                 train=dataclasses.replace(preset.train, epochs=3, eval_every=0))
+    preset = dataclasses.replace(
+        preset,
+        model=dataclasses.replace(preset.model, common_dim=256),
+        train=dataclasses.replace(preset.train, epochs=3, eval_every=0),
+    )
     train(preset, ds, base / "run", device=str(bench_device), progress=False, log=lambda *a: None)
     model, _ = load_model(base / "run" / "last.pt", ds, device=bench_device)
     return model.eval(), ds, base

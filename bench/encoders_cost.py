@@ -9,6 +9,7 @@ Run: ``PYTHONPATH=. python3 bench/encoders_cost.py [--wiki DIR] [--out bench/res
    paper's shapes: B = 256 texts of T = 512 tokens (d = 50, N = 1024) and B = 64 images of 128 x 128 for CNN-5.
    torch's threads as set (``--threads``); a shared 2-core machine gives noisy, pessimistic figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +45,19 @@ def wiki_token_lengths(root: Path) -> dict | None:
         t = token_ids(d, vocab)
         L = t.lengths
         raw = np.array([len(x) for x in d])
-        out[s] = {"texts": len(t), "tokens": int(L.sum()), "raw_tokens": int(raw.sum()),
-                  "kept_fraction": round(float(L.sum() / raw.sum()), 4),
-                  "length_min": int(L.min()), "length_median": float(np.median(L)),
-                  "length_p90": float(np.percentile(L, 90)), "length_max": int(L.max()),
-                  "share_longer_than_512": round(float((L > 512).mean()), 4),
-                  "ids_bytes_int32": int(t.ids.nbytes), "indptr_bytes": int(t.indptr.nbytes)}
+        out[s] = {
+            "texts": len(t),
+            "tokens": int(L.sum()),
+            "raw_tokens": int(raw.sum()),
+            "kept_fraction": round(float(L.sum() / raw.sum()), 4),
+            "length_min": int(L.min()),
+            "length_median": float(np.median(L)),
+            "length_p90": float(np.percentile(L, 90)),
+            "length_max": int(L.max()),
+            "share_longer_than_512": round(float((L > 512).mean()), 4),
+            "ids_bytes_int32": int(t.ids.nbytes),
+            "indptr_bytes": int(t.indptr.nbytes),
+        }
     out["vocab_size"] = len(vocab)
     return out
 
@@ -71,12 +79,16 @@ def step_times(B=256, T=512, d=50, N=1024, V=10_055, images=64, size=128) -> dic
     tokens = torch.randint(1, V + 1, (B, T))
     pixels = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8)
     rows = {}
-    for name, enc, x in (("lstm (hidden 256, mean)", TextLSTM(V, N, embedding_dim=d), tokens),
-                         ("cnn (3/4/5 x 100)", TextCNN(V, N, embedding_dim=d), tokens),
-                         (f"cnn5 ({size}x{size})", ImageCNN5(N), pixels)):
+    for name, enc, x in (
+        ("lstm (hidden 256, mean)", TextLSTM(V, N, embedding_dim=d), tokens),
+        ("cnn (3/4/5 x 100)", TextCNN(V, N, embedding_dim=d), tokens),
+        (f"cnn5 ({size}x{size})", ImageCNN5(N), pixels),
+    ):
+
         def step(enc=enc, x=x):
             enc.zero_grad()
             enc(x).sum().backward()
+
         rows[name] = {"batch": int(x.shape[0]), "seconds_fwd_bwd": round(_median_time(step), 4)}
     return rows
 
@@ -88,9 +100,13 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-              "torch": torch.__version__, "wiki_tokens": wiki_token_lengths(Path(args.wiki)),
-              "step_times": step_times()}
+    result = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "wiki_tokens": wiki_token_lengths(Path(args.wiki)),
+        "step_times": step_times(),
+    }
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -21,6 +21,7 @@ and the fp16 conversions then cost registers: the compile gate finds 4.4 KB (for
 So ``check_precision`` refuses tf32, bf16 and fp16 there with that reason, and ``default_precision(70)`` is
 "fp32".
 """
+
 from __future__ import annotations
 
 import os
@@ -55,23 +56,25 @@ class GPU:
     name: str = ""
 
     @staticmethod
-    def known(capability: int) -> "GPU":
+    def known(capability: int) -> GPU:
         if capability not in KNOWN_GPUS:
-            raise ValueError(f"no data-sheet values for compute capability {capability}: known are "
-                             f"{sorted(KNOWN_GPUS)}; describe the GPU with kernels._common.GPU(...)")
+            raise ValueError(
+                f"no data-sheet values for compute capability {capability}: known are "
+                f"{sorted(KNOWN_GPUS)}; describe the GPU with kernels._common.GPU(...)"
+            )
         return KNOWN_GPUS[capability]
 
     @staticmethod
-    def of(device) -> "GPU":
+    def of(device) -> GPU:
         import torch
 
         props = torch.cuda.get_device_properties(device)
         cc = props.major * 10 + props.minor
         base = KNOWN_GPUS.get(cc)
-        per_block = getattr(props, "shared_memory_per_block_optin", None) or (base.shared_per_block if base else
-                                                                              48 * 1024)
-        per_sm = getattr(props, "shared_memory_per_multiprocessor", None) or (base.shared_per_sm if base else
-                                                                              per_block)
+        per_block = getattr(props, "shared_memory_per_block_optin", None) or (
+            base.shared_per_block if base else 48 * 1024
+        )
+        per_sm = getattr(props, "shared_memory_per_multiprocessor", None) or (base.shared_per_sm if base else per_block)
         return GPU(cc, props.multi_processor_count, int(per_block), int(per_sm), name=props.name)
 
 
@@ -111,11 +114,16 @@ def check_precision(precision, capability: int | None = None) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if capability is None or precision == "fp32" or capability >= 80:
         return
-    units = {"tf32": "has no tf32 tensor cores", "bf16": "has no bf16 tensor cores",
-             "fp16": "has fp16 tensor cores, but Triton 3.x compiles tl.dot to FMAs there (no Volta MMA path; "
-                     "the fp16 conversions spill)"}[precision]
-    raise ValueError(f"precision {precision!r} is not available on sm_{capability}: the GPU {units}; use "
-                     f"precision='fp32' (kernels._common.default_precision({capability}) = 'fp32')")
+    units = {
+        "tf32": "has no tf32 tensor cores",
+        "bf16": "has no bf16 tensor cores",
+        "fp16": "has fp16 tensor cores, but Triton 3.x compiles tl.dot to FMAs there (no Volta MMA path; "
+        "the fp16 conversions spill)",
+    }[precision]
+    raise ValueError(
+        f"precision {precision!r} is not available on sm_{capability}: the GPU {units}; use "
+        f"precision='fp32' (kernels._common.default_precision({capability}) = 'fp32')"
+    )
 
 
 def dot_flags(precision: str, gpu: GPU | None) -> tuple[str, str]:
@@ -131,8 +139,10 @@ def dot_flags(precision: str, gpu: GPU | None) -> tuple[str, str]:
 
 def index_64(*tensors) -> bool:
     """Whether some element of these tensors lies 2^31 or more elements from its base pointer."""
-    reach = max(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0 for t in tensors)
-    return reach >= 2 ** 31 - 1
+    reach = max(
+        sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0 for t in tensors
+    )
+    return reach >= 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------- jit helpers
@@ -172,15 +182,22 @@ class Plan:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
-    meta: dict = field(default_factory=dict)     # shapes etc. for reports; not passed to the kernel
+    meta: dict = field(default_factory=dict)  # shapes etc. for reports; not passed to the kernel
 
     def launch(self):
-        return self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
-                                      num_stages=self.num_stages)
+        return self.kernel[self.grid](
+            *self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages
+        )
 
     def describe(self) -> dict:
         """JSON-friendly: constexprs (dtypes as strings), warps, stages, grid."""
         cx = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in self.constexprs.items()}
-        return dict(kernel=self.kernel.__name__ if hasattr(self.kernel, "__name__") else str(self.kernel),
-                    label=self.label, grid=list(self.grid), num_warps=self.num_warps, num_stages=self.num_stages,
-                    constexprs=cx, **self.meta)
+        return dict(
+            kernel=self.kernel.__name__ if hasattr(self.kernel, "__name__") else str(self.kernel),
+            label=self.label,
+            grid=list(self.grid),
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+            constexprs=cx,
+            **self.meta,
+        )

@@ -46,6 +46,7 @@ it; inside ``collect_plans()`` the plans are collected instead of run, so the co
 (bench/aot_compile.py) gets exactly the launches ``cheb_forward`` / ``cheb_backward`` make, from meta tensors.
 The tiles do not depend on the GPU (no tensor cores: a gather and FMAs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -90,14 +91,14 @@ def _load_masked_signal(s_ptr, y_ptr, offs, mask, MASK_RELU: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _combine(out, s, w_ptr, cc, oo, cmask, omask, stride_wc, stride_wo, SCALAR: tl.constexpr,
-             ACC: tl.constexpr):
+def _combine(out, s, w_ptr, cc, oo, cmask, omask, stride_wc, stride_wo, SCALAR: tl.constexpr, ACC: tl.constexpr):
     """out[r, b, o] += sum_c s[r, b, c] * M[c, o]; with one channel in and out, one scalar fma."""
     if SCALAR:
         out += s * tl.load(w_ptr).to(ACC)
     else:
-        w = tl.load(w_ptr + cc[:, None] * stride_wc + oo[None, :] * stride_wo,
-                    mask=cmask[:, None] & omask[None, :], other=0.0).to(ACC)
+        w = tl.load(
+            w_ptr + cc[:, None] * stride_wc + oo[None, :] * stride_wo, mask=cmask[:, None] & omask[None, :], other=0.0
+        ).to(ACC)
         out += tl.sum(s[:, :, :, None] * w[None, None, :, :], axis=2)
     return out
 
@@ -121,19 +122,42 @@ def _slot(k, stride_slot):
 # ---------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _cheb_step_kernel(
-    crow_ptr, col_ptr, val_ptr,          # CSR of the operator (L~ forward, L~^T backward)
-    s0_ptr, y_ptr,                       # S_0 (V, B, C); y: saved output whose sign masks S_0 (MASK_S0)
-    sbuf_ptr, stride_slot,               # S_1.. in slots (slot k-1 holds S_k), each (V, B, C)
-    w_ptr, stride_wk, stride_wc, stride_wo,  # combination matrices M_k[c, o]
-    bias_ptr,                            # (O,)
-    out_ptr,                             # (V, B, O): the combination
-    xr_ptr, dw_part_ptr, db_part_ptr,    # REDUCE: xr (V, B, D); partials (P, K, D, C) and (P, C)
-    V, B,
-    K: tl.constexpr, STEP: tl.constexpr,
-    C: tl.constexpr, CP: tl.constexpr, O: tl.constexpr, OP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    COMBINE: tl.constexpr, STORE_STEP: tl.constexpr, MASK_S0: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RELU: tl.constexpr, REDUCE: tl.constexpr, SCALAR: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+    crow_ptr,
+    col_ptr,
+    val_ptr,  # CSR of the operator (L~ forward, L~^T backward)
+    s0_ptr,
+    y_ptr,  # S_0 (V, B, C); y: saved output whose sign masks S_0 (MASK_S0)
+    sbuf_ptr,
+    stride_slot,  # S_1.. in slots (slot k-1 holds S_k), each (V, B, C)
+    w_ptr,
+    stride_wk,
+    stride_wc,
+    stride_wo,  # combination matrices M_k[c, o]
+    bias_ptr,  # (O,)
+    out_ptr,  # (V, B, O): the combination
+    xr_ptr,
+    dw_part_ptr,
+    db_part_ptr,  # REDUCE: xr (V, B, D); partials (P, K, D, C) and (P, C)
+    V,
+    B,
+    K: tl.constexpr,
+    STEP: tl.constexpr,
+    C: tl.constexpr,
+    CP: tl.constexpr,
+    O: tl.constexpr,
+    OP: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    COMBINE: tl.constexpr,
+    STORE_STEP: tl.constexpr,
+    MASK_S0: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    REDUCE: tl.constexpr,
+    SCALAR: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     """One Chebyshev step S_STEP = 2 A S_{STEP-1} - S_{STEP-2} (S_1 = A S_0) for a tile of rows and signals.
 
@@ -150,7 +174,7 @@ def _cheb_step_kernel(
     bmask = bb < B
     cmask = cc < C
     rows64 = rows.to(tl.int64)
-    lane = (bb * C)[None, :, None] + cc[None, None, :]          # offset inside one vertex's row
+    lane = (bb * C)[None, :, None] + cc[None, None, :]  # offset inside one vertex's row
     lane_mask = bmask[None, :, None] & cmask[None, None, :]
     own = rows64[:, None, None] * (B * C) + lane
     own_mask = rmask[:, None, None] & lane_mask
@@ -179,8 +203,7 @@ def _cheb_step_kernel(
             prev = tl.load(sbuf_ptr + _slot(STEP - 3, stride_slot) + own, mask=own_mask, other=0.0).to(ACC)
             s_new = 2.0 * acc - prev
         if STORE_STEP:
-            tl.store(sbuf_ptr + _slot(STEP - 1, stride_slot) + own,
-                     s_new.to(sbuf_ptr.dtype.element_ty), mask=own_mask)
+            tl.store(sbuf_ptr + _slot(STEP - 1, stride_slot) + own, s_new.to(sbuf_ptr.dtype.element_ty), mask=own_mask)
 
     if COMBINE:
         oo = tl.arange(0, OP)
@@ -190,9 +213,11 @@ def _cheb_step_kernel(
             pid = pid_r * tl.num_programs(1) + pid_b
             dd = tl.arange(0, DP)
             dmask = dd < D
-            xr = tl.load(xr_ptr + rows64[:, None, None] * (B * D) + (bb * D)[None, :, None] + dd[None, None, :],
-                         mask=rmask[:, None, None] & bmask[None, :, None] & dmask[None, None, :],
-                         other=0.0).to(ACC)
+            xr = tl.load(
+                xr_ptr + rows64[:, None, None] * (B * D) + (bb * D)[None, :, None] + dd[None, None, :],
+                mask=rmask[:, None, None] & bmask[None, :, None] & dmask[None, None, :],
+                other=0.0,
+            ).to(ACC)
         for k in tl.static_range(K):
             if k == 0:
                 s_k = _load_masked_signal(s0_ptr, y_ptr, own, own_mask, MASK_S0, ACC)
@@ -203,29 +228,41 @@ def _cheb_step_kernel(
                 s_k = s_new
             else:
                 s_k = tl.load(sbuf_ptr + _slot(k - 1, stride_slot) + own, mask=own_mask, other=0.0).to(ACC)
-            out = _combine(out, s_k, w_ptr + k * stride_wk, cc, oo, cmask, omask, stride_wc, stride_wo,
-                           SCALAR, ACC)
+            out = _combine(out, s_k, w_ptr + k * stride_wk, cc, oo, cmask, omask, stride_wc, stride_wo, SCALAR, ACC)
             if REDUCE:
-                _store_outer_partial(dw_part_ptr + (pid * K + k) * (D * C), xr, s_k, dd, cc, dmask, cmask,
-                                     C, SCALAR)
+                _store_outer_partial(dw_part_ptr + (pid * K + k) * (D * C), xr, s_k, dd, cc, dmask, cmask, C, SCALAR)
         if HAS_BIAS:
             out += tl.load(bias_ptr + oo, mask=omask, other=0.0).to(ACC)[None, None, :]
         if RELU:
             out = tl.maximum(out, 0.0)
-        tl.store(out_ptr + rows64[:, None, None] * (B * O) + (bb * O)[None, :, None] + oo[None, None, :],
-                 out.to(out_ptr.dtype.element_ty),
-                 mask=rmask[:, None, None] & bmask[None, :, None] & omask[None, None, :])
+        tl.store(
+            out_ptr + rows64[:, None, None] * (B * O) + (bb * O)[None, :, None] + oo[None, None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=rmask[:, None, None] & bmask[None, :, None] & omask[None, None, :],
+        )
 
 
 @triton.jit
 def _cheb_weight_grad_kernel(
-    s0_ptr, sbuf_ptr, stride_slot,       # the forward basis: T_0 = x and slots T_1..T_{K-1}, each (V, B, C)
-    dy_ptr, y_ptr,                       # (V, B, O)
-    dw_part_ptr, db_part_ptr,            # partials (P, K, C, O) and (P, O)
-    V, B,
-    K: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, O: tl.constexpr, OP: tl.constexpr,
-    RELU: tl.constexpr, SCALAR: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+    s0_ptr,
+    sbuf_ptr,
+    stride_slot,  # the forward basis: T_0 = x and slots T_1..T_{K-1}, each (V, B, C)
+    dy_ptr,
+    y_ptr,  # (V, B, O)
+    dw_part_ptr,
+    db_part_ptr,  # partials (P, K, C, O) and (P, O)
+    V,
+    B,
+    K: tl.constexpr,
+    C: tl.constexpr,
+    CP: tl.constexpr,
+    O: tl.constexpr,
+    OP: tl.constexpr,
+    RELU: tl.constexpr,
+    SCALAR: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     """Per-program partials of dW_k = sum T_k^T dz and db = sum dz, with dz = dy * (y > 0)."""
     pid_r = tl.program_id(0)
@@ -305,8 +342,26 @@ def collect_plans():
         _COLLECT.reset(token)
 
 
-def _step(op: CSR, s0, sbuf, *, K, step, C, combine=False, store_step=True, mask_y=None, weight_view=None,
-          bias=None, relu=False, out=None, reduce_x=None, dw_part=None, db_part=None, tiles):
+def _step(
+    op: CSR,
+    s0,
+    sbuf,
+    *,
+    K,
+    step,
+    C,
+    combine=False,
+    store_step=True,
+    mask_y=None,
+    weight_view=None,
+    bias=None,
+    relu=False,
+    out=None,
+    reduce_x=None,
+    dw_part=None,
+    db_part=None,
+    tiles,
+):
     """Launch ``_cheb_step_kernel`` once. weight_view: (K, C, O) strided view of the combination matrices."""
     V, B = s0.shape[0], s0.shape[1]
     O = weight_view.shape[2] if combine else 1
@@ -315,27 +370,69 @@ def _step(op: CSR, s0, sbuf, *, K, step, C, combine=False, store_step=True, mask
     grid = (triton.cdiv(V, br), triton.cdiv(B, bb))
     dummy = s0
     w = weight_view if combine else dummy
-    _run(Plan(_cheb_step_kernel, grid, (
-        op.crow, op.col, op.values,
-        s0, mask_y if mask_y is not None else dummy,
-        sbuf if sbuf is not None else dummy, V * B * C,
-        w, w.stride(0) if combine else 0, w.stride(1) if combine else 0, w.stride(2) if combine else 0,
-        bias if bias is not None else dummy,
-        out if out is not None else dummy,
-        reduce_x if reduce_x is not None else dummy,
-        dw_part if dw_part is not None else dummy, db_part if db_part is not None else dummy,
-        V, B), dict(
-        K=K, STEP=step, C=C, CP=triton.next_power_of_2(C), O=O, OP=triton.next_power_of_2(O),
-        D=D, DP=triton.next_power_of_2(D),
-        COMBINE=combine, STORE_STEP=store_step, MASK_S0=mask_y is not None, HAS_BIAS=bias is not None,
-        RELU=relu, REDUCE=reduce_x is not None, SCALAR=(C == 1 and O == 1), ACC=_acc_type(s0.dtype),
-        BLOCK_R=br, BLOCK_B=bb), nw, 3, label=f"cheb step {step}/{K - 1}" + (" + combine" if combine else ""),
-        meta=dict(V=V, B=B, C=C, O=O, K=K, dtype=str(s0.dtype), gemm=False)))
+    _run(
+        Plan(
+            _cheb_step_kernel,
+            grid,
+            (
+                op.crow,
+                op.col,
+                op.values,
+                s0,
+                mask_y if mask_y is not None else dummy,
+                sbuf if sbuf is not None else dummy,
+                V * B * C,
+                w,
+                w.stride(0) if combine else 0,
+                w.stride(1) if combine else 0,
+                w.stride(2) if combine else 0,
+                bias if bias is not None else dummy,
+                out if out is not None else dummy,
+                reduce_x if reduce_x is not None else dummy,
+                dw_part if dw_part is not None else dummy,
+                db_part if db_part is not None else dummy,
+                V,
+                B,
+            ),
+            dict(
+                K=K,
+                STEP=step,
+                C=C,
+                CP=triton.next_power_of_2(C),
+                O=O,
+                OP=triton.next_power_of_2(O),
+                D=D,
+                DP=triton.next_power_of_2(D),
+                COMBINE=combine,
+                STORE_STEP=store_step,
+                MASK_S0=mask_y is not None,
+                HAS_BIAS=bias is not None,
+                RELU=relu,
+                REDUCE=reduce_x is not None,
+                SCALAR=(C == 1 and O == 1),
+                ACC=_acc_type(s0.dtype),
+                BLOCK_R=br,
+                BLOCK_B=bb,
+            ),
+            nw,
+            3,
+            label=f"cheb step {step}/{K - 1}" + (" + combine" if combine else ""),
+            meta=dict(V=V, B=B, C=C, O=O, K=K, dtype=str(s0.dtype), gemm=False),
+        )
+    )
     return grid[0] * grid[1]
 
 
-def cheb_forward(op: CSR, X: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool,
-                 keep_basis: bool, block_rows: int | None = None, block_batch: int | None = None):
+def cheb_forward(
+    op: CSR,
+    X: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    relu: bool,
+    keep_basis: bool,
+    block_rows: int | None = None,
+    block_batch: int | None = None,
+):
     """Forward over X (V, B, F_in) contiguous. Returns (Y (V, B, F_out), basis slots or None).
 
     keep_basis: also return T_1..T_{K-1} as a (K-1, V, B, F_in) buffer (for the weight-only backward).
@@ -358,8 +455,21 @@ def cheb_forward(op: CSR, X: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     sbuf = X.new_empty((slots, V, B, F_in)) if slots else None
     for step in range(1 if K > 1 else 0, K):
         last = step == K - 1
-        _step(op, X, sbuf, K=K, step=step, C=F_in, combine=last, store_step=(not last) or keep_basis,
-              weight_view=weight, bias=bias, relu=relu, out=Y, tiles=tiles)
+        _step(
+            op,
+            X,
+            sbuf,
+            K=K,
+            step=step,
+            C=F_in,
+            combine=last,
+            store_step=(not last) or keep_basis,
+            weight_view=weight,
+            bias=bias,
+            relu=relu,
+            out=Y,
+            tiles=tiles,
+        )
     return Y, (sbuf if keep_basis else None)
 
 
@@ -373,8 +483,20 @@ def _propagate(op: CSR, S0: torch.Tensor, K: int, mask_y, block_rows, block_batc
     return sbuf
 
 
-def cheb_backward(op_t: CSR | None, X, Y, dY, weight, basis, relu: bool, need_x: bool, need_w: bool,
-                  need_b: bool, block_rows=None, block_batch=None):
+def cheb_backward(
+    op_t: CSR | None,
+    X,
+    Y,
+    dY,
+    weight,
+    basis,
+    relu: bool,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    block_rows=None,
+    block_batch=None,
+):
     """Gradients (dX (V, B, F_in) or None, dW or None, db or None) from dY (V, B, F_out).
 
     op_t: CSR of L~^T (the forward CSR when L~ is symmetric), needed only when need_x. basis: the slots kept by
@@ -393,7 +515,7 @@ def cheb_backward(op_t: CSR | None, X, Y, dY, weight, basis, relu: bool, need_x:
         if need_x:
             U = [dZ] + list(_propagate(op_t, dZ.contiguous(), K, None, block_rows, block_batch))
             dX = sum(flat(U[k], F_out) @ weight[k].T for k in range(K)).view(V, B, F_in)
-            if need_w:   # dW_k = sum x^T U_k = sum T_k^T dz
+            if need_w:  # dW_k = sum x^T U_k = sum T_k^T dz
                 dW = torch.stack([flat(X, F_in).T @ flat(U[k], F_out) for k in range(K)])
         elif need_w:
             T = [X] + list(basis)
@@ -411,9 +533,23 @@ def cheb_backward(op_t: CSR | None, X, Y, dY, weight, basis, relu: bool, need_x:
         db_part = torch.empty((P, F_out), dtype=acc_dtype, device=X.device) if reduce else None
         for step in range(1 if K > 1 else 0, K):
             last = step == K - 1
-            _step(op_t, dY, sbuf, K=K, step=step, C=F_out, combine=last, store_step=not last, mask_y=mask_y,
-                  weight_view=weight.permute(0, 2, 1), out=dX, reduce_x=X if (last and reduce) else None,
-                  dw_part=dw_part, db_part=db_part, tiles=tiles)
+            _step(
+                op_t,
+                dY,
+                sbuf,
+                K=K,
+                step=step,
+                C=F_out,
+                combine=last,
+                store_step=not last,
+                mask_y=mask_y,
+                weight_view=weight.permute(0, 2, 1),
+                out=dX,
+                reduce_x=X if (last and reduce) else None,
+                dw_part=dw_part,
+                db_part=db_part,
+                tiles=tiles,
+            )
     else:
         tiles = pick_tiles(B, F_in, F_out, block_rows, block_batch)
         br, bb, nw = tiles
@@ -421,13 +557,29 @@ def cheb_backward(op_t: CSR | None, X, Y, dY, weight, basis, relu: bool, need_x:
         P = grid[0] * grid[1]
         dw_part = torch.empty((P, K, F_in, F_out), dtype=acc_dtype, device=X.device)
         db_part = torch.empty((P, F_out), dtype=acc_dtype, device=X.device)
-        _run(Plan(_cheb_weight_grad_kernel, grid, (
-            X, basis if basis is not None and basis.numel() else X, V * B * F_in,
-            dY, Y, dw_part, db_part, V, B), dict(
-            K=K, C=F_in, CP=triton.next_power_of_2(F_in), O=F_out, OP=triton.next_power_of_2(F_out),
-            RELU=relu, SCALAR=(F_in == 1 and F_out == 1), ACC=_acc_type(X.dtype),
-            BLOCK_R=br, BLOCK_B=bb), nw, 3, label="cheb weight gradient",
-            meta=dict(V=V, B=B, C=F_in, O=F_out, K=K, dtype=str(X.dtype), gemm=False)))
+        _run(
+            Plan(
+                _cheb_weight_grad_kernel,
+                grid,
+                (X, basis if basis is not None and basis.numel() else X, V * B * F_in, dY, Y, dw_part, db_part, V, B),
+                dict(
+                    K=K,
+                    C=F_in,
+                    CP=triton.next_power_of_2(F_in),
+                    O=F_out,
+                    OP=triton.next_power_of_2(F_out),
+                    RELU=relu,
+                    SCALAR=(F_in == 1 and F_out == 1),
+                    ACC=_acc_type(X.dtype),
+                    BLOCK_R=br,
+                    BLOCK_B=bb,
+                ),
+                nw,
+                3,
+                label="cheb weight gradient",
+                meta=dict(V=V, B=B, C=F_in, O=F_out, K=K, dtype=str(X.dtype), gemm=False),
+            )
+        )
         reduce = True
     if reduce:
         # Second stage of the deterministic reduction: a fixed-order sum over the programs' partials.
@@ -475,7 +627,7 @@ class ChebConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, op, op_t_fn, relu, block_rows, block_batch):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        X = x.permute(1, 0, 2).contiguous()      # (V, B, F_in): no copy when x is a previous layer's output
+        X = x.permute(1, 0, 2).contiguous()  # (V, B, F_in): no copy when x is a previous layer's output
         keep_basis = (need_w or need_b) and not need_x
         Y, basis = cheb_forward(op, X, weight, bias, relu, keep_basis, block_rows, block_batch)
         y = Y.permute(1, 0, 2)
@@ -490,15 +642,23 @@ class ChebConvFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dY = dy.permute(1, 0, 2).contiguous()
         op_t = ctx.op_t_fn() if need_x else None
-        dX, dW, db = cheb_backward(op_t, X, y.permute(1, 0, 2), dY, weight, basis, ctx.relu, need_x, need_w,
-                                   need_b, *ctx.tiles)
+        dX, dW, db = cheb_backward(
+            op_t, X, y.permute(1, 0, 2), dY, weight, basis, ctx.relu, need_x, need_w, need_b, *ctx.tiles
+        )
         dx = dX.permute(1, 0, 2) if dX is not None else None
         return dx, dW, db, None, None, None, None, None
 
 
-def cheb_conv(op: CSR, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              activation: str | None = "relu", op_t=None, block_rows: int | None = None,
-              block_batch: int | None = None) -> torch.Tensor:
+def cheb_conv(
+    op: CSR,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "relu",
+    op_t=None,
+    block_rows: int | None = None,
+    block_batch: int | None = None,
+) -> torch.Tensor:
     """act(sum_k T_k(L~) x W_k + b) with the Triton kernels; inputs are assumed checked.
 
     op: CSR of L~. op_t: CSR of L~^T, or a zero-argument callable returning it (called only if dx is needed),
@@ -508,15 +668,16 @@ def cheb_conv(op: CSR, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     _acc_type(x.dtype)
     relu = activation == "relu"
     if bias is not None:
-        bias = bias.contiguous()          # the kernels index it densely
+        bias = bias.contiguous()  # the kernels index it densely
     if op_t is None:
         op_t_fn = lambda: transpose_csr(op)  # noqa: E731
     elif callable(op_t) and not isinstance(op_t, CSR):
         op_t_fn = op_t
     else:
         op_t_fn = lambda: op_t  # noqa: E731
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad))
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
     if needs_grad:
         return ChebConvFunction.apply(x, weight, bias, op, op_t_fn, relu, block_rows, block_batch)
     X = x.permute(1, 0, 2).contiguous()

@@ -50,18 +50,30 @@ operand type, and in fp16 those spill (the compile gate, bench/aot_compile.py).
 The error of out grows with the logits' size: p depends on exp(h), so an absolute error e on h is a relative
 error e on p.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (GPU, INTERPRETED, PRECISIONS, Plan, check_precision, default_precision,  # noqa: F401
-                      dot_flags, dot_step, gpu_for, index, index_64)
+from ._common import (  # noqa: F401
+    GPU,
+    INTERPRETED,
+    PRECISIONS,
+    Plan,
+    check_precision,
+    default_precision,
+    dot_flags,
+    dot_step,
+    gpu_for,
+    index,
+    index_64,
+)
 
-SINGLE_TILE_MAX_N = 256          # rows up to this width are one tile: one kernel, the softmax in registers
-BACKWARD_GEMM = "auto"           # "auto": cuBLAS for fp32, Triton for tf32/bf16/fp16; "triton": Triton for all
-WGMMA_TILES = False              # sm_90: keep BLOCK_M >= 64 so that the GEMMs get wgmma (see forward_tiles)
+SINGLE_TILE_MAX_N = 256  # rows up to this width are one tile: one kernel, the softmax in registers
+BACKWARD_GEMM = "auto"  # "auto": cuBLAS for fp32, Triton for tf32/bf16/fp16; "triton": Triton for all
+WGMMA_TILES = False  # sm_90: keep BLOCK_M >= 64 so that the GEMMs get wgmma (see forward_tiles)
 
 
 # ------------------------------------------------------------------------------------------------- kernels
@@ -84,12 +96,34 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def _coattention_fwd_kernel(
-    f_ptr, w_ptr, b_ptr, g_ptr, out_ptr, a_ptr, lse_ptr, part_max_ptr, part_sum_ptr,
-    M, N, scale,
-    stride_fm, stride_fk, stride_wn, stride_wk, stride_b, stride_gm, stride_gn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_CAST: tl.constexpr, SINGLE_TILE: tl.constexpr, SAVE: tl.constexpr,
-    GROUP_M: tl.constexpr, INDEX_64: tl.constexpr,
+    f_ptr,
+    w_ptr,
+    b_ptr,
+    g_ptr,
+    out_ptr,
+    a_ptr,
+    lse_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    M,
+    N,
+    scale,
+    stride_fm,
+    stride_fk,
+    stride_wn,
+    stride_wk,
+    stride_b,
+    stride_gm,
+    stride_gn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_CAST: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    SAVE: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of h = f @ W.T + b, then the epilogue (see the module docstring)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -100,8 +134,8 @@ def _coattention_fwd_kernel(
     mask_n = offs_n < N
     rows, cols = index(offs_m, INDEX_64), index(offs_n, INDEX_64)
 
-    f_ptrs = f_ptr + rows[:, None] * stride_fm + offs_k[None, :] * stride_fk       # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn       # (BLOCK_K, BLOCK_N) of W.T
+    f_ptrs = f_ptr + rows[:, None] * stride_fm + offs_k[None, :] * stride_fk  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # (BLOCK_K, BLOCK_N) of W.T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, N, BLOCK_K):
         mask_k = (k0 + offs_k) < N
@@ -116,7 +150,7 @@ def _coattention_fwd_kernel(
     # ReLU written as a select so that NaN stays NaN (maximum(NaN, 0) may return 0 and hide it).
     a = tl.where(h < 0.0, 0.0, h)
     mask = mask_m[:, None] & mask_n[None, :]
-    mn_offs = rows[:, None] * N + cols[None, :]                                    # a, out: contiguous
+    mn_offs = rows[:, None] * N + cols[None, :]  # a, out: contiguous
     if SAVE or not SINGLE_TILE:
         tl.store(a_ptr + mn_offs, a, mask=mask)
 
@@ -138,10 +172,22 @@ def _coattention_fwd_kernel(
 
 @triton.jit
 def _coattention_normalize_kernel(
-    a_ptr, g_ptr, out_ptr, lse_ptr, part_max_ptr, part_sum_ptr,
-    M, N, NUM_TILES, scale,
-    stride_gm, stride_gn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_POW2: tl.constexpr, SAVE: tl.constexpr,
+    a_ptr,
+    g_ptr,
+    out_ptr,
+    lse_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    M,
+    N,
+    NUM_TILES,
+    scale,
+    stride_gm,
+    stride_gn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILES_POW2: tl.constexpr,
+    SAVE: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     """Pass 2 of a wide row: merge the column tiles' (max, sum) into lse, then out = exp(a - lse) * g * scale."""
@@ -156,7 +202,7 @@ def _coattention_normalize_kernel(
     part_max = tl.load(part_max_ptr + part_offs, mask=part_mask, other=float("-inf"))
     part_sum = tl.load(part_sum_ptr + part_offs, mask=part_mask, other=0.0)
     row_max = tl.max(part_max, axis=1)
-    row_max = tl.where(mask_m, row_max, 0.0)            # rows past M: keep -inf - -inf out of the arithmetic
+    row_max = tl.where(mask_m, row_max, 0.0)  # rows past M: keep -inf - -inf out of the arithmetic
     row_sum = tl.sum(part_sum * tl.exp(part_max - row_max[:, None]), axis=1)
     row_sum = tl.where(mask_m, row_sum, 1.0)
     lse = row_max + tl.log(row_sum)
@@ -177,10 +223,24 @@ def _coattention_normalize_kernel(
 
 @triton.jit
 def _coattention_bwd_kernel(
-    dout_ptr, out_ptr, a_ptr, lse_ptr, g_ptr, dg_ptr, dh_ptr, db_part_ptr,
-    M, N, scale,
-    stride_dom, stride_don, stride_gm, stride_gn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr,
+    dout_ptr,
+    out_ptr,
+    a_ptr,
+    lse_ptr,
+    g_ptr,
+    dg_ptr,
+    dh_ptr,
+    db_part_ptr,
+    M,
+    N,
+    scale,
+    stride_dom,
+    stride_don,
+    stride_gm,
+    stride_gn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     """dg, dh and per-program column sums of dh for BLOCK_M rows; two passes over the row (see docstring)."""
     pid = tl.program_id(0)
@@ -220,10 +280,27 @@ def _coattention_bwd_kernel(
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K, K_PER_SPLIT,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_CAST: tl.constexpr, GROUP_M: tl.constexpr, INDEX_64: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    K_PER_SPLIT,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cs,
+    stride_cm,
+    stride_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_CAST: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     """c[split] = a[:, K-slice] @ b[K-slice, :] in fp32; the launcher sums the splits (deterministically)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -332,8 +409,15 @@ def matmul_tiles(M: int, N: int, K: int, gpu: GPU | None, precision: str = "fp32
         num_warps, num_stages = 4, 1
         splits = 2 if K >= 2 * block_k else 1
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-                splits=triton.cdiv(K, k_per_split), k_per_split=k_per_split)
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        splits=triton.cdiv(K, k_per_split),
+        k_per_split=k_per_split,
+    )
 
 
 def forward_config(M: int, N: int, device: torch.device, precision: str = "fp32") -> dict:
@@ -349,9 +433,11 @@ def rowwise_config(M: int, N: int, device: torch.device) -> dict:
 # ------------------------------------------------------------------------------------------------------ plans
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError("Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before "
-                           "importing scanet.kernels.coattention (scanet.fused.coattention falls back to the "
-                           "eager reference by itself)")
+        raise RuntimeError(
+            "Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before "
+            "importing scanet.kernels.coattention (scanet.fused.coattention falls back to the "
+            "eager reference by itself)"
+        )
     if t.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"the co-attention kernels run on CUDA (or CPU under the interpreter), not {t.device}")
 
@@ -360,8 +446,17 @@ def _capability(gpu: GPU | None):
     return gpu.capability if gpu is not None else None
 
 
-def plan_forward(f, g, weight, bias, scale: float = 1.0, precision: str = "fp32", save_for_backward: bool = True,
-                 gpu: GPU | None = None, wgmma: bool | None = None):
+def plan_forward(
+    f,
+    g,
+    weight,
+    bias,
+    scale: float = 1.0,
+    precision: str = "fp32",
+    save_for_backward: bool = True,
+    gpu: GPU | None = None,
+    wgmma: bool | None = None,
+):
     """The forward launches for these tensors on ``gpu`` (None: from f's device; required for meta tensors).
     Returns (plans, (out, a, lse)): the outputs are allocated on f's device (free on meta); ``a`` is the
     returned one (empty when not saved), the plans hold the buffer the kernels write."""
@@ -377,33 +472,88 @@ def plan_forward(f, g, weight, bias, scale: float = 1.0, precision: str = "fp32"
     lse = torch.empty((M if save_for_backward else 0,), device=dev, dtype=torch.float32)
     num_tiles = triton.cdiv(N, cfg["BLOCK_N"])
     if single:
-        part_max = part_sum = out                      # unused: SINGLE_TILE never touches them
+        part_max = part_sum = out  # unused: SINGLE_TILE never touches them
     else:
         part_max = torch.empty((M, num_tiles), device=dev, dtype=torch.float32)
         part_sum = torch.empty((M, num_tiles), device=dev, dtype=torch.float32)
     dot_precision, dot_cast = dot_flags(precision, gpu)
     wide = index_64(f, g, weight, out, part_max)
     meta = dict(M=M, N=N, precision=precision)
-    plans = [Plan(
-        _coattention_fwd_kernel, (num_tiles * triton.cdiv(M, cfg["BLOCK_M"]),),
-        (f, weight, bias, g, out, a, lse, part_max, part_sum, M, N, float(scale),
-         f.stride(0), f.stride(1), weight.stride(0), weight.stride(1), bias.stride(0), g.stride(0), g.stride(1)),
-        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=dot_precision,
-             DOT_CAST=dot_cast, SINGLE_TILE=single, SAVE=save_for_backward, GROUP_M=8, INDEX_64=wide),
-        cfg["num_warps"], cfg["num_stages"], label="coattention forward GEMM", meta=dict(meta, gemm=True))]
+    plans = [
+        Plan(
+            _coattention_fwd_kernel,
+            (num_tiles * triton.cdiv(M, cfg["BLOCK_M"]),),
+            (
+                f,
+                weight,
+                bias,
+                g,
+                out,
+                a,
+                lse,
+                part_max,
+                part_sum,
+                M,
+                N,
+                float(scale),
+                f.stride(0),
+                f.stride(1),
+                weight.stride(0),
+                weight.stride(1),
+                bias.stride(0),
+                g.stride(0),
+                g.stride(1),
+            ),
+            dict(
+                BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"],
+                DOT_PRECISION=dot_precision,
+                DOT_CAST=dot_cast,
+                SINGLE_TILE=single,
+                SAVE=save_for_backward,
+                GROUP_M=8,
+                INDEX_64=wide,
+            ),
+            cfg["num_warps"],
+            cfg["num_stages"],
+            label="coattention forward GEMM",
+            meta=dict(meta, gemm=True),
+        )
+    ]
     if not single:
         rc = rowwise_tiles(M, N, gpu)
-        plans.append(Plan(
-            _coattention_normalize_kernel, (triton.cdiv(N, rc["BLOCK_N"]), triton.cdiv(M, rc["BLOCK_M"])),
-            (a, g, out, lse, part_max, part_sum, M, N, num_tiles, float(scale), g.stride(0), g.stride(1)),
-            dict(BLOCK_M=rc["BLOCK_M"], BLOCK_N=rc["BLOCK_N"], TILES_POW2=triton.next_power_of_2(num_tiles),
-                 SAVE=save_for_backward, INDEX_64=wide),
-            rc["num_warps"], 3, label="coattention normalize", meta=dict(meta, gemm=False)))
+        plans.append(
+            Plan(
+                _coattention_normalize_kernel,
+                (triton.cdiv(N, rc["BLOCK_N"]), triton.cdiv(M, rc["BLOCK_M"])),
+                (a, g, out, lse, part_max, part_sum, M, N, num_tiles, float(scale), g.stride(0), g.stride(1)),
+                dict(
+                    BLOCK_M=rc["BLOCK_M"],
+                    BLOCK_N=rc["BLOCK_N"],
+                    TILES_POW2=triton.next_power_of_2(num_tiles),
+                    SAVE=save_for_backward,
+                    INDEX_64=wide,
+                ),
+                rc["num_warps"],
+                3,
+                label="coattention normalize",
+                meta=dict(meta, gemm=False),
+            )
+        )
     return plans, (out, a if save_for_backward else empty, lse)
 
 
-def coattention_forward(f, g, weight, bias, scale: float = 1.0, precision: str = "fp32",
-                        save_for_backward: bool = True, gpu: GPU | None = None):
+def coattention_forward(
+    f,
+    g,
+    weight,
+    bias,
+    scale: float = 1.0,
+    precision: str = "fp32",
+    save_for_backward: bool = True,
+    gpu: GPU | None = None,
+):
     """Launch the forward pass. Returns (out, a, lse); a = relu(f W^T + b) (M, N) and lse (M,) are what
     ``coattention_backward`` needs, and are empty (0,) tensors when ``save_for_backward`` is False.
 
@@ -430,13 +580,38 @@ def plan_matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32", gpu: 
     c = torch.empty((cfg["splits"], M, N), device=a.device, dtype=torch.float32)
     dot_precision, dot_cast = dot_flags(precision, gpu)
     plan = Plan(
-        _matmul_kernel, (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), cfg["splits"]),
-        (a, b, c, M, N, K, cfg["k_per_split"],
-         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2)),
-        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=dot_precision,
-             DOT_CAST=dot_cast, GROUP_M=8, INDEX_64=index_64(a, b, c)),
-        cfg["num_warps"], cfg["num_stages"], label="matmul", meta=dict(M=M, N=N, K=K, precision=precision,
-                                                                       gemm=True))
+        _matmul_kernel,
+        (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), cfg["splits"]),
+        (
+            a,
+            b,
+            c,
+            M,
+            N,
+            K,
+            cfg["k_per_split"],
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            c.stride(0),
+            c.stride(1),
+            c.stride(2),
+        ),
+        dict(
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"],
+            DOT_PRECISION=dot_precision,
+            DOT_CAST=dot_cast,
+            GROUP_M=8,
+            INDEX_64=index_64(a, b, c),
+        ),
+        cfg["num_warps"],
+        cfg["num_stages"],
+        label="matmul",
+        meta=dict(M=M, N=N, K=K, precision=precision, gemm=True),
+    )
     return plan, c
 
 
@@ -458,8 +633,20 @@ def triton_backward_gemms(precision: str, gpu: GPU | None) -> bool:
     return precision != "fp32" or BACKWARD_GEMM == "triton"
 
 
-def plan_backward(dout, out, a, lse, f, g, weight, scale: float = 1.0, precision: str = "fp32",
-                  need_df: bool = True, need_dweight: bool = True, gpu: GPU | None = None):
+def plan_backward(
+    dout,
+    out,
+    a,
+    lse,
+    f,
+    g,
+    weight,
+    scale: float = 1.0,
+    precision: str = "fp32",
+    need_df: bool = True,
+    need_dweight: bool = True,
+    gpu: GPU | None = None,
+):
     """(plan of the elementwise backward kernel, (dg, dh, db_part), GEMMs): GEMMs lists the (name, left, right)
     operands of the products still to do, df = dh @ W and dW = dh^T @ f (what ``coattention_backward`` runs,
     and what the compile gate plans with ``plan_matmul``)."""
@@ -473,17 +660,49 @@ def plan_backward(dout, out, a, lse, f, g, weight, scale: float = 1.0, precision
     dh = torch.empty((M, N), device=dev, dtype=torch.float32)
     db_part = torch.empty((programs, N), device=dev, dtype=torch.float32)
     plan = Plan(
-        _coattention_bwd_kernel, (programs,),
-        (dout, out, a, lse, g, dg, dh, db_part, M, N, float(scale), dout.stride(0), dout.stride(1),
-         g.stride(0), g.stride(1)),
+        _coattention_bwd_kernel,
+        (programs,),
+        (
+            dout,
+            out,
+            a,
+            lse,
+            g,
+            dg,
+            dh,
+            db_part,
+            M,
+            N,
+            float(scale),
+            dout.stride(0),
+            dout.stride(1),
+            g.stride(0),
+            g.stride(1),
+        ),
         dict(BLOCK_M=rc["BLOCK_M"], BLOCK_N=rc["BLOCK_N"], INDEX_64=index_64(dout, g, dh, db_part)),
-        rc["num_warps"], 3, label="coattention backward", meta=dict(M=M, N=N, precision=precision, gemm=False))
+        rc["num_warps"],
+        3,
+        label="coattention backward",
+        meta=dict(M=M, N=N, precision=precision, gemm=False),
+    )
     gemms = ([("df", dh, weight)] if need_df else []) + ([("dweight", dh.t(), f)] if need_dweight else [])
     return plan, (dg, dh, db_part), gemms
 
 
-def coattention_backward(dout, out, a, lse, f, g, weight, scale: float = 1.0, precision: str = "fp32",
-                         need_df: bool = True, need_dweight: bool = True, gpu: GPU | None = None):
+def coattention_backward(
+    dout,
+    out,
+    a,
+    lse,
+    f,
+    g,
+    weight,
+    scale: float = 1.0,
+    precision: str = "fp32",
+    need_df: bool = True,
+    need_dweight: bool = True,
+    gpu: GPU | None = None,
+):
     """Gradients (df, dg, dweight, dbias) from the saved (out, a, lse); df or (dweight, dbias) are empty (0,)
     tensors when not needed. dout may have any strides (a sum's gradient is an expanded view)."""
     check_precision(precision)
@@ -493,13 +712,15 @@ def coattention_backward(dout, out, a, lse, f, g, weight, scale: float = 1.0, pr
     gpu = gpu_for(f.device, gpu)
     dev = f.device
     dout = dout.to(torch.float32)
-    plan, (dg, dh, db_part), gemms = plan_backward(dout, out, a, lse, f, g, weight, scale, precision, need_df,
-                                                   need_dweight, gpu)
+    plan, (dg, dh, db_part), gemms = plan_backward(
+        dout, out, a, lse, f, g, weight, scale, precision, need_df, need_dweight, gpu
+    )
     plan.launch()
     products = {}
     for name, left, right in gemms:
-        products[name] = matmul(left, right, precision, gpu) if triton_backward_gemms(precision, gpu) \
-            else torch.matmul(left, right)
+        products[name] = (
+            matmul(left, right, precision, gpu) if triton_backward_gemms(precision, gpu) else torch.matmul(left, right)
+        )
 
     def empty():  # a fresh one each: outputs of a torch.library op may not alias each other
         return torch.empty((0,), device=dev, dtype=torch.float32)
@@ -529,7 +750,14 @@ class CoAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         out, a, lse, f, g, weight = ctx.saved_tensors
         need_df, need_dg, need_dw, need_db = ctx.needs_input_grad[:4]
-        df, dg, dw, db = coattention_backward(dout, out, a, lse, f, g, weight, ctx.scale, ctx.precision,
-                                              need_df, need_dw or need_db)
-        return (df if need_df else None, dg if need_dg else None, dw if need_dw else None,
-                db if need_db else None, None, None)
+        df, dg, dw, db = coattention_backward(
+            dout, out, a, lse, f, g, weight, ctx.scale, ctx.precision, need_df, need_dw or need_db
+        )
+        return (
+            df if need_df else None,
+            dg if need_dg else None,
+            dw if need_dw else None,
+            db if need_db else None,
+            None,
+            None,
+        )

@@ -68,6 +68,7 @@ Precision (``precision``; the interpreter computes tf32 and bf16 in fp32, fp16 a
 Block sizes come from one heuristic (``config``), not autotuning (the interpreter allows a single config); they
 are UNTUNED on a GPU (none was available when this was written).
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,8 +82,20 @@ LAYOUTS = ("outer", "list")
 
 # ------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _pair_product(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, cols, col_mask, N,
-                  PAIR_LIST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pair_product(
+    a_ptr,
+    a_rows,
+    a_mask,
+    b_ptr,
+    b_rows,
+    b_mask,
+    cols,
+    col_mask,
+    N,
+    PAIR_LIST: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """(BLOCK_P, BLOCK_C) tile of a[row_a(p), cols] * b[row_b(p), cols] for the program's pairs p.
 
     Outer layout: a_rows (BLOCK_I,) and b_rows (BLOCK_J,), pair p = i_local * BLOCK_J + j_local, built as a
@@ -100,12 +113,33 @@ def _pair_product(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, cols, col_mask, 
 
 @triton.jit
 def _pair_scores_kernel(
-    ft_ptr, at_ptr, fi_ptr, ai_ptr, u_ptr, v_ptr,     # (Nt, N) f_t, a1_T, u;  (Ni, N) f_i, a1_I, v
-    wt_ptr, bt_ptr, wi_ptr, bi_ptr,                   # W2_T^T, W2_I^T: (N_in, N_out) row-major; biases (N,)
-    tidx_ptr, iidx_ptr, out_ptr,                      # pair indices (PAIR_LIST) and the output
-    NT, NI, NP, N, out_scale, head_bias,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_I: tl.constexpr, PAIR_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_CAST: tl.constexpr,
+    ft_ptr,
+    at_ptr,
+    fi_ptr,
+    ai_ptr,
+    u_ptr,
+    v_ptr,  # (Nt, N) f_t, a1_T, u;  (Ni, N) f_i, a1_I, v
+    wt_ptr,
+    bt_ptr,
+    wi_ptr,
+    bi_ptr,  # W2_T^T, W2_I^T: (N_in, N_out) row-major; biases (N,)
+    tidx_ptr,
+    iidx_ptr,
+    out_ptr,  # pair indices (PAIR_LIST) and the output
+    NT,
+    NI,
+    NP,
+    N,
+    out_scale,
+    head_bias,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_I: tl.constexpr,
+    PAIR_LIST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_CAST: tl.constexpr,
 ):
     """Logits of BLOCK_I x BLOCK_J pairs (or BLOCK_P listed pairs); see the module docstring."""
     BLOCK_P: tl.constexpr = BLOCK_I * BLOCK_J
@@ -134,12 +168,12 @@ def _pair_scores_kernel(
         rows_t = offs_i.to(tl.int64)
         rows_i = offs_j.to(tl.int64)
         offs_p = tl.arange(0, BLOCK_P)
-        pair_t = pid_i * BLOCK_I + offs_p // BLOCK_J          # pair p = i_local * BLOCK_J + j_local
+        pair_t = pid_i * BLOCK_I + offs_p // BLOCK_J  # pair p = i_local * BLOCK_J + j_local
         pair_i = pid_j * BLOCK_J + offs_p % BLOCK_J
         mask_out = (pair_t < NT) & (pair_i < NI)
         out_offs = pair_t.to(tl.int64) * NI + pair_i
 
-    m_t = tl.zeros((BLOCK_P,), dtype=tl.float32)      # running max of relu(h_T): ReLU output is >= 0
+    m_t = tl.zeros((BLOCK_P,), dtype=tl.float32)  # running max of relu(h_T): ReLU output is >= 0
     l_t = tl.zeros((BLOCK_P,), dtype=tl.float32)
     m_i = tl.zeros((BLOCK_P,), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -154,10 +188,12 @@ def _pair_scores_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < N
             # x_T = a1_I[j] * f_t[i], x_I = a1_T[i] * f_i[j]: layer 1's output, built as the operand is loaded.
-            x_t = _pair_product(ft_ptr, rows_t, mask_t, ai_ptr, rows_i, mask_i, offs_k, mask_k, N,
-                                PAIR_LIST, BLOCK_P, BLOCK_K)
-            x_i = _pair_product(at_ptr, rows_t, mask_t, fi_ptr, rows_i, mask_i, offs_k, mask_k, N,
-                                PAIR_LIST, BLOCK_P, BLOCK_K)
+            x_t = _pair_product(
+                ft_ptr, rows_t, mask_t, ai_ptr, rows_i, mask_i, offs_k, mask_k, N, PAIR_LIST, BLOCK_P, BLOCK_K
+            )
+            x_i = _pair_product(
+                at_ptr, rows_t, mask_t, fi_ptr, rows_i, mask_i, offs_k, mask_k, N, PAIR_LIST, BLOCK_P, BLOCK_K
+            )
             w_offs = offs_k.to(tl.int64)[:, None] * N + cols_n[None, :]
             w_mask = mask_k[:, None] & mask_n[None, :]
             w_t = tl.load(wt_ptr + w_offs, mask=w_mask, other=0.0)
@@ -178,8 +214,7 @@ def _pair_scores_kernel(
         alpha_i = tl.exp(m_i - m_i_new)
         l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
         l_i = l_i * alpha_i + tl.sum(e_i, axis=1)
-        uv = _pair_product(u_ptr, rows_t, mask_t, v_ptr, rows_i, mask_i, offs_n, mask_n, N,
-                           PAIR_LIST, BLOCK_P, BLOCK_N)
+        uv = _pair_product(u_ptr, rows_t, mask_t, v_ptr, rows_i, mask_i, offs_n, mask_n, N, PAIR_LIST, BLOCK_P, BLOCK_N)
         num = num * (alpha_t * alpha_i) + tl.sum(uv * e_t * e_i, axis=1)
         m_t = m_t_new
         m_i = m_i_new
@@ -193,8 +228,7 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def tiles(n_text: int, n_image: int, N: int, gpu: GPU | None, pair_list: bool = False,
-          precision: str = "fp32") -> dict:
+def tiles(n_text: int, n_image: int, N: int, gpu: GPU | None, pair_list: bool = False, precision: str = "fp32") -> dict:
     """Tile sizes: one heuristic, no autotuning (the interpreter allows one config).
 
     GPU (untuned for speed; resources checked by the compile gate, bench/aot_compile.py): 64 pairs a program
@@ -226,20 +260,28 @@ def tiles(n_text: int, n_image: int, N: int, gpu: GPU | None, pair_list: bool = 
     else:
         block_j = min(16, _pow2(n_image))
         block_i = min(max_pairs // block_j, _pow2(n_text))
-        block_j = min(max_pairs // block_i, _pow2(n_image)) if block_j == 16 else block_j   # few texts: widen
-        while block_i * block_j < 16:                  # tl.dot's minimum M: pad the pair tile with masked rows
+        block_j = min(max_pairs // block_i, _pow2(n_image)) if block_j == 16 else block_j  # few texts: widen
+        while block_i * block_j < 16:  # tl.dot's minimum M: pad the pair tile with masked rows
             block_j *= 2
     block_p = block_i * block_j
     if gpu_path and pair_list and precision == "fp32" and N > 32:
-        block_n = 32       # 64 x 64 fp32 pair lists spill on sm_90 (8-16 B at the Wiki shortlist); 64 x 32 do not
+        block_n = 32  # 64 x 64 fp32 pair lists spill on sm_90 (8-16 B at the Wiki shortlist); 64 x 32 do not
     num_warps = 8 if gpu_path and block_p * max(block_n, 64) >= 4096 else 4
     stages = 3 if gpu_path else 1
-    return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_I=8,
-                num_warps=num_warps, num_stages=stages)
+    return dict(
+        BLOCK_I=block_i,
+        BLOCK_J=block_j,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_I=8,
+        num_warps=num_warps,
+        num_stages=stages,
+    )
 
 
-def config(n_text: int, n_image: int, N: int, device: torch.device, pair_list: bool = False,
-           precision: str = "fp32") -> dict:
+def config(
+    n_text: int, n_image: int, N: int, device: torch.device, pair_list: bool = False, precision: str = "fp32"
+) -> dict:
     """``tiles`` for a device (kept for callers of the old name)."""
     return tiles(n_text, n_image, N, gpu_for(device), pair_list, precision)
 
@@ -256,18 +298,34 @@ def _check_blocks(cfg: dict) -> None:
 # ----------------------------------------------------------------------------------------------- launchers
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError("the pair-score kernel runs on CPU tensors only under Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 before importing scanet.kernels.pair_scores")
+        raise RuntimeError(
+            "the pair-score kernel runs on CPU tensors only under Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before importing scanet.kernels.pair_scores"
+        )
     if t.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"the pair-score kernel runs on CUDA (or CPU under the interpreter), not {t.device}")
 
 
-def plan_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor, a1_i: torch.Tensor,
-                w2_t: torch.Tensor, b2_t: torch.Tensor, w2_i: torch.Tensor, b2_i: torch.Tensor,
-                head_w: torch.Tensor, head_b: float, scale: float, *,
-                text_index: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                precision: str = "fp32", layout: str = "outer", block_sizes: dict | None = None,
-                gpu: GPU | None = None):
+def plan_layer2(
+    f_t: torch.Tensor,
+    f_i: torch.Tensor,
+    a1_t: torch.Tensor,
+    a1_i: torch.Tensor,
+    w2_t: torch.Tensor,
+    b2_t: torch.Tensor,
+    w2_i: torch.Tensor,
+    b2_i: torch.Tensor,
+    head_w: torch.Tensor,
+    head_b: float,
+    scale: float,
+    *,
+    text_index: torch.Tensor | None = None,
+    image_index: torch.Tensor | None = None,
+    precision: str = "fp32",
+    layout: str = "outer",
+    block_sizes: dict | None = None,
+    gpu: GPU | None = None,
+):
     """(plan or None when there are no pairs, out): the launch of ``pair_scores_layer2`` for these tensors on
     ``gpu`` (None: from the device; required for meta tensors). Prepares the operands (u, v, the transposed
     W2 cast once to the GEMM dtype) on the tensors' device: free on meta."""
@@ -280,7 +338,7 @@ def plan_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor, a1_i: 
     f_t, f_i, a1_t, a1_i = (t.to(**f32).contiguous() for t in (f_t, f_i, a1_t, a1_i))
     n_text, N = f_t.shape
     n_image = f_i.shape[0]
-    u = (f_t * a1_t * head_w.to(**f32)).contiguous()        # the head weight folds into the text factor
+    u = (f_t * a1_t * head_w.to(**f32)).contiguous()  # the head weight folds into the text factor
     v = (f_i * a1_i).contiguous()
     dot_precision, dot_cast = dot_flags(precision, gpu)
     w_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dot_cast, torch.float32)
@@ -297,8 +355,9 @@ def plan_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor, a1_i: 
         out_shape = (text_index.numel(),)
         pair_list = True
     elif layout == "list":
-        grid_t, grid_i = torch.meshgrid(torch.arange(n_text, device=dev), torch.arange(n_image, device=dev),
-                                        indexing="ij")
+        grid_t, grid_i = torch.meshgrid(
+            torch.arange(n_text, device=dev), torch.arange(n_image, device=dev), indexing="ij"
+        )
         # contiguous: meshgrid gives expanded views, whose reshape can keep a zero stride
         text_index, image_index = grid_t.reshape(-1).contiguous(), grid_i.reshape(-1).contiguous()
         out_shape = (n_text, n_image)
@@ -314,8 +373,7 @@ def plan_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor, a1_i: 
         return None, out
     cfg = tiles(n_pairs if pair_list else n_text, n_image, N, gpu, pair_list, precision)
     if block_sizes:
-        unknown = set(block_sizes) - {"BLOCK_I", "BLOCK_J", "BLOCK_N", "BLOCK_K", "GROUP_I", "num_warps",
-                                      "num_stages"}
+        unknown = set(block_sizes) - {"BLOCK_I", "BLOCK_J", "BLOCK_N", "BLOCK_K", "GROUP_I", "num_warps", "num_stages"}
         if unknown:
             raise ValueError(f"unknown block size names {sorted(unknown)}")
         cfg.update(block_sizes)
@@ -328,22 +386,67 @@ def plan_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor, a1_i: 
     else:
         grid = (triton.cdiv(n_text, cfg["BLOCK_I"]) * triton.cdiv(n_image, cfg["BLOCK_J"]),)
     plan = Plan(
-        _pair_scores_kernel, grid,
-        (f_t, a1_t, f_i, a1_i, u, v, wt_T, b2_t, wi_T, b2_i, text_index, image_index, out,
-         n_text, n_image, n_pairs, N, float(scale) ** 2, float(head_b)),
-        dict(BLOCK_I=cfg["BLOCK_I"], BLOCK_J=cfg["BLOCK_J"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-             GROUP_I=cfg["GROUP_I"], PAIR_LIST=pair_list, DOT_PRECISION=dot_precision, DOT_CAST=dot_cast),
-        cfg["num_warps"], cfg["num_stages"], label=f"pair scores ({'list' if pair_list else 'outer'})",
-        meta=dict(n_text=n_text, n_image=n_image, n_pairs=n_pairs, N=N, precision=precision, gemm=True))
+        _pair_scores_kernel,
+        grid,
+        (
+            f_t,
+            a1_t,
+            f_i,
+            a1_i,
+            u,
+            v,
+            wt_T,
+            b2_t,
+            wi_T,
+            b2_i,
+            text_index,
+            image_index,
+            out,
+            n_text,
+            n_image,
+            n_pairs,
+            N,
+            float(scale) ** 2,
+            float(head_b),
+        ),
+        dict(
+            BLOCK_I=cfg["BLOCK_I"],
+            BLOCK_J=cfg["BLOCK_J"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"],
+            GROUP_I=cfg["GROUP_I"],
+            PAIR_LIST=pair_list,
+            DOT_PRECISION=dot_precision,
+            DOT_CAST=dot_cast,
+        ),
+        cfg["num_warps"],
+        cfg["num_stages"],
+        label=f"pair scores ({'list' if pair_list else 'outer'})",
+        meta=dict(n_text=n_text, n_image=n_image, n_pairs=n_pairs, N=N, precision=precision, gemm=True),
+    )
     return plan, out
 
 
-def pair_scores_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor, a1_i: torch.Tensor,
-                       w2_t: torch.Tensor, b2_t: torch.Tensor, w2_i: torch.Tensor, b2_i: torch.Tensor,
-                       head_w: torch.Tensor, head_b: float, scale: float, *,
-                       text_index: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                       precision: str = "fp32", layout: str = "outer", block_sizes: dict | None = None,
-                       gpu: GPU | None = None) -> torch.Tensor:
+def pair_scores_layer2(
+    f_t: torch.Tensor,
+    f_i: torch.Tensor,
+    a1_t: torch.Tensor,
+    a1_i: torch.Tensor,
+    w2_t: torch.Tensor,
+    b2_t: torch.Tensor,
+    w2_i: torch.Tensor,
+    b2_i: torch.Tensor,
+    head_w: torch.Tensor,
+    head_b: float,
+    scale: float,
+    *,
+    text_index: torch.Tensor | None = None,
+    image_index: torch.Tensor | None = None,
+    precision: str = "fp32",
+    layout: str = "outer",
+    block_sizes: dict | None = None,
+    gpu: GPU | None = None,
+) -> torch.Tensor:
     """Logits of a two-layer SCANet head for every (text, image) pair: (Nt, Ni) float32.
 
     f_t (Nt, N), f_i (Ni, N): encoder outputs; a1_t, a1_i: layer-1 attention maps (scaled); w2_t, w2_i (N, N)
@@ -357,9 +460,25 @@ def pair_scores_layer2(f_t: torch.Tensor, f_i: torch.Tensor, a1_t: torch.Tensor,
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     _check_device(f_t)
-    plan, out = plan_layer2(f_t, f_i, a1_t, a1_i, w2_t, b2_t, w2_i, b2_i, head_w, head_b, scale,
-                            text_index=text_index, image_index=image_index, precision=precision, layout=layout,
-                            block_sizes=block_sizes, gpu=gpu)
+    plan, out = plan_layer2(
+        f_t,
+        f_i,
+        a1_t,
+        a1_i,
+        w2_t,
+        b2_t,
+        w2_i,
+        b2_i,
+        head_w,
+        head_b,
+        scale,
+        text_index=text_index,
+        image_index=image_index,
+        precision=precision,
+        layout=layout,
+        block_sizes=block_sizes,
+        gpu=gpu,
+    )
     if plan is not None:
         plan.launch()
     return out

@@ -1,4 +1,5 @@
 """SCANet: Stacked Co-attention Networks for cross-modal (image <-> text) retrieval."""
+
 import warnings
 
 # torch prints this on every CSR construction; the CSR paths used here are tested.

@@ -1,4 +1,5 @@
 """``python -m scanet``: the ``scanet`` command (scanet.cli)."""
+
 import sys
 
 from scanet.cli import main

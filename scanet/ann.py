@@ -43,6 +43,7 @@ sha256 of the FAISS bytes) and the FAISS serialization (faiss.write_index's form
 Loading reads data only (no pickle), checks the checksum before FAISS parses anything, and refuses an index
 built by other weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,8 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -60,9 +61,9 @@ import torch
 ANN_FORMAT = "scanet-ann-v1"
 MAGIC = b"SCANET-ANN\n"
 KINDS = ("flat", "ivf", "hnsw")
-FLAT_MAX = 100_000             # "auto": exact search up to this many items (a query: 4 C d bytes read), HNSW above
-IVF_TRAIN_PER_LIST = 40        # k-means sample: this many vectors a list (FAISS warns below 39)
-IVF_NPROBE_FRACTION = 1 / 32   # default nprobe = nlist / 32 (at least 8)
+FLAT_MAX = 100_000  # "auto": exact search up to this many items (a query: 4 C d bytes read), HNSW above
+IVF_TRAIN_PER_LIST = 40  # k-means sample: this many vectors a list (FAISS warns below 39)
+IVF_NPROBE_FRACTION = 1 / 32  # default nprobe = nlist / 32 (at least 8)
 # M = 32 links: M = 16 kept 92% of the top 10 on the benchmark's 20,000 items, M = 32 98-99%; efConstruction = 40
 # (FAISS's default) built as good a graph there as 80 in two thirds of the time.
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 40, 128
@@ -81,7 +82,7 @@ def faiss_module():
 
 
 def choose_kind(n: int) -> str:
-    """"flat" (exact) up to FLAT_MAX items, "hnsw" above (see the module docstring for why not IVF)."""
+    """ "flat" (exact) up to FLAT_MAX items, "hnsw" above (see the module docstring for why not IVF)."""
     if n < 1:
         raise ValueError(f"a collection needs at least one item, got {n}")
     return "flat" if n <= FLAT_MAX else "hnsw"
@@ -106,16 +107,29 @@ def _as_float32(x, dim: int | None, what: str) -> np.ndarray:
 class ANNIndex:
     """A FAISS inner-product index over the stage-1 vectors of one collection (ids = collection positions)."""
 
-    def __init__(self, index, kind: str, dim: int, model_hash: str | None = None, stage1: str = "layer1",
-                 modality: str | None = None, nprobe: int | None = None, ef_search: int | None = None,
-                 build_seconds: float | None = None, reference: dict | None = None):
+    def __init__(
+        self,
+        index,
+        kind: str,
+        dim: int,
+        model_hash: str | None = None,
+        stage1: str = "layer1",
+        modality: str | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        build_seconds: float | None = None,
+        reference: dict | None = None,
+    ):
         if stage1 not in STAGE1:
             raise ValueError(f"stage-1 score must be one of {STAGE1}, got {stage1!r}")
         if stage1 == "layer2-mean" and reference is None:
             raise ValueError("an index of stage-1 'layer2-mean' vectors needs the reference attention it used")
         self.index, self.kind, self.dim = index, kind, dim
-        self.reference = None if reference is None else {
-            m: torch.as_tensor(np.asarray(reference[m], dtype=np.float32)) for m in ("text", "image")}
+        self.reference = (
+            None
+            if reference is None
+            else {m: torch.as_tensor(np.asarray(reference[m], dtype=np.float32)) for m in ("text", "image")}
+        )
         self.model_hash, self.stage1, self.modality = model_hash, stage1, modality
         self.build_seconds = build_seconds
         self.nprobe: int | None = None
@@ -126,17 +140,32 @@ class ANNIndex:
         return int(self.index.ntotal)
 
     def __repr__(self) -> str:
-        p = {"ivf": f", nlist={getattr(self.index, 'nlist', '?')}, nprobe={self.nprobe}",
-             "hnsw": f", ef_search={self.ef_search}"}.get(self.kind, "")
+        p = {
+            "ivf": f", nlist={getattr(self.index, 'nlist', '?')}, nprobe={self.nprobe}",
+            "hnsw": f", ef_search={self.ef_search}",
+        }.get(self.kind, "")
         return f"ANNIndex({self.kind}, {len(self)} x {self.dim}{p}, model {self.model_hash})"
 
     # ------------------------------------------------------------------------------------------------ build
     @classmethod
-    def build(cls, batches: Iterable, dim: int, kind: str = "auto", total: int | None = None, *,
-              model_hash: str | None = None, stage1: str = "layer1", modality: str | None = None,
-              reference: dict | None = None, nlist: int | None = None, nprobe: int | None = None,
-              hnsw_m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH,
-              progress: bool = True) -> "ANNIndex":
+    def build(
+        cls,
+        batches: Iterable,
+        dim: int,
+        kind: str = "auto",
+        total: int | None = None,
+        *,
+        model_hash: str | None = None,
+        stage1: str = "layer1",
+        modality: str | None = None,
+        reference: dict | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        hnsw_m: int = HNSW_M,
+        ef_construction: int = HNSW_EF_CONSTRUCTION,
+        ef_search: int = HNSW_EF_SEARCH,
+        progress: bool = True,
+    ) -> ANNIndex:
         """Build from a stream of (n, dim) float32 batches (numpy or torch), added in order: ids 0, 1, ...
 
         kind "auto" needs ``total`` (the collection size) to choose; IVF trains its k-means on the first
@@ -175,18 +204,20 @@ class ANNIndex:
                 raise ValueError(f"nlist must be >= 1, got {nlist}")
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
             head, have = [], 0
-            for b in stream:                         # buffer the k-means sample from the head of the stream
+            for b in stream:  # buffer the k-means sample from the head of the stream
                 head.append(b)
                 have += len(b)
                 if have >= nlist * IVF_TRAIN_PER_LIST:
                     break
             if have < nlist:
-                raise ValueError(f"an IVF index of nlist={nlist} lists needs at least {nlist} vectors, the "
-                                 f"stream gave {have}: lower nlist or use kind='flat'")
+                raise ValueError(
+                    f"an IVF index of nlist={nlist} lists needs at least {nlist} vectors, the "
+                    f"stream gave {have}: lower nlist or use kind='flat'"
+                )
             sample = np.concatenate(head)
             if bar is not None:
                 bar.set_postfix_str(f"k-means: {nlist} lists on {len(sample)} vectors")
-            index.train(sample[:nlist * IVF_TRAIN_PER_LIST])
+            index.train(sample[: nlist * IVF_TRAIN_PER_LIST])
             del sample
             stream = _chain(head, stream)
         n = 0
@@ -203,21 +234,49 @@ class ANNIndex:
             raise ValueError(f"the stream gave {n} vectors but total={total} was announced")
         if kind == "ivf" and nprobe is None:
             nprobe = max(8, int(index.nlist * IVF_NPROBE_FRACTION))
-        return cls(index, kind, dim, model_hash, stage1, modality, nprobe=nprobe,
-                   ef_search=ef_search if kind == "hnsw" else None, build_seconds=time.perf_counter() - t0,
-                   reference=reference)
+        return cls(
+            index,
+            kind,
+            dim,
+            model_hash,
+            stage1,
+            modality,
+            nprobe=nprobe,
+            ef_search=ef_search if kind == "hnsw" else None,
+            build_seconds=time.perf_counter() - t0,
+            reference=reference,
+        )
 
     @classmethod
-    def from_items(cls, model, items, kind: str = "auto", batch_size: int = 65536, stage1: str = "layer1",
-                   reference: dict | None = None, **kw) -> "ANNIndex":
+    def from_items(
+        cls,
+        model,
+        items,
+        kind: str = "auto",
+        batch_size: int = 65536,
+        stage1: str = "layer1",
+        reference: dict | None = None,
+        **kw,
+    ) -> ANNIndex:
         """The index of an encoded collection (scanet.retrieve.Items), its stage-1 vectors made batch by batch."""
         from scanet.retrieve import model_hash
 
         n = len(items)
-        batches = (stage1_vectors(model, items.subset(slice(s, s + batch_size)), stage1, reference)
-                   for s in range(0, n, batch_size))
-        return cls.build(batches, items.features.shape[1], kind, total=n, model_hash=model_hash(model),
-                         stage1=stage1, modality=items.modality, reference=reference, **kw)
+        batches = (
+            stage1_vectors(model, items.subset(slice(s, s + batch_size)), stage1, reference)
+            for s in range(0, n, batch_size)
+        )
+        return cls.build(
+            batches,
+            items.features.shape[1],
+            kind,
+            total=n,
+            model_hash=model_hash(model),
+            stage1=stage1,
+            modality=items.modality,
+            reference=reference,
+            **kw,
+        )
 
     def query_vectors(self, model, queries) -> torch.Tensor:
         """The stage-1 vectors of encoded queries, by this index's stage-1 score (and reference)."""
@@ -248,19 +307,29 @@ class ANNIndex:
         q = _as_float32(queries, self.dim, "queries")
         k = min(k, len(self))
         if self.kind == "hnsw":
-            self.index.hnsw.efSearch = max(self.ef_search or HNSW_EF_SEARCH, k)   # a beam narrower than k loses
+            self.index.hnsw.efSearch = max(self.ef_search or HNSW_EF_SEARCH, k)  # a beam narrower than k loses
         scores, ids = self.index.search(q, k)
         scores[ids < 0] = -np.inf
         return torch.from_numpy(scores), torch.from_numpy(ids).long()
 
     # --------------------------------------------------------------------------------------------- on disk
     def header(self) -> dict:
-        return {"format": ANN_FORMAT, "kind": self.kind, "dim": self.dim, "size": len(self),
-                "model_hash": self.model_hash, "stage1": self.stage1, "modality": self.modality,
-                "nlist": int(self.index.nlist) if self.kind == "ivf" else None, "nprobe": self.nprobe,
-                "ef_search": self.ef_search, "build_seconds": self.build_seconds,
-                "reference": None if self.reference is None else {m: [float(x) for x in t.tolist()]
-                                                                  for m, t in self.reference.items()}}
+        return {
+            "format": ANN_FORMAT,
+            "kind": self.kind,
+            "dim": self.dim,
+            "size": len(self),
+            "model_hash": self.model_hash,
+            "stage1": self.stage1,
+            "modality": self.modality,
+            "nlist": int(self.index.nlist) if self.kind == "ivf" else None,
+            "nprobe": self.nprobe,
+            "ef_search": self.ef_search,
+            "build_seconds": self.build_seconds,
+            "reference": None
+            if self.reference is None
+            else {m: [float(x) for x in t.tolist()] for m, t in self.reference.items()},
+        }
 
     def save(self, path, overwrite: bool = False) -> Path:
         """Write atomically (temporary file, fsync, rename); an existing file is kept unless overwrite=True."""
@@ -268,9 +337,10 @@ class ANNIndex:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
-        blob = faiss.serialize_index(self.index)           # uint8 array: faiss.write_index's bytes
-        header = dict(self.header(), faiss_bytes=int(blob.nbytes),
-                      faiss_sha256=hashlib.sha256(memoryview(blob)).hexdigest())
+        blob = faiss.serialize_index(self.index)  # uint8 array: faiss.write_index's bytes
+        header = dict(
+            self.header(), faiss_bytes=int(blob.nbytes), faiss_sha256=hashlib.sha256(memoryview(blob)).hexdigest()
+        )
         head = json.dumps(header).encode()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -287,7 +357,7 @@ class ANNIndex:
         return path
 
     @classmethod
-    def load(cls, path, model=None, expected_hash: str | None = None) -> "ANNIndex":
+    def load(cls, path, model=None, expected_hash: str | None = None) -> ANNIndex:
         """Read an index; with ``model`` (or ``expected_hash``) refuse one built by other weights."""
         faiss = faiss_module()
         path = Path(path)
@@ -296,37 +366,52 @@ class ANNIndex:
         data = path.read_bytes()
         if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
             raise ValueError(f"{path} is not a SCANet FAISS index (it does not start with {MAGIC!r})")
-        (n_head,) = struct.unpack("<Q", data[len(MAGIC):len(MAGIC) + 8])
+        (n_head,) = struct.unpack("<Q", data[len(MAGIC) : len(MAGIC) + 8])
         start = len(MAGIC) + 8
         try:
-            header = json.loads(data[start:start + n_head])
+            header = json.loads(data[start : start + n_head])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is corrupt: its header is not JSON ({e})") from None
         if not isinstance(header, dict) or header.get("format") != ANN_FORMAT:
             raise ValueError(f"{path} is corrupt or of another format (format {ANN_FORMAT!r} expected)")
-        blob = memoryview(data)[start + n_head:]
+        blob = memoryview(data)[start + n_head :]
         if len(blob) != header.get("faiss_bytes") or hashlib.sha256(blob).hexdigest() != header.get("faiss_sha256"):
-            raise ValueError(f"{path} is corrupt: its FAISS data ({len(blob)} bytes) does not match the checksum "
-                             f"in its header ({header.get('faiss_bytes')} bytes); rebuild the index")
+            raise ValueError(
+                f"{path} is corrupt: its FAISS data ({len(blob)} bytes) does not match the checksum "
+                f"in its header ({header.get('faiss_bytes')} bytes); rebuild the index"
+            )
         want = expected_hash
         if model is not None:
             from scanet.retrieve import model_hash
 
             want = model_hash(model)
         if want is not None and header.get("model_hash") != want:
-            raise ValueError(f"the FAISS index {path} was built with model {header.get('model_hash')} but this "
-                             f"checkpoint is model {want}: scores would not be comparable; rebuild the index "
-                             "with this checkpoint")
+            raise ValueError(
+                f"the FAISS index {path} was built with model {header.get('model_hash')} but this "
+                f"checkpoint is model {want}: scores would not be comparable; rebuild the index "
+                "with this checkpoint"
+            )
         try:
             index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
         except RuntimeError as e:
             raise ValueError(f"{path} is corrupt: FAISS could not read it ({e})") from None
         if index.ntotal != header["size"] or index.d != header["dim"]:
-            raise ValueError(f"{path} is corrupt: its FAISS index holds {index.ntotal} x {index.d} vectors, the "
-                             f"header says {header['size']} x {header['dim']}")
-        return cls(index, header["kind"], header["dim"], header.get("model_hash"), header.get("stage1", "layer1"),
-                   header.get("modality"), nprobe=header.get("nprobe"), ef_search=header.get("ef_search"),
-                   build_seconds=header.get("build_seconds"), reference=header.get("reference"))
+            raise ValueError(
+                f"{path} is corrupt: its FAISS index holds {index.ntotal} x {index.d} vectors, the "
+                f"header says {header['size']} x {header['dim']}"
+            )
+        return cls(
+            index,
+            header["kind"],
+            header["dim"],
+            header.get("model_hash"),
+            header.get("stage1", "layer1"),
+            header.get("modality"),
+            nprobe=header.get("nprobe"),
+            ef_search=header.get("ef_search"),
+            build_seconds=header.get("build_seconds"),
+            reference=header.get("reference"),
+        )
 
 
 def _chain(head: list, rest: Iterator) -> Iterator:
@@ -341,8 +426,9 @@ def ann_path_for(search_index_path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- two-stage
 @torch.no_grad()
-def two_stage_search_ann(model, queries, collection, ann: ANNIndex, k: int, shortlist: int,
-                         precision: str = "fp32", chunk_pairs: int = 16384):
+def two_stage_search_ann(
+    model, queries, collection, ann: ANNIndex, k: int, shortlist: int, precision: str = "fp32", chunk_pairs: int = 16384
+):
     """Two-stage search with a FAISS shortlist: the ``shortlist`` items of largest stage-1 score by ``ann``,
     re-ranked by the full co-attention score (scanet.retrieve.score_pairs on the gathered pairs), top k.
 
@@ -354,18 +440,22 @@ def two_stage_search_ann(model, queries, collection, ann: ANNIndex, k: int, shor
     if shortlist < 1:
         raise ValueError(f"shortlist must be >= 1, got {shortlist}")
     if len(collection) != len(ann):
-        raise ValueError(f"the FAISS index holds {len(ann)} items but the collection has {len(collection)}: "
-                         "they were not built together")
+        raise ValueError(
+            f"the FAISS index holds {len(ann)} items but the collection has {len(collection)}: "
+            "they were not built together"
+        )
     if ann.modality is not None and ann.modality != collection.modality:
         raise ValueError(f"the FAISS index holds {ann.modality}s, the collection {collection.modality}s")
     if {queries.modality, collection.modality} != {"text", "image"}:
-        raise ValueError(f"cross-modal search needs text queries over images or image queries over texts, got "
-                         f"{queries.modality} queries over {collection.modality}s")
+        raise ValueError(
+            f"cross-modal search needs text queries over images or image queries over texts, got "
+            f"{queries.modality} queries over {collection.modality}s"
+        )
     _, short = ann.search(ann.query_vectors(model, queries), shortlist)
     device = collection.features.device
     short = short.to(device)
     missing = short < 0
-    safe = short.clamp_min(0)                            # score a valid pair in the empty slots, then drop it
+    safe = short.clamp_min(0)  # score a valid pair in the empty slots, then drop it
     Q, S = short.shape
     q_index = torch.arange(Q, device=device).repeat_interleave(S)
     c_index = safe.reshape(-1)

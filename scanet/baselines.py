@@ -5,6 +5,7 @@ the cosine of its two projections (centred), the usual protocol of the Wiki lite
 High-dimensional bag-of-words are first reduced by a truncated SVD fitted on the training texts, since CCA on
 10k dimensions with 2k samples is singular.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,8 +50,9 @@ class CCAScorer:
         return _unit_rows(a) @ _unit_rows(b).T
 
 
-def cca_scores(text_train, image_train, text_test, image_test, n_components: int = 10,
-               reduce_to: int | None = 100, seed: int = 0) -> np.ndarray:
+def cca_scores(
+    text_train, image_train, text_test, image_test, n_components: int = 10, reduce_to: int | None = 100, seed: int = 0
+) -> np.ndarray:
     """(Nt, Ni) cosine similarities of test texts and images in the CCA space fitted on the training pairs."""
     return CCAScorer(text_train, image_train, n_components, reduce_to, seed)(text_test, image_test)
 
@@ -76,8 +78,7 @@ def cca_split_scorer(dataset, text_features: str = "bow", n_components: int = 10
     return lambda text_split, image_split: scorer(text_of(text_split), image_split.images)
 
 
-def cca_report(dataset, text_features: str = "bow", n_components: int = 10, seed: int = 0,
-               lda=None) -> dict:
+def cca_report(dataset, text_features: str = "bow", n_components: int = 10, seed: int = 0, lda=None) -> dict:
     """Standard-protocol retrieval_report of CCA (test texts vs test images); see cca_split_scorer."""
     score = cca_split_scorer(dataset, text_features, n_components, seed, lda)
     return retrieval_report(score(dataset.test, dataset.test), dataset.test.labels, dataset.test.labels)

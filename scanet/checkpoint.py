@@ -10,6 +10,7 @@ can carry tensors and plain containers, never code):
     dataset_fingerprint, dataset_name, vocab_size, image_dim, classes
 ``load_model`` refuses a dataset whose fingerprint differs from the training data's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,7 +38,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise ValueError(f"{path} is not a SCANet checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
     train_cfg = state.get("preset", {}).get("train") if isinstance(state.get("preset"), dict) else None
     if isinstance(train_cfg, dict):
-        train_cfg.setdefault("precision", "fp32")   # written before the precision setting: trained in fp32
+        train_cfg.setdefault("precision", "fp32")  # written before the precision setting: trained in fp32
     return state
 
 
@@ -58,15 +59,22 @@ def build_model(preset: Preset, dataset: PreparedDataset, fused: bool = False) -
     return model
 
 
-def load_model(checkpoint: str | Path | dict, dataset: PreparedDataset | None = None, device="cpu",
-               fused: bool = False) -> tuple[SCANet, dict]:
+def load_model(
+    checkpoint: str | Path | dict, dataset: PreparedDataset | None = None, device="cpu", fused: bool = False
+) -> tuple[SCANet, dict]:
     """Rebuild the model of a checkpoint; refuse a dataset whose fingerprint differs from the training data's."""
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     preset = preset_from_dict(state["preset"])
-    if dataset is not None and state.get("dataset_fingerprint") and dataset.fingerprint and \
-            state["dataset_fingerprint"] != dataset.fingerprint:
-        raise ValueError(f"checkpoint was trained on prepared data {state['dataset_fingerprint']} but the given "
-                         f"dataset is {dataset.fingerprint} (different vocabulary, graph or features)")
+    if (
+        dataset is not None
+        and state.get("dataset_fingerprint")
+        and dataset.fingerprint
+        and state["dataset_fingerprint"] != dataset.fingerprint
+    ):
+        raise ValueError(
+            f"checkpoint was trained on prepared data {state['dataset_fingerprint']} but the given "
+            f"dataset is {dataset.fingerprint} (different vocabulary, graph or features)"
+        )
     weights = state["model"]
     arrays = [weights.get(new, weights.get(old)) for old, new in _OLD_LAPLACIAN_KEYS.items()]
     if any(a is None for a in arrays):

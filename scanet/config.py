@@ -9,6 +9,7 @@ its type; ``check_value`` is the ONE checker and ``validate(preset)`` applies it
 ``batch_size=0``, ``epochs=abc`` or ``lr=nan`` end in one sentence naming the key, the value and what is
 allowed, never in a ZeroDivisionError an epoch later.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,20 +20,21 @@ from dataclasses import dataclass, field
 def _f(default, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
     """A dataclass field with its allowed range (``lo <= v <= hi``, open ends with ``lo_open``/``hi_open``) or
     choices in its metadata; floats must also be finite. Mutable defaults (tuples are fine) are not used."""
-    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-                                            "choices": choices})
+    return field(
+        default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+    )
 
 
 @dataclass
 class ModelConfig:
-    common_dim: int = _f(1024, lo=1)          # N, the common space (paper: 1024 on Wiki)
-    cheb_k: int = _f(3, lo=1)                 # Chebyshev order K (T0, T1, T2)
-    gcn_channels: tuple = _f((1, 1), lo=1)    # output channels of each graph convolution (paper: one channel,
+    common_dim: int = _f(1024, lo=1)  # N, the common space (paper: 1024 on Wiki)
+    cheb_k: int = _f(3, lo=1)  # Chebyshev order K (T0, T1, T2)
+    gcn_channels: tuple = _f((1, 1), lo=1)  # output channels of each graph convolution (paper: one channel,
     #                                           two layers); lo applies to every entry, at least one entry
-    coattention_layers: int = _f(2, lo=0)     # stacked co-attention layers (paper's best: 2)
+    coattention_layers: int = _f(2, lo=0)  # stacked co-attention layers (paper's best: 2)
     attention_scale: str = _f("n", choices=("n", "1"))  # "n": p * N, uniform attention = identity; "1": the
     #                                                     paper's equations as written
-    dropout: float = _f(0.2, lo=0.0, hi=1.0, hi_open=True)   # before the text FC and before the head's FC
+    dropout: float = _f(0.2, lo=0.0, hi=1.0, hi_open=True)  # before the text FC and before the head's FC
     encoder_activation: str = _f("none", choices=("none", "relu", "tanh"))  # after the encoders' FC layers
 
 
@@ -41,36 +43,37 @@ class TrainConfig:
     epochs: int = _f(80, lo=1)
     batch_size: int = _f(256, lo=1)
     lr: float = _f(1e-4, lo=0.0, lo_open=True)
-    weight_decay: float = _f(0.005, lo=0.0)   # the paper's L2 0.005
-    decoupled_weight_decay: bool = True       # True: AdamW; False: L2 in the gradient (Adam weight_decay), see README
-    margin: float = _f(0.6, lo=0.0)           # m of eq. 10
-    lam: float = _f(0.35, lo=0.0)             # lambda of eq. 10
+    weight_decay: float = _f(0.005, lo=0.0)  # the paper's L2 0.005
+    decoupled_weight_decay: bool = True  # True: AdamW; False: L2 in the gradient (Adam weight_decay), see README
+    margin: float = _f(0.6, lo=0.0)  # m of eq. 10
+    lam: float = _f(0.35, lo=0.0)  # lambda of eq. 10
     positive_pairs: int = _f(40_000, lo=1)
     negative_pairs: int = _f(40_000, lo=1)
     seed: int = _f(0, lo=0, hi=2**63 - 1)
-    eval_every: int = _f(1, lo=0)             # epochs between test-set MAP evaluations (0: only at the end)
-    score_chunk: int = _f(64, lo=1)           # texts scored at a time in evaluation (bounds memory)
+    eval_every: int = _f(1, lo=0)  # epochs between test-set MAP evaluations (0: only at the end)
+    score_chunk: int = _f(64, lo=1)  # texts scored at a time in evaluation (bounds memory)
     validation_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)  # training items held out (stratified,
     #   seeded) to select the epoch; 0: none
-    patience: int = _f(0, lo=0)               # stop after this many epochs without a better validation MAP; 0: never
-    precision: str = _f("fp32", choices=("fp32", "bf16", "fp16"))   # the forward passes under torch.autocast
+    patience: int = _f(0, lo=0)  # stop after this many epochs without a better validation MAP; 0: never
+    precision: str = _f("fp32", choices=("fp32", "bf16", "fp16"))  # the forward passes under torch.autocast
     #   (scanet.precision: what stays float32 and why)
 
 
 @dataclass
 class Preset:
     name: str
-    dataset: str                              # loader name in scanet.data
+    dataset: str  # loader name in scanet.data
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    vocab_size: int | None = _f(10_055, lo=1)   # the paper's Wiki graph has 10,055 words; None: the preparer's default
+    vocab_size: int | None = _f(10_055, lo=1)  # the paper's Wiki graph has 10,055 words; None: the preparer's default
     knn: int | None = _f(8, lo=1)
 
 
 PRESETS = {
     "wiki": Preset("wiki", "wiki"),
     "synthetic": Preset(
-        "synthetic", "synthetic",
+        "synthetic",
+        "synthetic",
         model=ModelConfig(common_dim=64),
         train=TrainConfig(epochs=5, batch_size=64, lr=1e-3, positive_pairs=2000, negative_pairs=2000),
         vocab_size=200,
@@ -83,10 +86,12 @@ PRESETS = {
     # the model overfits after about 160k pair visits (40k+40k pairs: the 3rd epoch; 160k+160k: the 2nd, 0.449 ->
     # 0.435), so 80k+80k distinct pairs seen twice, with dropout 0.5: about 2 minutes of training.
     "webnews": Preset(
-        "webnews", "webnews",
+        "webnews",
+        "webnews",
         model=ModelConfig(common_dim=256, dropout=0.5),
-        train=TrainConfig(epochs=2, batch_size=256, lr=3e-4, weight_decay=0.0, positive_pairs=80_000,
-                          negative_pairs=80_000),
+        train=TrainConfig(
+            epochs=2, batch_size=256, lr=3e-4, weight_decay=0.0, positive_pairs=80_000, negative_pairs=80_000
+        ),
         vocab_size=5000,
     ),
     # NUS-WIDE (scanet.data.nuswide): 10 largest concepts, single-concept images, 40,000 train / 1,000 test,
@@ -98,16 +103,20 @@ PRESETS = {
     "pascal": Preset("pascal", "pascal", model=ModelConfig(common_dim=256), vocab_size=399),
     # Pascal Sentences (scanet.data.pascal_sentences): 800 / 100 (val) / 100, CNN image features, captions on a
     # GloVe word graph. Not in the paper; N = 256 as for Pascal VOC, the paper's schedule. Not run here (no images).
-    "pascal-sentences": Preset("pascal-sentences", "pascal-sentences", model=ModelConfig(common_dim=256),
-                               vocab_size=2000),
+    "pascal-sentences": Preset(
+        "pascal-sentences", "pascal-sentences", model=ModelConfig(common_dim=256), vocab_size=2000
+    ),
     # Any folder in the custom format (docs/custom_format.md). vocab_size/knn None: dataset.json decides.
     # The WebNews schedule is the starting point (a few thousand items, CNN features).
     "custom": Preset(
-        "custom", "custom",
+        "custom",
+        "custom",
         model=ModelConfig(common_dim=256, dropout=0.5),
-        train=TrainConfig(epochs=2, batch_size=256, lr=3e-4, weight_decay=0.0, positive_pairs=80_000,
-                          negative_pairs=80_000),
-        vocab_size=None, knn=None,
+        train=TrainConfig(
+            epochs=2, batch_size=256, lr=3e-4, weight_decay=0.0, positive_pairs=80_000, negative_pairs=80_000
+        ),
+        vocab_size=None,
+        knn=None,
     ),
 }
 
@@ -115,7 +124,7 @@ PRESETS = {
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    p = PRESETS[name]       # a copy down to the sections: changing it never changes PRESETS
+    p = PRESETS[name]  # a copy down to the sections: changing it never changes PRESETS
     return validate(dataclasses.replace(p, model=dataclasses.replace(p.model), train=dataclasses.replace(p.train)))
 
 
@@ -128,8 +137,13 @@ def _allowed(kind: type, lo=None, hi=None, lo_open=False, hi_open=False, choices
     if choices is not None:
         text = "one of " + ", ".join(repr(c) for c in choices)
     else:
-        text = {int: "an int", float: "a finite float", str: "a string", bool: "True or False",
-                tuple: "a non-empty tuple of ints"}[kind]
+        text = {
+            int: "an int",
+            float: "a finite float",
+            str: "a string",
+            bool: "True or False",
+            tuple: "a non-empty tuple of ints",
+        }[kind]
         if lo is not None and hi is not None:
             text += f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         elif lo is not None:
@@ -139,14 +153,27 @@ def _allowed(kind: type, lo=None, hi=None, lo_open=False, hi_open=False, choices
     return text + (" or None" if optional else "")
 
 
-def check_value(key: str, value, kind: type, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None,
-                optional=False, where: str = ""):
+def check_value(
+    key: str,
+    value,
+    kind: type,
+    *,
+    lo=None,
+    hi=None,
+    lo_open=False,
+    hi_open=False,
+    choices=None,
+    optional=False,
+    where: str = "",
+):
     """THE checker: ``value`` converted to ``kind`` (int -> float, list -> tuple; the text 'nan'/'inf' is read as
     a float so that it is refused for being non-finite, not for being text) and range-checked, else a ValueError
     '{where}{key}={value!r}: {key} must be {allowed}'. Returns the converted value."""
+
     def fail():
-        raise ValueError(f"{where}{key}={value!r}: {key} must be "
-                         f"{_allowed(kind, lo, hi, lo_open, hi_open, choices, optional)}")
+        raise ValueError(
+            f"{where}{key}={value!r}: {key} must be {_allowed(kind, lo, hi, lo_open, hi_open, choices, optional)}"
+        )
 
     if value is None:
         if optional:
@@ -166,8 +193,11 @@ def check_value(key: str, value, kind: type, *, lo=None, hi=None, lo_open=False,
     elif kind is str:
         ok = isinstance(value, str)
     elif kind is tuple:
-        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ok = (
+            isinstance(value, (list, tuple))
+            and len(value) > 0
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        )
     else:
         ok = True
     if not ok:
@@ -235,7 +265,7 @@ def flag_type(kind: type, name: str = "value", **bounds):
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = kind.__name__     # argparse names the type in its messages
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 
@@ -262,8 +292,9 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     """
     import ast
 
-    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model),
-                                 train=dataclasses.replace(preset.train))
+    preset = dataclasses.replace(
+        preset, model=dataclasses.replace(preset.model), train=dataclasses.replace(preset.train)
+    )
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
@@ -281,10 +312,12 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
             targets = [(obj, name)]
         else:
             name = key
-            targets = [(o, name) for o in (preset, preset.model, preset.train)
-                       if name in {f.name for f in dataclasses.fields(o)}]
-        if not targets or name not in {f.name for f in dataclasses.fields(targets[0][0])} \
-                or name in ("model", "train"):
+            targets = [
+                (o, name)
+                for o in (preset, preset.model, preset.train)
+                if name in {f.name for f in dataclasses.fields(o)}
+            ]
+        if not targets or name not in {f.name for f in dataclasses.fields(targets[0][0])} or name in ("model", "train"):
             raise ValueError(f"unknown config key {key!r}")
         for obj, name in targets:
             setattr(obj, name, _typed(obj, name, key, raw, value))

@@ -14,6 +14,7 @@ over ranks of one step is that step's global batch, and over an epoch every pair
 Dropout masks are the one thing that cannot match a one-process run (each rank draws its own); with dropout
 the runs are equal in distribution, without it equal to rounding.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    backend: str | None = None      # None: a single process, no group
+    backend: str | None = None  # None: a single process, no group
 
     @property
     def distributed(self) -> bool:
@@ -40,8 +41,9 @@ class DistInfo:
 def _env_int(name: str, env) -> int:
     value = env.get(name)
     if value is None:
-        raise ValueError(f"environment variable {name} is not set: start the run with torchrun "
-                         f"(it sets {', '.join(ENV_VARS)})")
+        raise ValueError(
+            f"environment variable {name} is not set: start the run with torchrun (it sets {', '.join(ENV_VARS)})"
+        )
     try:
         return int(value)
     except ValueError:
@@ -71,7 +73,7 @@ def init_from_env(device: str | torch.device = "cpu", backend: str | None = None
             raise ValueError("backend 'nccl' needs CUDA; use the gloo backend (a CPU device) on this machine")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)   # env:// (MASTER_ADDR, MASTER_PORT)
+        dist.init_process_group(backend, rank=rank, world_size=world)  # env:// (MASTER_ADDR, MASTER_PORT)
     return DistInfo(rank, world, local, backend)
 
 
@@ -128,8 +130,9 @@ def epoch_order(n_pairs: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_pairs, generator=gen)
 
 
-def shard_batches(order: torch.Tensor, batch_size: int, rank: int, world_size: int,
-                  drop_last: bool = False) -> list[torch.Tensor]:
+def shard_batches(
+    order: torch.Tensor, batch_size: int, rank: int, world_size: int, drop_last: bool = False
+) -> list[torch.Tensor]:
     """This rank's piece of every global batch of ``order``: batch s is order[s B:(s + 1) B], cut into
     world_size contiguous pieces (sizes differ by at most one; a piece may be empty in a short last batch)."""
     if batch_size < 1:
@@ -140,4 +143,4 @@ def shard_batches(order: torch.Tensor, batch_size: int, rank: int, world_size: i
         raise ValueError(f"order must be a 1-d permutation, got shape {tuple(order.shape)}")
     n = order.shape[0]
     steps = n // batch_size if drop_last else -(-n // batch_size)
-    return [torch.tensor_split(order[s * batch_size:(s + 1) * batch_size], world_size)[rank] for s in range(steps)]
+    return [torch.tensor_split(order[s * batch_size : (s + 1) * batch_size], world_size)[rank] for s in range(steps)]

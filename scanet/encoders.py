@@ -22,6 +22,7 @@ zeroes padded embeddings and max-pools only over windows that touch a real token
 20 gives the same features (tested). A text with no token (WebNews has a few) gets zero pooled features, so
 its common-space features are the FC bias.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -34,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-PAD_ID = 0      # as scanet.data.tokens.PAD_ID (not imported: nothing in the model layer reads the data layer)
+PAD_ID = 0  # as scanet.data.tokens.PAD_ID (not imported: nothing in the model layer reads the data layer)
 
-_ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}   # as ModelConfig.encoder_activation
+_ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}  # as ModelConfig.encoder_activation
 
 
 def _activation(name: str) -> nn.Module:
@@ -55,8 +56,7 @@ class TokenEmbedding(nn.Module):
     scanet.data.tokens guarantees both).
     """
 
-    def __init__(self, vocab_size: int, embeddings=None, embedding_dim: int | None = None,
-                 freeze: bool = False):
+    def __init__(self, vocab_size: int, embeddings=None, embedding_dim: int | None = None, freeze: bool = False):
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
@@ -72,7 +72,7 @@ class TokenEmbedding(nn.Module):
         elif embedding_dim is None or embedding_dim < 1:
             raise ValueError("give either an embedding matrix or embedding_dim >= 1")
         self.vocab_size, self.embedding_dim = vocab_size, embedding_dim
-        self.embedding = nn.Embedding(vocab_size + 1, embedding_dim, padding_idx=PAD_ID)   # zero row 0
+        self.embedding = nn.Embedding(vocab_size + 1, embedding_dim, padding_idx=PAD_ID)  # zero row 0
         if embeddings is not None:
             with torch.no_grad():
                 self.embedding.weight[1:].copy_(w)
@@ -95,8 +95,10 @@ class TokenEmbedding(nn.Module):
         return x, mask, lengths
 
     def extra_repr(self):
-        return f"{self.vocab_size} words (+ padding), dim {self.embedding_dim}, " \
-               f"{'trainable' if self.embedding.weight.requires_grad else 'frozen'}"
+        return (
+            f"{self.vocab_size} words (+ padding), dim {self.embedding_dim}, "
+            f"{'trainable' if self.embedding.weight.requires_grad else 'frozen'}"
+        )
 
 
 class TextLSTM(nn.Module):
@@ -105,22 +107,33 @@ class TextLSTM(nn.Module):
     pooling="mean" (default): the mean over the text's real tokens of [h_fwd(t); h_bwd(t)]. Wiki texts run
     from 74 to 1,092 vocabulary tokens (median 198); the last forward state of such a sequence is dominated by
     its final few dozen words (and the last backward state by its first), while the mean gives every position
-    a share and its gradient reaches every token directly. pooling="last": [h_fwd(L-1); h_bwd(0)], the final state of each
-    direction, for comparison. Pooled width 2 * hidden_size. tokens (B, T) -> (B, out_dim).
+    a share and its gradient reaches every token directly. pooling="last": [h_fwd(L-1); h_bwd(0)], the final
+    state of each direction, for comparison. Pooled width 2 * hidden_size. tokens (B, T) -> (B, out_dim).
     """
 
-    def __init__(self, vocab_size: int, out_dim: int, embeddings=None, embedding_dim: int | None = None,
-                 freeze_embeddings: bool = False, hidden_size: int = 256, num_layers: int = 1,
-                 pooling: str = "mean", dropout: float = 0.2, activation: str = "none"):
+    def __init__(
+        self,
+        vocab_size: int,
+        out_dim: int,
+        embeddings=None,
+        embedding_dim: int | None = None,
+        freeze_embeddings: bool = False,
+        hidden_size: int = 256,
+        num_layers: int = 1,
+        pooling: str = "mean",
+        dropout: float = 0.2,
+        activation: str = "none",
+    ):
         super().__init__()
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
         if hidden_size < 1 or num_layers < 1 or out_dim < 1:
-            raise ValueError(f"hidden_size, num_layers, out_dim must be >= 1, got {hidden_size}, {num_layers}, {out_dim}")
+            raise ValueError(
+                f"hidden_size, num_layers, out_dim must be >= 1, got {hidden_size}, {num_layers}, {out_dim}"
+            )
         self.pooling = pooling
         self.embed = TokenEmbedding(vocab_size, embeddings, embedding_dim, freeze_embeddings)
-        self.lstm = nn.LSTM(self.embed.embedding_dim, hidden_size, num_layers, batch_first=True,
-                            bidirectional=True)
+        self.lstm = nn.LSTM(self.embed.embedding_dim, hidden_size, num_layers, batch_first=True, bidirectional=True)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(2 * hidden_size, out_dim)
         self.act = _activation(activation)
@@ -135,7 +148,7 @@ class TextLSTM(nn.Module):
         if self.pooling == "last":
             # h: (num_layers * 2, B, H) in the batch's original order; the last layer's two directions.
             return torch.cat([h[-2], h[-1]], dim=1) * nonempty
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])   # zeros past L
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])  # zeros past L
         return out.sum(1) / lengths.clamp(min=1).unsqueeze(1).to(x.dtype) * nonempty
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,13 +167,24 @@ class TextCNN(nn.Module):
     tokens (B, T) -> (B, out_dim).
     """
 
-    def __init__(self, vocab_size: int, out_dim: int, embeddings=None, embedding_dim: int | None = None,
-                 freeze_embeddings: bool = False, widths=(3, 4, 5), filters: int = 100, dropout: float = 0.5,
-                 activation: str = "none"):
+    def __init__(
+        self,
+        vocab_size: int,
+        out_dim: int,
+        embeddings=None,
+        embedding_dim: int | None = None,
+        freeze_embeddings: bool = False,
+        widths=(3, 4, 5),
+        filters: int = 100,
+        dropout: float = 0.5,
+        activation: str = "none",
+    ):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if not widths or min(widths) < 1 or filters < 1 or out_dim < 1:
-            raise ValueError(f"TextCNN needs widths >= 1, filters >= 1, out_dim >= 1; got {widths}, {filters}, {out_dim}")
+            raise ValueError(
+                f"TextCNN needs widths >= 1, filters >= 1, out_dim >= 1; got {widths}, {filters}, {out_dim}"
+            )
         self.widths = widths
         self.embed = TokenEmbedding(vocab_size, embeddings, embedding_dim, freeze_embeddings)
         d = self.embed.embedding_dim
@@ -172,12 +196,12 @@ class TextCNN(nn.Module):
     def pooled(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(B, filters * len(widths)) max-pooled feature maps before dropout and FC."""
         x, _, lengths = self.embed(tokens, lengths)
-        x = x.transpose(1, 2)                                          # (B, d, T)
+        x = x.transpose(1, 2)  # (B, d, T)
         out = []
         for w, conv in zip(self.widths, self.convs, strict=True):
-            y = F.relu(conv(x))                                        # (B, filters, T + w - 1)
+            y = F.relu(conv(x))  # (B, filters, T + w - 1)
             valid = torch.arange(y.shape[-1], device=y.device) < (lengths + (w - 1)).unsqueeze(1)
-            valid &= (lengths > 0).unsqueeze(1)                       # an empty text has no window
+            valid &= (lengths > 0).unsqueeze(1)  # an empty text has no window
             out.append(y.masked_fill(~valid.unsqueeze(1), 0.0).amax(-1))
         return torch.cat(out, dim=1)
 
@@ -199,17 +223,26 @@ class ImageCNN5(nn.Module):
 
     CHANNELS = (32, 64, 128, 256, 256)
 
-    def __init__(self, out_dim: int, channels=CHANNELS, in_channels: int = 3, dropout: float = 0.2,
-                 activation: str = "none"):
+    def __init__(
+        self, out_dim: int, channels=CHANNELS, in_channels: int = 3, dropout: float = 0.2, activation: str = "none"
+    ):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if len(channels) != 5 or min(channels) < 1 or out_dim < 1:
-            raise ValueError(f"ImageCNN5 needs five positive channel counts and out_dim >= 1, got {channels}, {out_dim}")
+            raise ValueError(
+                f"ImageCNN5 needs five positive channel counts and out_dim >= 1, got {channels}, {out_dim}"
+            )
         self.in_channels = in_channels
         blocks, c_in = [], in_channels
         for c in channels:
-            blocks.append(nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
-                                        nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2),
+                )
+            )
             c_in = c
         self.blocks = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(dropout)
@@ -234,8 +267,7 @@ class ImageCNN5(nn.Module):
 # and std (0.229, 0.224, 0.225), 224 x 224 as trained (scanet.features' "vgg19-fc7"/"resnet50" preprocessing).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-                512, 512, 512, 512, "M")
+VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 
 
 class VGG19(nn.Module):
@@ -253,16 +285,22 @@ class VGG19(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for v in VGG19_CONFIG:
-            if not isinstance(v, int):   # "M"
+            if not isinstance(v, int):  # "M"
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
                 layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
                 c_in = v
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-        self.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
-                                        nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
-                                        nn.Linear(4096, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(True),
+            nn.Dropout(),
+            nn.Linear(4096, 4096),
+            nn.ReLU(True),
+            nn.Dropout(),
+            nn.Linear(4096, num_classes),
+        )
 
     def fc7(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)
@@ -287,8 +325,11 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
-                           if stride != 1 or inplanes != out else None)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+            if stride != 1 or inplanes != out
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -302,7 +343,7 @@ class ResNet50(nn.Module):
     25,557,032 parameters. ``pool5(x)``: the 2048-d global average pool of layer4, the input of ``fc``."""
 
     feature_dim = 2048
-    layer1: nn.Sequential   # set in __init__ by name (torchvision's keys)
+    layer1: nn.Sequential  # set in __init__ by name (torchvision's keys)
     layer2: nn.Sequential
     layer3: nn.Sequential
     layer4: nn.Sequential
@@ -349,11 +390,14 @@ def load_torchvision_weights(model_cls, path: str | Path, **kwargs) -> nn.Module
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # noqa: TID251 - weights_only, errors below
     except Exception as e:  # noqa: BLE001 - UnpicklingError (code or unknown types in the file), RuntimeError (not a torch file)
-        raise ValueError(f"{path} is not a torch weights file that loads without executing code "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(
+            f"{path} is not a torch weights file that loads without executing code "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors) but a "
-                         f"{type(state).__name__}")
+        raise ValueError(
+            f"{path} does not hold a state_dict (a mapping of names to tensors) but a {type(state).__name__}"
+        )
     with torch.device("meta"):
         model = model_cls(**kwargs)
     expected = model.state_dict()
@@ -363,11 +407,16 @@ def load_torchvision_weights(model_cls, path: str | Path, **kwargs) -> nn.Module
             state[key] = torch.tensor(0, dtype=torch.long)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (want {tuple(v.shape)})" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (want {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not fit {name}: {len(missing)} missing keys {missing[:3]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong)} wrong shapes {wrong[:3]}")
+        raise ValueError(
+            f"{path} does not fit {name}: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong)} wrong shapes {wrong[:3]}"
+        )
     for k, v in expected.items():
         if v.is_floating_point():
             if not state[k].is_floating_point():

@@ -17,6 +17,7 @@ reports MAP@all (and MAP@50); "paper" ranks the training split of the other moda
 normalized by the relevant items retrieved, as the SCANet authors' group's public code does. Their numbers are
 not comparable: every table labels which protocol a figure comes from.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -52,14 +53,16 @@ def relevance(query_labels: ArrayLike, candidate_labels: ArrayLike) -> np.ndarra
     return (q.astype(np.float32) @ c.astype(np.float32).T) > 0
 
 
-def ranked_relevance(scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike,
-                     k: int | None = None) -> np.ndarray:
+def ranked_relevance(
+    scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike, k: int | None = None
+) -> np.ndarray:
     """(Q, k or Nc) boolean: is the candidate at each rank relevant to the query."""
     s = _np(scores).astype(np.float64)
     rel = relevance(query_labels, candidate_labels)
     if s.shape != rel.shape:
-        raise ValueError(f"scores have shape {s.shape} but there are {rel.shape[0]} queries and "
-                         f"{rel.shape[1]} candidates")
+        raise ValueError(
+            f"scores have shape {s.shape} but there are {rel.shape[0]} queries and {rel.shape[1]} candidates"
+        )
     if np.isnan(s).any():
         raise ValueError("scores contain NaN: the model diverged or its input has NaN")
     order = np.argsort(-s, axis=1, kind="stable")
@@ -68,8 +71,13 @@ def ranked_relevance(scores: ArrayLike, query_labels: ArrayLike, candidate_label
     return np.take_along_axis(rel, order, axis=1)
 
 
-def average_precisions(scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike, k: int | None = None,
-                       k_normalization: str = "min_r_k") -> np.ndarray:
+def average_precisions(
+    scores: ArrayLike,
+    query_labels: ArrayLike,
+    candidate_labels: ArrayLike,
+    k: int | None = None,
+    k_normalization: str = "min_r_k",
+) -> np.ndarray:
     """AP of each query (NaN where the query has no relevant candidate)."""
     rel_all = relevance(query_labels, candidate_labels)
     R = rel_all.sum(axis=1).astype(np.float64)
@@ -91,9 +99,13 @@ def average_precisions(scores: ArrayLike, query_labels: ArrayLike, candidate_lab
     return ap
 
 
-def mean_average_precision(scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike,
-                           k: int | None = None,
-                           k_normalization: str = "min_r_k") -> float:
+def mean_average_precision(
+    scores: ArrayLike,
+    query_labels: ArrayLike,
+    candidate_labels: ArrayLike,
+    k: int | None = None,
+    k_normalization: str = "min_r_k",
+) -> float:
     """MAP of ranking every candidate for every query (rows of ``scores`` are queries)."""
     ap = average_precisions(scores, query_labels, candidate_labels, k, k_normalization)
     if np.isnan(ap).all():
@@ -106,8 +118,9 @@ def precision_at_k(scores: ArrayLike, query_labels: ArrayLike, candidate_labels:
     return float(hits.mean())
 
 
-def precision_recall_curve(scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike,
-                           points: int = 11) -> tuple[list[float], list[float]]:
+def precision_recall_curve(
+    scores: ArrayLike, query_labels: ArrayLike, candidate_labels: ArrayLike, points: int = 11
+) -> tuple[list[float], list[float]]:
     """Mean interpolated precision at ``points`` recall levels 0, 0.1, ..., 1 (queries with R > 0)."""
     hits = ranked_relevance(scores, query_labels, candidate_labels)
     R = hits.sum(axis=1)
@@ -126,13 +139,16 @@ def precision_recall_curve(scores: ArrayLike, query_labels: ArrayLike, candidate
     return levels.tolist(), out
 
 
-def retrieval_report(scores: ArrayLike, text_labels: ArrayLike, image_labels: ArrayLike,
-                     ks: Sequence[int] = (10, 50, 100)) -> dict:
+def retrieval_report(
+    scores: ArrayLike, text_labels: ArrayLike, image_labels: ArrayLike, ks: Sequence[int] = (10, 50, 100)
+) -> dict:
     """Both directions from one (Nt, Ni) text-image score matrix: text->image uses rows, image->text columns."""
     s = _np(scores)
     report: dict[str, Any] = {}
-    for direction, mat, ql, cl in (("text2image", s, text_labels, image_labels),
-                                   ("image2text", s.T, image_labels, text_labels)):
+    for direction, mat, ql, cl in (
+        ("text2image", s, text_labels, image_labels),
+        ("image2text", s.T, image_labels, text_labels),
+    ):
         rec, prec = precision_recall_curve(mat, ql, cl)
         report[direction] = {
             "map": mean_average_precision(mat, ql, cl),
@@ -160,8 +176,8 @@ class Protocol:
     """
 
     name: str
-    candidates: str            # "test" or "train": the split the candidates come from
-    k: int | None              # None: MAP@all
+    candidates: str  # "test" or "train": the split the candidates come from
+    k: int | None  # None: MAP@all
     k_normalization: str
     extra_ks: tuple = ()
 
@@ -171,8 +187,11 @@ class Protocol:
 
     @property
     def label(self) -> str:
-        what = "MAP@all" if self.k is None else (
-            f"MAP@{self.k}" + (" (AP / relevant retrieved)" if self.k_normalization == "retrieved" else ""))
+        what = (
+            "MAP@all"
+            if self.k is None
+            else (f"MAP@{self.k}" + (" (AP / relevant retrieved)" if self.k_normalization == "retrieved" else ""))
+        )
         return f"{what}, test queries vs {self.candidates} candidates"
 
 
@@ -188,22 +207,29 @@ def get_protocols(names: str | Sequence[str]) -> list[Protocol]:
         names = list(PROTOCOLS) if names == "both" else [names]
     unknown = [n for n in names if n not in PROTOCOLS]
     if unknown:
-        raise ValueError(f"unknown evaluation protocol {unknown[0]!r}; choose one of "
-                         f"{', '.join(PROTOCOLS)} or 'both'")
+        raise ValueError(f"unknown evaluation protocol {unknown[0]!r}; choose one of {', '.join(PROTOCOLS)} or 'both'")
     return [PROTOCOLS[n] for n in names]
 
 
-def protocol_report(protocol: Protocol, text2image_scores: ArrayLike, text_query_labels: ArrayLike,
-                    image_candidate_labels: ArrayLike, image2text_scores: ArrayLike, image_query_labels: ArrayLike,
-                    text_candidate_labels: ArrayLike) -> dict:
+def protocol_report(
+    protocol: Protocol,
+    text2image_scores: ArrayLike,
+    text_query_labels: ArrayLike,
+    image_candidate_labels: ArrayLike,
+    image2text_scores: ArrayLike,
+    image_query_labels: ArrayLike,
+    text_candidate_labels: ArrayLike,
+) -> dict:
     """MAP of both directions under ``protocol`` from two score matrices (rows are the test queries).
 
     text2image_scores: (test texts, candidate images); image2text_scores: (test images, candidate texts).
     Returns {"protocol", "label", "text2image": {metric: ...}, "image2text": {...}, "mean": headline mean}.
     """
     out: dict[str, Any] = {"protocol": protocol.name, "label": protocol.label, "metric": protocol.metric}
-    for direction, s, ql, cl in (("text2image", text2image_scores, text_query_labels, image_candidate_labels),
-                                 ("image2text", image2text_scores, image_query_labels, text_candidate_labels)):
+    for direction, s, ql, cl in (
+        ("text2image", text2image_scores, text_query_labels, image_candidate_labels),
+        ("image2text", image2text_scores, image_query_labels, text_candidate_labels),
+    ):
         row = {protocol.metric: mean_average_precision(s, ql, cl, protocol.k, protocol.k_normalization)}
         for k in protocol.extra_ks:
             row[f"map@{k}"] = mean_average_precision(s, ql, cl, k)
@@ -212,8 +238,9 @@ def protocol_report(protocol: Protocol, text2image_scores: ArrayLike, text_query
     return out
 
 
-def evaluate_protocols(score_fn: Callable[[Split, Split], ArrayLike], dataset: PreparedDataset,
-                       protocols: str | Sequence[str] = "both") -> dict:
+def evaluate_protocols(
+    score_fn: Callable[[Split, Split], ArrayLike], dataset: PreparedDataset, protocols: str | Sequence[str] = "both"
+) -> dict:
     """Evaluate a scorer under each protocol. ``score_fn(text_split, image_split)`` returns the
     (texts of text_split, images of image_split) score matrix; higher = more similar.
 
@@ -225,20 +252,27 @@ def evaluate_protocols(score_fn: Callable[[Split, Split], ArrayLike], dataset: P
 
     def scores(text_split: str, image_split: str) -> np.ndarray:
         if (text_split, image_split) not in cache:
-            cache[text_split, image_split] = _np(score_fn(getattr(dataset, text_split),
-                                                          getattr(dataset, image_split)))
+            cache[text_split, image_split] = _np(score_fn(getattr(dataset, text_split), getattr(dataset, image_split)))
         return cache[text_split, image_split]
 
     test = dataset.test
     for p in get_protocols(protocols):
         cand = getattr(dataset, p.candidates)
-        reports[p.name] = protocol_report(p, scores("test", p.candidates), test.labels, cand.labels,
-                                          scores(p.candidates, "test").T, test.labels, cand.labels)
+        reports[p.name] = protocol_report(
+            p,
+            scores("test", p.candidates),
+            test.labels,
+            cand.labels,
+            scores(p.candidates, "test").T,
+            test.labels,
+            cand.labels,
+        )
     return reports
 
 
-def model_scorer(model: SCANet, chunk_size: int = 64, progress: bool = False,
-                 precision: str = "fp32") -> Callable[[Split, Split], np.ndarray]:
+def model_scorer(
+    model: SCANet, chunk_size: int = 64, progress: bool = False, precision: str = "fp32"
+) -> Callable[[Split, Split], np.ndarray]:
     """``score_fn`` for evaluate_protocols: the model's logits of every (text, image) pair of two splits,
     scored under ``autocast_context(precision)`` (the logits stay float32)."""
     device = next(model.parameters()).device
@@ -254,9 +288,15 @@ def model_scorer(model: SCANet, chunk_size: int = 64, progress: bool = False,
     return score
 
 
-def evaluate_model(model: SCANet, dataset: PreparedDataset, split: str = "test", chunk_size: int = 64,
-                   device: str | torch.device | None = None, progress: bool = False,
-                   precision: str = "fp32") -> tuple[dict, np.ndarray]:
+def evaluate_model(
+    model: SCANet,
+    dataset: PreparedDataset,
+    split: str = "test",
+    chunk_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    precision: str = "fp32",
+) -> tuple[dict, np.ndarray]:
     """Score every test text against every test image with ``model.score_all`` and report MAP both ways.
 
     Ranks by the logits (the similarity's ranking without float32 sigmoid saturation); returns them too.

@@ -14,6 +14,7 @@ weights). A two-stage query then takes its shortlist from FAISS instead of the e
 Two-layer models also store the "layer2-mean" reference (the mean layer-1 attention of each modality over up to
 REFERENCE_SAMPLE training items), which that stage-1 score needs.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -24,14 +25,13 @@ import numpy as np
 import torch
 
 from scanet.io import atomic_torch_save, safe_torch_load
-from scanet.retrieve import (Items, encode_items, exhaustive_search, model_hash,  # noqa: F401
-                             reference_attention, two_stage_search)
+from scanet.retrieve import Items, encode_items, exhaustive_search, model_hash, reference_attention, two_stage_search
 
 INDEX_FORMAT = "scanet-search-index-v1"
-SIDES = {"images": "image", "texts": "text"}           # --side value -> modality of the collection
-AUTO_EXHAUSTIVE_MAX = 5000                              # collections up to this size are searched exhaustively
-REFERENCE_SAMPLE = 4096                                 # training items per modality for the layer2-mean means
-ANN_CHOICES = ("auto", "flat", "ivf", "hnsw", "none")   # --ann of `scanet search index`
+SIDES = {"images": "image", "texts": "text"}  # --side value -> modality of the collection
+AUTO_EXHAUSTIVE_MAX = 5000  # collections up to this size are searched exhaustively
+REFERENCE_SAMPLE = 4096  # training items per modality for the layer2-mean means
+ANN_CHOICES = ("auto", "flat", "ivf", "hnsw", "none")  # --ann of `scanet search index`
 
 
 def dataset_language(dataset) -> str:
@@ -53,15 +53,24 @@ def _split(dataset, split: str):
     import scipy.sparse as sp
 
     a, b = dataset.train, dataset.test
-    return Split(a.text_ids + b.text_ids, a.image_ids + b.image_ids, sp.vstack([a.bow, b.bow]).tocsr(),
-                 np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]))
+    return Split(
+        a.text_ids + b.text_ids,
+        a.image_ids + b.image_ids,
+        sp.vstack([a.bow, b.bow]).tocsr(),
+        np.concatenate([a.images, b.images]),
+        np.concatenate([a.labels, b.labels]),
+    )
 
 
 def _record(items: Items, ids, labels, words=None) -> dict:
-    return {"modality": items.modality, "ids": list(ids), "labels": torch.from_numpy(np.asarray(labels).copy()),
-            "features": items.features.detach().float().cpu(),
-            "attention": None if items.attention is None else items.attention.detach().float().cpu(),
-            "words": words}
+    return {
+        "modality": items.modality,
+        "ids": list(ids),
+        "labels": torch.from_numpy(np.asarray(labels).copy()),
+        "features": items.features.detach().float().cpu(),
+        "attention": None if items.attention is None else items.attention.detach().float().cpu(),
+        "words": words,
+    }
 
 
 def top_words(bow, vocab, n: int = 8) -> list[str]:
@@ -70,7 +79,7 @@ def top_words(bow, vocab, n: int = 8) -> list[str]:
     bow = bow.tocsr()
     out = []
     for r in range(bow.shape[0]):
-        cols, vals = bow.indices[bow.indptr[r]:bow.indptr[r + 1]], bow.data[bow.indptr[r]:bow.indptr[r + 1]]
+        cols, vals = bow.indices[bow.indptr[r] : bow.indptr[r + 1]], bow.data[bow.indptr[r] : bow.indptr[r + 1]]
         order = np.lexsort((cols, -vals))[:n]
         out.append(" ".join(vocab[c] for c in cols[order]))
     return out
@@ -78,12 +87,16 @@ def top_words(bow, vocab, n: int = 8) -> list[str]:
 
 def _items(record: dict, device="cpu", dtype=torch.float32) -> Items:
     att = record["attention"]
-    return Items(record["modality"], record["features"].to(device=device, dtype=dtype),
-                 None if att is None else att.to(device=device, dtype=dtype))
+    return Items(
+        record["modality"],
+        record["features"].to(device=device, dtype=dtype),
+        None if att is None else att.to(device=device, dtype=dtype),
+    )
 
 
-def encode_in_batches(model, modality: str, inputs, batch_size: int = 256, progress: bool = True,
-                      desc: str | None = None) -> Items:
+def encode_in_batches(
+    model, modality: str, inputs, batch_size: int = 256, progress: bool = True, desc: str | None = None
+) -> Items:
     """encode_items over ``inputs`` (bag-of-words rows or image features) ``batch_size`` rows at a time, with a
     progress bar counting items. Memory: the encoded collection (features + attention: 8 N bytes an item)."""
     from tqdm import tqdm
@@ -94,7 +107,7 @@ def encode_in_batches(model, modality: str, inputs, batch_size: int = 256, progr
     parts = []
     with tqdm(total=n, unit=modality, desc=desc or f"encoding {modality}s", leave=False, disable=not progress) as bar:
         for s in range(0, n, batch_size):
-            parts.append(encode_items(model, modality, inputs[s:s + batch_size], batch_size))
+            parts.append(encode_items(model, modality, inputs[s : s + batch_size], batch_size))
             bar.update(len(parts[-1]))
     if not parts:
         raise ValueError(f"no {modality}s to encode")
@@ -102,8 +115,18 @@ def encode_in_batches(model, modality: str, inputs, batch_size: int = 256, progr
     return Items(modality, torch.cat([p.features for p in parts]), att)
 
 
-def build_index(model, dataset, side: str, split: str = "test", *, root=None, stopwords=(), batch_size: int = 256,
-                checkpoint=None, progress: bool = False) -> dict:
+def build_index(
+    model,
+    dataset,
+    side: str,
+    split: str = "test",
+    *,
+    root=None,
+    stopwords=(),
+    batch_size: int = 256,
+    checkpoint=None,
+    progress: bool = False,
+) -> dict:
     """Encode one side of a split as the searchable collection (and the other side, so that an item of the
     split can be a query by its id). Everything a query needs except the model itself."""
     if side not in SIDES:
@@ -112,10 +135,11 @@ def build_index(model, dataset, side: str, split: str = "test", *, root=None, st
     texts = encode_in_batches(model, "text", s.bow, batch_size, progress)
     images = encode_in_batches(model, "image", s.images, batch_size, progress)
     reference = None
-    if model.coattention.num_layers == 2:               # the "layer2-mean" stage-1 score's fixed partners
+    if model.coattention.num_layers == 2:  # the "layer2-mean" stage-1 score's fixed partners
         tr, m = dataset.train, min(REFERENCE_SAMPLE, len(dataset.train))
-        ref = reference_attention(encode_items(model, "text", tr.bow[:m], batch_size),
-                                  encode_items(model, "image", tr.images[:m], batch_size))
+        ref = reference_attention(
+            encode_items(model, "text", tr.bow[:m], batch_size), encode_items(model, "image", tr.images[:m], batch_size)
+        )
         reference = {k: v.detach().float().cpu() for k, v in ref.items()}
     t_rec = _record(texts, s.text_ids, s.labels, top_words(s.bow, dataset.vocab))
     i_rec = _record(images, s.image_ids, s.labels)
@@ -123,14 +147,23 @@ def build_index(model, dataset, side: str, split: str = "test", *, root=None, st
     return {
         "format": INDEX_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "side": side, "split": split,
-        "model_hash": model_hash(model), "checkpoint": str(checkpoint) if checkpoint else None,
-        "dataset_fingerprint": dataset.fingerprint, "dataset_name": dataset.name, "classes": list(dataset.classes),
-        "common_dim": model.coattention.dim, "coattention_layers": model.coattention.num_layers,
-        "collection": collection, "queries": queries,
-        "vocab": list(dataset.vocab), "language": dataset_language(dataset), "stopwords": sorted(set(stopwords)),
+        "side": side,
+        "split": split,
+        "model_hash": model_hash(model),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "dataset_fingerprint": dataset.fingerprint,
+        "dataset_name": dataset.name,
+        "classes": list(dataset.classes),
+        "common_dim": model.coattention.dim,
+        "coattention_layers": model.coattention.num_layers,
+        "collection": collection,
+        "queries": queries,
+        "vocab": list(dataset.vocab),
+        "language": dataset_language(dataset),
+        "stopwords": sorted(set(stopwords)),
         "root": str(Path(root).resolve()) if root else None,
-        "reference_attention": reference, "ann": None,
+        "reference_attention": reference,
+        "ann": None,
     }
 
 
@@ -148,8 +181,15 @@ def build_ann(model, index: dict, kind: str = "auto", stage1: str | None = None,
     stage1 = stage1 or default_ann_stage1(model)
     reference = index.get("reference_attention") if stage1 == "layer2-mean" else None
     param = next(model.parameters())
-    return ANNIndex.from_items(model, _items(index["collection"], param.device, param.dtype), kind, stage1=stage1,
-                               reference=reference, progress=progress, **kw)
+    return ANNIndex.from_items(
+        model,
+        _items(index["collection"], param.device, param.dtype),
+        kind,
+        stage1=stage1,
+        reference=reference,
+        progress=progress,
+        **kw,
+    )
 
 
 def _file_sha256(path) -> str:
@@ -166,10 +206,15 @@ def save_index(index: dict, path, ann=None) -> None:
     if ann is not None:
         from scanet.ann import ann_path_for
 
-        ann_path = ann.save(ann_path_for(path), overwrite=True)     # it belongs to the index being written
-        index["ann"] = {"file": ann_path.name, "sha256": _file_sha256(ann_path), "kind": ann.kind,
-                        "stage1": ann.stage1, "size": len(ann)}
-    atomic_torch_save(path, index)           # temporary file, fsync, rename
+        ann_path = ann.save(ann_path_for(path), overwrite=True)  # it belongs to the index being written
+        index["ann"] = {
+            "file": ann_path.name,
+            "sha256": _file_sha256(ann_path),
+            "kind": ann.kind,
+            "stage1": ann.stage1,
+            "size": len(ann),
+        }
+    atomic_torch_save(path, index)  # temporary file, fsync, rename
 
 
 def load_ann(index: dict, path, model):
@@ -182,11 +227,15 @@ def load_ann(index: dict, path, model):
 
     ann_path = Path(path).with_name(rec["file"])
     if not ann_path.is_file():
-        raise FileNotFoundError(f"the search index {path} was built with the FAISS index {ann_path}, which is "
-                                "missing: rebuild the index (scanet search index), or query with --no-ann")
+        raise FileNotFoundError(
+            f"the search index {path} was built with the FAISS index {ann_path}, which is "
+            "missing: rebuild the index (scanet search index), or query with --no-ann"
+        )
     if _file_sha256(ann_path) != rec["sha256"]:
-        raise ValueError(f"{ann_path} is not the FAISS index built with {path} (its sha256 differs): rebuild the "
-                         "index (scanet search index), or query with --no-ann")
+        raise ValueError(
+            f"{ann_path} is not the FAISS index built with {path} (its sha256 differs): rebuild the "
+            "index (scanet search index), or query with --no-ann"
+        )
     ann = ANNIndex.load(ann_path, model=model)
     if len(ann) != len(index["collection"]["ids"]):
         raise ValueError(f"{ann_path} holds {len(ann)} items, the search index {len(index['collection']['ids'])}")
@@ -208,8 +257,10 @@ def load_index(path, model=None) -> dict:
     if model is not None:
         h = model_hash(model)
         if h != index["model_hash"]:
-            raise ValueError(f"the index {path} was built with model {index['model_hash']} but this checkpoint is "
-                             f"model {h}: scores would not be comparable; rebuild the index with this checkpoint")
+            raise ValueError(
+                f"the index {path} was built with model {index['model_hash']} but this checkpoint is "
+                f"model {h}: scores would not be comparable; rebuild the index with this checkpoint"
+            )
     return index
 
 
@@ -240,12 +291,19 @@ def prepare_query_text(text: str, vocab, language: str = "en", stopwords=()) -> 
     unknown = sorted({w for w in tokens if w not in vocab_set and w not in stop})
     ignored = sorted({w for w in tokens if w in stop})
     if not known:
-        raise ValueError(f"the query {text!r} has no word of the model's vocabulary ({len(vocab)} words)"
-                         + (f"; unknown: {', '.join(unknown)}" if unknown else "")
-                         + (f"; stop words ignored: {', '.join(ignored)}" if ignored else ""))
+        raise ValueError(
+            f"the query {text!r} has no word of the model's vocabulary ({len(vocab)} words)"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+            + (f"; stop words ignored: {', '.join(ignored)}" if ignored else "")
+        )
     features = text_features(bag_of_words([known], list(vocab)))
-    return {"tokens": tokens, "known": known, "unknown_words": unknown, "stopwords_ignored": ignored,
-            "features": features}
+    return {
+        "tokens": tokens,
+        "known": known,
+        "unknown_words": unknown,
+        "stopwords_ignored": ignored,
+        "features": features,
+    }
 
 
 def class_name(classes, label) -> str:
@@ -270,9 +328,19 @@ def _resolve_shortlist(shortlist, n: int, k: int) -> int:
 
 
 @torch.no_grad()
-def search_index(model, index: dict, *, text: str | None = None, text_id: str | None = None,
-                 image_id: str | None = None, top_k: int = 10, shortlist="auto", stage1: str | None = None,
-                 precision: str = "fp32", ann=None) -> dict:
+def search_index(
+    model,
+    index: dict,
+    *,
+    text: str | None = None,
+    text_id: str | None = None,
+    image_id: str | None = None,
+    top_k: int = 10,
+    shortlist="auto",
+    stage1: str | None = None,
+    precision: str = "fp32",
+    ann=None,
+) -> dict:
     """One query (free text, or an item of the index's split by id) against the index's collection.
 
     ``ann`` (load_ann): a two-stage query takes its shortlist from this FAISS index when ``stage1`` is its
@@ -286,26 +354,31 @@ def search_index(model, index: dict, *, text: str | None = None, text_id: str | 
     want = "image" if (text is not None or text_id is not None) else "text"
     if coll["modality"] != want:
         q = "a text" if want == "image" else "an image"
-        raise ValueError(f"this index holds {coll['modality']}s: {q} query needs an index built with "
-                         f"--side {want}s")
+        raise ValueError(f"this index holds {coll['modality']}s: {q} query needs an index built with --side {want}s")
     collection = _items(coll, param.device, param.dtype)
     info: dict = {}
     if text is not None:
         prep = prepare_query_text(text, index["vocab"], index.get("language", "en"), index.get("stopwords", ()))
         queries = encode_items(model, "text", prep["features"])
-        info = {"kind": "free text", "text": text, "known_words": len(prep["known"]),
-                "unknown_words": prep["unknown_words"], "stopwords_ignored": prep["stopwords_ignored"]}
+        info = {
+            "kind": "free text",
+            "text": text,
+            "known_words": len(prep["known"]),
+            "unknown_words": prep["unknown_words"],
+            "stopwords_ignored": prep["stopwords_ignored"],
+        }
     else:
         qrec = index["queries"]
         qid = text_id if text_id is not None else image_id
         try:
             pos = qrec["ids"].index(qid)
         except ValueError:
-            raise ValueError(f"{qrec['modality']} id {qid!r} is not in the index ({index['split']} split of "
-                             f"{index['dataset_name']}; ids look like {', '.join(qrec['ids'][:3])})") from None
+            raise ValueError(
+                f"{qrec['modality']} id {qid!r} is not in the index ({index['split']} split of "
+                f"{index['dataset_name']}; ids look like {', '.join(qrec['ids'][:3])})"
+            ) from None
         queries = _items(qrec, param.device, param.dtype).subset(slice(pos, pos + 1))
-        info = {"kind": f"{qrec['modality']} id", "id": qid,
-                "class": class_name(index["classes"], qrec["labels"][pos])}
+        info = {"kind": f"{qrec['modality']} id", "id": qid, "class": class_name(index["classes"], qrec["labels"][pos])}
         if qrec.get("words"):
             info["words"] = qrec["words"][pos]
     S = _resolve_shortlist(shortlist, len(collection), top_k)
@@ -318,17 +391,40 @@ def search_index(model, index: dict, *, text: str | None = None, text_id: str | 
         res = two_stage_search_ann(model, queries, collection, ann, top_k, S, precision=precision)
         mode = f"two-stage (FAISS {ann.kind} {stage1} shortlist of {S})"
     else:
-        res = two_stage_search(model, queries, collection, top_k, S, stage1, precision=precision,
-                               reference=index.get("reference_attention"))
+        res = two_stage_search(
+            model,
+            queries,
+            collection,
+            top_k,
+            S,
+            stage1,
+            precision=precision,
+            reference=index.get("reference_attention"),
+        )
         mode = f"two-stage ({stage1} shortlist of {S})"
     results = []
     found = [(i, logit) for i, logit in zip(res.indices[0].tolist(), res.logits[0].tolist(), strict=True) if i >= 0]
-    for r, (i, logit) in enumerate(found):                # (an approximate index may fill fewer than k slots)
-        results.append({"rank": r + 1, "id": coll["ids"][i], "index": i, "logit": logit,
-                        "similarity": float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))),
-                        "class": class_name(index["classes"], coll["labels"][i])})
+    for r, (i, logit) in enumerate(found):  # (an approximate index may fill fewer than k slots)
+        results.append(
+            {
+                "rank": r + 1,
+                "id": coll["ids"][i],
+                "index": i,
+                "logit": logit,
+                "similarity": float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))),
+                "class": class_name(index["classes"], coll["labels"][i]),
+            }
+        )
         if coll.get("words"):
             results[-1]["words"] = coll["words"][i]
-    return {"query": info, "collection": {"modality": coll["modality"], "size": len(collection),
-                                          "dataset": index["dataset_name"], "split": index["split"]},
-            "mode": mode, "results": results}
+    return {
+        "query": info,
+        "collection": {
+            "modality": coll["modality"],
+            "size": len(collection),
+            "dataset": index["dataset_name"],
+            "split": index["split"],
+        },
+        "mode": mode,
+        "results": results,
+    }

@@ -21,6 +21,7 @@ later run can tell the leftovers of a dead writer from the file a live one is wr
 want of space (ENOSPC, or torch's ``enforce fail at inline_container.cc``) is an OSError naming the file and
 saying "no space left on the device"; the old file is untouched and the temporary file removed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,15 +50,23 @@ def _write_failure(path: Path, e: BaseException) -> OSError | None:
     # torch's writer reports a short write as "[enforce fail at inline_container.cc:...] ... unexpected pos"
     # or "file write failed", without errno: with (almost) nothing left free that is a full disk.
     torch_writer = "inline_container" in text or "PytorchStreamWriter" in text
-    nospace = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
+    nospace = (
+        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "No space left" in text
         or (torch_writer and free is not None and free < 64 * 2**20)
+    )
     if torch_writer and not nospace:
         return OSError(errno.EIO, f"cannot write {path}: torch's writer failed ({text.strip()[:200]})")
     if nospace:
-        return OSError(errno.ENOSPC, f"cannot write {path}: no space left on the device{free_text} "
-                                     f"(the previous file, if any, is untouched)")
+        return OSError(
+            errno.ENOSPC,
+            f"cannot write {path}: no space left on the device{free_text} (the previous file, if any, is untouched)",
+        )
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return OSError(e.errno, f"cannot write {path}: {'read-only file system' if e.errno == errno.EROFS else 'permission denied'}")
+        return OSError(
+            e.errno,
+            f"cannot write {path}: {'read-only file system' if e.errno == errno.EROFS else 'permission denied'}",
+        )
     return None
 
 
@@ -71,7 +80,7 @@ def atomic_write(path: str | Path, write: Callable) -> None:
     except OSError as e:
         raise (_write_failure(path, e) or e) from e
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)       # mkstemp makes 0600; the file gets the mode open() would give
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file gets the mode open() would give
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -114,9 +123,9 @@ def atomic_directory(out: str | Path):
 
 
 # ------------------------------------------------------------------------------------------- leftovers
-_TMP_FILE = re.compile(r"^(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")       # atomic_write's names
-_OLD_TMP_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")            # before names carried the pid
-_TMP_DIR = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)-[^-]+$")           # atomic_directory's
+_TMP_FILE = re.compile(r"^(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")  # atomic_write's names
+_OLD_TMP_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # before names carried the pid
+_TMP_DIR = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)-[^-]+$")  # atomic_directory's
 
 
 def pid_alive(pid: int) -> bool:
@@ -127,13 +136,12 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:          # exists, owned by someone else
+    except PermissionError:  # exists, owned by someone else
         return True
     return True
 
 
-def remove_leftovers(folder: str | Path, log: Callable[[str], None] | None = None, locked: bool = False
-                     ) -> list[Path]:
+def remove_leftovers(folder: str | Path, log: Callable[[str], None] | None = None, locked: bool = False) -> list[Path]:
     """Remove the temporary files / folders of atomic_write / atomic_directory in ``folder`` whose writer is no
     longer running (its pid is in the name); returns what was removed. A live writer's file is left alone.
     ``locked``: the caller holds the folder's lock (a run folder), so the pid-less temporary files of older
@@ -143,9 +151,9 @@ def remove_leftovers(folder: str | Path, log: Callable[[str], None] | None = Non
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        m: Any = (_TMP_FILE if p.is_file() else _TMP_DIR).match(p.name)   # a match, or the dict below
+        m: Any = (_TMP_FILE if p.is_file() else _TMP_DIR).match(p.name)  # a match, or the dict below
         if m is None and locked and p.is_file() and _OLD_TMP_FILE.match(p.name):
-            m = {"pid": "0"}                                     # an old-style name in a folder we own
+            m = {"pid": "0"}  # an old-style name in a folder we own
         if m is None or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"])):
             continue
         size = p.stat().st_size if p.is_file() else 0
@@ -174,9 +182,13 @@ def check_writable(folder: str | Path, what: str = "output folder") -> Path:
             os.close(fd)
             os.unlink(probe)
     except OSError as e:
-        reason = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
-                  errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
-                  errno.EDQUOT: "disk quota exceeded"}.get(e.errno or 0, e.strerror or str(e))
+        reason = {
+            errno.EROFS: "it is on a read-only file system",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+            errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "disk quota exceeded",
+        }.get(e.errno or 0, e.strerror or str(e))
         raise OSError(e.errno, f"the {what} {folder} is not writable: {reason}") from e
     return folder
 
@@ -192,8 +204,10 @@ def read_text(path: str | Path, what: str = "text file", encoding: str = "utf-8-
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(f"{path} ({what}) is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}, column "
-                         f"{col} cannot be decoded; save the file as UTF-8") from None
+        raise ValueError(
+            f"{path} ({what}) is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}, column "
+            f"{col} cannot be decoded; save the file as UTF-8"
+        ) from None
 
 
 def _check_numeric(path: Path, name: str, a, what: str):
@@ -202,8 +216,15 @@ def _check_numeric(path: Path, name: str, a, what: str):
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{path} ({what}): {name} is a {type(a).__name__}, not an array")
     if a.dtype.kind not in "biuf":
-        kind = {"U": "strings", "S": "byte strings", "O": "Python objects", "V": "records", "c": "complex numbers",
-                "M": "dates", "m": "time deltas"}.get(a.dtype.kind, a.dtype.kind)
+        kind = {
+            "U": "strings",
+            "S": "byte strings",
+            "O": "Python objects",
+            "V": "records",
+            "c": "complex numbers",
+            "M": "dates",
+            "m": "time deltas",
+        }.get(a.dtype.kind, a.dtype.kind)
         raise ValueError(f"{path} ({what}): {name} holds {kind} (dtype {a.dtype}); numbers are expected")
     return a
 
@@ -220,8 +241,10 @@ def safe_np_load(path: str | Path, what: str = "numeric array file", mmap_mode=N
     with path.open("rb") as fh:
         magic = fh.read(6)
     if magic != b"\x93NUMPY" and magic[:2] != b"PK":
-        raise ValueError(f"{path} ({what}) is not a NumPy .npy/.npz file "
-                         f"({'empty' if not magic else 'no NumPy header'}); save the matrix with numpy.save")
+        raise ValueError(
+            f"{path} ({what}) is not a NumPy .npy/.npz file "
+            f"({'empty' if not magic else 'no NumPy header'}); save the matrix with numpy.save"
+        )
     try:
         loaded = np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
         if isinstance(loaded, np.lib.npyio.NpzFile):
@@ -232,8 +255,10 @@ def safe_np_load(path: str | Path, what: str = "numeric array file", mmap_mode=N
         if str(e).startswith(str(path)):
             raise
         if "allow_pickle" in str(e):
-            raise ValueError(f"{path} ({what}) cannot be read: it holds Python objects (a pickle), which are "
-                             "never loaded; save a numeric array") from None
+            raise ValueError(
+                f"{path} ({what}) cannot be read: it holds Python objects (a pickle), which are "
+                "never loaded; save a numeric array"
+            ) from None
         raise ValueError(f"{path} ({what}) is truncated or damaged ({e})") from None
     except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, OSError: a truncated or damaged file
         raise ValueError(f"{path} ({what}) is truncated or damaged ({type(e).__name__}: {e})") from None

@@ -12,9 +12,10 @@ sparse CSR tensor. A raw CSR's index arrays are checked ONCE per tensor (``check
 tensors it has checked, by identity and the version counters of their index arrays, so an in-place change is
 checked again): an out-of-range column or a malformed row pointer is a ValueError, never garbage from reading
 outside an array, never a segfault in torch.sparse.mm or the native op. The CSR views a ``Laplacian`` hands
-out (``csr()``) are born checked. Memory: three int64/float arrays, (V + 1) + 2 nnz words; the Wiki graph (V = 10,055, nnz ~ 160k)
-is ~2.6 MB, twice that when a transpose is kept.
+out (``csr()``) are born checked. Memory: three int64/float arrays, (V + 1) + 2 nnz words; the Wiki graph
+(V = 10,055, nnz ~ 160k) is ~2.6 MB, twice that when a transpose is kept.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -54,11 +55,15 @@ def check_laplacian(laplacian_csr: torch.Tensor, *, check_indices: bool = True) 
     The index checks (a pass over crow and col) run once per tensor: a tensor checked before, whose index
     arrays have not been written since, is not checked again."""
     if not isinstance(laplacian_csr, torch.Tensor):
-        _fail(f"laplacian_csr must be a torch sparse CSR tensor or a scanet.laplacian.Laplacian, got "
-              f"{type(laplacian_csr).__name__}")
+        _fail(
+            f"laplacian_csr must be a torch sparse CSR tensor or a scanet.laplacian.Laplacian, got "
+            f"{type(laplacian_csr).__name__}"
+        )
     if laplacian_csr.layout != torch.sparse_csr:
-        _fail(f"laplacian_csr must have layout torch.sparse_csr, got {laplacian_csr.layout} "
-              "(convert with .to_sparse_csr(), or scanet.data.graph.to_torch_csr for a scipy matrix)")
+        _fail(
+            f"laplacian_csr must have layout torch.sparse_csr, got {laplacian_csr.layout} "
+            "(convert with .to_sparse_csr(), or scanet.data.graph.to_torch_csr for a scipy matrix)"
+        )
     if laplacian_csr.dim() != 2 or laplacian_csr.shape[0] != laplacian_csr.shape[1]:
         _fail(f"laplacian_csr must be square (V, V), got shape {tuple(laplacian_csr.shape)}")
     if not laplacian_csr.dtype.is_floating_point:
@@ -75,21 +80,23 @@ def check_csr_indices(crow: torch.Tensor, col: torch.Tensor, V: int) -> None:
     """Column indices in [0, V) and sorted within each row; crow a non-decreasing pointer from 0 to nnz."""
     if crow.dim() != 1 or col.dim() != 1:
         _fail(f"laplacian_csr index arrays must be 1-D, got crow {tuple(crow.shape)}, col {tuple(col.shape)}")
-    if crow.numel() != V + 1 or int(crow[0]) != 0 or int(crow[-1]) != col.numel() or \
-            bool((crow[1:] < crow[:-1]).any()):
-        _fail(f"laplacian_csr has a malformed crow_indices array (it must hold V + 1 = {V + 1} non-decreasing "
-              f"row offsets from 0 to nnz = {col.numel()})")
+    if crow.numel() != V + 1 or int(crow[0]) != 0 or int(crow[-1]) != col.numel() or bool((crow[1:] < crow[:-1]).any()):
+        _fail(
+            f"laplacian_csr has a malformed crow_indices array (it must hold V + 1 = {V + 1} non-decreasing "
+            f"row offsets from 0 to nnz = {col.numel()})"
+        )
     if col.numel():
         if int(col.min()) < 0 or int(col.max()) >= V:
-            _fail(f"laplacian_csr has column indices out of range [0, {V}): "
-                  f"min {int(col.min())}, max {int(col.max())}")
+            _fail(f"laplacian_csr has column indices out of range [0, {V}): min {int(col.min())}, max {int(col.max())}")
         # Sorted within each row: a decrease is only allowed where a new row starts.
         dec = (col[1:] < col[:-1]).nonzero().flatten() + 1
         if dec.numel():
             row_starts = crow[1:-1]
             if not torch.isin(dec, row_starts).all():
-                _fail("laplacian_csr has unsorted column indices within a row "
-                      "(sort them, e.g. scipy's .sort_indices() before conversion)")
+                _fail(
+                    "laplacian_csr has unsorted column indices within a row "
+                    "(sort them, e.g. scipy's .sort_indices() before conversion)"
+                )
 
 
 def transpose_arrays(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, V: int):
@@ -122,31 +129,40 @@ def _arrays_of(laplacian) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int
     if isinstance(laplacian, tuple):
         crow, col, values = (torch.as_tensor(a) for a in laplacian)
         if crow.dim() != 1 or col.dim() != 1 or values.dim() != 1 or crow.numel() < 1:
-            _fail(f"Laplacian arrays must be 1-D crow (V+1), col and values (nnz), got shapes "
-                  f"{tuple(crow.shape)}, {tuple(col.shape)}, {tuple(values.shape)}")
+            _fail(
+                f"Laplacian arrays must be 1-D crow (V+1), col and values (nnz), got shapes "
+                f"{tuple(crow.shape)}, {tuple(col.shape)}, {tuple(values.shape)}"
+            )
         return crow.long(), col.long(), values.detach(), crow.numel() - 1
     if isinstance(laplacian, torch.Tensor):
         if laplacian.layout != torch.sparse_csr:
             if laplacian.layout == torch.strided or laplacian.dim() != 2:
-                check_laplacian(laplacian, check_indices=False)   # the clear error for a dense / odd tensor
+                check_laplacian(laplacian, check_indices=False)  # the clear error for a dense / odd tensor
             laplacian = laplacian.to_sparse_csr()
         check_laplacian(laplacian, check_indices=False)
         if laplacian.requires_grad or laplacian.values().requires_grad:
-            _fail("the Laplacian is a constant, but laplacian_csr requires grad; use scanet.reference.cheb_conv "
-                  "with a raw CSR for gradients with respect to the Laplacian")
-        return (laplacian.crow_indices().long(), laplacian.col_indices().long(), laplacian.values(),
-                laplacian.shape[0])
+            _fail(
+                "the Laplacian is a constant, but laplacian_csr requires grad; use scanet.reference.cheb_conv "
+                "with a raw CSR for gradients with respect to the Laplacian"
+            )
+        return (laplacian.crow_indices().long(), laplacian.col_indices().long(), laplacian.values(), laplacian.shape[0])
     import scipy.sparse as sp
 
     if not sp.issparse(laplacian):
-        _fail(f"laplacian must be a scipy sparse matrix, a torch sparse CSR tensor or a Laplacian, got "
-              f"{type(laplacian).__name__}")
+        _fail(
+            f"laplacian must be a scipy sparse matrix, a torch sparse CSR tensor or a Laplacian, got "
+            f"{type(laplacian).__name__}"
+        )
     if laplacian.shape[0] != laplacian.shape[1]:
         _fail(f"laplacian must be square (V, V), got shape {laplacian.shape}")
     csr = sp.csr_matrix(laplacian)
     csr.sort_indices()
-    return (torch.from_numpy(csr.indptr.astype(np.int64)), torch.from_numpy(csr.indices.astype(np.int64)),
-            torch.from_numpy(csr.data.astype(np.float32)), csr.shape[0])
+    return (
+        torch.from_numpy(csr.indptr.astype(np.int64)),
+        torch.from_numpy(csr.indices.astype(np.int64)),
+        torch.from_numpy(csr.data.astype(np.float32)),
+        csr.shape[0],
+    )
 
 
 class Laplacian(nn.Module):
@@ -158,7 +174,7 @@ class Laplacian(nn.Module):
     ``transpose()`` is (crow, col, values) of L~^T: the buffers themselves when ``symmetric``.
     """
 
-    crow: torch.Tensor     # buffers (register_buffer), declared for the type checker
+    crow: torch.Tensor  # buffers (register_buffer), declared for the type checker
     col: torch.Tensor
     values: torch.Tensor
 
@@ -182,8 +198,7 @@ class Laplacian(nn.Module):
         value arrays' version counters), so the fused path does not re-check and re-transpose it per call."""
         if isinstance(laplacian, cls):
             return laplacian
-        if isinstance(laplacian, torch.Tensor) and laplacian.layout == torch.sparse_csr \
-                and not laplacian.requires_grad:
+        if isinstance(laplacian, torch.Tensor) and laplacian.layout == torch.sparse_csr and not laplacian.requires_grad:
             values = laplacian.values()
             key = _csr_key(laplacian) + (values.data_ptr(), values._version, str(values.dtype))
             hit = _OPERATORS.get(id(laplacian))
@@ -224,16 +239,18 @@ class Laplacian(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._prepare()     # new values in the same storage: the symmetric flag and transpose follow them
+        self._prepare()  # new values in the same storage: the symmetric flag and transpose follow them
 
     def csr(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         values = self.values if dtype is None else self.values.to(dtype)
-        return _remember_checked(torch.sparse_csr_tensor(self.crow, self.col, values, self.shape,
-                                                         check_invariants=False))   # checked in _prepare
+        return _remember_checked(
+            torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+        )  # checked in _prepare
 
     def transpose(self, dtype: torch.dtype | None = None):
-        crow, col, values = (self.crow, self.col, self.values) if self.symmetric else \
-            (self.crow_t, self.col_t, self.values_t)
+        crow, col, values = (
+            (self.crow, self.col, self.values) if self.symmetric else (self.crow_t, self.col_t, self.values_t)
+        )
         return crow, col, values if dtype is None else values.to(dtype)
 
     def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:

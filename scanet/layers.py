@@ -9,6 +9,7 @@
 scanet.model assembles them into SCANet; scanet.fused subclasses ChebConv and StackedCoAttention with the fused
 ops (same constructor, parameters and state_dict). Imports: reference -> layers -> {model, fused}.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,14 +29,16 @@ class ChebConv(nn.Module):
     x: (B, V, in_channels) -> (B, V, out_channels).
     """
 
-    op: Callable[..., torch.Tensor] = staticmethod(reference.cheb_conv)   # fused/ swaps in its own
+    op: Callable[..., torch.Tensor] = staticmethod(reference.cheb_conv)  # fused/ swaps in its own
 
-    def __init__(self, in_channels: int, out_channels: int, K: int = 3, bias: bool = True,
-                 activation: str | None = "relu"):
+    def __init__(
+        self, in_channels: int, out_channels: int, K: int = 3, bias: bool = True, activation: str | None = "relu"
+    ):
         super().__init__()
         if K < 1 or in_channels < 1 or out_channels < 1:
-            raise ValueError(f"ChebConv needs K, in_channels, out_channels >= 1, "
-                             f"got {K}, {in_channels}, {out_channels}")
+            raise ValueError(
+                f"ChebConv needs K, in_channels, out_channels >= 1, got {K}, {in_channels}, {out_channels}"
+            )
         self.in_channels, self.out_channels, self.K, self.activation = in_channels, out_channels, K, activation
         self.weight = nn.Parameter(torch.empty(K, in_channels, out_channels))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
@@ -82,8 +85,16 @@ class TextEncoder(nn.Module):
     the hidden layers' outputs stay float32 (only the last one, which feeds the bf16 FC, is bf16).
     """
 
-    def __init__(self, vocab_size: int, out_dim: int, channels=(1, 1), K: int = 3, dropout: float = 0.2,
-                 activation: str = "none", conv_cls=ChebConv):
+    def __init__(
+        self,
+        vocab_size: int,
+        out_dim: int,
+        channels=(1, 1),
+        K: int = 3,
+        dropout: float = 0.2,
+        activation: str = "none",
+        conv_cls=ChebConv,
+    ):
         super().__init__()
         self.vocab_size = vocab_size
         dims = (1,) + tuple(channels)
@@ -93,10 +104,10 @@ class TextEncoder(nn.Module):
         self.act = _activation(activation)
 
     def forward(self, bow: torch.Tensor, laplacian) -> torch.Tensor:
-        x = bow.unsqueeze(-1)                                     # (B, V, 1): one signal per text
+        x = bow.unsqueeze(-1)  # (B, V, 1): one signal per text
         for conv in self.convs[:-1]:
             if _native(conv, x) and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
-                x = conv(x, laplacian, out_dtype=torch.float32)   # hidden signal float32: read in place
+                x = conv(x, laplacian, out_dtype=torch.float32)  # hidden signal float32: read in place
             else:
                 x = conv(x, laplacian)
         last = self.convs[-1]
@@ -115,7 +126,7 @@ class ImageEncoder(nn.Module):
     near 1/128): unstandardized, the image path would start 100x smaller than the text path.
     """
 
-    input_mean: torch.Tensor     # buffers (register_buffer), declared for the type checker
+    input_mean: torch.Tensor  # buffers (register_buffer), declared for the type checker
     input_std: torch.Tensor
 
     def __init__(self, in_dim: int, out_dim: int, activation: str = "none"):
@@ -157,7 +168,7 @@ class StackedCoAttention(nn.Module):
 
     def layer(self, k: int, f_t: torch.Tensor, f_i: torch.Tensor):
         op = type(self).op
-        new_i = op(f_t, f_i, self.text_fc[k].weight, self.text_fc[k].bias, scale=self.scale)   # p_T * f_I
+        new_i = op(f_t, f_i, self.text_fc[k].weight, self.text_fc[k].bias, scale=self.scale)  # p_T * f_I
         new_t = op(f_i, f_t, self.image_fc[k].weight, self.image_fc[k].bias, scale=self.scale)  # p_I * f_T
         return new_t, new_i
 

@@ -18,6 +18,7 @@ backward all-reduces (sums) the incoming gradients: every rank computes the same
 gradient of its own similarities is world_size x its share of the global gradient, and DistributedDataParallel's
 gradient averaging (sum / world_size) turns that into exactly the gradient of one process on the global batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,9 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 def _check(similarity: torch.Tensor, target: torch.Tensor) -> None:
     if similarity.shape != target.shape or similarity.dim() != 1:
-        raise ValueError(f"similarity and target must both be (B,), got {tuple(similarity.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f"similarity and target must both be (B,), got {tuple(similarity.shape)} and {tuple(target.shape)}"
+        )
 
 
 def _loss_from_sums(similarity, target, margin: float, lam: float, reduce_sum):
@@ -59,15 +61,15 @@ def _loss_from_sums(similarity, target, margin: float, lam: float, reduce_sum):
     sum_pos, sum_neg, n_pos, n_neg = first.unbind()
     mean_pos = sum_pos / n_pos.clamp(min=1)
     mean_neg = sum_neg / n_neg.clamp(min=1)
-    second = reduce_sum(torch.stack([(((similarity - mean_pos) ** 2) * pos).sum(),
-                                     (((similarity - mean_neg) ** 2) * neg).sum()]))
-    var_pos = second[0] / n_pos.clamp(min=1)                    # population variance
+    second = reduce_sum(
+        torch.stack([(((similarity - mean_pos) ** 2) * pos).sum(), (((similarity - mean_neg) ** 2) * neg).sum()])
+    )
+    var_pos = second[0] / n_pos.clamp(min=1)  # population variance
     var_neg = second[1] / n_neg.clamp(min=1)
     both = ((n_pos > 0) & (n_neg > 0)).to(similarity.dtype)
     hinge = torch.relu(margin - (mean_pos - mean_neg)) * both
     loss = var_pos + var_neg + lam * hinge
-    return loss, {"var_pos": var_pos, "var_neg": var_neg, "mean_pos": mean_pos, "mean_neg": mean_neg,
-                  "hinge": hinge}
+    return loss, {"var_pos": var_pos, "var_neg": var_neg, "mean_pos": mean_pos, "mean_neg": mean_neg, "hinge": hinge}
 
 
 def scanet_loss(similarity: torch.Tensor, target: torch.Tensor, margin: float = 0.6, lam: float = 0.35):
@@ -76,8 +78,9 @@ def scanet_loss(similarity: torch.Tensor, target: torch.Tensor, margin: float = 
     return _loss_from_sums(similarity, target, margin, lam, _identity)
 
 
-def distributed_scanet_loss(similarity: torch.Tensor, target: torch.Tensor, margin: float = 0.6,
-                            lam: float = 0.35, group=None):
+def distributed_scanet_loss(
+    similarity: torch.Tensor, target: torch.Tensor, margin: float = 0.6, lam: float = 0.35, group=None
+):
     """The loss of the global batch (every rank's pairs together) from this rank's (b,) share of it.
 
     Every rank must call it once per step (it runs two collectives); the value returned is the same on all

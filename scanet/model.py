@@ -10,6 +10,7 @@
 ``SCANet(..., fused=True)`` builds the same model from the drop-in modules of ``scanet.fused`` (same
 constructor arguments and state_dict), so a checkpoint moves freely between the two.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,8 +25,11 @@ from scanet.layers import ChebConv, ImageEncoder, SimilarityHead, StackedCoAtten
 
 SCORERS = ("auto", "fused", "eager")
 # Checkpoints written before scanet.laplacian kept the Laplacian as three top-level buffers.
-_OLD_LAPLACIAN_KEYS = {"laplacian_crow": "laplacian.crow", "laplacian_col": "laplacian.col",
-                       "laplacian_values": "laplacian.values"}
+_OLD_LAPLACIAN_KEYS = {
+    "laplacian_crow": "laplacian.crow",
+    "laplacian_col": "laplacian.col",
+    "laplacian_values": "laplacian.values",
+}
 
 
 class SCANet(nn.Module):
@@ -36,8 +40,9 @@ class SCANet(nn.Module):
     state_dict; ``model.laplacian()`` is its torch CSR).
     """
 
-    def __init__(self, vocab_size: int, image_dim: int, laplacian: object, config: ModelConfig | None = None,
-                 fused: bool = False):
+    def __init__(
+        self, vocab_size: int, image_dim: int, laplacian: object, config: ModelConfig | None = None, fused: bool = False
+    ):
         super().__init__()
         self.config = config = config or ModelConfig()
         self.fused = fused
@@ -55,8 +60,15 @@ class SCANet(nn.Module):
         scale = {"n": float(N), "1": 1.0}.get(str(config.attention_scale).lower())
         if scale is None:
             raise ValueError(f"attention_scale must be 'n' or '1', got {config.attention_scale!r}")
-        self.text_encoder = TextEncoder(vocab_size, N, config.gcn_channels, config.cheb_k, config.dropout,
-                                        config.encoder_activation, conv_cls=conv_cls)
+        self.text_encoder = TextEncoder(
+            vocab_size,
+            N,
+            config.gcn_channels,
+            config.cheb_k,
+            config.dropout,
+            config.encoder_activation,
+            conv_cls=conv_cls,
+        )
         self.image_encoder = ImageEncoder(image_dim, N, config.encoder_activation)
         self.coattention = coatt_cls(N, config.coattention_layers, scale)
         self.head = SimilarityHead(N, config.dropout)
@@ -74,13 +86,20 @@ class SCANet(nn.Module):
         return self.head(f_t, f_i)
 
     def forward(self, bow: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(bow, image)       # bf16 under bf16 autocast: the loss gets float32 similarities
+        logits = self.logits(bow, image)  # bf16 under bf16 autocast: the loss gets float32 similarities
         return torch.sigmoid(logits.to(reference.statistics_dtype(logits.dtype)))
 
     # -- all pairs --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_all(self, texts: torch.Tensor, images: torch.Tensor, chunk_size: int = 64,
-                  progress: bool = False, logits: bool = False, scorer: str = "auto") -> torch.Tensor:
+    def score_all(
+        self,
+        texts: torch.Tensor,
+        images: torch.Tensor,
+        chunk_size: int = 64,
+        progress: bool = False,
+        logits: bool = False,
+        scorer: str = "auto",
+    ) -> torch.Tensor:
         """Similarity of every text with every image: (Nt, Ni), equal to ``forward`` on each pair.
 
         Co-attention layer 1 depends on one modality only, so its attention maps are computed once per item;
@@ -93,14 +112,15 @@ class SCANet(nn.Module):
         else the eager oracle), "fused" (the fused scorer wherever its kernel can run: also CPU under
         TRITON_INTERPRET=1; a model with another number of layers keeps the oracle), or "eager".
         """
-        chunk_size = check_value("chunk_size", chunk_size, int, lo=1)   # 0 once left the scores unwritten
+        chunk_size = check_value("chunk_size", chunk_size, int, lo=1)  # 0 once left the scores unwritten
         was_training = self.training
         self.eval()
         try:
             f_t = self.encode_text(texts)
             f_i = self.encode_image(images)
-            out = pair_logits(self, f_t, f_i, scorer=scorer, chunk_pairs=chunk_size * max(1, len(f_i)),
-                              progress=progress)
+            out = pair_logits(
+                self, f_t, f_i, scorer=scorer, chunk_pairs=chunk_size * max(1, len(f_i)), progress=progress
+            )
             return out if logits else torch.sigmoid(out)
         finally:
             self.train(was_training)
@@ -118,12 +138,21 @@ def use_fused_scorer(model: SCANet, features: torch.Tensor, scorer: str = "auto"
         from scanet.fused import kernels_can_run
 
         return kernels_can_run(features.device)
-    return features.is_cuda and features.dtype in reference.MIXABLE   # bf16/fp16 (autocast): bf16/tf32 GEMMs
+    return features.is_cuda and features.dtype in reference.MIXABLE  # bf16/fp16 (autocast): bf16/tf32 GEMMs
 
 
 @torch.no_grad()
-def pair_logits(model: SCANet, f_t: torch.Tensor, f_i: torch.Tensor, *, scorer: str = "auto", precision: str = "fp32",
-                chunk_pairs: int = 16384, progress: bool = False, **kw: Any) -> torch.Tensor:
+def pair_logits(
+    model: SCANet,
+    f_t: torch.Tensor,
+    f_i: torch.Tensor,
+    *,
+    scorer: str = "auto",
+    precision: str = "fp32",
+    chunk_pairs: int = 16384,
+    progress: bool = False,
+    **kw: Any,
+) -> torch.Tensor:
     """Logits of all pairs (Nt, Ni), or of the listed pairs (text_index=, image_index=: (P,)), by the scorer
     ``use_fused_scorer`` picks: ``scanet.fused.pair_scores`` or its oracle ``reference.pair_logits``."""
     if use_fused_scorer(model, f_t, scorer):

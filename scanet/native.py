@@ -46,6 +46,7 @@ scanet/native_library.py.
 The library is looked up next to this file and checked before it is loaded (see ``_select_library``);
 SCANET_NO_NATIVE=1 in the environment turns the backend off at run time as well as at build time.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,17 @@ import torch
 from scanet import reference
 from scanet.laplacian import Laplacian, as_csr
 
-__all__ = ["available", "unavailable_reason", "cheb_conv", "chebyshev_basis", "cheb_conv_from_basis",
-           "dropout_keep_mask", "library_path", "build_info", "clear_laplacian_cache"]
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "cheb_conv",
+    "chebyshev_basis",
+    "cheb_conv_from_basis",
+    "dropout_keep_mask",
+    "library_path",
+    "build_info",
+    "clear_laplacian_cache",
+]
 
 from scanet.native_library import (  # noqa: F401 - re-exported: the loader's checks are tested through here
     BUILD_STATUS_FILE,
@@ -70,7 +80,7 @@ from scanet.native_library import (  # noqa: F401 - re-exported: the loader's ch
 )
 
 _STATE: dict = {"done": False, "ok": False, "reason": None, "path": None, "info": None}
-_LOAD_LOCK = threading.Lock()   # one load per process: a second TORCH_LIBRARY registration would fail
+_LOAD_LOCK = threading.Lock()  # one load per process: a second TORCH_LIBRARY registration would fail
 
 
 def _try_load() -> None:
@@ -80,8 +90,10 @@ def _try_load() -> None:
         return
     stale = _stale_schema()
     if stale:
-        _STATE["reason"] = (f"{path.name} was built from older sources (it lacks {', '.join(stale)}); rebuild it "
-                            "with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`")
+        _STATE["reason"] = (
+            f"{path.name} was built from older sources (it lacks {', '.join(stale)}); rebuild it "
+            "with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
+        )
         return
     try:
         _register_python_side()
@@ -136,8 +148,9 @@ def _register_python_side() -> None:
     lib = "scanet_native::"
 
     @torch.library.register_fake(lib + "cheb_conv_forward")
-    def _forward_fake(crow, col, values, x, weight, bias, relu, save_basis, symmetric=False, dropout_p=0.0,
-                      seed=0, out_dtype=None):
+    def _forward_fake(
+        crow, col, values, x, weight, bias, relu, save_basis, symmetric=False, dropout_p=0.0, seed=0, out_dtype=None
+    ):
         B, V, F_in = x.shape
         K, _, F_out = weight.shape
         acc = _acc_dtype(x.dtype)
@@ -148,8 +161,26 @@ def _register_python_side() -> None:
         return y, x.new_empty((n_saved, V, B * F_in), dtype=acc)
 
     @torch.library.register_fake(lib + "cheb_conv_backward")
-    def _backward_fake(grad_y, crow, col, values, crow_t, col_t, values_t, x, saved, y, weight, relu, has_bias,
-                       need_x, need_w, need_b, dropout_p=0.0, seed=0):
+    def _backward_fake(
+        grad_y,
+        crow,
+        col,
+        values,
+        crow_t,
+        col_t,
+        values_t,
+        x,
+        saved,
+        y,
+        weight,
+        relu,
+        has_bias,
+        need_x,
+        need_w,
+        need_b,
+        dropout_p=0.0,
+        seed=0,
+    ):
         B, V, F_in = x.shape
         dx = x.new_empty_strided((B, V, F_in), (F_in, B * F_in, 1)) if need_x else None
         dw = weight.new_empty(weight.shape) if need_w else None
@@ -181,7 +212,8 @@ def _register_python_side() -> None:
 
     def _forward_setup(ctx, inputs, output):
         crow, col, values, x, weight, bias, relu, save_basis, symmetric, dropout_p, seed, _ = (
-            tuple(inputs) + (False, 0.0, 0, None)[len(inputs) - 8:])
+            tuple(inputs) + (False, 0.0, 0, None)[len(inputs) - 8 :]
+        )
         y, saved = output
         ctx.save_for_backward(crow, col, values, x, saved, y, weight)
         ctx.relu, ctx.has_bias, ctx.symmetric = relu, bias is not None, symmetric
@@ -197,16 +229,36 @@ def _register_python_side() -> None:
             return nones
         direct = _is_vb(x) and x.dtype == _acc_dtype(x.dtype)
         if need_w and saved.shape[0] != weight.shape[0] - 1 + (0 if direct else 1):
-            raise RuntimeError("scanet_native.cheb_conv_forward ran with save_basis=False, so the weight "
-                               "gradient cannot be computed; call scanet.native.cheb_conv instead")
+            raise RuntimeError(
+                "scanet_native.cheb_conv_forward ran with save_basis=False, so the weight "
+                "gradient cannot be computed; call scanet.native.cheb_conv instead"
+            )
         # dx propagates with L~^T: L~ itself when symmetric, else the transpose (built once, cached).
         transposed = (None, None, None)
         if need_x and not ctx.symmetric:
-            transposed = (_laplacian_info(crow, col, values).transpose() if _has_storage(crow, col, values)
-                          else torch.ops.scanet_native.csr_transpose(crow, col, values))  # traced: no cache
+            transposed = (
+                _laplacian_info(crow, col, values).transpose()
+                if _has_storage(crow, col, values)
+                else torch.ops.scanet_native.csr_transpose(crow, col, values)
+            )  # traced: no cache
         dx, dw, db = torch.ops.scanet_native.cheb_conv_backward(
-            grad_y, crow, col, values, *transposed, x, saved, y, weight, ctx.relu, ctx.has_bias,
-            need_x, need_w, need_b, ctx.dropout_p, ctx.seed)
+            grad_y,
+            crow,
+            col,
+            values,
+            *transposed,
+            x,
+            saved,
+            y,
+            weight,
+            ctx.relu,
+            ctx.has_bias,
+            need_x,
+            need_w,
+            need_b,
+            ctx.dropout_p,
+            ctx.seed,
+        )
         return (None, None, None, dx, dw, db) + nones[6:]
 
     torch.library.register_autograd(lib + "cheb_conv_forward", _forward_backward, setup_context=_forward_setup)
@@ -220,7 +272,8 @@ def _register_python_side() -> None:
         basis, y, weight, bias, index = ctx.saved_tensors
         need_basis, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dw, db = torch.ops.scanet_native.cheb_conv_from_basis_backward(
-            grad_y, basis, y, weight, bias, ctx.relu, need_w, need_b, index)
+            grad_y, basis, y, weight, bias, ctx.relu, need_w, need_b, index
+        )
         d_basis = None
         if need_basis:  # not SCANet's use (the basis is data); eager is enough: dz @ W_k^T for every k
             dz = grad_y * (y > 0) if ctx.relu else grad_y
@@ -229,8 +282,9 @@ def _register_python_side() -> None:
                 d_basis = torch.zeros_like(basis).index_add_(1, index, d_basis)
         return d_basis, dw, db, None, None
 
-    torch.library.register_autograd(lib + "cheb_conv_from_basis_forward", _from_basis_backward,
-                                    setup_context=_from_basis_setup)
+    torch.library.register_autograd(
+        lib + "cheb_conv_from_basis_forward", _from_basis_backward, setup_context=_from_basis_setup
+    )
 
     _register_autocast()
 
@@ -256,27 +310,28 @@ def _register_autocast() -> None:
     """
     key = torch._C.DispatchKey.AutocastCPU
     impl = torch.library.Library("scanet_native", "IMPL")
-    _STATE["autocast_lib"] = impl   # registrations live as long as this object
+    _STATE["autocast_lib"] = impl  # registrations live as long as this object
 
     def register(name, policy):
         op = getattr(torch.ops.scanet_native, name).default
 
-        def run(*args, **kwargs):   # the dispatcher leaves out trailing arguments that equal their defaults
+        def run(*args, **kwargs):  # the dispatcher leaves out trailing arguments that equal their defaults
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
                 return op(*policy(*args, **kwargs))
 
-        op.py_impl(key)(run)   # for the Python dispatcher (torch.compile's tracing)
+        op.py_impl(key)(run)  # for the Python dispatcher (torch.compile's tracing)
         impl.impl(name, lambda _keyset, *args, **kwargs: run(*args, **kwargs), "AutocastCPU", with_keyset=True)
 
-    def forward_policy(crow, col, values, x, weight, bias, relu, save_basis, symmetric=False, dropout_p=0.0,
-                       seed=0, out_dtype=None):
+    def forward_policy(
+        crow, col, values, x, weight, bias, relu, save_basis, symmetric=False, dropout_p=0.0, seed=0, out_dtype=None
+    ):
         if x.dtype != torch.float64:
             values, weight, bias = _to_float32(values), _to_float32(weight), _to_float32(bias)
             if out_dtype is None:
                 out_dtype = torch.get_autocast_dtype("cpu")
         return crow, col, values, x, weight, bias, relu, save_basis, symmetric, dropout_p, seed, out_dtype
 
-    def fp32_policy(*args, index=None):   # fixed data and a few weights: float32 (float64 stays float64)
+    def fp32_policy(*args, index=None):  # fixed data and a few weights: float32 (float64 stays float64)
         return tuple(_to_float32(a) for a in args) + ((index,) if index is not None else ())
 
     register("cheb_conv_forward", forward_policy)
@@ -337,8 +392,17 @@ def _has_storage(*tensors) -> bool:
 
 
 def _laplacian_info(crow, col, values) -> _LaplacianInfo:
-    key = (values.dtype, crow.numel(), col.numel(), crow.data_ptr(), col.data_ptr(), values.data_ptr(),
-           crow._version, col._version, values._version)
+    key = (
+        values.dtype,
+        crow.numel(),
+        col.numel(),
+        crow.data_ptr(),
+        col.data_ptr(),
+        values.data_ptr(),
+        crow._version,
+        col._version,
+        values._version,
+    )
     with _info_lock:
         entry = _info_cache.get(key)
         if entry is not None:
@@ -375,8 +439,10 @@ def _csr_arrays(laplacian_csr: torch.Tensor):
     if crow.dtype != torch.int64:  # int32 CSR (e.g. from scipy) is accepted: the kernels index with int64
         crow, col = crow.long(), col.long()
     if values.requires_grad and torch.is_grad_enabled():
-        raise ValueError("scanet.native treats laplacian_csr as a constant, but its values require grad; "
-                         "detach it or use scanet.reference.cheb_conv")
+        raise ValueError(
+            "scanet.native treats laplacian_csr as a constant, but its values require grad; "
+            "detach it or use scanet.reference.cheb_conv"
+        )
     return crow, col, values
 
 
@@ -408,8 +474,18 @@ def _check_cheb_dtypes(laplacian_csr, x, weight, bias) -> None:
         raise ValueError(f"all inputs must have one floating dtype when one is float64, got {dtypes}")
 
 
-def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", *, symmetric: bool | None = None,
-              dropout_p: float = 0.0, training: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def cheb_conv(
+    laplacian_csr,
+    x,
+    weight,
+    bias=None,
+    activation="relu",
+    *,
+    symmetric: bool | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """One Chebyshev graph convolution, the contract of ``scanet.reference.cheb_conv``, fused on CPU.
 
     laplacian_csr: (V, V) rescaled Laplacian L~ (torch sparse CSR, any sparsity, symmetric or not), or a
@@ -438,7 +514,7 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", *, symmetr
             symmetric = laplacian_csr.symmetric
         x_dtype = getattr(x, "dtype", None)
         laplacian_csr = laplacian_csr.csr(torch.float64 if x_dtype == torch.float64 else torch.float32)
-    reference.check_laplacian(laplacian_csr)   # indices: once per tensor
+    reference.check_laplacian(laplacian_csr)  # indices: once per tensor
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -446,39 +522,65 @@ def cheb_conv(laplacian_csr, x, weight, bias=None, activation="relu", *, symmetr
     common = laplacian_csr.dtype
     # The reference's shape, device and activation checks, without its one-dtype rule (mixed dtypes are
     # allowed here): x, weight and bias are replaced by stand-ins of the Laplacian's dtype.
-    reference.check_cheb_inputs(laplacian_csr, _stand_in(x, common), _stand_in(weight, common),
-                                None if bias is None else _stand_in(bias, common), activation,
-                                check_indices=False)
-    _check_native_inputs({"x": x, "weight": weight, "laplacian_csr": laplacian_csr.values()}
-                         | ({"bias": bias} if bias is not None else {}))
+    reference.check_cheb_inputs(
+        laplacian_csr,
+        _stand_in(x, common),
+        _stand_in(weight, common),
+        None if bias is None else _stand_in(bias, common),
+        activation,
+        check_indices=False,
+    )
+    _check_native_inputs(
+        {"x": x, "weight": weight, "laplacian_csr": laplacian_csr.values()}
+        | ({"bias": bias} if bias is not None else {})
+    )
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if symmetric not in (None, True, False):
         raise ValueError(f"symmetric must be True, False or None, got {symmetric!r}")
-    if out_dtype is not None and (out_dtype not in _CHEB_DTYPES or
-                                  (out_dtype == torch.float64) != (x.dtype == torch.float64)):
-        raise ValueError(f"out_dtype must be float32, bfloat16 or float16 (float64 only for float64 inputs), "
-                         f"got {out_dtype} for x of dtype {x.dtype}")
+    if out_dtype is not None and (
+        out_dtype not in _CHEB_DTYPES or (out_dtype == torch.float64) != (x.dtype == torch.float64)
+    ):
+        raise ValueError(
+            f"out_dtype must be float32, bfloat16 or float16 (float64 only for float64 inputs), "
+            f"got {out_dtype} for x of dtype {x.dtype}"
+        )
     _require()
     crow, col, values = _csr_arrays(laplacian_csr)
     acc = _acc_dtype(x.dtype)
     autocast = torch.is_autocast_enabled("cpu") and acc == torch.float32
-    if out_dtype is None and not autocast:   # under autocast, None lets the AutocastCPU kernel choose
-        out_dtype = torch.promote_types(x.dtype, weight.dtype if bias is None
-                                        else torch.promote_types(weight.dtype, bias.dtype))
+    if out_dtype is None and not autocast:  # under autocast, None lets the AutocastCPU kernel choose
+        out_dtype = torch.promote_types(
+            x.dtype, weight.dtype if bias is None else torch.promote_types(weight.dtype, bias.dtype)
+        )
     # The kernels take the parameters and the operator in the compute dtype (a no-op for float32 ones).
     values = values.to(acc)
     weight = weight.to(acc)
     bias = bias.to(acc) if bias is not None else None
-    if symmetric is None:   # only backward's dx uses it; under tracing, backward transposes (correct either way)
-        symmetric = (_laplacian_info(crow, col, values).symmetric
-                     if (x.requires_grad and torch.is_grad_enabled() and _has_storage(crow, col, values))
-                     else False)
+    if symmetric is None:  # only backward's dx uses it; under tracing, backward transposes (correct either way)
+        symmetric = (
+            _laplacian_info(crow, col, values).symmetric
+            if (x.requires_grad and torch.is_grad_enabled() and _has_storage(crow, col, values))
+            else False
+        )
     p = float(dropout_p) if training else 0.0
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
     save_basis = torch.is_grad_enabled() and weight.requires_grad
-    y, _ = _run(torch.ops.scanet_native.cheb_conv_forward, crow, col, values, x, weight, bias,
-                activation == "relu", save_basis, bool(symmetric), p, seed, out_dtype)
+    y, _ = _run(
+        torch.ops.scanet_native.cheb_conv_forward,
+        crow,
+        col,
+        values,
+        x,
+        weight,
+        bias,
+        activation == "relu",
+        save_basis,
+        bool(symmetric),
+        p,
+        seed,
+        out_dtype,
+    )
     return y
 
 
@@ -499,7 +601,7 @@ def chebyshev_basis(laplacian_csr, x, K: int) -> torch.Tensor:
     if not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be an int >= 1, got {K!r}")
     laplacian_csr = as_csr(laplacian_csr, getattr(x, "dtype", None))
-    reference.check_laplacian(laplacian_csr)   # indices: once per tensor
+    reference.check_laplacian(laplacian_csr)  # indices: once per tensor
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a (B, V, F) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.shape[1] != laplacian_csr.shape[0]:
@@ -523,8 +625,9 @@ def check_basis_inputs(basis, weight, bias=None, activation="relu") -> None:
         raise ValueError(f"weight must have shape (K, F_in, F_out), got {tuple(weight.shape)}")
     K, _, _, F_in = basis.shape
     if weight.shape[0] != K or weight.shape[1] != F_in:
-        raise ValueError(f"weight {tuple(weight.shape)} does not match basis {tuple(basis.shape)}: "
-                         f"expected ({K}, {F_in}, F_out)")
+        raise ValueError(
+            f"weight {tuple(weight.shape)} does not match basis {tuple(basis.shape)}: expected ({K}, {F_in}, F_out)"
+        )
     if bias is not None and tuple(bias.shape) != (weight.shape[2],):
         raise ValueError(f"bias must have shape ({weight.shape[2]},), got {tuple(bias.shape)}")
     if activation not in reference.ACTIVATIONS:
@@ -549,8 +652,10 @@ def cheb_conv_from_basis(basis, weight, bias=None, activation="relu", *, index=N
     check_basis_inputs(basis, weight, bias, activation)
     if index is not None:
         if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64:
-            raise ValueError(f"index must be a 1-D int64 tensor, got {getattr(index, 'dtype', type(index))} "
-                             f"of shape {tuple(getattr(index, 'shape', ()))}")
+            raise ValueError(
+                f"index must be a 1-D int64 tensor, got {getattr(index, 'dtype', type(index))} "
+                f"of shape {tuple(getattr(index, 'shape', ()))}"
+            )
         if index.device.type != "cpu":
             raise ValueError(f"scanet.native runs on CPU tensors only; index is on {index.device}")
         if index.numel() and not torch.compiler.is_compiling():

@@ -5,6 +5,7 @@ crash the process instead of raising, one built for a wider ISA would die on SIG
 csrc/ (the .so is not in git, so a checkout can carry a stale one) lacks ops or arguments the Python side calls.
 scanet.native owns the once-per-process load and the op wrappers; this file only answers "which file, and why not".
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,20 @@ _MARKER = re.compile(rb"SCANET_NATIVE_BUILD\{torch=([^;]*);arch=([^}]*)\}")
 # CPU flags each -march level of the build needs (Linux /proc/cpuinfo names).
 _ARCH_FLAGS = {
     "x86-64-v3": {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"},
-    "x86-64-v4": {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe",
-                  "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+    "x86-64-v4": {
+        "avx",
+        "avx2",
+        "fma",
+        "bmi1",
+        "bmi2",
+        "f16c",
+        "movbe",
+        "avx512f",
+        "avx512bw",
+        "avx512cd",
+        "avx512dq",
+        "avx512vl",
+    },
 }
 
 
@@ -50,8 +63,10 @@ def _cpu_flags() -> set[str] | None:
 
 
 def _not_built_reason() -> str:
-    msg = ("the native extension is not built (no scanet/_native*.so); build it with "
-           "`pip install --no-build-isolation -e .` (needs cmake, a C++ compiler with OpenMP, and torch)")
+    msg = (
+        "the native extension is not built (no scanet/_native*.so); build it with "
+        "`pip install --no-build-isolation -e .` (needs cmake, a C++ compiler with OpenMP, and torch)"
+    )
     try:
         status = BUILD_STATUS_FILE.read_text().strip()
     except OSError:
@@ -73,13 +88,17 @@ def _select_library(candidates, running_torch: str, cpu_flags: set[str] | None):
             reasons.append(f"{path.name} carries no build record (not built by this setup.py)")
             continue
         if info["torch"] != running_torch:
-            reasons.append(f"{path.name} was built against torch {info['torch']} but torch {running_torch} is "
-                           "running; rebuild with `pip install --no-build-isolation -e .`")
+            reasons.append(
+                f"{path.name} was built against torch {info['torch']} but torch {running_torch} is "
+                "running; rebuild with `pip install --no-build-isolation -e .`"
+            )
             continue
         need = _ARCH_FLAGS.get(info["arch"], set())
         if cpu_flags is not None and not need <= cpu_flags:
-            reasons.append(f"{path.name} was built for {info['arch']} but this CPU lacks "
-                           f"{', '.join(sorted(need - cpu_flags))}; rebuild on this machine")
+            reasons.append(
+                f"{path.name} was built for {info['arch']} but this CPU lacks "
+                f"{', '.join(sorted(need - cpu_flags))}; rebuild on this machine"
+            )
             continue
         return path, info, reasons
     return None, None, reasons
@@ -104,8 +123,11 @@ def _load_from(pkg_dir: Path):
 
 # What this Python side calls: a library built from older csrc/ (the .so is not in git, so a checkout can
 # carry a stale one) lacks some of it; it is refused with a reason instead of failing at the first call.
-_REQUIRED_SCHEMA = {"cheb_conv_forward": ("symmetric", "dropout_p", "seed", "out_dtype"),
-                    "cheb_conv_backward": ("dropout_p", "seed"), "dropout_keep_mask": ()}
+_REQUIRED_SCHEMA = {
+    "cheb_conv_forward": ("symmetric", "dropout_p", "seed", "out_dtype"),
+    "cheb_conv_backward": ("dropout_p", "seed"),
+    "dropout_keep_mask": (),
+}
 
 
 def _stale_schema() -> list[str]:

@@ -1,6 +1,7 @@
 """Training pairs: ``make_pairs`` draws (text i, image j) pairs of the same class (sharing a label, for
 multi-label data) and pairs of different classes from the training split, once, with the run's seed (the
 paper: 40k + 40k)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,11 +25,11 @@ def make_pairs(labels: np.ndarray, n_pos: int, n_neg: int, seed: int):
         return (labels[a] == labels[b]) if labels.ndim == 1 else (labels[a] & labels[b]).any(axis=-1)
 
     nt, ni = rng.integers(0, n, n_neg), rng.integers(0, n, n_neg)
-    for _ in range(1000):                                        # redraw the pairs that happen to match
+    for _ in range(1000):  # redraw the pairs that happen to match
         bad = np.flatnonzero(matches(nt, ni))
         if bad.size == 0:
             break
-        nt[bad] = rng.integers(0, n, bad.size)   # redraw both: an item may share a label with every other
+        nt[bad] = rng.integers(0, n, bad.size)  # redraw both: an item may share a label with every other
         ni[bad] = rng.integers(0, n, bad.size)
     else:
         raise ValueError("could not draw non-matching pairs: does every training item share a class?")

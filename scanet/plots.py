@@ -1,9 +1,10 @@
 """Every matplotlib figure the package writes (the Agg backend: files only, no display).
 
-    plot_training_curve(history, path)     training loss and test MAP per epoch (scanet.train)
-    plot_pr_curves(reports, path)          precision-recall per direction, one line per method (train, evaluate)
-    contact_sheet(result, path, root)      a search query and its results as a grid of tiles (scanet search)
+plot_training_curve(history, path)     training loss and test MAP per epoch (scanet.train)
+plot_pr_curves(reports, path)          precision-recall per direction, one line per method (train, evaluate)
+contact_sheet(result, path, root)      a search query and its results as a grid of tiles (scanet search)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,11 @@ def plot_training_curve(history: list[dict], path: Path) -> None:
     a1.grid(alpha=0.3)
     ev = [h for h in history if "text2image_map" in h]
     if ev:
-        for key, name in (("text2image_map", "text -> image"), ("image2text_map", "image -> text"),
-                          ("mean_map", "mean")):
+        for key, name in (
+            ("text2image_map", "text -> image"),
+            ("image2text_map", "image -> text"),
+            ("mean_map", "mean"),
+        ):
             a2.plot([h["epoch"] for h in ev], [h[key] for h in ev], marker="o", ms=3, label=name)
         a2.legend()
     a2.set_xlabel("epoch")
@@ -62,8 +66,10 @@ def plot_pr_curves(reports: dict[str, dict], path: str | Path, title: str = "pre
         ax.set_ylabel("precision")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    labels = [f"{name}: MAP text->image {rep['text2image']['map']:.3f}, image->text {rep['image2text']['map']:.3f}"
-              for name, rep in reports.items()]
+    labels = [
+        f"{name}: MAP text->image {rep['text2image']['map']:.3f}, image->text {rep['image2text']['map']:.3f}"
+        for name, rep in reports.items()
+    ]
     fig.legend(lines, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.045 * len(reports) + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
@@ -108,8 +114,9 @@ def contact_sheet(result: dict, path, root=None, columns: int = 5) -> Path:
             except Exception:  # noqa: BLE001 - any unreadable image file: fall back to a text tile
                 body = f"(unreadable image {Path(img).name})"
         ax.add_patch(plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, facecolor="#f2f2f2", edgecolor="#999999"))
-        ax.text(0.5, 0.5, textwrap.fill(body, 28), ha="center", va="center", fontsize=7, transform=ax.transAxes,
-                wrap=True)
+        ax.text(
+            0.5, 0.5, textwrap.fill(body, 28), ha="center", va="center", fontsize=7, transform=ax.transAxes, wrap=True
+        )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,12 @@ fp16 on CUDA is accepted but trains without loss scaling (no GradScaler in the l
 exponent range is float32's. This vocabulary is not ``scanet.fused.PRECISIONS`` ("fp32", "tf32", "bf16"): that
 one names the GEMM operand format inside the Triton kernels; the fused ops map the autocast dtype onto it.
 """
+
 from __future__ import annotations
 
 import contextlib
 
-PRECISIONS = ("fp32", "bf16", "fp16")     # torch is imported inside the functions: the CLI's --help needs none
+PRECISIONS = ("fp32", "bf16", "fp16")  # torch is imported inside the functions: the CLI's --help needs none
 
 
 def check_precision(precision) -> None:

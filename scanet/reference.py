@@ -18,6 +18,7 @@ step doubles the previous term's rounding error), the softmax statistics of the 
 N terms), and all-pairs logits (bf16 would tie rankings). The co-attention GEMM f W^T runs in the compute
 dtype (bf16 on the CPU's AMX under autocast): it is most of the FLOPs and accumulates in float32 anyway.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -70,9 +71,15 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_cheb_inputs(laplacian_csr: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None = None, activation: str | None = "relu", *,
-                      check_indices: bool = True) -> None:
+def check_cheb_inputs(
+    laplacian_csr: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "relu",
+    *,
+    check_indices: bool = True,
+) -> None:
     """``laplacian_csr``: a torch sparse CSR tensor (a Laplacian object is converted by the callers first)."""
     check_laplacian(laplacian_csr, check_indices=check_indices)
     for name, t in (("x", x), ("weight", weight)):
@@ -142,8 +149,12 @@ def chebyshev_basis(laplacian_csr: torch.Tensor, x: torch.Tensor, K: int) -> lis
     return basis
 
 
-def cheb_conv_from_basis(basis: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
-                         activation: str | None = "relu") -> torch.Tensor:
+def cheb_conv_from_basis(
+    basis: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "relu",
+) -> torch.Tensor:
     """y = act(sum_k T_k @ W_k + b) from a precomputed basis (see ``chebyshev_basis``)."""
     y = torch.matmul(basis[0], weight[0])
     for k in range(1, len(basis)):
@@ -153,8 +164,13 @@ def cheb_conv_from_basis(basis: Sequence[torch.Tensor], weight: torch.Tensor, bi
     return F.relu(y) if activation == "relu" else y
 
 
-def cheb_conv(laplacian_csr: torch.Tensor | Laplacian, x: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None = None, activation: str | None = "relu") -> torch.Tensor:
+def cheb_conv(
+    laplacian_csr: torch.Tensor | Laplacian,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "relu",
+) -> torch.Tensor:
     """One Chebyshev graph convolution.
 
     laplacian_csr: (V, V) rescaled Laplacian L~ = 2L/lmax - I as a torch sparse CSR tensor.
@@ -168,12 +184,17 @@ def cheb_conv(laplacian_csr: torch.Tensor | Laplacian, x: torch.Tensor, weight: 
     ``compute_dtype`` (the autocast dtype under autocast). Gradients come back in each input's dtype.
     """
     tensors = all(isinstance(t, torch.Tensor) for t in (x, weight)) and (bias is None or isinstance(bias, torch.Tensor))
-    low = tensors and x.dtype != torch.float64 and (
-        torch.is_autocast_enabled(x.device.type) or
-        any(t is not None and t.dtype in LOW_PRECISION for t in (x, weight, bias)))
+    low = (
+        tensors
+        and x.dtype != torch.float64
+        and (
+            torch.is_autocast_enabled(x.device.type)
+            or any(t is not None and t.dtype in LOW_PRECISION for t in (x, weight, bias))
+        )
+    )
     if isinstance(laplacian_csr, Laplacian):
         laplacian_csr = laplacian_csr.csr(torch.float32 if low else (x.dtype if isinstance(x, torch.Tensor) else None))
-    check_cheb_inputs(laplacian_csr, x, weight, bias, activation)   # indices: once per tensor
+    check_cheb_inputs(laplacian_csr, x, weight, bias, activation)  # indices: once per tensor
     if not low:
         return cheb_conv_from_basis(chebyshev_basis(laplacian_csr, x, weight.shape[0]), weight, bias, activation)
     out_dtype = compute_dtype(x.device, x, weight, bias)
@@ -240,8 +261,10 @@ def check_pair_inputs(model, f_t, f_i, a1_t=None, a1_i=None, text_index=None, im
             _fail(f"{name} must be floating point, got {t.dtype}")
     N = model.coattention.dim
     if f_t.shape[1] != N or f_i.shape[1] != N:
-        _fail(f"f_t and f_i must have N = {N} columns (the model's common_dim), got {tuple(f_t.shape)} and "
-              f"{tuple(f_i.shape)}")
+        _fail(
+            f"f_t and f_i must have N = {N} columns (the model's common_dim), got {tuple(f_t.shape)} and "
+            f"{tuple(f_i.shape)}"
+        )
     if f_t.device != f_i.device:
         _fail(f"f_t and f_i must be on one device, got {f_t.device} and {f_i.device}")
     if f_t.dtype != f_i.dtype:
@@ -251,25 +274,43 @@ def check_pair_inputs(model, f_t, f_i, a1_t=None, a1_i=None, text_index=None, im
         _fail(f"the model is on {param.device} but the features are on {f_t.device}")
     for name, a, f in (("a1_t", a1_t, f_t), ("a1_i", a1_i, f_i)):
         if a is not None and (not isinstance(a, torch.Tensor) or a.shape != f.shape or a.device != f.device):
-            _fail(f"{name} must be a tensor of the shape and device of its features {tuple(f.shape)}, got "
-                  f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
+            _fail(
+                f"{name} must be a tensor of the shape and device of its features {tuple(f.shape)}, got "
+                f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}"
+            )
     if (text_index is None) != (image_index is None):
         _fail("text_index and image_index must be given together")
     if text_index is not None:
         for name, idx, n in (("text_index", text_index, f_t.shape[0]), ("image_index", image_index, f_i.shape[0])):
-            if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype.is_floating_point \
-                    or idx.dtype == torch.bool:
+            if (
+                not isinstance(idx, torch.Tensor)
+                or idx.dim() != 1
+                or idx.dtype.is_floating_point
+                or idx.dtype == torch.bool
+            ):
                 _fail(f"{name} must be a 1-D integer tensor")
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
                 _fail(f"{name} has entries out of range [0, {n}): min {int(idx.min())}, max {int(idx.max())}")
         if text_index.shape != image_index.shape:
-            _fail(f"text_index and image_index must have one length, got {text_index.numel()} and "
-                  f"{image_index.numel()}")
+            _fail(
+                f"text_index and image_index must have one length, got {text_index.numel()} and {image_index.numel()}"
+            )
 
 
 @torch.no_grad()
-def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image_index=None,
-                chunk_pairs: int = 16384, progress: bool = False, **_fused_only) -> torch.Tensor:
+def pair_logits(
+    model,
+    f_t,
+    f_i,
+    *,
+    a1_t=None,
+    a1_i=None,
+    text_index=None,
+    image_index=None,
+    chunk_pairs: int = 16384,
+    progress: bool = False,
+    **_fused_only,
+) -> torch.Tensor:
     """SCANet logits of every (text, image) pair (Nt, Ni), or of the listed pairs (P,), with the model's own eager
     layers, any number of co-attention layers. The oracle of ``scanet.fused.pair_scores`` (same signature; its
     kernel-only options ``precision``, ``layout``, ``block_sizes`` are accepted and ignored).
@@ -289,7 +330,7 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
     check_pair_inputs(model, f_t, f_i, a1_t, a1_i, text_index, image_index)
     L = model.coattention.num_layers
     dtype = compute_dtype(f_t.device, f_t, f_i)
-    out_dtype = statistics_dtype(dtype)                   # the logits: float32 (float64 for float64)
+    out_dtype = statistics_dtype(dtype)  # the logits: float32 (float64 for float64)
     f_t, f_i = f_t.to(dtype), f_i.to(dtype)
     w, b = head_weights(model, out_dtype)
     all_pairs = text_index is None
@@ -300,10 +341,10 @@ def pair_logits(model, f_t, f_i, *, a1_t=None, a1_i=None, text_index=None, image
         a1_t, a1_i = a1_t.to(dtype), a1_i.to(dtype)
     if all_pairs and L <= 1:
         lhs, rhs = (f_t, f_i) if L == 0 else (f_t * a1_t, f_i * a1_i)
-        with torch.autocast(f_t.device.type, enabled=False):   # one small GEMM (Nt Ni N): in float32
+        with torch.autocast(f_t.device.type, enabled=False):  # one small GEMM (Nt Ni N): in float32
             return (lhs.to(out_dtype) * w) @ rhs.to(out_dtype).T + b
     if all_pairs:
-        rows = max(1, min(chunk_pairs, CACHE_PAIRS) // max(Ni, 1))     # whole rows of texts a chunk
+        rows = max(1, min(chunk_pairs, CACHE_PAIRS) // max(Ni, 1))  # whole rows of texts a chunk
         out = torch.empty(Nt, Ni, dtype=out_dtype, device=f_t.device)
         starts = range(0, Nt, rows)
         if progress:
@@ -331,8 +372,8 @@ def _pairs(model, f_t, f_i, a1_t, a1_i, ti, ii, w, b):
     if model.coattention.num_layers == 0:
         pt, pi = f_t[ti], f_i[ii]
     else:
-        pt = a1_i[ii] * f_t[ti]                  # f_T after layer 1
-        pi = a1_t[ti] * f_i[ii]                  # f_I after layer 1
+        pt = a1_i[ii] * f_t[ti]  # f_T after layer 1
+        pi = a1_t[ti] * f_i[ii]  # f_I after layer 1
     return _layers_and_head(model, pt, pi, w, b)
 
 
@@ -347,8 +388,10 @@ def _layers_and_head(model, pt, pi, w, b):
         pt, pi = coatt.layer(k, pt, pi)
     if L >= 2:
         k, dtype = L - 1, compute_dtype(pt.device, pt, pi)
-        pt, pi = (_attention(pi, coatt.image_fc[k].weight, coatt.image_fc[k].bias, dtype) * pt,    # p_I * f_T
-                  _attention(pt, coatt.text_fc[k].weight, coatt.text_fc[k].bias, dtype) * pi)     # p_T * f_I
+        pt, pi = (
+            _attention(pi, coatt.image_fc[k].weight, coatt.image_fc[k].bias, dtype) * pt,  # p_I * f_T
+            _attention(pt, coatt.text_fc[k].weight, coatt.text_fc[k].bias, dtype) * pi,
+        )  # p_T * f_I
         w = w * (coatt.scale * coatt.scale)
     with torch.autocast(pt.device.type, enabled=False):
         prod = torch.empty(pt.shape, dtype=w.dtype, device=pt.device)

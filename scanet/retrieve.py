@@ -26,6 +26,7 @@ Two-stage search, for large collections:
 The on-disk search index and free-text queries are scanet.index; the command is scanet.cli.search.
 Every scoring function takes ``scorer`` ("auto", "fused", "eager": see scanet.model.use_fused_scorer).
 """
+
 from __future__ import annotations
 
 import time
@@ -52,7 +53,8 @@ def model_hash(model) -> str:
 class Items:
     """Encoded items of one modality: common-space features (n, N) and layer-1 attention maps (n, N), the
     latter None for a model without co-attention layers."""
-    modality: str                  # "text" or "image"
+
+    modality: str  # "text" or "image"
     features: torch.Tensor
     attention: torch.Tensor | None
 
@@ -60,8 +62,9 @@ class Items:
         if self.modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {self.modality!r}")
         if self.attention is not None and self.attention.shape != self.features.shape:
-            raise ValueError(f"attention {tuple(self.attention.shape)} and features {tuple(self.features.shape)} "
-                             "must have one shape")
+            raise ValueError(
+                f"attention {tuple(self.attention.shape)} and features {tuple(self.features.shape)} must have one shape"
+            )
 
     def __len__(self):
         return self.features.shape[0]
@@ -70,8 +73,9 @@ class Items:
         return Items(self.modality, self.features[index], None if self.attention is None else self.attention[index])
 
     def to(self, device) -> Items:
-        return Items(self.modality, self.features.to(device),
-                     None if self.attention is None else self.attention.to(device))
+        return Items(
+            self.modality, self.features.to(device), None if self.attention is None else self.attention.to(device)
+        )
 
 
 @torch.no_grad()
@@ -91,7 +95,7 @@ def encode_items(model, modality: str, inputs, batch_size: int = 256) -> Items:
     model.eval()
     try:
         enc = model.encode_text if modality == "text" else model.encode_image
-        feats = torch.cat([enc(x[s:s + batch_size].to(param.device)) for s in range(0, x.shape[0], batch_size)])
+        feats = torch.cat([enc(x[s : s + batch_size].to(param.device)) for s in range(0, x.shape[0], batch_size)])
         att = reference.layer1_attention(model, feats, modality) if model.coattention.num_layers >= 1 else None
     finally:
         model.train(was_training)
@@ -106,9 +110,14 @@ def _encode_texts(model, bow, batch_size: int) -> Items:
     was_training = model.training
     model.eval()
     try:
-        feats = torch.cat([model.encode_text(torch.as_tensor(text_features(bow[s:s + batch_size]), dtype=param.dtype,
-                                                             device=param.device))
-                           for s in range(0, bow.shape[0], batch_size)])
+        feats = torch.cat(
+            [
+                model.encode_text(
+                    torch.as_tensor(text_features(bow[s : s + batch_size]), dtype=param.dtype, device=param.device)
+                )
+                for s in range(0, bow.shape[0], batch_size)
+            ]
+        )
         att = reference.layer1_attention(model, feats, "text") if model.coattention.num_layers >= 1 else None
     finally:
         model.train(was_training)
@@ -117,19 +126,38 @@ def _encode_texts(model, bow, batch_size: int) -> Items:
 
 def _texts_images(queries: Items, collection: Items) -> tuple[Items, Items]:
     if {queries.modality, collection.modality} != {"text", "image"}:
-        raise ValueError(f"cross-modal search needs text queries over images or image queries over texts, got "
-                         f"{queries.modality} queries over {collection.modality}s")
+        raise ValueError(
+            f"cross-modal search needs text queries over images or image queries over texts, got "
+            f"{queries.modality} queries over {collection.modality}s"
+        )
     return (queries, collection) if queries.modality == "text" else (collection, queries)
 
 
 # ------------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def score_pairs(model, texts: Items, images: Items, text_index=None, image_index=None, precision: str = "fp32",
-                chunk_pairs: int = 16384, scorer: str = "auto") -> torch.Tensor:
+def score_pairs(
+    model,
+    texts: Items,
+    images: Items,
+    text_index=None,
+    image_index=None,
+    precision: str = "fp32",
+    chunk_pairs: int = 16384,
+    scorer: str = "auto",
+) -> torch.Tensor:
     """Logits of all (text, image) pairs (Nt, Ni), or of the listed pairs (P,)."""
-    return pair_logits(model, texts.features, images.features, scorer=scorer, precision=precision,
-                       chunk_pairs=chunk_pairs, a1_t=texts.attention, a1_i=images.attention,
-                       text_index=text_index, image_index=image_index)
+    return pair_logits(
+        model,
+        texts.features,
+        images.features,
+        scorer=scorer,
+        precision=precision,
+        chunk_pairs=chunk_pairs,
+        a1_t=texts.attention,
+        a1_i=images.attention,
+        text_index=text_index,
+        image_index=image_index,
+    )
 
 
 def mean_attention(items: Items) -> torch.Tensor:
@@ -157,7 +185,7 @@ def stage1_vectors(model, items: Items, method: str = "layer1", reference: dict 
         v = _layer2_mean_vectors(model, items, reference)
     else:
         v = f if items.attention is None else f * items.attention
-    if items.modality == "text":                        # the head's weight goes on one side
+    if items.modality == "text":  # the head's weight goes on one side
         v = v * model.head.fc.weight.detach().reshape(-1).to(v.dtype)
     return v
 
@@ -165,11 +193,15 @@ def stage1_vectors(model, items: Items, method: str = "layer1", reference: dict 
 def _layer2_mean_vectors(model, items: Items, reference: dict | None) -> torch.Tensor:
     c = model.coattention
     if c.num_layers != 2:
-        raise ValueError(f"stage-1 'layer2-mean' is for models with 2 co-attention layers, this one has "
-                         f"{c.num_layers}: use 'layer1' (exact for 1 layer)")
+        raise ValueError(
+            f"stage-1 'layer2-mean' is for models with 2 co-attention layers, this one has "
+            f"{c.num_layers}: use 'layer1' (exact for 1 layer)"
+        )
     if reference is None or set(reference) != {"text", "image"}:
-        raise ValueError("stage-1 'layer2-mean' needs reference={'text': ..., 'image': ...}, the mean layer-1 "
-                         "attention of each modality (scanet.retrieve.reference_attention of the training split)")
+        raise ValueError(
+            "stage-1 'layer2-mean' needs reference={'text': ..., 'image': ...}, the mean layer-1 "
+            "attention of each modality (scanet.retrieve.reference_attention of the training split)"
+        )
     other = "image" if items.modality == "text" else "text"
     f, a1 = items.features, items.attention
     partner = torch.as_tensor(reference[other], dtype=f.dtype, device=f.device)
@@ -178,8 +210,12 @@ def _layer2_mean_vectors(model, items: Items, reference: dict | None) -> torch.T
     # The layer-2 attention that weighs THIS item's side comes from the partner's layer-2 map computed on this
     # item's layer-1 features: text features attend through text_fc[1], image features through image_fc[1].
     fc = (c.text_fc if items.modality == "text" else c.image_fc)[1]
-    p2 = torch.softmax(torch.relu(torch.nn.functional.linear(partner * f, fc.weight.to(f.dtype),
-                                                              fc.bias.to(f.dtype))), dim=-1) * c.scale
+    p2 = (
+        torch.softmax(
+            torch.relu(torch.nn.functional.linear(partner * f, fc.weight.to(f.dtype), fc.bias.to(f.dtype))), dim=-1
+        )
+        * c.scale
+    )
     return p2 * a1 * f
 
 
@@ -191,8 +227,9 @@ def _faiss():
     return faiss
 
 
-def top_k_inner_product(queries: torch.Tensor, keys: torch.Tensor, k: int, backend: str = "torch",
-                        chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_inner_product(
+    queries: torch.Tensor, keys: torch.Tensor, k: int, backend: str = "torch", chunk: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, indices), each (Q, k): the k keys of largest inner product with each query, best first.
 
     backend "torch": keys in chunks of ``chunk`` rows (memory O(Q * (chunk + k))), a GEMM and a top-k each,
@@ -202,8 +239,9 @@ def top_k_inner_product(queries: torch.Tensor, keys: torch.Tensor, k: int, backe
         raise ValueError(f"backend must be 'torch', 'faiss' or 'auto', got {backend!r}")
     C = keys.shape[0]
     if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
-        raise ValueError(f"queries and keys must be (Q, N) and (C, N), got {tuple(queries.shape)} and "
-                         f"{tuple(keys.shape)}")
+        raise ValueError(
+            f"queries and keys must be (Q, N) and (C, N), got {tuple(queries.shape)} and {tuple(keys.shape)}"
+        )
     if not 1 <= k:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, C)
@@ -218,7 +256,7 @@ def top_k_inner_product(queries: torch.Tensor, keys: torch.Tensor, k: int, backe
     best_s: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for s in range(0, C, chunk):
-        scores = queries @ keys[s:s + chunk].T
+        scores = queries @ keys[s : s + chunk].T
         top_s, top_i = scores.topk(min(k, scores.shape[1]), dim=1)
         top_i = top_i + s
         if best_s is not None and best_i is not None:
@@ -241,14 +279,15 @@ def rank(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.
 
 @dataclass
 class SearchResult:
-    logits: torch.Tensor           # (Q, k) full-model logits of the results, best first
-    indices: torch.Tensor          # (Q, k) collection indices
-    shortlist: torch.Tensor | None = None    # (Q, S) stage-1 candidates (two-stage only)
+    logits: torch.Tensor  # (Q, k) full-model logits of the results, best first
+    indices: torch.Tensor  # (Q, k) collection indices
+    shortlist: torch.Tensor | None = None  # (Q, S) stage-1 candidates (two-stage only)
 
 
 @torch.no_grad()
-def exhaustive_search(model, queries: Items, collection: Items, k: int, precision: str = "fp32",
-                      scorer: str = "auto") -> SearchResult:
+def exhaustive_search(
+    model, queries: Items, collection: Items, k: int, precision: str = "fp32", scorer: str = "auto"
+) -> SearchResult:
     """Score every (query, item) pair with the full model and keep the top k."""
     texts, images = _texts_images(queries, collection)
     logits = score_pairs(model, texts, images, precision=precision, scorer=scorer)
@@ -260,16 +299,29 @@ def exhaustive_search(model, queries: Items, collection: Items, k: int, precisio
 
 
 @torch.no_grad()
-def two_stage_search(model, queries: Items, collection: Items, k: int, shortlist: int, stage1: str = "layer1",
-                     backend: str = "torch", precision: str = "fp32", scorer: str = "auto",
-                     reference: dict | None = None) -> SearchResult:
+def two_stage_search(
+    model,
+    queries: Items,
+    collection: Items,
+    k: int,
+    shortlist: int,
+    stage1: str = "layer1",
+    backend: str = "torch",
+    precision: str = "fp32",
+    scorer: str = "auto",
+    reference: dict | None = None,
+) -> SearchResult:
     """Shortlist ``shortlist`` items per query by the stage-1 score, re-rank them by the full model, keep k.
     ``reference``: the reference attention of stage-1 "layer2-mean" (reference_attention)."""
     if shortlist < 1:
         raise ValueError(f"shortlist must be >= 1, got {shortlist}")
     texts, images = _texts_images(queries, collection)
-    _, short = top_k_inner_product(stage1_vectors(model, queries, stage1, reference),
-                                   stage1_vectors(model, collection, stage1, reference), shortlist, backend=backend)
+    _, short = top_k_inner_product(
+        stage1_vectors(model, queries, stage1, reference),
+        stage1_vectors(model, collection, stage1, reference),
+        shortlist,
+        backend=backend,
+    )
     Q, S = short.shape
     q_index = torch.arange(Q, device=short.device).repeat_interleave(S)
     c_index = short.reshape(-1)
@@ -279,9 +331,19 @@ def two_stage_search(model, queries: Items, collection: Items, k: int, shortlist
     return SearchResult(top, idx, short)
 
 
-def shortlist_report(model, queries: Items, collection: Items, query_labels, collection_labels, k: int = 10,
-                     shortlists=(50, 100, 200), stage1: str = "layer1", backend: str = "torch",
-                     precision: str = "fp32", scorer: str = "auto") -> dict:
+def shortlist_report(
+    model,
+    queries: Items,
+    collection: Items,
+    query_labels,
+    collection_labels,
+    k: int = 10,
+    shortlists=(50, 100, 200),
+    stage1: str = "layer1",
+    backend: str = "torch",
+    precision: str = "fp32",
+    scorer: str = "auto",
+) -> dict:
     """What two-stage search loses and wins against exhaustive search, on labelled data.
 
     For each shortlist size S: ``recall_at_k``, the mean fraction of the exhaustive top k found in the shortlist
@@ -303,9 +365,11 @@ def shortlist_report(model, queries: Items, collection: Items, query_labels, col
     _sync(queries.features)
     exh_seconds = time.perf_counter() - t0
     full_np = full.double().cpu().numpy()
-    exh = {"map": mean_average_precision(full_np, query_labels, collection_labels),
-           "map_at_k": mean_average_precision(full_np, query_labels, collection_labels, k),
-           "seconds": exh_seconds}
+    exh = {
+        "map": mean_average_precision(full_np, query_labels, collection_labels),
+        "map_at_k": mean_average_precision(full_np, query_labels, collection_labels, k),
+        "seconds": exh_seconds,
+    }
     s1 = stage1_vectors(model, queries, stage1) @ stage1_vectors(model, collection, stage1).T
     rows = []
     for S in shortlists:
@@ -315,16 +379,32 @@ def shortlist_report(model, queries: Items, collection: Items, query_labels, col
         res = two_stage_search(model, queries, collection, S, S, stage1, backend, precision, scorer)  # keep all S
         _sync(queries.features)
         seconds = time.perf_counter() - t0
-        assert res.shortlist is not None   # two_stage_search always keeps its shortlist
+        assert res.shortlist is not None  # two_stage_search always keeps its shortlist
         found = (exh_idx.cpu()[:, :, None] == res.shortlist.cpu()[:, None, :]).any(-1).float().mean().item()
         composite = _ranking_matrix(res.indices.cpu(), s1.detach().double().cpu())
         m = mean_average_precision(composite, query_labels, collection_labels)
         mk = mean_average_precision(composite, query_labels, collection_labels, k)
-        rows.append({"shortlist": S, "recall_at_k": found, "map": m, "map_at_k": mk, "map_lost": exh["map"] - m,
-                     "map_at_k_lost": exh["map_at_k"] - mk, "seconds": seconds,
-                     "speedup": exh_seconds / seconds if seconds > 0 else float("inf")})
-    return {"k": k, "queries": Q, "collection": C, "direction": f"{queries.modality}2{collection.modality}",
-            "stage1": stage1, "exhaustive": exh, "two_stage": rows}
+        rows.append(
+            {
+                "shortlist": S,
+                "recall_at_k": found,
+                "map": m,
+                "map_at_k": mk,
+                "map_lost": exh["map"] - m,
+                "map_at_k_lost": exh["map_at_k"] - mk,
+                "seconds": seconds,
+                "speedup": exh_seconds / seconds if seconds > 0 else float("inf"),
+            }
+        )
+    return {
+        "k": k,
+        "queries": Q,
+        "collection": C,
+        "direction": f"{queries.modality}2{collection.modality}",
+        "stage1": stage1,
+        "exhaustive": exh,
+        "two_stage": rows,
+    }
 
 
 def _ranking_matrix(head: torch.Tensor, stage1_scores: torch.Tensor) -> np.ndarray:
@@ -333,7 +413,7 @@ def _ranking_matrix(head: torch.Tensor, stage1_scores: torch.Tensor) -> np.ndarr
     Q, C = stage1_scores.shape
     S = head.shape[1]
     rest_scores = stage1_scores.clone().scatter_(1, head, float("-inf"))
-    rest = rest_scores.argsort(dim=1, descending=True, stable=True)[:, :C - S]
+    rest = rest_scores.argsort(dim=1, descending=True, stable=True)[:, : C - S]
     order = torch.cat([head, rest], 1).numpy()
     scores = np.empty((Q, C))
     np.put_along_axis(scores, order, np.broadcast_to(-np.arange(C, dtype=np.float64), (Q, C)), axis=1)

@@ -21,19 +21,27 @@
 The decision is returned (``RunFolder.resume``: whether to load last.pt); scanet.train.train calls ``claim`` at
 its start and holds the RunFolder until it returns. In distributed training (``RANK`` set) only rank 0 claims.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from scanet.io import check_writable, pid_alive, remove_leftovers
 
 LOCK_NAME = ".lock"
 # What a training run writes into its folder (removed by --force before the new run starts).
-RUN_FILES = ("last.pt", "best.pt", "metrics.json", "evaluation.json", "results.json", "training_curve.png",
-             "pr_curves.png")
+RUN_FILES = (
+    "last.pt",
+    "best.pt",
+    "metrics.json",
+    "evaluation.json",
+    "results.json",
+    "training_curve.png",
+    "pr_curves.png",
+)
 
 
 class RunFolder:
@@ -50,7 +58,7 @@ class RunFolder:
                 os.ftruncate(self._fd, 0)
             except OSError:
                 pass
-            os.close(self._fd)          # closing drops the flock
+            os.close(self._fd)  # closing drops the flock
             self._fd = None
 
     def __del__(self):
@@ -74,9 +82,11 @@ def _acquire_lock(out: Path, log: Callable[[str], None]) -> int | None:
     except BlockingIOError:
         os.close(fd)
         holder = _lock_holder(path)
-        raise ValueError(f"run folder {out} is in use by process {holder or '?'} (lock file {path}); wait for it "
-                         "to finish or choose another --out") from None
-    except OSError:                     # a file system without flock: fall back to the pid in the file
+        raise ValueError(
+            f"run folder {out} is in use by process {holder or '?'} (lock file {path}); wait for it "
+            "to finish or choose another --out"
+        ) from None
+    except OSError:  # a file system without flock: fall back to the pid in the file
         holder = _lock_holder(path)
         if holder and holder != os.getpid() and pid_alive(holder):
             os.close(fd)
@@ -118,20 +128,31 @@ def resume_allowed(state: dict, preset, fingerprint: str, ckpt: Path) -> None:
     """Refuse (ValueError) to resume ``state`` with ``preset``: other data, fewer epochs than done, or any other
     configuration change (named). Only a larger ``epochs`` (extending the run) may differ."""
     if state.get("dataset_fingerprint") != fingerprint:
-        raise ValueError(f"{ckpt} was trained on other prepared data ({state.get('dataset_fingerprint')}, now "
-                         f"{fingerprint}); resume needs the same data")
+        raise ValueError(
+            f"{ckpt} was trained on other prepared data ({state.get('dataset_fingerprint')}, now "
+            f"{fingerprint}); resume needs the same data"
+        )
     diff = config_differences(state["preset"], preset)
     epochs = diff.pop("train.epochs", None)
     if diff:
         listed = ", ".join(f"{k} (saved {s!r}, given {g!r})" for k, (s, g) in diff.items())
-        raise ValueError(f"{ckpt} was trained with another configuration: {listed}. Resume with the saved "
-                         "configuration (only a larger epochs may change), or train into another --out")
+        raise ValueError(
+            f"{ckpt} was trained with another configuration: {listed}. Resume with the saved "
+            "configuration (only a larger epochs may change), or train into another --out"
+        )
     if epochs is not None and epochs[1] < state["epoch"]:
         raise ValueError(f"{ckpt} has done {state['epoch']} epochs; epochs={epochs[1]} is fewer (nothing to resume)")
 
 
-def claim(out: str | Path, preset, fingerprint: str, *, resume: bool = False, force: bool = False,
-          log: Callable[[str], None] = print) -> RunFolder:
+def claim(
+    out: str | Path,
+    preset,
+    fingerprint: str,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> RunFolder:
     """Check, lock and decide about the run folder ``out`` (see the module docstring); returns the RunFolder."""
     from scanet.checkpoint import load_checkpoint
 
@@ -149,8 +170,10 @@ def claim(out: str | Path, preset, fingerprint: str, *, resume: bool = False, fo
         existing = [f for f in RUN_FILES if (out / f).exists()]
         if not resume:
             if existing and not force:
-                raise ValueError(f"run folder {out} already holds a run ({', '.join(existing)}); --resume "
-                                 "continues it, --force replaces it, or choose another --out")
+                raise ValueError(
+                    f"run folder {out} already holds a run ({', '.join(existing)}); --resume "
+                    "continues it, --force replaces it, or choose another --out"
+                )
             if existing:
                 log(f"--force: replacing the run in {out} (removing {', '.join(existing)})")
                 for f in existing:
@@ -158,8 +181,10 @@ def claim(out: str | Path, preset, fingerprint: str, *, resume: bool = False, fo
             return folder
         if not ckpt.is_file():
             if existing and not force:
-                raise ValueError(f"--resume: run folder {out} holds {', '.join(existing)} but no checkpoint "
-                                 f"({ckpt}) to resume from; --force replaces them with a fresh run")
+                raise ValueError(
+                    f"--resume: run folder {out} holds {', '.join(existing)} but no checkpoint "
+                    f"({ckpt}) to resume from; --force replaces them with a fresh run"
+                )
             for f in existing:
                 (out / f).unlink()
             log(f"--resume: no checkpoint at {ckpt}; starting a fresh run")

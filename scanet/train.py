@@ -18,6 +18,7 @@ all validation items as candidates) is measured after every epoch, the best epoc
 selected (best) model's test MAP under both protocols (scanet.evaluate.PROTOCOLS); the test MAP of other epochs
 (``eval_every``) is recorded for the curves only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,14 @@ from typing import Any
 import torch
 
 from scanet import distributed as sd
-from scanet.checkpoint import (CHECKPOINT_FORMAT, build_model, load_checkpoint, load_model,  # noqa: F401
-                               preset_from_dict, save_checkpoint)
+from scanet.checkpoint import (  # noqa: F401
+    CHECKPOINT_FORMAT,
+    build_model,
+    load_checkpoint,
+    load_model,
+    preset_from_dict,
+    save_checkpoint,
+)
 from scanet.config import Preset
 from scanet.data.prepared import PreparedDataset, Split
 from scanet.data.splits import carve_validation
@@ -40,7 +47,8 @@ from scanet.loss import distributed_scanet_loss, scanet_loss
 from scanet.pairs import make_pairs
 from scanet.plots import plot_pr_curves, plot_training_curve
 from scanet.precision import autocast_context
-from scanet.run_folder import claim as claim_run_folder, config_differences
+from scanet.run_folder import claim as claim_run_folder
+from scanet.run_folder import config_differences
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -58,7 +66,7 @@ class GraphedStep:
         self.step_fn, self.warmup, self.calls = step_fn, warmup, 0
         self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_loss = torch.empty(0, device=device)   # the captured step's loss (set at capture)
+        self.static_loss = torch.empty(0, device=device)  # the captured step's loss (set at capture)
         self.side = torch.cuda.Stream(device=device)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
@@ -77,13 +85,24 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_loss = self.step_fn(self.static_idx, zero_grad=False)
-        self.graph.replay()                    # capture records without running: run this batch's step now
+        self.graph.replay()  # capture records without running: run this batch's step now
         return self.static_loss
 
 
-def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device: str | torch.device = "cpu",
-          fused: bool = False, resume: bool = False, compile: bool = False, cuda_graphs: bool = False,
-          progress: bool = True, stop_after_epoch: int | None = None, log=print, force: bool = False) -> dict:
+def train(
+    preset: Preset,
+    dataset: PreparedDataset,
+    out_dir: str | Path,
+    device: str | torch.device = "cpu",
+    fused: bool = False,
+    resume: bool = False,
+    compile: bool = False,
+    cuda_graphs: bool = False,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+    log=print,
+    force: bool = False,
+) -> dict:
     """Train, evaluate on the test split, checkpoint every epoch. Returns the last metrics row.
 
     ``stop_after_epoch`` ends the run early (for tests of resume); ``resume`` continues from out_dir/last.pt;
@@ -93,7 +112,7 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     """
     out = Path(out_dir)
     # Writable, locked, leftovers removed, saved work never overwritten silently (scanet.run_folder).
-    run = claim_run_folder(out, preset, dataset.fingerprint, resume=resume, force=force, log=log)  # noqa: F841
+    run = claim_run_folder(out, preset, dataset.fingerprint, resume=resume, force=force, log=log)
     resume = run.resume
     tc = preset.train
     info = sd.init_from_env(device)
@@ -111,8 +130,13 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     # fused=True: one multi-tensor kernel instead of a loop over parameters (on CPU the default Adam costs a
     # fifth of the Wiki step); it supports capturable for CUDA graphs.
     adam = torch.optim.AdamW if tc.decoupled_weight_decay else torch.optim.Adam
-    opt = adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, capturable=cuda_graphs,
-               fused=device.type in ("cpu", "cuda"))
+    opt = adam(
+        model.parameters(),
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        capturable=cuda_graphs,
+        fused=device.type in ("cpu", "cuda"),
+    )
     history: list[dict] = []
     start_epoch = 0
     best = {"epoch": 0, "val_mean_map": -math.inf}
@@ -120,11 +144,15 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
         if state.get("dataset_fingerprint") != dataset.fingerprint:
-            raise ValueError(f"{ckpt_path} was trained on other prepared data "
-                             f"({state.get('dataset_fingerprint')} vs {dataset.fingerprint})")
-        if config_differences(state["preset"], preset).keys() - {"train.epochs"}:   # claim() named them
-            raise ValueError(f"{ckpt_path} was trained with another configuration; resume needs the same one "
-                             f"(saved: {state['preset']})")
+            raise ValueError(
+                f"{ckpt_path} was trained on other prepared data "
+                f"({state.get('dataset_fingerprint')} vs {dataset.fingerprint})"
+            )
+        if config_differences(state["preset"], preset).keys() - {"train.epochs"}:  # claim() named them
+            raise ValueError(
+                f"{ckpt_path} was trained with another configuration; resume needs the same one "
+                f"(saved: {state['preset']})"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
@@ -133,9 +161,13 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
 
     # The buffers (input statistics, the word graph) are fixed, identical on every rank: synced once at
     # construction, not before every forward.
-    net = (torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-        if info.distributed else model)
+    net = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
+        if info.distributed
+        else model
+    )
     step_model = torch.compile(net) if compile else net
     batch_loss = distributed_scanet_loss if info.distributed else scanet_loss
     tr, val = dataset.train, None
@@ -144,12 +176,13 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     texts = torch.as_tensor(tr.text_matrix(), device=device, dtype=torch.float32)
     images = torch.as_tensor(tr.images, device=device, dtype=torch.float32)
 
-    ti, ii, target = (torch.as_tensor(a, device=device) for a in
-                      make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed))
+    ti, ii, target = (
+        torch.as_tensor(a, device=device) for a in make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed)
+    )
     n_pairs = len(target)
 
     def step_fn(idx, zero_grad=True):
-        with autocast_context(device, tc.precision):           # the forward only: sim (and the loss) float32
+        with autocast_context(device, tc.precision):  # the forward only: sim (and the loss) float32
             sim = step_model(texts[ti[idx]], images[ii[idx]])
         loss, _ = batch_loss(sim, target[idx], tc.margin, tc.lam)
         if zero_grad:
@@ -164,15 +197,17 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     report = None
     for epoch in range(start_epoch, tc.epochs):
         model.train()
-        order = sd.epoch_order(n_pairs, tc.seed, epoch)           # the same permutation on every rank
-        batches = [b.to(device) for b in sd.shard_batches(order, tc.batch_size, info.rank, info.world_size,
-                                                          drop_last=cuda_graphs)]
+        order = sd.epoch_order(n_pairs, tc.seed, epoch)  # the same permutation on every rank
+        batches = [
+            b.to(device)
+            for b in sd.shard_batches(order, tc.batch_size, info.rank, info.world_size, drop_last=cuda_graphs)
+        ]
         steps = len(batches)
         # dropout's stream, reproducible on resume; each rank its own (rank 0: the one-process stream)
         torch.manual_seed(tc.seed * 100_003 + epoch + 7_919 * info.rank)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        bar: Any = range(steps)   # or its tqdm wrapper
+        bar: Any = range(steps)  # or its tqdm wrapper
         if progress:
             from tqdm import tqdm
 
@@ -187,11 +222,12 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
             torch.cuda.synchronize()
         row = {"epoch": epoch + 1, "loss": float(loss_sum) / steps, "epoch_seconds": time.perf_counter() - t0}
         if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {row['loss']}); "
-                                     "lower the learning rate")
+            raise FloatingPointError(
+                f"training diverged at epoch {epoch + 1} (loss {row['loss']}); lower the learning rate"
+            )
         last = epoch + 1 == tc.epochs
         report = None
-        if not main:                       # rank 0 evaluates and writes; the others follow its row and decision
+        if not main:  # rank 0 evaluates and writes; the others follow its row and decision
             row, best, stop = sd.broadcast_object(None)
             history.append(row)
             sd.barrier()
@@ -201,14 +237,22 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or last:
             t1 = time.perf_counter()
             report, _ = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
-            row.update(text2image_map=report["text2image"]["map"], image2text_map=report["image2text"]["map"],
-                       mean_map=report["mean_map"], eval_seconds=time.perf_counter() - t1)
+            row.update(
+                text2image_map=report["text2image"]["map"],
+                image2text_map=report["image2text"]["map"],
+                mean_map=report["mean_map"],
+                eval_seconds=time.perf_counter() - t1,
+            )
         improved = False
         if val is not None:
             t1 = time.perf_counter()
             vrep = split_report(model, val, tc.score_chunk)
-            row.update(val_text2image_map=vrep["text2image"]["map"], val_image2text_map=vrep["image2text"]["map"],
-                       val_mean_map=vrep["mean_map"], val_seconds=time.perf_counter() - t1)
+            row.update(
+                val_text2image_map=vrep["text2image"]["map"],
+                val_image2text_map=vrep["image2text"]["map"],
+                val_mean_map=vrep["mean_map"],
+                val_seconds=time.perf_counter() - t1,
+            )
             improved = row["val_mean_map"] > best["val_mean_map"]
             if improved:
                 best = {"epoch": epoch + 1, "val_mean_map": row["val_mean_map"]}
@@ -218,28 +262,41 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
         sd.broadcast_object((row, best, bool(stop or patience_out)))
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
         state = {
-            "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "epoch": epoch + 1, "history": history, "preset": dataclasses.asdict(preset), "best": best,
-            "dataset_fingerprint": dataset.fingerprint, "dataset_name": dataset.name,
-            "vocab_size": dataset.vocab_size, "image_dim": dataset.image_dim, "classes": dataset.classes,
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+            "preset": dataclasses.asdict(preset),
+            "best": best,
+            "dataset_fingerprint": dataset.fingerprint,
+            "dataset_name": dataset.name,
+            "vocab_size": dataset.vocab_size,
+            "image_dim": dataset.image_dim,
+            "classes": dataset.classes,
         }
         if improved:
             save_checkpoint(best_path, state)
         save_checkpoint(ckpt_path, state)
         (out / "metrics.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
         plot_training_curve(history, out / "training_curve.png")
-        sd.barrier()                                          # the epoch's files exist before any rank goes on
+        sd.barrier()  # the epoch's files exist before any rank goes on
         if stop:
             break
         if patience_out:
-            log(f"early stop after epoch {epoch + 1}: no better validation MAP for {tc.patience} epochs "
-                f"(best: epoch {best['epoch']}, {best['val_mean_map']:.4f})")
+            log(
+                f"early stop after epoch {epoch + 1}: no better validation MAP for {tc.patience} epochs "
+                f"(best: epoch {best['epoch']}, {best['val_mean_map']:.4f})"
+            )
             break
 
     selected_epoch = history[-1]["epoch"] if history else 0
-    if not main:                                              # rank 0 reports; evaluation.json is its file
-        return {"history": history, "report": None,
-                "selected_epoch": best["epoch"] if val is not None and best["epoch"] else selected_epoch}
+    if not main:  # rank 0 reports; evaluation.json is its file
+        return {
+            "history": history,
+            "report": None,
+            "selected_epoch": best["epoch"] if val is not None and best["epoch"] else selected_epoch,
+        }
     if val is not None and best["epoch"] and best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
         selected_epoch = best["epoch"]
@@ -247,9 +304,12 @@ def train(preset: Preset, dataset: PreparedDataset, out_dir: str | Path, device:
     if report is None or selected_epoch != history[-1]["epoch"]:
         report, _ = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
     protocols = evaluate_protocols(model_scorer(model, tc.score_chunk, precision=tc.precision), dataset, "both")
-    report = {**report, "selected_epoch": selected_epoch,
-              "selected_by": "validation MAP" if val is not None else "last epoch (no validation split)",
-              "protocols": protocols}
+    report = {
+        **report,
+        "selected_epoch": selected_epoch,
+        "selected_by": "validation MAP" if val is not None else "last epoch (no validation split)",
+        "protocols": protocols,
+    }
     (out / "evaluation.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     plot_pr_curves({"SCANet": report}, out / "pr_curves.png", title=dataset.name)
     return {"history": history, "report": report, "selected_epoch": selected_epoch}

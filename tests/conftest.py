@@ -3,6 +3,7 @@
 Triton kernels run on CPU only under the interpreter, and TRITON_INTERPRET must be set before any kernel
 module is imported: this conftest is imported first, so it sets it here when there is no CUDA device.
 """
+
 import os
 from pathlib import Path
 

@@ -3,6 +3,7 @@
 ``make_model`` / ``make_items`` / ``encode``: random float64 SCANet models and items for the all-pairs scoring
 and retrieval tests.
 """
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -10,7 +11,7 @@ import torch
 from scanet.config import ModelConfig
 from scanet.model import SCANet
 
-V, D = 10, 5                      # vocabulary and image feature sizes of the test models
+V, D = 10, 5  # vocabulary and image feature sizes of the test models
 
 
 def make_model(N, layers=2, scale="n", seed=0, device="cpu"):
@@ -18,21 +19,25 @@ def make_model(N, layers=2, scale="n", seed=0, device="cpu"):
     co-attention weights random normal, scaled so that every layer's pre-activations have std 2 on sample items
     (attention maps peaked but not one-hot: the regime a trained model is in); biases ~ N(0, 0.5^2) (the
     head's too), so no term of the logit is negligible."""
-    torch.manual_seed(seed)                     # the modules' own initialization (ChebConv weights, ...)
+    torch.manual_seed(seed)  # the modules' own initialization (ChebConv weights, ...)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     A = sp.random(V, V, density=0.3, random_state=rng)
-    model = SCANet(V, D, sp.csr_matrix(0.2 * (A + A.T)), ModelConfig(common_dim=N, coattention_layers=layers,
-                                                             attention_scale=scale, dropout=0.5))
+    model = SCANet(
+        V,
+        D,
+        sp.csr_matrix(0.2 * (A + A.T)),
+        ModelConfig(common_dim=N, coattention_layers=layers, attention_scale=scale, dropout=0.5),
+    )
     model = model.double()
     with torch.no_grad():
-        for fc in (model.text_encoder.fc, model.image_encoder.fc):     # items that differ clearly
+        for fc in (model.text_encoder.fc, model.image_encoder.fc):  # items that differ clearly
             fc.weight.copy_(torch.randn(fc.weight.shape, generator=gen, dtype=torch.float64))
         for fc in list(model.coattention.text_fc) + list(model.coattention.image_fc):
-            fc.weight.copy_(torch.randn(N, N, generator=gen, dtype=torch.float64) * (2.0 / N ** 0.5))
+            fc.weight.copy_(torch.randn(N, N, generator=gen, dtype=torch.float64) * (2.0 / N**0.5))
             fc.bias.copy_(0.5 * torch.randn(N, generator=gen, dtype=torch.float64))
-        model.head.fc.weight.copy_(torch.randn(1, N, generator=gen, dtype=torch.float64) / N ** 0.5)
-        f_t, f_i = encode(model, *make_items(8, 8, seed=seed + 1))   # 8 sample pairs (text k, image k)
+        model.head.fc.weight.copy_(torch.randn(1, N, generator=gen, dtype=torch.float64) / N**0.5)
+        f_t, f_i = encode(model, *make_items(8, 8, seed=seed + 1))  # 8 sample pairs (text k, image k)
         for k in range(layers):
             for fc, f in ((model.coattention.text_fc[k], f_t), (model.coattention.image_fc[k], f_i)):
                 fc.weight.mul_(2.0 / (f @ fc.weight.T).std().clamp_min(1e-12))

@@ -1,4 +1,5 @@
 """FAISS first stage (scanet.ann): exact against exhaustive, approximate at a stated recall, on-disk safety."""
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,7 @@ def clustered(n, d, n_clusters, seed, n_queries=200, spread=1.0):
 
 
 def batches(x, size):
-    return (x[s:s + size] for s in range(0, len(x), size))
+    return (x[s : s + size] for s in range(0, len(x), size))
 
 
 def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
@@ -85,8 +86,9 @@ def test_layer2_mean_is_the_model_score_when_the_partners_attention_is_the_mean(
     # another reference changes the proxy (so the reference is really used)
     ref = ann.reference_attention(texts, images)
     q = ann.stage1_vectors(model, texts.subset([0]), "layer2-mean", ref)
-    assert not torch.allclose(q @ ann.stage1_vectors(model, images.subset([0]), "layer2-mean", ref).T + b,
-                              full[:1, :1], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(
+        q @ ann.stage1_vectors(model, images.subset([0]), "layer2-mean", ref).T + b, full[:1, :1], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_layer2_mean_errors_and_whole_collection_exactness():
@@ -130,9 +132,9 @@ def test_approximate_indexes_reach_the_stated_recall(clustered_collection, kind,
     assert r >= stated, f"{kind} recall@10 {r:.3f} < {stated}"
     if kind == "ivf":
         assert index.index.nlist == 500 and index.nprobe == 15
-        index.set_search_params(nprobe=1)                 # one list: recall must drop (the parameter is live)
+        index.set_search_params(nprobe=1)  # one list: recall must drop (the parameter is live)
         assert recall(index.search(q, 10)[1], truth) < r
-        index.set_search_params(nprobe=500)               # every list: exact
+        index.set_search_params(nprobe=500)  # every list: exact
         assert recall(index.search(q, 10)[1], truth) == 1.0
 
 
@@ -166,7 +168,7 @@ def test_build_errors():
         flat.set_search_params(nprobe=4)
     with pytest.raises(ValueError, match="queries"):
         flat.search(np.zeros((2, 9), np.float32), 3)
-    assert flat.search(x[:2], 1000)[1].shape == (2, 300)      # k is capped at the collection size
+    assert flat.search(x[:2], 1000)[1].shape == (2, 300)  # k is capped at the collection size
 
 
 # ------------------------------------------------------------------------------------------------ on disk
@@ -174,13 +176,30 @@ def test_build_errors():
 def test_save_load_round_trip(tmp_path, kind):
     x, q = clustered(3000, 16, 20, seed=3, n_queries=20)
     ref = {"text": np.linspace(0.5, 1.5, 16), "image": np.full(16, 1.0)}
-    index = ann.ANNIndex.build(batches(x, 1000), 16, kind, total=len(x), model_hash="abc123",
-                               stage1="layer2-mean", modality="image", reference=ref, progress=False)
+    index = ann.ANNIndex.build(
+        batches(x, 1000),
+        16,
+        kind,
+        total=len(x),
+        model_hash="abc123",
+        stage1="layer2-mean",
+        modality="image",
+        reference=ref,
+        progress=False,
+    )
     path = index.save(ann.ann_path_for(tmp_path / "search.pt"))
     assert path == tmp_path / "search.faiss"
     back = ann.ANNIndex.load(path, expected_hash="abc123")
-    assert (back.kind, back.dim, len(back), back.model_hash, back.stage1, back.modality, back.nprobe,
-            back.ef_search) == (kind, 16, 3000, "abc123", "layer2-mean", "image", index.nprobe, index.ef_search)
+    assert (
+        back.kind,
+        back.dim,
+        len(back),
+        back.model_hash,
+        back.stage1,
+        back.modality,
+        back.nprobe,
+        back.ef_search,
+    ) == (kind, 16, 3000, "abc123", "layer2-mean", "image", index.nprobe, index.ef_search)
     for m in ("text", "image"):
         assert torch.equal(back.reference[m], index.reference[m])
     s0, i0 = index.search(q, 10)
@@ -212,7 +231,7 @@ def test_corrupt_files_give_clear_errors(tmp_path):
     path = ann.ANNIndex.build(batches(x, 100), 8, "ivf", nlist=10, progress=False).save(tmp_path / "i.faiss")
     data = bytearray(path.read_bytes())
     flipped = tmp_path / "flipped.faiss"
-    data[-100] ^= 0xFF                                     # one byte of the FAISS data
+    data[-100] ^= 0xFF  # one byte of the FAISS data
     flipped.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="flipped.faiss is corrupt: its FAISS data"):
         ann.ANNIndex.load(flipped)
@@ -224,7 +243,7 @@ def test_corrupt_files_give_clear_errors(tmp_path):
     header_cut.write_bytes(path.read_bytes()[:40])
     with pytest.raises(ValueError, match="header.faiss is corrupt"):
         ann.ANNIndex.load(header_cut)
-    raw = tmp_path / "raw.faiss"                           # a bare faiss.write_index file is not ours
+    raw = tmp_path / "raw.faiss"  # a bare faiss.write_index file is not ours
     faiss.write_index(faiss.IndexFlatIP(8), str(raw))
     with pytest.raises(ValueError, match="not a SCANet FAISS index"):
         ann.ANNIndex.load(raw)

@@ -4,6 +4,7 @@ On CPU the Triton kernels run under the interpreter (tests/conftest.py sets TRIT
 runs on CUDA too when a GPU is present. Inputs are fresh random draws; the reference is computed in float64
 from the same (float32-rounded) values. Shapes are tiny: an interpreted program instance costs ~5 ms.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -27,16 +28,19 @@ def _cpu_path_is_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or _cpu_path_is_triton()),
-                                reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)")
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or _cpu_path_is_triton()),
+    reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)",
+)
 # Where cheb_conv takes the Triton path: CUDA when present, else the CPU interpreter. (On a CUDA machine the CPU
 # cases go through scanet.native or the reference: still the contract of cheb_conv, not the kernels.)
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def random_operator(V: int, *, symmetric=True, density=0.35, isolated=(), empty_rows=(), self_loops=True,
-                    seed=0) -> torch.Tensor:
+def random_operator(
+    V: int, *, symmetric=True, density=0.35, isolated=(), empty_rows=(), self_loops=True, seed=0
+) -> torch.Tensor:
     """A dense float64 (V, V) operator with spectral radius <= 1 (like a rescaled Laplacian).
 
     isolated: vertices with neither in- nor out-edges; empty_rows: rows without entries (columns kept: only
@@ -53,7 +57,7 @@ def random_operator(V: int, *, symmetric=True, density=0.35, isolated=(), empty_
         M[:, v] = 0.0
     for v in empty_rows:
         M[v, :] = 0.0
-    norm = M.abs().sum(1).max()           # infinity norm bounds the spectral radius
+    norm = M.abs().sum(1).max()  # infinity norm bounds the spectral radius
     return M / norm if norm > 0 else M
 
 
@@ -117,8 +121,17 @@ def test_matches_float64_reference(case, need_x, device):
     x, w, b, M = (t.float().double() for t in (x, w, b, M))
     dy = torch.randn(B, V, F_out, dtype=torch.float64)
     expected = run(reference.cheb_conv, to_csr(M, torch.float64), x, w, b, act, dy, need_x=need_x)
-    actual = run(cheb_conv, to_csr(M, device=device), x.float().to(device), w.float().to(device),
-                 b.float().to(device), act, dy.to(device), need_x=need_x, **tiles)
+    actual = run(
+        cheb_conv,
+        to_csr(M, device=device),
+        x.float().to(device),
+        w.float().to(device),
+        b.float().to(device),
+        act,
+        dy.to(device),
+        need_x=need_x,
+        **tiles,
+    )
     for what, a, e in zip(("y", "dx", "dw", "db"), actual, expected, strict=True):
         if e is not None:
             assert a is not None, what
@@ -134,9 +147,8 @@ def test_float64_inputs_and_no_bias(device):
     x, w, _ = draw(B, V, 2, 2, K, bias=False)
     dy = torch.randn(B, V, 2, dtype=torch.float64)
     expected = run(reference.cheb_conv, to_csr(M, torch.float64), x, w, None, "relu", dy)
-    actual = run(cheb_conv, to_csr(M, torch.float64, device), x.to(device), w.to(device), None, "relu",
-                 dy.to(device))
-    for what, a, e in zip(("y", "dx", "dw"), actual[:3], expected[:3], strict=True):   # no bias: no db
+    actual = run(cheb_conv, to_csr(M, torch.float64, device), x.to(device), w.to(device), None, "relu", dy.to(device))
+    for what, a, e in zip(("y", "dx", "dw"), actual[:3], expected[:3], strict=True):  # no bias: no db
         assert_close64(a, e, torch.float64, what)
 
 
@@ -151,10 +163,10 @@ def test_real_rescaled_laplacian(device):
     L64 = to_torch_csr(Lt, torch.float64)
     x, w, b = draw(6, 24, 1, 1, 3)
     dy = torch.randn(6, 24, 1, dtype=torch.float64)
-    expected = run(reference.cheb_conv, L64, x.float().double(), w.float().double(), b.float().double(),
-                   "relu", dy)
-    actual = run(cheb_conv, L32, x.float().to(device), w.float().to(device), b.float().to(device), "relu",
-                 dy.to(device))
+    expected = run(reference.cheb_conv, L64, x.float().double(), w.float().double(), b.float().double(), "relu", dy)
+    actual = run(
+        cheb_conv, L32, x.float().to(device), w.float().to(device), b.float().to(device), "relu", dy.to(device)
+    )
     for what, a, e in zip(("y", "dx", "dw", "db"), actual, expected, strict=True):
         assert_close64(a, e, torch.float32, what)
 
@@ -162,7 +174,7 @@ def test_real_rescaled_laplacian(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("F", [1, 2, 9], ids=["1x1", "2x2", "9x9_gemm_path"])
 def test_gradients_are_bitwise_reproducible(F, device):
-    V, B, K = 9, 4, 3          # 3 x 2 programs per launch: several partials in every reduction
+    V, B, K = 9, 4, 3  # 3 x 2 programs per launch: several partials in every reduction
     L = to_csr(random_operator(V, symmetric=False), device=device)
     x, w, b = (t.float().to(device) for t in draw(B, V, F, F, K))
     dy = torch.randn(B, V, F, device=device)
@@ -181,13 +193,13 @@ def test_symmetry_is_detected_once_and_transpose_cached():
     x, w, b = (t.float().to(dev) for t in draw(2, V, 1, 1, 3))
     dy = torch.randn(2, V, 1, device=dev)
     for L, symmetric in ((Ls, True), (Ln, False)):
-        lap = Laplacian(L)                          # checked and prepared once, here
+        lap = Laplacian(L)  # checked and prepared once, here
         assert lap.symmetric is symmetric
         transpose = lap.transpose()
         first = run(cheb_conv, lap, x, w, b, "relu", dy)
         second = run(cheb_conv, lap, x, w, b, "relu", dy)
         assert lap.symmetric is symmetric and all(a is c for a, c in zip(lap.transpose(), transpose, strict=True))
-        for a, c in zip(first, run(cheb_conv, L, x, w, b, "relu", dy), strict=True):   # a raw CSR: the same result
+        for a, c in zip(first, run(cheb_conv, L, x, w, b, "relu", dy), strict=True):  # a raw CSR: the same result
             if a is not None:
                 torch.testing.assert_close(a, c)
         assert all(torch.equal(a, c) for a, c in zip(first, second, strict=True) if a is not None)
@@ -203,12 +215,16 @@ def test_symmetry_is_detected_once_and_transpose_cached():
     state["values"] = state["values"] * torch.linspace(0.5, 1.5, state["values"].numel(), device=dev)
     sym.load_state_dict(state)
     assert sym.symmetric is False and torch.equal(
-        torch.sparse_csr_tensor(*sym.transpose(), (V, V)).to_dense().cpu(), sym.csr().to_dense().T.cpu())
+        torch.sparse_csr_tensor(*sym.transpose(), (V, V)).to_dense().cpu(), sym.csr().to_dense().T.cpu()
+    )
 
 
 def test_transpose_csr_of_awkward_patterns():
-    for M in (random_operator(1), random_operator(6, symmetric=False, empty_rows=(0, 5), isolated=(3,)),
-              torch.zeros(4, 4, dtype=torch.float64)):
+    for M in (
+        random_operator(1),
+        random_operator(6, symmetric=False, empty_rows=(0, 5), isolated=(3,)),
+        torch.zeros(4, 4, dtype=torch.float64),
+    ):
         L = M.to_sparse_csr()
         op = kernels.CSR(L.crow_indices(), L.col_indices(), L.values(), M.shape[0])
         t = kernels.transpose_csr(op)
@@ -218,8 +234,9 @@ def test_transpose_csr_of_awkward_patterns():
 
 # ---------------------------------------------------------------------------------------------- errors
 def _bad_csr(crow, col, values, V):
-    return torch.sparse_csr_tensor(torch.tensor(crow), torch.tensor(col), torch.tensor(values), (V, V),
-                                   check_invariants=False)
+    return torch.sparse_csr_tensor(
+        torch.tensor(crow), torch.tensor(col), torch.tensor(values), (V, V), check_invariants=False
+    )
 
 
 def test_clear_errors():
@@ -277,9 +294,10 @@ def test_cpu_dispatch_without_interpreter(monkeypatch):
     x, w, b = (t.float() for t in draw(2, V, 1, 1, 3))
     calls = []
     seen_kw = []
-    fake = types.SimpleNamespace(available=lambda: True,
-                                 cheb_conv=lambda *a, **kw: calls.append("native") or seen_kw.append(kw)
-                                 or torch.full((2, V, 1), 7.0))
+    fake = types.SimpleNamespace(
+        available=lambda: True,
+        cheb_conv=lambda *a, **kw: calls.append("native") or seen_kw.append(kw) or torch.full((2, V, 1), 7.0),
+    )
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setitem(__import__("sys").modules, "scanet.native", fake)
     monkeypatch.setattr(scanet, "native", fake, raising=False)
@@ -289,13 +307,17 @@ def test_cpu_dispatch_without_interpreter(monkeypatch):
     # bf16 (and autocast) go to the native op too, with the Laplacian's symmetry and the dropout handed over
     cheb_conv(Laplacian(L), x.bfloat16(), w, b, dropout_p=0.3, training=False, out_dtype=torch.float32)
     assert calls == ["native", "native"]
-    assert seen_kw[-1] == {"symmetric": Laplacian(L).symmetric, "dropout_p": 0.3, "training": False,
-                           "out_dtype": torch.float32}
+    assert seen_kw[-1] == {
+        "symmetric": Laplacian(L).symmetric,
+        "dropout_p": 0.3,
+        "training": False,
+        "out_dtype": torch.float32,
+    }
     calls.clear()
     fake.available = lambda: False
     torch.testing.assert_close(cheb_conv(L, x, w, b), eager(L, x, w, b))
     assert calls == ["eager"]
-    with pytest.raises(ValueError, match="vertices"):        # the checks run on every path
+    with pytest.raises(ValueError, match="vertices"):  # the checks run on every path
         cheb_conv(L, torch.randn(2, V + 1, 1), w, b)
 
 

@@ -1,5 +1,6 @@
 """scanet.checkpoint: loading never runs code, old checkpoints (Laplacian as top-level buffers) still load, and
 the resumed optimizer state survives the safe load."""
+
 import pickle
 
 import pytest
@@ -16,8 +17,9 @@ from scanet.train import train
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     ds = synthetic.prepare(root / "data", progress=lambda s: None)
-    preset = apply_overrides(get_preset("synthetic"), ["epochs=1", "eval_every=0", "positive_pairs=100",
-                                                        "negative_pairs=100"])
+    preset = apply_overrides(
+        get_preset("synthetic"), ["epochs=1", "eval_every=0", "positive_pairs=100", "negative_pairs=100"]
+    )
     train(preset, ds, root / "run", progress=False, log=lambda s: None)
     return ds, root / "run" / "last.pt"
 
@@ -48,8 +50,9 @@ def test_a_file_carrying_code_is_refused_and_the_code_never_runs(tmp_path, loade
 def test_training_checkpoint_loads_safely_with_optimizer_state(trained):
     _, path = trained
     state = load_checkpoint(path)
-    assert state["optimizer"]["state"] and all(isinstance(v, torch.Tensor)
-                                               for s in state["optimizer"]["state"].values() for v in s.values())
+    assert state["optimizer"]["state"] and all(
+        isinstance(v, torch.Tensor) for s in state["optimizer"]["state"].values() for v in s.values()
+    )
     assert isinstance(state["preset"], dict) and state["epoch"] == 1
 
 
@@ -57,8 +60,12 @@ def test_old_checkpoint_with_top_level_laplacian_buffers_loads(trained, tmp_path
     ds, path = trained
     state = load_checkpoint(path)
     new_model, _ = load_model(state, ds)
-    old = dict(state, model={("laplacian_" + k.split(".")[1] if k.startswith("laplacian.") else k): v
-                             for k, v in state["model"].items()})
+    old = dict(
+        state,
+        model={
+            ("laplacian_" + k.split(".")[1] if k.startswith("laplacian.") else k): v for k, v in state["model"].items()
+        },
+    )
     assert "laplacian_crow" in old["model"] and "laplacian.crow" not in old["model"]
     save_checkpoint(tmp_path / "old.pt", old)
     model, _ = load_model(tmp_path / "old.pt", ds)

@@ -1,4 +1,5 @@
 """The command line end to end on synthetic data, and its errors."""
+
 import json
 
 import pytest
@@ -9,20 +10,44 @@ from scanet.cli import main
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    rc = main(["train", "--prepared-dir", str(root / "prepared"), "--out", str(root / "run"), "--eager",
-               "--set", "epochs=2", "--set", "positive_pairs=500", "--set", "negative_pairs=500"])
+    rc = main(
+        [
+            "train",
+            "--prepared-dir",
+            str(root / "prepared"),
+            "--out",
+            str(root / "run"),
+            "--eager",
+            "--set",
+            "epochs=2",
+            "--set",
+            "positive_pairs=500",
+            "--set",
+            "negative_pairs=500",
+        ]
+    )
     assert rc == 0
     return root
 
 
 def test_train_writes_results_and_checkpoint(trained, capsys):
     run = trained / "run"
-    for name in ("last.pt", "best.pt", "metrics.json", "training_curve.png", "evaluation.json", "results.json",
-                 "pr_curves.png"):
+    for name in (
+        "last.pt",
+        "best.pt",
+        "metrics.json",
+        "training_curve.png",
+        "evaluation.json",
+        "results.json",
+        "pr_curves.png",
+    ):
         assert (run / name).is_file(), name
     results = json.loads((run / "results.json").read_text())
-    assert set(results["map"]) == {"SCANet", "CCA (bag-of-words SVD-100, same image features)",
-                                   "semantic matching (logistic regression per modality, same features)"}
+    assert set(results["map"]) == {
+        "SCANet",
+        "CCA (bag-of-words SVD-100, same image features)",
+        "semantic matching (logistic regression per modality, same features)",
+    }
     for row in results["map"].values():
         assert 0 < row["text2image"] <= 1 and row["mean"] == pytest.approx((row["text2image"] + row["image2text"]) / 2)
     assert results["epochs"] == 2 and len(results["seconds_per_epoch"]) == 2
@@ -35,8 +60,18 @@ def test_train_writes_results_and_checkpoint(trained, capsys):
 def test_evaluate_reproduces_training_map(trained, capsys):
     run = trained / "run"
     # the training run reports its selected (best validation) epoch: evaluating best.pt reproduces it
-    rc = main(["evaluate", "--checkpoint", str(run / "best.pt"), "--prepared-dir", str(trained / "prepared"),
-               "--out", str(trained / "eval"), "--eager"])
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(run / "best.pt"),
+            "--prepared-dir",
+            str(trained / "prepared"),
+            "--out",
+            str(trained / "eval"),
+            "--eager",
+        ]
+    )
     assert rc == 0
     trained_map = json.loads((run / "evaluation.json").read_text())["mean_map"]
     again = json.loads((trained / "eval" / "evaluate_results.json").read_text())["map"]["SCANet"]["mean"]

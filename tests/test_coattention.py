@@ -3,6 +3,7 @@
 CPU runs the Triton kernels under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay
 small; CUDA, when present, runs the same tests plus larger shapes and the tf32/bf16 precisions.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +35,7 @@ def make_inputs(M, N, device, *, seed, f_scale=1.0, bias_shift=0.0):
     gen = torch.Generator().manual_seed(seed)
     f = torch.randn(M, N, generator=gen) * f_scale
     g = torch.randn(M, N, generator=gen)
-    weight = torch.randn(N, N, generator=gen) / N ** 0.5
+    weight = torch.randn(N, N, generator=gen) / N**0.5
     bias = 0.1 * torch.randn(N, generator=gen) + bias_shift
     return [t.to(device) for t in (f, g, weight, bias)]
 
@@ -52,8 +53,16 @@ def run_both(inputs, scale, dout, precision="fp32"):
 
 # (M, N, scale): M = 1; M not a multiple of the block (CPU BLOCK_M = 64, so 70 is two blocks, one ragged);
 # N of one tile (1, 7, 256) and of several column tiles (500: ragged last tile; 1024); small M for big N.
-CASES = [(1, 1, 1.0), (1, 7, 1.0), (70, 7, 7.0), (5, 256, 256.0), (3, 500, 1.0), (4, 500, 500.0), (70, 300, 300.0),
-         (2, 1024, 1024.0)]
+CASES = [
+    (1, 1, 1.0),
+    (1, 7, 1.0),
+    (70, 7, 7.0),
+    (5, 256, 256.0),
+    (3, 500, 1.0),
+    (4, 500, 500.0),
+    (70, 300, 300.0),
+    (2, 1024, 1024.0),
+]
 CUDA_CASES = [(1000, 1024, 1024.0), (513, 4096, 4096.0), (4099, 256, 1.0), (300, 1, 1.0)]
 
 
@@ -122,12 +131,15 @@ def test_large_logits_do_not_overflow(device, N):
     # float64 reference even underflows to 0), and fp32 leaves an absolute error of a few ulps of
     # |dp| <= scale * max|dout * g|. Bound the error of dh by 4 such ulps and carry it through the GEMMs.
     f, g, weight, _ = (t.double().cpu() for t in inputs)
-    dh_err = 4 * 2.0 ** -24 * N * (dout.double().cpu() * g).abs().max().item()
-    bounds = (dh_err * weight.abs().sum(0).max().item(),       # df = dh @ W
-              dh_err * f.abs().sum(0).max().item(),            # dW = dh.T @ f
-              dh_err * f.shape[0])                             # db = sum over rows of dh
-    for got, want, bound in zip((grads[0], grads[2], grads[3]), (ref_grads[0], ref_grads[2], ref_grads[3]), bounds,
-                                strict=True):
+    dh_err = 4 * 2.0**-24 * N * (dout.double().cpu() * g).abs().max().item()
+    bounds = (
+        dh_err * weight.abs().sum(0).max().item(),  # df = dh @ W
+        dh_err * f.abs().sum(0).max().item(),  # dW = dh.T @ f
+        dh_err * f.shape[0],
+    )  # db = sum over rows of dh
+    for got, want, bound in zip(
+        (grads[0], grads[2], grads[3]), (ref_grads[0], ref_grads[2], ref_grads[3]), bounds, strict=True
+    ):
         assert (got.double().cpu() - want.cpu()).abs().max().item() <= bound
 
 
@@ -135,7 +147,7 @@ def test_large_logits_do_not_overflow(device, N):
 @pytest.mark.parametrize("N", [7, 500])
 def test_all_negative_preactivations_give_uniform_attention(device, N):
     M, scale = 4, 3.0
-    inputs = make_inputs(M, N, device, seed=5, bias_shift=-1e3)    # h < 0 everywhere: relu(h) = 0
+    inputs = make_inputs(M, N, device, seed=5, bias_shift=-1e3)  # h < 0 everywhere: relu(h) = 0
     dout = torch.randn(M, N).to(device)
     out, (df, dg, dweight, dbias), _, _ = run_both(inputs, scale, dout)
     g = inputs[1]
@@ -145,13 +157,13 @@ def test_all_negative_preactivations_give_uniform_attention(device, N):
     assert (df == 0).all() and (dweight == 0).all() and (dbias == 0).all()
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")    # numpy, in the interpreter, on NaN arithmetic
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter, on NaN arithmetic
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("N", [7, 500])
 def test_nan_propagates_to_the_output(device, N):
     f, g, weight, bias = make_inputs(5, N, device, seed=9)
-    f[1, 3] = float("nan")     # row 1 of h is NaN -> its softmax, hence row 1 of out, is all NaN
-    g[2, 4] = float("nan")     # one element of g -> that element of out only
+    f[1, 3] = float("nan")  # row 1 of h is NaN -> its softmax, hence row 1 of out, is all NaN
+    g[2, 4] = float("nan")  # one element of g -> that element of out only
     out = fused.coattention(f, g, weight, bias, scale=2.0)
     ref = reference.coattention(*[t.double() for t in (f, g, weight, bias)], scale=2.0)
     assert torch.equal(torch.isnan(out).cpu(), torch.isnan(ref).cpu())
@@ -166,14 +178,14 @@ def test_nan_propagates_to_the_output(device, N):
 def test_non_contiguous_inputs_are_taken_as_they_are(device, N):
     M = 6
     f0, g0, w0, b0 = make_inputs(M, N, device, seed=21)
-    f = torch.stack([f0, f0], 2)[:, :, 0]         # strides (2N, 2)
-    g = g0.t().contiguous().t()                  # column-major
-    weight = w0.t().contiguous().t()             # column-major (N, N)
-    bias = torch.stack([b0, b0], 1)[:, 0]        # stride 2
+    f = torch.stack([f0, f0], 2)[:, :, 0]  # strides (2N, 2)
+    g = g0.t().contiguous().t()  # column-major
+    weight = w0.t().contiguous().t()  # column-major (N, N)
+    bias = torch.stack([b0, b0], 1)[:, 0]  # stride 2
     assert not (f.is_contiguous() or g.is_contiguous() or weight.is_contiguous() or bias.is_contiguous())
     leaves = [t.detach().requires_grad_() for t in (f, g, weight, bias)]
     out = fused.coattention(*leaves, scale=float(N))
-    out.sum().backward()                          # dout is an expanded (stride 0) tensor
+    out.sum().backward()  # dout is an expanded (stride 0) tensor
     ref_leaves = [t.detach().double().requires_grad_() for t in (f0, g0, w0, b0)]
     ref = reference.coattention(*ref_leaves, scale=float(N))
     ref.sum().backward()
@@ -185,8 +197,9 @@ def test_non_contiguous_inputs_are_taken_as_they_are(device, N):
 def test_other_dtypes_and_empty_inputs_use_the_reference():
     f, g, weight, bias = (t.double() for t in make_inputs(3, 5, "cpu", seed=1))
     assert not fused_impl.uses_kernels(f)
-    assert torch.equal(fused.coattention(f, g, weight, bias, scale=5.0),
-                       reference.coattention(f, g, weight, bias, scale=5.0))
+    assert torch.equal(
+        fused.coattention(f, g, weight, bias, scale=5.0), reference.coattention(f, g, weight, bias, scale=5.0)
+    )
     empty = torch.empty(0, 5)
     assert fused.coattention(empty, empty, weight.float(), bias.float()).shape == (0, 5)
 
@@ -196,8 +209,7 @@ def test_precision_on_cpu_computes_fp32():
     with torch.no_grad():
         base = fused.coattention(*inputs, scale=3.0)
         for precision in ("tf32", "bf16"):
-            torch.testing.assert_close(fused.coattention(*inputs, scale=3.0, precision=precision), base,
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(fused.coattention(*inputs, scale=3.0, precision=precision), base, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -234,7 +246,7 @@ def test_backward_without_saved_tensors_fails_clearly():
 def test_triton_matmul_with_split_k_and_strides(device):
     """The GEMM that backward uses for tf32/bf16 (and for fp32 with BACKWARD_GEMM = "triton")."""
     gen = torch.Generator().manual_seed(4)
-    a = torch.randn(300, 70, generator=gen).to(device).t()          # (70, 300), column-major
+    a = torch.randn(300, 70, generator=gen).to(device).t()  # (70, 300), column-major
     b = torch.randn(300, 100, generator=gen).to(device)
     got = kernels.matmul(a, b, "fp32")
     assert rel_err(got, a.double() @ b.double()) < 1e-5
@@ -313,7 +325,7 @@ def test_training_with_the_drop_in_coattention_matches_eager():
     mixed.coattention = drop_in
     want = _train_losses(eager, bow, image, labels)
     got = _train_losses(mixed, bow, image, labels)
-    assert want[-1] != want[0]                   # the steps changed the model
+    assert want[-1] != want[0]  # the steps changed the model
     np.testing.assert_allclose(got, want, rtol=TRAIN_TOL)
 
 
@@ -335,8 +347,9 @@ def test_training_scanet_fused_matches_eager():
 # ------------------------------------------------------------------------------ reference, compile, opcheck
 def test_reference_gradcheck_float64():
     gen = torch.Generator().manual_seed(0)
-    args = [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()
-            for s in ((3, 5), (3, 5), (5, 5), (5,))]
+    args = [
+        torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_() for s in ((3, 5), (3, 5), (5, 5), (5,))
+    ]
     assert torch.autograd.gradcheck(lambda *a: reference.coattention(*a, scale=2.5), args)
 
 
@@ -346,9 +359,10 @@ def test_opcheck_forward_and_backward_ops():
     torch.library.opcheck(fused_impl._forward_op, (*leaves, 2.0, "fp32", True))
     out, a, lse = fused_impl._forward_op(f.detach(), g.detach(), weight.detach(), bias.detach(), 2.0, "fp32", True)
     for need_df, need_dw in ((True, True), (False, True), (True, False)):
-        torch.library.opcheck(fused_impl._backward_op,
-                              (torch.randn(5, 7), out, a, lse, f.detach(), g.detach(), weight.detach(), 2.0,
-                               "fp32", need_df, need_dw))
+        torch.library.opcheck(
+            fused_impl._backward_op,
+            (torch.randn(5, 7), out, a, lse, f.detach(), g.detach(), weight.detach(), 2.0, "fp32", need_df, need_dw),
+        )
 
 
 def test_torch_compile_fullgraph_keeps_the_op_in_the_graph():
@@ -379,6 +393,7 @@ def test_torch_compile_fullgraph_keeps_the_op_in_the_graph():
 
 def test_torch_compile_inductor_runs_the_op():
     """Inductor (CPU C++ codegen here) with the custom op as an extern call, forward and backward."""
+
     def step(f, g, weight, bias):
         return (fused.coattention(f, g, weight, bias, scale=2.0) * g).sum()
 

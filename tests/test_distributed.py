@@ -3,6 +3,7 @@
 The workers join the group through scanet.distributed.init_from_env with the variables torchrun would set, and
 write what they computed to files that the test compares with the one-process reference.
 """
+
 import os
 import socket
 
@@ -28,7 +29,7 @@ def _problem(B: int, dtype, seed: int, all_positive_first: int = 0):
     x = torch.randn(B, 5, generator=g, dtype=dtype)
     w = torch.randn(5, generator=g, dtype=dtype)
     target = (torch.rand(B, generator=g) > 0.5).to(dtype)
-    target[:all_positive_first] = 1.0             # rank 0's share: positives only (global counts matter)
+    target[:all_positive_first] = 1.0  # rank 0's share: positives only (global counts matter)
     return x, w, target
 
 
@@ -42,8 +43,9 @@ def _one_process(x, w, target):
 
 
 def _setup(rank: int, port: int):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     return sd.init_from_env("cpu")
 
@@ -62,10 +64,17 @@ def _loss_worker(rank: int, port: int, out_dir: str, cases):
         loss, parts = distributed_scanet_loss(sim, target[piece])
         loss.backward()
         grad_w = w.grad.clone()
-        torch.distributed.all_reduce(grad_w)      # what DistributedDataParallel does: the mean over ranks
+        torch.distributed.all_reduce(grad_w)  # what DistributedDataParallel does: the mean over ranks
         grad_w /= WORLD
-        results.append({"loss": loss.detach(), "grad_w": grad_w, "grad_sim": sim.grad, "piece": piece,
-                        "parts": {k: v.detach() for k, v in parts.items()}})
+        results.append(
+            {
+                "loss": loss.detach(),
+                "grad_w": grad_w,
+                "grad_sim": sim.grad,
+                "piece": piece,
+                "parts": {k: v.detach() for k, v in parts.items()},
+            }
+        )
     torch.save(results, os.path.join(out_dir, f"loss{rank}.pt"))
     sd.destroy()
 
@@ -104,10 +113,12 @@ def _spawn(fn, *args):
     mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
 
 
-CASES = [(37, torch.float64, 0, 0),      # uneven shares: 19 + 18
-         (40, torch.float64, 1, 20),     # rank 0 holds positives only
-         (64, torch.float32, 2, 0),
-         (1, torch.float64, 3, 0)]       # rank 1 holds nothing
+CASES = [
+    (37, torch.float64, 0, 0),  # uneven shares: 19 + 18
+    (40, torch.float64, 1, 20),  # rank 0 holds positives only
+    (64, torch.float32, 2, 0),
+    (1, torch.float64, 3, 0),
+]  # rank 1 holds nothing
 
 
 def test_distributed_loss_and_gradient_equal_one_process(tmp_path):
@@ -125,7 +136,7 @@ def test_distributed_loss_and_gradient_equal_one_process(tmp_path):
             assert torch.allclose(got["grad_w"], grad_w, rtol=0, atol=1e-6), (c, r, got["grad_w"], grad_w)
             # each rank's own similarities get world_size x their share of the global gradient
             assert torch.allclose(got["grad_sim"] / WORLD, grad_sim[got["piece"]], rtol=0, atol=1e-6), (c, r)
-        if dtype == torch.float64:                # in float64 the two summation orders agree to rounding
+        if dtype == torch.float64:  # in float64 the two summation orders agree to rounding
             assert torch.allclose(per_rank[0][c]["loss"], loss, rtol=1e-12, atol=0)
 
 
@@ -138,7 +149,7 @@ def test_ddp_steps_equal_one_process_steps(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     order = sd.epoch_order(len(target), 7, 0)
     for s in range(steps):
-        idx = order[s * B:(s + 1) * B]
+        idx = order[s * B : (s + 1) * B]
         loss, _ = scanet_loss(torch.sigmoid(model(x[idx]).squeeze(1)), target[idx])
         opt.zero_grad()
         loss.backward()
@@ -160,17 +171,17 @@ def test_sharding_covers_the_permutation_exactly_once(n, B, world):
     assert sorted(order.tolist()) == list(range(n))
     shards = [sd.shard_batches(order, B, r, world) for r in range(world)]
     steps = -(-n // B)
-    assert all(len(s) == steps for s in shards)              # every rank runs every step (collectives match)
-    for s in range(steps):                                   # the ranks' pieces of step s are its global batch
-        assert torch.equal(torch.cat([shards[r][s] for r in range(world)]), order[s * B:(s + 1) * B])
+    assert all(len(s) == steps for s in shards)  # every rank runs every step (collectives match)
+    for s in range(steps):  # the ranks' pieces of step s are its global batch
+        assert torch.equal(torch.cat([shards[r][s] for r in range(world)]), order[s * B : (s + 1) * B])
         sizes = [len(shards[r][s]) for r in range(world)]
         assert max(sizes) - min(sizes) <= 1
     flat = torch.cat([p for r in range(world) for p in shards[r]])
-    assert sorted(flat.tolist()) == list(range(n))           # each pair exactly once
+    assert sorted(flat.tolist()) == list(range(n))  # each pair exactly once
 
 
 def test_epoch_order_is_the_training_loops_permutation():
-    gen = torch.Generator().manual_seed(3 * 100_003 + 4)     # scanet.train: seed * 100_003 + epoch
+    gen = torch.Generator().manual_seed(3 * 100_003 + 4)  # scanet.train: seed * 100_003 + epoch
     assert torch.equal(sd.epoch_order(50, 3, 4), torch.randperm(50, generator=gen))
     assert not torch.equal(sd.epoch_order(50, 3, 4), sd.epoch_order(50, 3, 5))
 
@@ -192,8 +203,9 @@ def test_init_from_env_single_process_and_errors():
     with pytest.raises(ValueError, match="RANK"):
         sd.init_from_env("cpu", env={"WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     with pytest.raises(ValueError, match="RANK=5"):
-        sd.init_from_env("cpu", env={"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", "MASTER_ADDR": "x",
-                                     "MASTER_PORT": "1"})
+        sd.init_from_env(
+            "cpu", env={"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}
+        )
     with pytest.raises(ValueError, match="not an integer"):
         sd.init_from_env("cpu", env={"WORLD_SIZE": "two"})
 
@@ -213,8 +225,11 @@ def _scanet_setup(data_dir: str):
     torch.manual_seed(preset.train.seed)
     model = build_model(preset, ds)
     tr, tc = ds.train, preset.train
-    data = (torch.as_tensor(tr.text_matrix(), dtype=torch.float32), torch.as_tensor(tr.images, dtype=torch.float32),
-            *(torch.as_tensor(a) for a in make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed)))
+    data = (
+        torch.as_tensor(tr.text_matrix(), dtype=torch.float32),
+        torch.as_tensor(tr.images, dtype=torch.float32),
+        *(torch.as_tensor(a) for a in make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed)),
+    )
     return preset, model, data
 
 
@@ -250,12 +265,12 @@ def test_scanet_ddp_adamw_float32_equals_one_process(tmp_path):
     """The synthetic SCANet, float32, AdamW: 2 ranks x 32 pairs = 1 process x 64 pairs within 1e-5."""
     steps = 30
     data_dir = str(tmp_path / "synthetic")
-    preset, model, data = _scanet_setup(data_dir)           # prepares the data once, before the workers
+    preset, model, data = _scanet_setup(data_dir)  # prepares the data once, before the workers
     start = {k: v.clone() for k, v in model.state_dict().items()}
     _spawn(_scanet_worker, str(tmp_path), data_dir, steps)
     order = sd.epoch_order(len(data[-1]), preset.train.seed, 0)
     B = preset.train.batch_size
-    _scanet_steps(model, preset, data, [order[s * B:(s + 1) * B] for s in range(steps)])
+    _scanet_steps(model, preset, data, [order[s * B : (s + 1) * B] for s in range(steps)])
     got = torch.load(tmp_path / "scanet.pt", weights_only=True)
     moved = 0
     for k, v in model.state_dict().items():

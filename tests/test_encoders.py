@@ -1,6 +1,7 @@
 """The Table 3 encoders (scanet.encoders): float64 oracles for the text encoders' packing, padding and pooling,
 the image encoders' shapes, the torchvision-format loaders (random weights, saved and loaded), and a few
 training steps of each encoder with the project's loss that must lower it."""
+
 import pickle
 
 import numpy as np
@@ -9,8 +10,17 @@ import torch
 from torch import nn
 
 from scanet.data.tokens import token_ids
-from scanet.encoders import (VGG19, ImageCNN5, ResNet50, TextCNN, TextLSTM, TokenEmbedding, load_resnet50,
-                             load_torchvision_weights, load_vgg19)
+from scanet.encoders import (
+    VGG19,
+    ImageCNN5,
+    ResNet50,
+    TextCNN,
+    TextLSTM,
+    TokenEmbedding,
+    load_resnet50,
+    load_torchvision_weights,
+    load_vgg19,
+)
 from scanet.loss import scanet_loss
 
 V, D_EMB, N = 40, 6, 12
@@ -24,8 +34,12 @@ def _cnn(**kw):
     return TextCNN(V, N, embedding_dim=D_EMB, filters=4, **kw)
 
 
-TEXT_ENCODERS = {"lstm-mean": lambda: _lstm("mean"), "lstm-last": lambda: _lstm("last"), "cnn": _cnn,
-                 "lstm-2-layers": lambda: _lstm("mean", num_layers=2)}
+TEXT_ENCODERS = {
+    "lstm-mean": lambda: _lstm("mean"),
+    "lstm-last": lambda: _lstm("last"),
+    "cnn": _cnn,
+    "lstm-2-layers": lambda: _lstm("mean", num_layers=2),
+}
 
 
 def _ragged(lengths, seed=0):
@@ -36,7 +50,7 @@ def _ragged(lengths, seed=0):
 def _pad(seqs, T):
     out = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, :len(s)] = s
+        out[i, : len(s)] = s
     return out
 
 
@@ -46,7 +60,7 @@ def test_embedding_rows_come_from_the_matrix_and_padding_is_zero():
     emb = TokenEmbedding(V, w)
     assert emb.embedding.weight.shape == (V + 1, D_EMB)
     assert torch.equal(emb.embedding.weight[0], torch.zeros(D_EMB))
-    assert torch.equal(emb.embedding.weight[1:], torch.from_numpy(w))          # word vocab[i] has id i + 1
+    assert torch.equal(emb.embedding.weight[1:], torch.from_numpy(w))  # word vocab[i] has id i + 1
     x, mask, lengths = emb(torch.tensor([[3, 1, 0, 0], [0, 0, 0, 0]]))
     assert lengths.tolist() == [2, 0] and mask.tolist() == [[True, True, False, False], [False] * 4]
     assert torch.equal(x[0, 0], torch.from_numpy(w[2])) and not x[0, 2:].any() and not x[1].any()
@@ -61,7 +75,7 @@ def test_embeddings_frozen_or_trained_by_flag(freeze):
     enc(_pad(_ragged([5, 3]), 8)).square().sum().backward()
     opt.step()
     after = enc.embed.embedding.weight.detach()
-    assert torch.equal(after[0], torch.zeros(D_EMB))                           # padding row never moves
+    assert torch.equal(after[0], torch.zeros(D_EMB))  # padding row never moves
     assert torch.equal(after, before) == freeze
 
 
@@ -81,7 +95,7 @@ def test_bad_embedding_arguments_are_value_errors():
 
 
 # ------------------------------------------------------------------------- text encoders: float64 oracles
-LENGTHS = [10, 1, 0, 7, 2, 4]      # full length, shorter than every CNN width, empty
+LENGTHS = [10, 1, 0, 7, 2, 4]  # full length, shorter than every CNN width, empty
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_ENCODERS))
@@ -93,7 +107,7 @@ def test_text_features_do_not_depend_on_padding_length(name):
     assert a.shape == (len(LENGTHS), N) and a.dtype == torch.float64
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     lengths = torch.tensor(LENGTHS)
-    torch.testing.assert_close(enc(_pad(seqs, 20), lengths), a, rtol=0, atol=1e-12)   # explicit lengths agree
+    torch.testing.assert_close(enc(_pad(seqs, 20), lengths), a, rtol=0, atol=1e-12)  # explicit lengths agree
     torch.testing.assert_close(enc(_pad(seqs[:1], 10))[0], a[0], rtol=0, atol=1e-12)  # batch-independent
     # An empty text has zero pooled features: its features are the FC bias.
     torch.testing.assert_close(a[2], enc.fc.bias, rtol=0, atol=1e-12)
@@ -107,9 +121,9 @@ def test_lstm_pooling_matches_one_sequence_at_a_time():
         seqs = _ragged([9, 1, 5, 3], seed=2)
         got = enc.pooled(_pad(seqs, 12))
         for i, s in enumerate(seqs):
-            out, (h, _) = enc.lstm(enc.embed.embedding(s).unsqueeze(0))      # (1, L, 2H), h: (2, 1, H)
+            out, (h, _) = enc.lstm(enc.embed.embedding(s).unsqueeze(0))  # (1, L, 2H), h: (2, 1, H)
             want = out[0].mean(0) if pooling == "mean" else torch.cat([h[-2, 0], h[-1, 0]])
-            if pooling == "last":   # h_bwd(0) is the backward direction's output at t = 0
+            if pooling == "last":  # h_bwd(0) is the backward direction's output at t = 0
                 torch.testing.assert_close(h[-1, 0], out[0, 0, 5:], rtol=0, atol=1e-12)
             torch.testing.assert_close(got[i], want, rtol=0, atol=1e-12)
 
@@ -121,7 +135,7 @@ def test_cnn_pooling_matches_kim_on_each_text_alone():
     seqs = _ragged([9, 1, 2, 6], seed=3)
     got = enc.pooled(_pad(seqs, 15))
     for i, s in enumerate(seqs):
-        x = enc.embed.embedding(s).T.unsqueeze(0)                              # (1, d, L)
+        x = enc.embed.embedding(s).T.unsqueeze(0)  # (1, d, L)
         want = []
         for w, conv in zip(enc.widths, enc.convs, strict=True):
             y = torch.nn.functional.conv1d(x, conv.weight, conv.bias, padding=w - 1)
@@ -168,8 +182,8 @@ def test_cnn5_shapes_input_types_and_batch_independence():
     pix = torch.randint(0, 256, (3, 3, 48, 40), dtype=torch.uint8)
     out = enc(pix)
     assert out.shape == (3, N)
-    torch.testing.assert_close(out, enc(pix.float() / 127.5 - 1.0), rtol=0, atol=1e-6)   # uint8 -> [-1, 1]
-    torch.testing.assert_close(enc(pix[1:2])[0], out[1], rtol=0, atol=1e-5)           # eval: BN running stats
+    torch.testing.assert_close(out, enc(pix.float() / 127.5 - 1.0), rtol=0, atol=1e-6)  # uint8 -> [-1, 1]
+    torch.testing.assert_close(enc(pix[1:2])[0], out[1], rtol=0, atol=1e-5)  # eval: BN running stats
     assert len([m for m in enc.modules() if isinstance(m, nn.Conv2d)]) == 5
     full = ImageCNN5(N)
     assert sum(m.weight.numel() for m in full.modules() if isinstance(m, nn.Conv2d)) == 977_760
@@ -201,7 +215,7 @@ def _random_torchvision_state(model_cls, seed=0, drop_batch_counters=False):
             state[k] = torch.ones(v.shape)
         elif k.endswith("running_mean") or k.endswith("bias"):
             state[k] = 0.01 * torch.randn(v.shape, generator=g)
-        elif v.dim() == 1:                                          # BatchNorm weight
+        elif v.dim() == 1:  # BatchNorm weight
             state[k] = 1.0 + 0.1 * torch.randn(v.shape, generator=g)
         else:
             fan_in = v[0].numel()
@@ -212,14 +226,14 @@ def _random_torchvision_state(model_cls, seed=0, drop_batch_counters=False):
 @pytest.fixture(scope="module")
 def vgg_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("vgg") / "vgg19-random.pth"
-    torch.save(_random_torchvision_state(VGG19), path)              # 548 MB, written once for this module
+    torch.save(_random_torchvision_state(VGG19), path)  # 548 MB, written once for this module
     return path
 
 
 @pytest.fixture(scope="module")
 def resnet_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("resnet") / "resnet50-random.pth"
-    torch.save(_random_torchvision_state(ResNet50, seed=1, drop_batch_counters=True), path)   # as the V1 file
+    torch.save(_random_torchvision_state(ResNet50, seed=1, drop_batch_counters=True), path)  # as the V1 file
     return path
 
 
@@ -229,7 +243,7 @@ def test_architectures_have_torchvisions_parameter_counts():
         vgg, resnet = VGG19(), ResNet50()
     assert sum(p.numel() for p in vgg.parameters()) == 143_667_240
     assert sum(p.numel() for p in resnet.parameters()) == 25_557_032
-    assert len(vgg.state_dict()) == 38 and len(resnet.state_dict()) == 320    # 53 BN x 5 + 53 conv + fc
+    assert len(vgg.state_dict()) == 38 and len(resnet.state_dict()) == 320  # 53 BN x 5 + 53 conv + fc
     assert {"features.34.weight", "classifier.6.bias"} <= set(vgg.state_dict())
     assert {"layer1.0.downsample.0.weight", "layer4.2.bn3.running_var", "fc.weight"} <= set(resnet.state_dict())
 
@@ -244,7 +258,7 @@ def test_vgg19_loads_a_torchvision_file_and_gives_fc7(vgg_file):
     with torch.no_grad():
         fc7, logits = model.fc7(x), model(x)
     assert fc7.shape == (2, 4096) and logits.shape == (2, 1000)
-    assert (fc7 >= 0).all() and fc7.std() > 0                               # after the ReLU, not constant
+    assert (fc7 >= 0).all() and fc7.std() > 0  # after the ReLU, not constant
 
 
 def test_resnet50_loads_a_file_without_batch_counters(resnet_file):
@@ -267,7 +281,7 @@ class _NotWeights:
 
 def test_wrong_weights_files_are_clear_value_errors(tmp_path, resnet_file):
     with pytest.raises(ValueError, match="missing keys.*unexpected keys"):
-        load_vgg19(resnet_file)                                             # a ResNet file for VGG
+        load_vgg19(resnet_file)  # a ResNet file for VGG
     with pytest.raises(ValueError, match="not found"):
         load_resnet50(tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
@@ -276,7 +290,7 @@ def test_wrong_weights_files_are_clear_value_errors(tmp_path, resnet_file):
         load_resnet50(junk)
     code = tmp_path / "code.pth"
     with code.open("wb") as fh:
-        pickle.dump(_NotWeights(), fh, protocol=2)                         # needs code to unpickle
+        pickle.dump(_NotWeights(), fh, protocol=2)  # needs code to unpickle
     with pytest.raises(ValueError, match="code.pth is not a torch weights file"):
         load_resnet50(code)
     listed = tmp_path / "list.pth"
@@ -284,7 +298,7 @@ def test_wrong_weights_files_are_clear_value_errors(tmp_path, resnet_file):
     with pytest.raises(ValueError, match="does not hold a state_dict"):
         load_resnet50(listed)
     state = _random_torchvision_state(ResNet50)
-    state["fc.weight"], state["fc.bias"] = torch.zeros(10, 2048), torch.zeros(10)   # a 10-class head
+    state["fc.weight"], state["fc.bias"] = torch.zeros(10, 2048), torch.zeros(10)  # a 10-class head
     shaped = tmp_path / "shape.pth"
     torch.save(state, shaped)
     with pytest.raises(ValueError, match=r"1 wrong shapes|2 wrong shapes"):
@@ -326,7 +340,7 @@ def _pairs(labels, count=96, seed=0):
     i = torch.randint(0, len(labels), (4 * count,), generator=g)
     j = torch.randint(0, len(labels), (4 * count,), generator=g)
     same = labels[i] == labels[j]
-    keep = torch.cat([torch.nonzero(same)[:count // 2, 0], torch.nonzero(~same)[:count // 2, 0]])
+    keep = torch.cat([torch.nonzero(same)[: count // 2, 0], torch.nonzero(~same)[: count // 2, 0]])
     return i[keep], j[keep], same[keep].double()
 
 

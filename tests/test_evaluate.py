@@ -1,4 +1,5 @@
 """MAP and friends against hand-computed cases."""
+
 import numpy as np
 import pytest
 
@@ -32,7 +33,7 @@ def test_ties_break_by_candidate_index():
 
 def test_map_at_k_and_precision_at_k():
     scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]])
-    c = np.array([1, 0, 1, 0, 1])                          # relevant at ranks 1, 3, 5; R = 3
+    c = np.array([1, 0, 1, 0, 1])  # relevant at ranks 1, 3, 5; R = 3
     # MAP@2: hits at rank 1 only; normalized by min(R, k) = 2 -> (1/1) / 2
     assert mean_average_precision(scores, [0 * 0 + 1], c, k=2) == pytest.approx(0.5)
     # "retrieved" normalization divides by the relevant items in the top k (1)
@@ -47,7 +48,7 @@ def test_multilabel_relevance_hand_computed():
     # relevant = sharing at least one label
     q = np.array([[1, 0, 1]], dtype=bool)
     c = np.array([[0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 0]], dtype=bool)
-    scores = np.array([[0.4, 0.3, 0.2, 0.1]])              # relevant: candidates 1, 2 at ranks 2, 3
+    scores = np.array([[0.4, 0.3, 0.2, 0.1]])  # relevant: candidates 1, 2 at ranks 2, 3
     assert mean_average_precision(scores, q, c) == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
@@ -72,7 +73,7 @@ def test_pr_curve_and_report_shapes():
     s = rng.random((20, 20))
     rec, prec = precision_recall_curve(s, labels, labels)
     assert len(rec) == len(prec) == 11 and rec[0] == 0 and rec[-1] == 1
-    assert all(a >= b - 1e-12 for a, b in zip(prec, prec[1:], strict=False))   # interpolated precision never rises
+    assert all(a >= b - 1e-12 for a, b in zip(prec, prec[1:], strict=False))  # interpolated precision never rises
     rep = retrieval_report(s, labels, labels)
     assert rep["mean_map"] == pytest.approx((rep["text2image"]["map"] + rep["image2text"]["map"]) / 2)
     assert rep["image2text"]["map"] == pytest.approx(mean_average_precision(s.T, labels, labels))

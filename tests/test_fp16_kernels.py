@@ -6,6 +6,7 @@ errors are the GPU's up to the accumulation order. (Its bf16 arithmetic is wrong
 only fp16 can be measured on CPU.) The tolerances are about 4x the errors measured here (3 seeds); the figures
 in the kernels' docstrings come from ``test_fp16_errors_figures`` (run with -s).
 """
+
 import pytest
 import torch
 
@@ -30,7 +31,7 @@ def coattention64(f, g, w, b, scale):
 def inputs(M, N, seed):
     gen = torch.Generator().manual_seed(seed)
     f, g = torch.randn(M, N, generator=gen), torch.randn(M, N, generator=gen)
-    w = torch.randn(N, N, generator=gen) / N ** 0.5
+    w = torch.randn(N, N, generator=gen) / N**0.5
     b = 0.1 * torch.randn(N, generator=gen)
     return f, g, w, b
 
@@ -47,7 +48,7 @@ def coattention_errors(M, N, seed):
     return rel_err(out, ref), [rel_err(x.grad, y.grad) for x, y in zip(leaves, ref_leaves, strict=True)]
 
 
-@pytest.mark.parametrize("M,N", [(70, 7), (5, 256), (4, 500)])       # N = 1024: test_fp16_errors_figures
+@pytest.mark.parametrize("M,N", [(70, 7), (5, 256), (4, 500)])  # N = 1024: test_fp16_errors_figures
 def test_coattention_fp16_matches_float64(M, N):
     out_err, grad_errs = coattention_errors(M, N, seed=M + N)
     assert out_err < OUT_TOL, out_err
@@ -59,11 +60,11 @@ def test_coattention_fp16_matches_float64(M, N):
 def test_matmul_fp16_matches_float64_and_rounds():
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(70, 300, generator=gen), torch.randn(300, 40, generator=gen)
-    got = kernels.matmul(a.t().contiguous().t(), b, "fp16")          # strided left operand, split K
+    got = kernels.matmul(a.t().contiguous().t(), b, "fp16")  # strided left operand, split K
     want = a.double() @ b.double()
     err = rel_err(got, want)
     assert 1e-5 < err < 2e-3, err
-    rounded = a.half().double() @ b.half().double()                # the same product of fp16 operands
+    rounded = a.half().double() @ b.half().double()  # the same product of fp16 operands
     assert rel_err(got, rounded) < 1e-6, "fp16 operands, fp32 accumulation"
 
 
@@ -71,17 +72,18 @@ def test_pair_scores_fp16_matches_float64():
     gen = torch.Generator().manual_seed(3)
     nq, nc, N = 9, 21, 64
     f_t, f_i = torch.randn(nq, N, generator=gen), torch.randn(nc, N, generator=gen)
-    w2_t, w2_i = (torch.randn(N, N, generator=gen) / N ** 0.5 for _ in range(2))
+    w2_t, w2_i = (torch.randn(N, N, generator=gen) / N**0.5 for _ in range(2))
     b2_t, b2_i = (0.1 * torch.randn(N, generator=gen) for _ in range(2))
-    w1_t, w1_i = (torch.randn(N, N, generator=gen) / N ** 0.5 for _ in range(2))
-    head_w, head_b, scale = torch.randn(N, generator=gen) / N ** 0.5, 0.3, float(N)
+    w1_t, w1_i = (torch.randn(N, N, generator=gen) / N**0.5 for _ in range(2))
+    head_w, head_b, scale = torch.randn(N, generator=gen) / N**0.5, 0.3, float(N)
     a1_t = torch.softmax(torch.relu(f_t @ w1_t.T), -1) * scale
     a1_i = torch.softmax(torch.relu(f_i @ w1_i.T), -1) * scale
-    got = pair_kernels.pair_scores_layer2(f_t, f_i, a1_t, a1_i, w2_t, b2_t, w2_i, b2_i, head_w, head_b, scale,
-                                          precision="fp16")
+    got = pair_kernels.pair_scores_layer2(
+        f_t, f_i, a1_t, a1_i, w2_t, b2_t, w2_i, b2_i, head_w, head_b, scale, precision="fp16"
+    )
     d = [t.double() for t in (f_t, f_i, a1_t, a1_i, w2_t, b2_t, w2_i, b2_i, head_w)]
     ft, fi, at, ai, wt, bt, wi, bi, hw = d
-    xt = ai[None, :, :] * ft[:, None, :]                               # (nq, nc, N): x_T = a1_I[j] * f_t[i]
+    xt = ai[None, :, :] * ft[:, None, :]  # (nq, nc, N): x_T = a1_I[j] * f_t[i]
     xi = at[:, None, :] * fi[None, :, :]
     pt = torch.softmax(torch.relu(xt @ wt.T + bt), -1) * scale
     pi = torch.softmax(torch.relu(xi @ wi.T + bi), -1) * scale

@@ -1,4 +1,5 @@
 """Word-graph invariants: kNN symmetry, normalized Laplacian, rescaled spectrum in [-1, 1]."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -42,7 +43,7 @@ def test_rescaled_laplacian_spectrum_in_unit_interval(embeddings):
     Lt, lmax = word_graph(embeddings, k=8, lmax="exact")
     ev = np.linalg.eigvalsh(Lt.toarray().astype(np.float64))
     assert ev.min() >= -1 - 1e-5 and ev.max() <= 1 + 1e-5
-    assert ev.max() == pytest.approx(1.0, abs=1e-4)       # exact lmax maps the top eigenvalue to 1
+    assert ev.max() == pytest.approx(1.0, abs=1e-4)  # exact lmax maps the top eigenvalue to 1
     assert 0 < lmax <= 2 + 1e-9
     assert abs(Lt - Lt.T).max() < 1e-6
 
@@ -54,7 +55,7 @@ def test_normalized_laplacian_properties():
     expect = np.eye(4)
     for i, j in [(0, 1), (1, 0), (1, 2), (2, 1)]:
         expect[i, j] = -W[i, j] / np.sqrt(d[i] * d[j])
-    np.testing.assert_allclose(L, expect, atol=1e-12)     # the isolated vertex 3 keeps L_33 = 1
+    np.testing.assert_allclose(L, expect, atol=1e-12)  # the isolated vertex 3 keeps L_33 = 1
     ev = np.linalg.eigvalsh(L)
     assert ev.min() > -1e-12 and ev.max() <= 2 + 1e-12
     assert largest_eigenvalue(sp.csr_matrix(L)) == pytest.approx(ev.max(), abs=1e-6)

@@ -1,4 +1,5 @@
 """scanet.laplacian.Laplacian: built and checked once, accepted by every cheb_conv, owned by SCANet."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -51,11 +52,11 @@ def test_every_cheb_conv_takes_it(symmetric):
     x = torch.rand(3, 20, 2, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, generator=gen, dtype=torch.float64)
-    ref = reference.cheb_conv(csr.to(torch.float64), x, w, b)          # float64 oracle on the raw CSR
-    gx, = torch.autograd.grad(ref.sum(), x)
+    ref = reference.cheb_conv(csr.to(torch.float64), x, w, b)  # float64 oracle on the raw CSR
+    (gx,) = torch.autograd.grad(ref.sum(), x)
     ops = [reference.cheb_conv, fused.cheb_conv] + ([native.cheb_conv] if native.available() else [])
     for op in ops:
-        y = op(lap, x, w, b)                        # the float32 buffers are used in x's dtype
+        y = op(lap, x, w, b)  # the float32 buffers are used in x's dtype
         torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], gx, rtol=1e-6, atol=1e-6)
 

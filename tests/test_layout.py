@@ -1,6 +1,7 @@
 """The package's structure, checked: the import graph (no circle, nothing below the command line imports it,
 fused/ and kernels/ never import the model), file sizes, ``import scanet.fused`` without triton, ``python -m
 scanet``, ``prepare --help`` listing every dataset, and type-checked ``--set``."""
+
 import ast
 import subprocess
 import sys
@@ -31,8 +32,11 @@ def import_graph() -> dict[str, set[str]]:
     """module -> the scanet modules it imports, at module level or inside functions (kernels/ as scanet.kernels)."""
     graph = {}
     for path in _library_files():
-        name = _module_name(path).replace("kernels.", "scanet.kernels.", 1) if path.parent.name == "kernels" \
-            and path.parent.parent == REPO else _module_name(path)
+        name = (
+            _module_name(path).replace("kernels.", "scanet.kernels.", 1)
+            if path.parent.name == "kernels" and path.parent.parent == REPO
+            else _module_name(path)
+        )
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -57,7 +61,7 @@ def test_no_import_circle():
         path.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                pytest.fail("import circle: " + " -> ".join(path[path.index(d):] + [d]))
+                pytest.fail("import circle: " + " -> ".join(path[path.index(d) :] + [d]))
             if d not in state:
                 visit(d)
         path.pop()
@@ -71,7 +75,7 @@ def test_no_import_circle():
 def test_arrows_point_down():
     graph = import_graph()
     for m, deps in graph.items():
-        if not m.startswith("scanet.cli") and m != "scanet.__main__":           # the entry point is the top
+        if not m.startswith("scanet.cli") and m != "scanet.__main__":  # the entry point is the top
             assert not {d for d in deps if d.startswith("scanet.cli")}, f"{m} imports the command line"
         if m.startswith(("scanet.fused", "scanet.kernels", "scanet.layers", "scanet.reference", "scanet.laplacian")):
             assert "scanet.model" not in deps, f"{m} imports scanet.model"
@@ -82,7 +86,7 @@ def test_arrows_point_down():
 def test_library_files_are_short_or_say_why():
     for path in _library_files():
         if path.parent.name == "kernels":
-            continue                        # owned by the kernel files' own layout (launcher + kernel + Function)
+            continue  # owned by the kernel files' own layout (launcher + kernel + Function)
         n = len(path.read_text(encoding="utf-8").splitlines())
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
         assert n <= 400 or "lines" in doc, f"{path.relative_to(REPO)} has {n} lines and no reason at its top"
@@ -90,11 +94,13 @@ def test_library_files_are_short_or_say_why():
 
 def test_import_fused_without_triton(tmp_path):
     """The native CPU path needs no triton: scanet.fused imports the kernels only when they run."""
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, scanet.fused as f\n"
-            "from scanet.model import SCANet\n"
-            "assert 'scanet.kernels.cheb' not in sys.modules and 'scanet.kernels.coattention' not in sys.modules\n"
-            "print('ok', f.PRECISIONS)\n")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, scanet.fused as f\n"
+        "from scanet.model import SCANet\n"
+        "assert 'scanet.kernels.cheb' not in sys.modules and 'scanet.kernels.coattention' not in sys.modules\n"
+        "print('ok', f.PRECISIONS)\n"
+    )
     env = {"PYTHONPATH": str(REPO), "TRITON_INTERPRET": "0", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -113,28 +119,34 @@ def test_python_dash_m_scanet_and_prepare_help(tmp_path):
     from scanet.data import PREPARERS
 
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "scanet", "prepare", "--help"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "scanet", "prepare", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     for name in PREPARERS:
         assert f"\n  {name} " in out.stdout or f"\n  {name}\n" in out.stdout, (name, out.stdout)
 
 
-@pytest.mark.parametrize("override,match", [
-    ("epochs=2.5", "epochs=2.5: epochs must be an int >= 1"),
-    ("decoupled_weight_decay=1", "decoupled_weight_decay=1: decoupled_weight_decay must be True or False"),
-    ("lr=fast", "lr='fast': lr must be a finite float > 0"),
-    ("gcn_channels=3", "gcn_channels=3: gcn_channels must be a non-empty tuple of ints >= 1"),
-    ("model.common_dim=[1]", r"model.common_dim=\[1\]: model.common_dim must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("epochs=2.5", "epochs=2.5: epochs must be an int >= 1"),
+        ("decoupled_weight_decay=1", "decoupled_weight_decay=1: decoupled_weight_decay must be True or False"),
+        ("lr=fast", "lr='fast': lr must be a finite float > 0"),
+        ("gcn_channels=3", "gcn_channels=3: gcn_channels must be a non-empty tuple of ints >= 1"),
+        ("model.common_dim=[1]", r"model.common_dim=\[1\]: model.common_dim must be an int >= 1"),
+    ],
+)
 def test_set_is_type_checked(override, match):
     with pytest.raises(ValueError, match=match):
         apply_overrides(get_preset("synthetic"), [override])
 
 
 def test_set_accepts_the_field_types():
-    p = apply_overrides(get_preset("synthetic"), ["lr=1", "gcn_channels=[2,1]", "attention_scale=1",
-                                                  "decoupled_weight_decay=False", "epochs=3"])
+    p = apply_overrides(
+        get_preset("synthetic"),
+        ["lr=1", "gcn_channels=[2,1]", "attention_scale=1", "decoupled_weight_decay=False", "epochs=3"],
+    )
     assert p.train.lr == 1.0 and isinstance(p.train.lr, float) and p.model.gcn_channels == (2, 1)
     assert p.model.attention_scale == "1" and p.train.decoupled_weight_decay is False and p.train.epochs == 3
     assert apply_overrides(get_preset("custom"), ["vocab_size=500"]).vocab_size == 500

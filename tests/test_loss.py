@@ -1,4 +1,5 @@
 """The loss of eq. 10 against its formula."""
+
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ def test_hinge_inactive_when_gap_exceeds_margin():
     target = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
     loss, parts = scanet_loss(sim, target, 0.6, 0.35)
     assert parts["hinge"].item() == 0.0
-    assert loss.item() == pytest.approx(2 * 0.025 ** 2)
+    assert loss.item() == pytest.approx(2 * 0.025**2)
 
 
 def test_batch_with_one_group_drops_the_gap_term_and_grad_flows():

@@ -1,4 +1,5 @@
 """The eager model: score_all equals per-pair scoring, attention scale, errors."""
+
 import pytest
 import scipy.sparse as sp
 import torch
@@ -48,7 +49,7 @@ def test_coattention_layer_is_the_paper_equations():
 
 def test_chebconv_starts_near_identity_on_t0():
     conv = ChebConv(1, 1, K=3)
-    assert conv.weight[0, 0, 0] > 0.5            # the ReLU cannot zero a non-negative signal at step 0
+    assert conv.weight[0, 0, 0] > 0.5  # the ReLU cannot zero a non-negative signal at step 0
 
 
 def test_model_errors():

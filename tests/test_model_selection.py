@@ -1,4 +1,5 @@
 """Model selection on a validation split carved from training: best.pt, patience, the selected epoch's report."""
+
 import json
 
 import pytest
@@ -18,11 +19,16 @@ _preset = synthetic_preset
 
 
 def test_best_checkpoint_is_the_best_validation_epoch(dataset, tmp_path):
-    result = train(_preset(epochs=4, eval_every=0, positive_pairs=800, negative_pairs=800), dataset, tmp_path,
-                   progress=False, log=lambda s: None)
+    result = train(
+        _preset(epochs=4, eval_every=0, positive_pairs=800, negative_pairs=800),
+        dataset,
+        tmp_path,
+        progress=False,
+        log=lambda s: None,
+    )
     hist = json.loads((tmp_path / "metrics.json").read_text())
     vals = [h["val_mean_map"] for h in hist]
-    best_epoch = 1 + max(range(len(vals)), key=lambda i: (vals[i], -i))      # first epoch with the best value
+    best_epoch = 1 + max(range(len(vals)), key=lambda i: (vals[i], -i))  # first epoch with the best value
     assert result["selected_epoch"] == best_epoch
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["epoch"] == best_epoch and best["best"]["val_mean_map"] == pytest.approx(max(vals))
@@ -40,15 +46,25 @@ def test_best_checkpoint_is_the_best_validation_epoch(dataset, tmp_path):
 
 def test_patience_stops_a_run_that_no_longer_improves(dataset, tmp_path):
     # lr = 0: the validation MAP never improves after epoch 1, so patience 2 stops after epoch 3 of 10
-    result = train(_preset(epochs=10, eval_every=0, lr=0.0, patience=2, positive_pairs=200, negative_pairs=200),
-                   dataset, tmp_path, progress=False, log=lambda s: None)
+    result = train(
+        _preset(epochs=10, eval_every=0, lr=0.0, patience=2, positive_pairs=200, negative_pairs=200),
+        dataset,
+        tmp_path,
+        progress=False,
+        log=lambda s: None,
+    )
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
     assert result["selected_epoch"] == 1
 
 
 def test_no_validation_split_selects_the_last_epoch(dataset, tmp_path):
-    result = train(_preset(epochs=2, eval_every=0, validation_fraction=0.0, positive_pairs=200,
-                           negative_pairs=200), dataset, tmp_path, progress=False, log=lambda s: None)
+    result = train(
+        _preset(epochs=2, eval_every=0, validation_fraction=0.0, positive_pairs=200, negative_pairs=200),
+        dataset,
+        tmp_path,
+        progress=False,
+        log=lambda s: None,
+    )
     assert result["selected_epoch"] == 2 and not (tmp_path / "best.pt").exists()
     assert "val_mean_map" not in result["history"][0]
 
@@ -66,8 +82,13 @@ def test_validation_items_are_not_trained_on(dataset, tmp_path, monkeypatch):
         return real(labels, *a, **k)
 
     monkeypatch.setattr(train_mod, "make_pairs", spy)
-    train(_preset(epochs=1, eval_every=0, positive_pairs=100, negative_pairs=100), dataset, tmp_path,
-          progress=False, log=lambda s: None)
+    train(
+        _preset(epochs=1, eval_every=0, positive_pairs=100, negative_pairs=100),
+        dataset,
+        tmp_path,
+        progress=False,
+        log=lambda s: None,
+    )
     tr, val = carve_validation(dataset.train, 0.1, 0)
     assert seen["n"] == len(tr) == len(dataset.train) - len(val)
     assert torch.tensor(len(val)) > 0

@@ -3,6 +3,7 @@
 Tests that need the compiled library skip with scanet.native.unavailable_reason() when it is not built; the
 loader's own checks (torch version, CPU, load errors) run always, on fake library files.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 
 from scanet import native, reference
 
-needs_native = pytest.mark.skipif(not native.available(),
-                                  reason=f"native extension unavailable: {native.unavailable_reason()}")
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native extension unavailable: {native.unavailable_reason()}"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -37,10 +39,10 @@ def awkward_laplacian(V: int, kind: str, dtype=torch.float64, seed: int = 0) -> 
     if kind == "symmetric":
         A = A + A.T
     elif kind == "nonsymmetric":
-        A = A.triu(1) * 2.0 + A.tril(-1) * 0.5      # different values across the diagonal
-    elif kind == "empty_rows":                      # non-symmetric: some rows empty, their columns not
+        A = A.triu(1) * 2.0 + A.tril(-1) * 0.5  # different values across the diagonal
+    elif kind == "empty_rows":  # non-symmetric: some rows empty, their columns not
         A[::3] = 0
-    elif kind == "isolated":                        # symmetric, with isolated vertices
+    elif kind == "isolated":  # symmetric, with isolated vertices
         A = A + A.T
         A[1::4] = 0
         A[:, 1::4] = 0
@@ -97,7 +99,7 @@ SHAPES = [  # (B, V, F_in, F_out)
     (3, 7, 1, 1),
     (2, 13, 3, 2),
     (5, 33, 2, 3),
-    (17, 70, 1, 1),   # B*F not a multiple of the vector width, V above one reduction block
+    (17, 70, 1, 1),  # B*F not a multiple of the vector width, V above one reduction block
 ]
 
 
@@ -108,8 +110,12 @@ SHAPES = [  # (B, V, F_in, F_out)
 def test_cheb_conv_matches_reference_float64(kind, shape, K):
     B, V, F_in, F_out = shape
     L = awkward_laplacian(V, kind)
-    for act, bias, x_layout, g_layout in [("relu", True, "bv", "bv"), (None, False, "vb", "vb"),
-                                          ("relu", True, "vb", "bv"), ("none", True, "bv", "vb")]:
+    for act, bias, x_layout, g_layout in [
+        ("relu", True, "bv", "bv"),
+        (None, False, "vb", "vb"),
+        ("relu", True, "vb", "bv"),
+        ("none", True, "bv", "vb"),
+    ]:
         x, w, b = _inputs(B, V, F_in, F_out, K, bias=bias, seed=K)
         if x_layout == "vb":
             x = vb(x)
@@ -119,7 +125,7 @@ def test_cheb_conv_matches_reference_float64(kind, shape, K):
         y, grads = _grads(native.cheb_conv, L, x, w, b, act, go)
         y_ref, grads_ref = _grads(reference.cheb_conv, L, x, w, b, act, go)
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-        for name, got, want in zip(("dx", "dW", "db")[:len(grads)], grads, grads_ref, strict=True):   # db: if bias
+        for name, got, want in zip(("dx", "dW", "db")[: len(grads)], grads, grads_ref, strict=True):  # db: if bias
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -198,17 +204,18 @@ def test_chebyshev_basis_matches_reference(kind, K):
 
 @needs_native
 @pytest.mark.parametrize("layout", ["rows", "runs", "other"])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (7, 70, 1, 1), (4, 9, 2, 3), (3, 130, 1, 2)],
-                         ids=lambda s: "B{}V{}Fi{}Fo{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1), (7, 70, 1, 1), (4, 9, 2, 3), (3, 130, 1, 2)], ids=lambda s: "B{}V{}Fi{}Fo{}".format(*s)
+)
 @pytest.mark.parametrize("activation", ["relu", None])
 def test_cheb_conv_from_basis_matches_reference(layout, shape, activation):
     B, V, F_in, F_out = shape
     K = 3
     L = awkward_laplacian(V, "isolated")
     x, w, b = _inputs(B, V, F_in, F_out, K)
-    basis = native.chebyshev_basis(L, x, K)                      # "rows": each basis[k] stored as (V, B, F)
-    if layout == "runs":                                         # a batch gathered from a per-text cache
-        basis = basis.contiguous()                               # (K, B, V, F) contiguous
+    basis = native.chebyshev_basis(L, x, K)  # "rows": each basis[k] stored as (V, B, F)
+    if layout == "runs":  # a batch gathered from a per-text cache
+        basis = basis.contiguous()  # (K, B, V, F) contiguous
     elif layout == "other":
         basis = basis.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
     w, b = w.requires_grad_(), b.requires_grad_()
@@ -230,9 +237,9 @@ def test_cheb_conv_from_basis_with_index_reads_cache_rows(F_in):
     K, N, V = 3, 9, 70
     L = awkward_laplacian(V, "symmetric")
     x, w, b = _inputs(N, V, F_in, 2, K)
-    cache = native.chebyshev_basis(L, x, K).permute(1, 0, 2, 3).contiguous()   # (N, K, V, F): one row per text
-    basis = cache.permute(1, 0, 2, 3)                                            # (K, N, V, F) view
-    index = torch.tensor([4, 0, 4, 8, 2])                                        # repeats allowed
+    cache = native.chebyshev_basis(L, x, K).permute(1, 0, 2, 3).contiguous()  # (N, K, V, F): one row per text
+    basis = cache.permute(1, 0, 2, 3)  # (K, N, V, F) view
+    index = torch.tensor([4, 0, 4, 8, 2])  # repeats allowed
     w, b = w.requires_grad_(), b.requires_grad_()
     y = native.cheb_conv_from_basis(basis, w, b, "relu", index=index)
     y_ref = reference.cheb_conv_from_basis(list(basis[:, index]), w, b, "relu")
@@ -252,7 +259,7 @@ def test_cached_basis_then_native_layer_equals_two_layers():
     bow = torch.rand(B, V, 1, dtype=torch.float64)
     w1, w2 = (torch.randn(K, 1, 1, dtype=torch.float64, requires_grad=True) for _ in range(2))
     b1, b2 = (torch.zeros(1, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    cache = native.chebyshev_basis(L, bow, K).squeeze(-1).permute(1, 0, 2).contiguous()   # (texts, K, V), once
+    cache = native.chebyshev_basis(L, bow, K).squeeze(-1).permute(1, 0, 2).contiguous()  # (texts, K, V), once
     batch = torch.tensor([4, 0, 2])
     x1 = native.cheb_conv_from_basis(cache.permute(1, 0, 2).unsqueeze(-1), w1, b1, index=batch)
     y = native.cheb_conv(L, x1, w2, b2)
@@ -283,7 +290,7 @@ def _run_all(threads: int, L, x, w, b, basis):
 @needs_native
 def test_thread_count_does_not_change_results_bitwise():
     """Rows are computed by one thread each and the dW / db sums use fixed row blocks: 1 and 2 threads agree."""
-    V, B = 700, 37   # 11 reduction blocks of 64 rows; B*F = 37 exercises every vector-tile size
+    V, B = 700, 37  # 11 reduction blocks of 64 rows; B*F = 37 exercises every vector-tile size
     L = knn_laplacian(V)
     x, w, b = _inputs(B, V, 1, 1, 3, dtype=torch.float32, seed=5)
     x = x.abs()
@@ -292,7 +299,7 @@ def test_thread_count_does_not_change_results_bitwise():
     two = _run_all(2, L, x, w, b, basis)
     for a, c in zip(one, two, strict=True):
         assert torch.equal(a, c)
-    assert one[2].abs().sum() > 0 and one[6].abs().sum() > 0   # the weight gradients are not trivially zero
+    assert one[2].abs().sum() > 0 and one[6].abs().sum() > 0  # the weight gradients are not trivially zero
 
 
 # ----------------------------------------------------------------------------------------- torch.library
@@ -304,22 +311,27 @@ def test_opcheck_all_ops():
     crow, col, val = (t.clone() for t in (L.crow_indices(), L.col_indices(), L.values()))
     ops = torch.ops.scanet_native
     x, w, b = _inputs(4, 9, 2, 3, 3)
-    for xx, relu in ((x, True), (vb(x), False)):   # x copied to the kernel layout or read in place
-        torch.library.opcheck(ops.cheb_conv_forward,
-                              (crow, col, val, xx.requires_grad_(), w.requires_grad_(), b.requires_grad_(), relu, True))
+    for xx, relu in ((x, True), (vb(x), False)):  # x copied to the kernel layout or read in place
+        torch.library.opcheck(
+            ops.cheb_conv_forward,
+            (crow, col, val, xx.requires_grad_(), w.requires_grad_(), b.requires_grad_(), relu, True),
+        )
     y, saved = ops.cheb_conv_forward(crow, col, val, x.detach(), w.detach(), b.detach(), True, True)
     tr = ops.csr_transpose(crow, col, val)
-    torch.library.opcheck(ops.cheb_conv_backward, (torch.randn_like(y), crow, col, val, *tr, x.detach(), saved, y,
-                                                   w.detach(), True, True, True, True, True))
+    torch.library.opcheck(
+        ops.cheb_conv_backward,
+        (torch.randn_like(y), crow, col, val, *tr, x.detach(), saved, y, w.detach(), True, True, True, True, True),
+    )
     torch.library.opcheck(ops.csr_transpose, (crow, col, val))
     torch.library.opcheck(ops.chebyshev_basis, (crow, col, val, x.detach(), 3))
     basis = ops.chebyshev_basis(crow, col, val, x.detach(), 3)
-    torch.library.opcheck(ops.cheb_conv_from_basis_forward,
-                          (basis.contiguous(), w.detach().requires_grad_(), b.detach().requires_grad_(), True))
+    torch.library.opcheck(
+        ops.cheb_conv_from_basis_forward,
+        (basis.contiguous(), w.detach().requires_grad_(), b.detach().requires_grad_(), True),
+    )
     w1 = torch.randn(3, 1, 2, dtype=torch.float64, requires_grad=True)
     cache = ops.chebyshev_basis(crow, col, val, torch.randn(6, 9, 1, dtype=torch.float64), 3).contiguous()
-    torch.library.opcheck(ops.cheb_conv_from_basis_forward,
-                          (cache, w1, None, True, torch.tensor([5, 1, 1])))
+    torch.library.opcheck(ops.cheb_conv_from_basis_forward, (cache, w1, None, True, torch.tensor([5, 1, 1])))
 
 
 @needs_native
@@ -360,7 +372,7 @@ def test_bad_input_raises_clear_value_error():
     with pytest.raises(ValueError, match="one floating dtype"):
         native.cheb_conv(L, x.double(), w, b)
     with pytest.raises(ValueError, match="float32, float64, bfloat16 and float16; x is torch.int32"):
-        native.cheb_conv(L, x.to(torch.int32), w, b)      # (float16 and bfloat16 are supported: test_native_bf16)
+        native.cheb_conv(L, x.to(torch.int32), w, b)  # (float16 and bfloat16 are supported: test_native_bf16)
     with pytest.raises(ValueError, match="x must be a torch.Tensor"):
         native.cheb_conv(L, x.tolist(), w, b)
     with pytest.raises(ValueError, match="dropout_p must be a number in"):
@@ -376,11 +388,12 @@ def test_bad_input_raises_clear_value_error():
     with pytest.raises(ValueError, match="column indices out of range"):
         native.cheb_conv(torch.sparse_csr_tensor(L.crow_indices(), bad_col, L.values(), (10, 10)), x, w, b)
     bad_crow = L.crow_indices().clone()
-    bad_crow[5] = int(bad_crow[4]) - 1          # a decreasing row pointer
+    bad_crow[5] = int(bad_crow[4]) - 1  # a decreasing row pointer
     with pytest.raises(ValueError, match="crow_indices"):
         native.cheb_conv(torch.sparse_csr_tensor(bad_crow, L.col_indices(), L.values(), (10, 10)), x, w, b)
-    learnable = torch.sparse_csr_tensor(L.crow_indices(), L.col_indices(), L.values().clone().requires_grad_(),
-                                        (10, 10))
+    learnable = torch.sparse_csr_tensor(
+        L.crow_indices(), L.col_indices(), L.values().clone().requires_grad_(), (10, 10)
+    )
     with pytest.raises(ValueError, match="constant"):
         native.cheb_conv(learnable, x, w, b)
     basis = native.chebyshev_basis(L, x, 3)
@@ -392,8 +405,9 @@ def test_bad_input_raises_clear_value_error():
 
 # ---------------------------------------------------------------------------------------------- loader
 def _fake_library(path, torch_version, arch="-march=x86-64-v3"):
-    path.write_bytes(b"\x7fELF not really" + f"SCANET_NATIVE_BUILD{{torch={torch_version};arch={arch}}}".encode()
-                     + b"\0" * 64)
+    path.write_bytes(
+        b"\x7fELF not really" + f"SCANET_NATIVE_BUILD{{torch={torch_version};arch={arch}}}".encode() + b"\0" * 64
+    )
     return path
 
 
@@ -406,10 +420,11 @@ def test_loader_refuses_other_torch_before_loading(tmp_path):
 
 def test_loader_refuses_missing_cpu_features(tmp_path):
     lib = _fake_library(tmp_path / "_native.so", "2.13.0+cpu", arch="-march=x86-64-v4")
-    path, _, reasons = native._select_library([lib], "2.13.0+cpu", {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c",
-                                                                      "movbe"})
+    path, _, reasons = native._select_library(
+        [lib], "2.13.0+cpu", {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}
+    )
     assert path is None and "lacks avx512bw" in reasons[0]
-    path, info, _ = native._select_library([lib], "2.13.0+cpu", None)   # flags unknown: trust the build
+    path, info, _ = native._select_library([lib], "2.13.0+cpu", None)  # flags unknown: trust the build
     assert path == lib and info == {"torch": "2.13.0+cpu", "arch": "x86-64-v4"}
 
 

@@ -4,6 +4,7 @@ Every result is compared with the float64 eager oracle (scanet.reference.cheb_co
 op saw (a bf16 x is rounded once, then both sides use it), so the tolerances measure the op's own rounding:
 one rounding of y (and of dx) to the storage dtype, relative finfo(dtype).eps / 2, plus float32 sums.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,9 @@ import torch
 from scanet import native, reference
 from test_native import awkward_laplacian, knn_laplacian, vb
 
-pytestmark = pytest.mark.skipif(not native.available(),
-                                reason=f"native extension unavailable: {native.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason=f"native extension unavailable: {native.unavailable_reason()}"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,15 +33,14 @@ def _assert_close(got, want, dtype, what, compute_atol=1e-5):
     got, want = got.double(), want.double()
     scale = float(want.abs().max()) if want.numel() else 0.0
     rtol = torch.finfo(dtype).eps if dtype in (torch.bfloat16, torch.float16) else 1e-5
-    torch.testing.assert_close(got, want, rtol=rtol, atol=compute_atol * scale + 1e-30,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(got, want, rtol=rtol, atol=compute_atol * scale + 1e-30, msg=lambda m: f"{what}: {m}")
 
 
 def _case(B, V, F_in, F_out, K, x_dtype, seed=0, kind="symmetric"):
     g = torch.Generator().manual_seed(seed)
     L32 = awkward_laplacian(V, kind, dtype=torch.float32, seed=seed)
-    x = torch.randn(B, V, F_in, generator=g).to(x_dtype)          # the numbers the op sees
-    w = (torch.randn(K, F_in, F_out, generator=g) / K)              # float32 parameters
+    x = torch.randn(B, V, F_in, generator=g).to(x_dtype)  # the numbers the op sees
+    w = torch.randn(K, F_in, F_out, generator=g) / K  # float32 parameters
     b = torch.randn(F_out, generator=g)
     return L32, x, w, b
 
@@ -63,7 +64,7 @@ def _reference64(L32, x, w, b, act, go, mask=None, p=0.0):
     return _run(fn, L64, x.double(), w.double(), b.double(), act, go.double())
 
 
-SHAPES = [(3, 7, 1, 1), (2, 13, 3, 2), (5, 33, 2, 3), (17, 70, 1, 1)]   # (B, V, F_in, F_out)
+SHAPES = [(3, 7, 1, 1), (2, 13, 3, 2), (5, 33, 2, 3), (17, 70, 1, 1)]  # (B, V, F_in, F_out)
 
 
 # ------------------------------------------------------------------------------------------- autocast
@@ -77,7 +78,7 @@ def _magnitudes(L32, x, w, b, go, K):
     A = L32.to_dense().double().abs()
     xa, wa, ba, ga = x.double().abs(), w.double().abs(), b.double().abs(), go.double().abs()
 
-    def terms(Aop, s):                       # M_0..M_{K-1} of a (B, V, F) signal
+    def terms(Aop, s):  # M_0..M_{K-1} of a (B, V, F) signal
         out = [s]
         if K > 1:
             out.append(torch.einsum("uv,bvf->buf", Aop, s))
@@ -101,9 +102,11 @@ def _assert_close_terms(got, want, mag, dtype, what):
     bound = store * want.abs() + 1e-5 * mag + 1e-30
     err = (got - want).abs()
     worst = int(torch.argmax(err - bound)) if err.numel() else 0
-    assert bool((err <= bound).all()), (f"{what}: |got - want| = {err.flatten()[worst]:.3g} > bound "
-                                        f"{bound.flatten()[worst]:.3g} at flat index {worst} "
-                                        f"(got {got.flatten()[worst]:.6g}, want {want.flatten()[worst]:.6g})")
+    assert bool((err <= bound).all()), (
+        f"{what}: |got - want| = {err.flatten()[worst]:.3g} > bound "
+        f"{bound.flatten()[worst]:.3g} at flat index {worst} "
+        f"(got {got.flatten()[worst]:.6g}, want {want.flatten()[worst]:.6g})"
+    )
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
@@ -164,8 +167,13 @@ def test_autocast_kernel_keeps_weights_and_laplacian_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = op(crow, col, val.bfloat16(), x, w.bfloat16(), b.bfloat16(), True, False)
     assert y.dtype == torch.bfloat16
-    want = reference.cheb_conv(torch.sparse_csr_tensor(crow, col, val.bfloat16().double(), L.shape),
-                               x.double(), w.bfloat16().double(), b.bfloat16().double(), "relu")
+    want = reference.cheb_conv(
+        torch.sparse_csr_tensor(crow, col, val.bfloat16().double(), L.shape),
+        x.double(),
+        w.bfloat16().double(),
+        b.bfloat16().double(),
+        "relu",
+    )
     _assert_close(y, want, torch.bfloat16, "y")
 
 
@@ -198,8 +206,9 @@ def test_text_encoder_under_autocast_matches_float64(monkeypatch):
     assert out.dtype == torch.bfloat16
     grads = torch.autograd.grad(out.float().square().sum(), list(enc.parameters()))
     # The FC is a bf16 GEMM (inputs rounded to 8 bits): a few bf16 eps of the output scale.
-    torch.testing.assert_close(out.double(), out_ref.detach(), rtol=3e-2,
-                               atol=3e-2 * float(out_ref.detach().abs().max()))
+    torch.testing.assert_close(
+        out.double(), out_ref.detach(), rtol=3e-2, atol=3e-2 * float(out_ref.detach().abs().max())
+    )
     for got, want in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2 * float(want.abs().max()))
 
@@ -223,14 +232,13 @@ def test_symmetric_flag(kind, symmetric):
     _, grads_ref = _run(reference.cheb_conv, L, x, w, torch.zeros(2, dtype=torch.float64), "relu", go)
 
     def step():
-        return _run(native.cheb_conv, L, x, w, torch.zeros(2, dtype=torch.float64), "relu", go,
-                    symmetric=symmetric)
+        return _run(native.cheb_conv, L, x, w, torch.zeros(2, dtype=torch.float64), "relu", go, symmetric=symmetric)
 
     grads = []
 
-    calls_first = _op_calls(lambda: grads.extend(step()[1]))   # the first step: checks or transposes once
+    calls_first = _op_calls(lambda: grads.extend(step()[1]))  # the first step: checks or transposes once
     assert calls_first == (0 if symmetric is True else 1)
-    if symmetric is True and not is_sym:   # the caller's promise is used as given: dx is then L~'s, not L~^T's
+    if symmetric is True and not is_sym:  # the caller's promise is used as given: dx is then L~'s, not L~^T's
         assert not torch.allclose(grads[0], grads_ref[0])
     else:
         for got, want in zip(grads, grads_ref, strict=True):
@@ -255,14 +263,15 @@ def test_dropout_mask_statistics(p):
         assert abs(pair - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / (n - lag))
     other = native.dropout_keep_mask(12346, (n,), p).double()
     agree = float((keep == other).double().mean())
-    assert abs(agree - (p * p + (1 - p) ** 2)) < 5 * math.sqrt(0.25 / n)     # another seed: another mask
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 5 * math.sqrt(0.25 / n)  # another seed: another mask
     assert native.dropout_keep_mask(7, (1000,), 0.0).all()
     assert not native.dropout_keep_mask(7, (1000,), 1.0).any()
 
 
 @pytest.mark.parametrize("act", ["relu", None])
-@pytest.mark.parametrize("shape", [(3, 7, 1, 1), (5, 33, 2, 3), (64, 70, 1, 1)],
-                         ids=lambda s: "B{}V{}Fi{}Fo{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [(3, 7, 1, 1), (5, 33, 2, 3), (64, 70, 1, 1)], ids=lambda s: "B{}V{}Fi{}Fo{}".format(*s)
+)
 @pytest.mark.parametrize("x_layout", ["bv", "vb"])
 def test_dropout_in_epilogue_matches_eager_with_the_same_mask(act, shape, x_layout):
     B, V, F_in, F_out = shape
@@ -277,10 +286,10 @@ def test_dropout_in_epilogue_matches_eager_with_the_same_mask(act, shape, x_layo
     torch.manual_seed(11)
     y, grads = _run(native.cheb_conv, L, x, w, b, act, go, dropout_p=p)
     torch.manual_seed(11)
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))    # the wrapper's draw, reproduced
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # the wrapper's draw, reproduced
     mask = native.dropout_keep_mask(seed, y.shape, p).double()
     y_plain = reference.cheb_conv(L, x, w, b, act)
-    if act is None:   # y_plain has no zeros: the mask can also be read off the output itself
+    if act is None:  # y_plain has no zeros: the mask can also be read off the output itself
         assert torch.equal((y != 0).double(), mask)
     torch.testing.assert_close(y, y_plain * mask / (1 - p), rtol=1e-12, atol=1e-12)
     _, grads_ref = _run(lambda *a: reference.cheb_conv(*a) * mask / (1 - p), L, x, w, b, act, go)
@@ -297,7 +306,7 @@ def test_dropout_reproducible_by_seed_and_off_when_not_training():
     w, b = torch.randn(3, 1, 1), torch.zeros(1)
     torch.manual_seed(3)
     y1 = native.cheb_conv(L, x, w, b, None, dropout_p=0.3)
-    y2 = native.cheb_conv(L, x, w, b, None, dropout_p=0.3)       # the generator moved on: another mask
+    y2 = native.cheb_conv(L, x, w, b, None, dropout_p=0.3)  # the generator moved on: another mask
     torch.manual_seed(3)
     y3 = native.cheb_conv(L, x, w, b, None, dropout_p=0.3)
     assert torch.equal(y1, y3) and not torch.equal(y1, y2)
@@ -305,7 +314,7 @@ def test_dropout_reproducible_by_seed_and_off_when_not_training():
     state = torch.get_rng_state()
     assert torch.equal(native.cheb_conv(L, x, w, b, None, dropout_p=0.3, training=False), plain)
     assert torch.equal(native.cheb_conv(L, x, w, b, None, dropout_p=0.0), plain)
-    assert torch.equal(torch.get_rng_state(), state)             # no draw without dropout
+    assert torch.equal(torch.get_rng_state(), state)  # no draw without dropout
     assert torch.equal(native.cheb_conv(L, x, w, b, None, dropout_p=1.0), torch.zeros_like(plain))
 
 
@@ -319,9 +328,15 @@ def test_dropout_under_autocast_matches_float64():
     mask = (y != 0).double()
     assert 0.6 < float(mask.mean()) < 0.95
     y_ref, grads_ref = _reference64(L, x, w, b, None, go, mask=mask, p=p)
-    mags = [m / (1 - p) for m in _magnitudes(L, x, w, b, go, 3)]     # the kept terms are scaled by 1/(1-p)
-    for name, got, want, mag, dt in zip(("y", "dx", "dW", "db"), (y, *grads), (y_ref, *grads_ref), mags,
-                                        (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32), strict=True):
+    mags = [m / (1 - p) for m in _magnitudes(L, x, w, b, go, 3)]  # the kept terms are scaled by 1/(1-p)
+    for name, got, want, mag, dt in zip(
+        ("y", "dx", "dW", "db"),
+        (y, *grads),
+        (y_ref, *grads_ref),
+        mags,
+        (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32),
+        strict=True,
+    ):
         _assert_close_terms(got, want, mag, dt, name)
 
 
@@ -348,11 +363,14 @@ def test_opcheck_low_precision_and_dropout():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 2, 3, generator=g, requires_grad=True)
     b = torch.randn(3, generator=g, requires_grad=True)
-    for x, out_dtype, sym in ((torch.randn(4, 9, 2, generator=g).bfloat16(), torch.bfloat16, False),
-                              (vb(torch.randn(4, 9, 2, generator=g)), torch.bfloat16, True),
-                              (torch.randn(4, 9, 2, generator=g).half(), torch.float32, False)):
-        torch.library.opcheck(ops.cheb_conv_forward,
-                              (crow, col, val, x.requires_grad_(), w, b, True, True, sym, 0.25, 99, out_dtype))
+    for x, out_dtype, sym in (
+        (torch.randn(4, 9, 2, generator=g).bfloat16(), torch.bfloat16, False),
+        (vb(torch.randn(4, 9, 2, generator=g)), torch.bfloat16, True),
+        (torch.randn(4, 9, 2, generator=g).half(), torch.float32, False),
+    ):
+        torch.library.opcheck(
+            ops.cheb_conv_forward, (crow, col, val, x.requires_grad_(), w, b, True, True, sym, 0.25, 99, out_dtype)
+        )
 
 
 def test_out_dtype_keeps_a_hidden_layer_in_float32_under_autocast():

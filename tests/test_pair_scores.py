@@ -5,6 +5,7 @@ retrieval ranks. CPU runs the Triton kernel under the interpreter (tests/conftes
 so item counts stay tiny and N large only with 2-3 items a side; CUDA, when present, runs the same cases and
 a retrieval-sized one.
 """
+
 import warnings
 
 import pytest
@@ -58,14 +59,14 @@ def test_matches_forward_on_every_pair(device, scale, layers, N, n_text, n_image
     bow, image = make_items(n_text, n_image, seed=N, device=device)
     ref_logits, ref_sims = per_pair_reference(model, bow, image)
     f_t, f_i = encode(model, bow, image)
-    out = pair_scores(model, f_t.float(), f_i.float())       # the fp32 inputs the kernel computes with
+    out = pair_scores(model, f_t.float(), f_i.float())  # the fp32 inputs the kernel computes with
     assert out.shape == (n_text, n_image) and out.dtype == torch.float32
     assert rel_err(out, ref_logits, model) < TOL
     # forward = sigmoid(logit), and sigmoid' <= 1/4: the logit bound carries over.
     b = model.head.fc.bias.detach().item()
     atol = 0.25 * (TOL * (ref_logits - b).abs().max().item() + FP32_FLOOR * ref_logits.abs().max().item())
     assert (torch.sigmoid(out.double()) - ref_sims).abs().max().item() <= atol
-    if layers == 2 and N <= 500:                               # the pair-list layout of the same kernel
+    if layers == 2 and N <= 500:  # the pair-list layout of the same kernel
         out_list = pair_scores(model, f_t, f_i, layout="list")
         assert out_list.dtype == torch.float64 and rel_err(out_list, ref_logits, model) < TOL
 
@@ -124,13 +125,14 @@ def test_chunked_cpu_path(chunk_size):
     model = make_model(N, 2, "n", seed=13)
     bow, image = make_items(n_text, n_image, seed=13)
     ref_logits, ref_sims = per_pair_reference(model, bow, image)
-    eager = model.score_all(bow, image, chunk_size=chunk_size)        # "auto" on CPU: the eager path
+    eager = model.score_all(bow, image, chunk_size=chunk_size)  # "auto" on CPU: the eager path
     torch.testing.assert_close(eager, ref_sims, rtol=1e-12, atol=1e-12)
     fused = model.score_all(bow, image, chunk_size=chunk_size, scorer="fused")
     torch.testing.assert_close(fused, ref_sims, rtol=0, atol=1e-5)
-    assert not torch.equal(fused, eager)         # it really went through the fp32 kernel
-    torch.testing.assert_close(model.score_all(bow, image, chunk_size=chunk_size, scorer="eager"), eager,
-                               rtol=0, atol=0)
+    assert not torch.equal(fused, eager)  # it really went through the fp32 kernel
+    torch.testing.assert_close(
+        model.score_all(bow, image, chunk_size=chunk_size, scorer="eager"), eager, rtol=0, atol=0
+    )
     with pytest.raises(ValueError, match="scorer must be one of"):
         model.score_all(bow, image, scorer="always")
 
@@ -138,10 +140,9 @@ def test_chunked_cpu_path(chunk_size):
 def test_eager_chunks_any_size():
     f_model = make_model(16, 2, "1", seed=17)
     f_t, f_i = encode(f_model, *make_items(5, 4, seed=17))
-    ref = impl.pair_logits(f_model, f_t, f_i, chunk_pairs=10 ** 6)
+    ref = impl.pair_logits(f_model, f_t, f_i, chunk_pairs=10**6)
     for chunk in (1, 3, 4, 7):
-        torch.testing.assert_close(impl.pair_logits(f_model, f_t, f_i, chunk_pairs=chunk), ref,
-                                   rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(impl.pair_logits(f_model, f_t, f_i, chunk_pairs=chunk), ref, rtol=1e-13, atol=1e-13)
 
 
 def test_three_layers_fall_back_to_eager():
@@ -152,10 +153,11 @@ def test_three_layers_fall_back_to_eager():
     with pytest.warns(UserWarning, match="this model has 3; scoring with the eager chunked path"):
         out = pair_scores(model, f_t, f_i)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    with warnings.catch_warnings():                               # score_all keeps the eager path for L = 3
+    with warnings.catch_warnings():  # score_all keeps the eager path for L = 3
         warnings.simplefilter("error")
-        torch.testing.assert_close(model.score_all(bow, image, scorer="fused"), torch.sigmoid(ref), rtol=1e-12,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            model.score_all(bow, image, scorer="fused"), torch.sigmoid(ref), rtol=1e-12, atol=1e-12
+        )
 
 
 def test_bad_inputs_raise_clear_errors(monkeypatch):

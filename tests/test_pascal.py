@@ -1,6 +1,7 @@
 """Pascal VOC 2007 with Hwang & Grauman's tags: train.mat / test.mat written here as MATLAB v5 struct arrays (D1, D2)
 with their fields, voc.mat as a cell of words; prepared, trained a few steps and evaluated. The real voc.mat
 vocabulary (when present) is read and given word vectors."""
+
 import json
 import shutil
 
@@ -38,17 +39,18 @@ def write_split(path, n, rng, n_words=N_WORDS, class_words=CLASS_WORDS, color_di
     for i in range(n):
         c = names[i % len(names)]
         oc = np.zeros((1, 20))
-        oc[0, VOC_CLASSES.index(c)] = 1 + i % 3                   # several objects of one class: single-object
+        oc[0, VOC_CLASSES.index(c)] = 1 + i % 3  # several objects of one class: single-object
         if i % 5 == 4:
-            oc[0, VOC_CLASSES.index("pottedplant")] = 1           # a second class: not single-object
+            oc[0, VOC_CLASSES.index("pottedplant")] = 1  # a second class: not single-object
         tags = list(rng.choice(class_words[c], 3)) + ([n_words - 1] if i % 4 == 0 else [])
         if i % 9 == 7:
-            tags = []                                             # an image nobody tagged
-        tl = np.asarray([tags], dtype=np.float64) + 1 if tags else np.zeros((0, 0))   # 1-based, as in MATLAB
+            tags = []  # an image nobody tagged
+        tl = np.asarray([tags], dtype=np.float64) + 1 if tags else np.zeros((0, 0))  # 1-based, as in MATLAB
         gist = rng.normal(size=(1, 512)) + 2 * (i % len(names))
         D[0, i] = (f"{i:06d}.jpg", oc, tl, gist, rng.random((1, color_dim)), rng.integers(0, 5, (1, bow_dim)) * 1.0)
-        truth.append({"filename": f"{i:06d}.jpg", "objectcount": oc.ravel(), "tags": tags, "gist": gist.ravel(),
-                      "class": c})
+        truth.append(
+            {"filename": f"{i:06d}.jpg", "objectcount": oc.ravel(), "tags": tags, "gist": gist.ravel(), "class": c}
+        )
     h = n // 2
     scipy.io.savemat(path, {"D1": D[:, :h], "D2": D[:, h:]})
     return truth
@@ -81,10 +83,10 @@ def test_struct_arrays_prepare_train_evaluate(tmp_path, vectors_file):
     assert ds.classes == list(VOC_CLASSES) and ds.image_dim == 512
     for split, s in (("train", ds.train), ("test", ds.test)):
         single = [t for t in truth[split] if (t["objectcount"] > 0).sum() == 1]
-        assert s.text_ids == [t["filename"] for t in single]      # D1 then D2, single-object images only
+        assert s.text_ids == [t["filename"] for t in single]  # D1 then D2, single-object images only
         assert s.labels.tolist() == [VOC_CLASSES.index(t["class"]) for t in single]
         np.testing.assert_allclose(s.images, np.stack([t["gist"] for t in single]), rtol=1e-6)
-        for k, t in enumerate(single):                           # tag counts: a repeated tag counts twice
+        for k, t in enumerate(single):  # tag counts: a repeated tag counts twice
             want = {}
             for j in t["tags"]:
                 want[WORDS[j]] = want.get(WORDS[j], 0) + 1
@@ -93,14 +95,21 @@ def test_struct_arrays_prepare_train_evaluate(tmp_path, vectors_file):
     report = json.loads((out / "preparation_report.json").read_text())
     assert report["tag_vectors"] == {"pottedplant": "mean of potted+plant"}
     single = [t for t in truth["train"] if (t["objectcount"] > 0).sum() == 1]
-    assert report["splits"]["train"] == {"images": 40, "kept": len(single),
-                                         "without_tags": sum(1 for t in single if not t["tags"])}
+    assert report["splits"]["train"] == {
+        "images": 40,
+        "kept": len(single),
+        "without_tags": sum(1 for t in single if not t["tags"]),
+    }
     assert len(single) == 32
 
     from scanet.train import train
 
-    preset = Preset("t", "pascal", ModelConfig(common_dim=16, dropout=0.0),
-                    TrainConfig(epochs=2, batch_size=32, lr=1e-3, positive_pairs=64, negative_pairs=64, eval_every=0))
+    preset = Preset(
+        "t",
+        "pascal",
+        ModelConfig(common_dim=16, dropout=0.0),
+        TrainConfig(epochs=2, batch_size=32, lr=1e-3, positive_pairs=64, negative_pairs=64, eval_every=0),
+    )
     result = train(preset, ds, tmp_path / "run", progress=False, log=_quiet)
     rep = result["report"]
     assert 0.0 < rep["text2image"]["map"] <= 1.0 and 0.0 < rep["image2text"]["map"] <= 1.0
@@ -109,8 +118,15 @@ def test_struct_arrays_prepare_train_evaluate(tmp_path, vectors_file):
 def test_all_images_multi_label_and_feature_choice(tmp_path, vectors_file):
     root = tmp_path / "pascal"
     truth = write_fixture(root)
-    ds = pascal.prepare(root, tmp_path / "p", single_object=False, image_features="gist+color+bow", knn=3,
-                        embeddings=str(vectors_file), progress=_quiet)
+    ds = pascal.prepare(
+        root,
+        tmp_path / "p",
+        single_object=False,
+        image_features="gist+color+bow",
+        knn=3,
+        embeddings=str(vectors_file),
+        progress=_quiet,
+    )
     assert len(ds.train) == 40 and ds.image_dim == 512 + 64 + 100
     assert ds.train.labels.dtype == bool and ds.train.labels.shape == (40, 20)
     np.testing.assert_array_equal(ds.train.labels, np.stack([t["objectcount"] > 0 for t in truth["train"]]))
@@ -129,7 +145,7 @@ def test_bad_files_give_clear_errors(tmp_path, vectors_file):
     rng = np.random.default_rng(3)
     root = tmp_path / "b"
     write_fixture(root)
-    write_split(root / "test.mat", 10, rng, n_words=len(WORDS) + 1)   # a tag index past the 10 words
+    write_split(root / "test.mat", 10, rng, n_words=len(WORDS) + 1)  # a tag index past the 10 words
     with pytest.raises(ValueError, match=r"test.mat: D1\(1\).taglist must hold 1-based indices into the 10"):
         pascal.prepare(root, tmp_path / "p", **kw)
     scipy.io.savemat(root / "test.mat", {"D1": np.zeros((1, 2), dtype=[("filename", object), ("gist", object)])})
@@ -150,8 +166,8 @@ def test_split_compound():
     assert split_compound("cardoor", rank) == ["car", "door"]
     assert split_compound("cardoorlight", rank) == ["car", "door", "light"]
     assert split_compound("cardoorlight", rank, max_parts=2) is None
-    assert split_compound("car", rank) is None                   # a known word is not a compound
-    assert split_compound("carx", rank) is None                  # no 1-letter parts
+    assert split_compound("car", rank) is None  # a known word is not a compound
+    assert split_compound("carx", rank) is None  # no 1-letter parts
 
 
 # ------------------------------------------------------------------------------------ the real vocabulary
@@ -166,7 +182,7 @@ def real_voc(shared_data):
 def test_real_vocabulary(real_voc):
     words = pascal.read_vocabulary(real_voc)
     assert len(words) == 399 and words[:3] == ["person", "tree", "car"] and words[-1] == "sneaker"
-    assert set(VOC_CLASSES) <= set(words)                         # the 20 class names are tags too
+    assert set(VOC_CLASSES) <= set(words)  # the 20 class names are tags too
 
 
 def test_real_vocabulary_with_glove_and_synthetic_mat_files(real_voc, tmp_path):
@@ -178,14 +194,17 @@ def test_real_vocabulary_with_glove_and_synthetic_mat_files(real_voc, tmp_path):
 
     words = pascal.read_vocabulary(real_voc)
     kept, vec, how = tag_vectors(words, load_glove_6b_50d())
-    assert len(kept) == 399 and vec.shape == (399, 50)              # every tag has a vector
+    assert len(kept) == 399 and vec.shape == (399, 50)  # every tag has a vector
     compounds = {t: h for t, h in how.items() if h != "own vector"}
     assert len(compounds) == 39
     assert compounds["pottedplant"] == "mean of potted+plant" and compounds["tvmonitor"] == "mean of tv+monitor"
     assert compounds["diningtable"] == "mean of dining+table"
     # among two-part splits the one with the more frequent rarest part: car+door, not cardo+or
-    assert (compounds["cardoor"], compounds["garagedoor"], compounds["cdcase"]) == \
-        ("mean of car+door", "mean of garage+door", "mean of cd+case")
+    assert (compounds["cardoor"], compounds["garagedoor"], compounds["cdcase"]) == (
+        "mean of car+door",
+        "mean of garage+door",
+        "mean of cd+case",
+    )
 
     root = tmp_path / "pascal"
     root.mkdir()

@@ -6,6 +6,7 @@ bf16 GEMM rounds both operands (a few eps of the output scale). Each op is fed b
 hands it: the previous layer's output) with float32 parameters, and the float64 oracle gets the SAME numbers
 (the bf16 values widened), so what is measured is the op's own rounding.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +25,10 @@ from scanet.laplacian import Laplacian
 from scanet.precision import PRECISIONS, autocast_context, autocast_dtype, check_precision
 
 BF16 = torch.bfloat16
-EPS = torch.finfo(BF16).eps          # 2^-7: one bf16 ulp at 1 (a rounding is half of it)
-needs_native = pytest.mark.skipif(not native.available(),
-                                  reason=f"native extension unavailable: {native.unavailable_reason()}")
+EPS = torch.finfo(BF16).eps  # 2^-7: one bf16 ulp at 1 (a rounding is half of it)
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native extension unavailable: {native.unavailable_reason()}"
+)
 
 
 def _close(got, want, what, rel=4 * EPS):
@@ -43,7 +45,7 @@ def _laplacian(V, symmetric=True, seed=0):
     A = A + A.T if symmetric else A.triu(1) * 2.0 + A.tril(-1) * 0.5
     if not symmetric:
         A[::3] = 0
-    A = A / (A.abs().sum(1).max().clamp_min(1.0))          # spectral radius <= 1, as a rescaled Laplacian
+    A = A / (A.abs().sum(1).max().clamp_min(1.0))  # spectral radius <= 1, as a rescaled Laplacian
     return A.float().to_sparse_csr()
 
 
@@ -76,7 +78,7 @@ def test_cli_precision_flags():
 
     parser = build_parser()
     assert parser.parse_args(["train", "--precision", "bf16"]).precision == "bf16"
-    assert parser.parse_args(["train"]).precision is None          # the preset's (fp32 unless --set)
+    assert parser.parse_args(["train"]).precision is None  # the preset's (fp32 unless --set)
     assert parser.parse_args(["evaluate", "--checkpoint", "x.pt", "--precision", "fp16"]).precision == "fp16"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--precision", "int8"])
@@ -84,7 +86,7 @@ def test_cli_precision_flags():
 
 # --------------------------------------------------------------------------------------------- Chebyshev
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("shape", [(3, 7, 1, 1, 3), (2, 13, 3, 2, 2), (1, 5, 2, 4, 1)])   # B, V, F_in, F_out, K
+@pytest.mark.parametrize("shape", [(3, 7, 1, 1, 3), (2, 13, 3, 2, 2), (1, 5, 2, 4, 1)])  # B, V, F_in, F_out, K
 @pytest.mark.parametrize("x_dtype", [torch.float32, BF16])
 def test_reference_cheb_conv_under_autocast(symmetric, shape, x_dtype):
     B, V, F_in, F_out, K = shape
@@ -103,7 +105,7 @@ def test_reference_cheb_conv_under_autocast(symmetric, shape, x_dtype):
     y64 = reference.cheb_conv(_l64(L), x64, w64, b64, "relu")
     want = _grads(y64, (x64, w64, b64), go.to(BF16).double())
     _close(y, y64, "y")
-    for got, ref, name in zip((gx, gw, gb), want, "xwb"):
+    for got, ref, name in zip((gx, gw, gb), want, "xwb", strict=True):
         _close(got, ref, f"d{name}")
 
 
@@ -111,18 +113,17 @@ def test_reference_cheb_conv_takes_a_laplacian_object_and_keeps_its_values_float
     L = Laplacian(_laplacian(9))
     x = torch.randn(2, 9, 1).to(BF16)
     w, b = torch.randn(3, 1, 2), torch.randn(2)
-    y = reference.cheb_conv(L, x, w, b)                       # bf16 x, fp32 weights, no autocast: promotion
+    y = reference.cheb_conv(L, x, w, b)  # bf16 x, fp32 weights, no autocast: promotion
     assert y.dtype == torch.float32
     want = reference.cheb_conv(_l64(L.csr(torch.float32)), x.double(), w.double(), b.double())
-    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)   # computed in fp32 throughout
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)  # computed in fp32 throughout
     with pytest.raises(ValueError, match="one floating dtype"):
-        reference.cheb_conv(L.csr(torch.float32), x.double(), w, b)   # float64 mixes with nothing
+        reference.cheb_conv(L.csr(torch.float32), x.double(), w, b)  # float64 mixes with nothing
 
 
 def test_fused_cheb_conv_under_autocast_every_cpu_path(monkeypatch):
     """The Triton kernels (interpreted here: they get float32), the native op and the eager fallback."""
-    from scanet.fused import _cheb
-    from scanet.fused import cheb_conv
+    from scanet.fused import _cheb, cheb_conv
 
     g = torch.Generator().manual_seed(3)
     L = Laplacian(_laplacian(11, symmetric=False, seed=2))
@@ -137,7 +138,7 @@ def test_fused_cheb_conv_under_autocast_every_cpu_path(monkeypatch):
         assert y.dtype == BF16, path
         _close(y, want, path)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(_cheb, "_native_module", lambda: None)        # no native library: the reference
+    monkeypatch.setattr(_cheb, "_native_module", lambda: None)  # no native library: the reference
     with torch.autocast("cpu", dtype=BF16):
         y = cheb_conv(L, x, w, b)
     assert y.dtype == BF16
@@ -149,7 +150,7 @@ def _coatt_inputs(M, N, seed):
     g = torch.Generator().manual_seed(seed)
     f = (torch.randn(M, N, generator=g)).to(BF16).requires_grad_()
     gg = torch.randn(M, N, generator=g).to(BF16).requires_grad_()
-    w = (torch.randn(N, N, generator=g) * 2 / N ** 0.5).requires_grad_()
+    w = (torch.randn(N, N, generator=g) * 2 / N**0.5).requires_grad_()
     b = (0.5 * torch.randn(N, generator=g)).requires_grad_()
     return f, gg, w, b
 
@@ -167,7 +168,7 @@ def _coatt_check(op, M, N, seed, scale):
     want = _grads(out64, ins64, go.to(BF16).double())
     # the GEMM rounds f and W to bf16: logits off by ~eps * |z|, the softmax turns that into relative errors
     _close(out, out64, "out", rel=8 * EPS)
-    for got, ref, name in zip(grads, want, ("f", "g", "weight", "bias")):
+    for got, ref, name in zip(grads, want, ("f", "g", "weight", "bias"), strict=True):
         _close(got, ref, f"d{name}", rel=8 * EPS)
 
 
@@ -208,7 +209,7 @@ def test_fused_coattention_dispatch_under_autocast(monkeypatch):
     assert out.dtype == BF16
     assert seen == [([torch.float32] * 4, "bf16", False)]
     seen.clear()
-    _coattention.coattention(f.float(), g.float(), w, b)           # plain fp32: untouched
+    _coattention.coattention(f.float(), g.float(), w, b)  # plain fp32: untouched
     assert seen == [([torch.float32] * 4, "fp32", False)]
     assert _coattention.kernel_precision(BF16) == "bf16"
     assert _coattention.kernel_precision(torch.float16) == "tf32"
@@ -229,15 +230,20 @@ def _model(N=16, layers=2, fused=False, seed=0, dropout=0.0):
     A = sp.random(12, 12, density=0.3, random_state=rng)
     from scanet.model import SCANet
 
-    return SCANet(12, 5, sp.csr_matrix(0.2 * (A + A.T)),
-                  ModelConfig(common_dim=N, coattention_layers=layers, dropout=dropout), fused=fused)
+    return SCANet(
+        12,
+        5,
+        sp.csr_matrix(0.2 * (A + A.T)),
+        ModelConfig(common_dim=N, coattention_layers=layers, dropout=dropout),
+        fused=fused,
+    )
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_scanet_forward_backward_under_autocast(fused, monkeypatch):
     """The whole model under bf16 autocast: similarity float32 (the loss is float32), gradients float32 and
     within bf16 tolerances of the float64 model's."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")             # fused on CPU: native ChebConv, eager co-attention
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # fused on CPU: native ChebConv, eager co-attention
     model = _model(fused=fused)
     model64 = _model(fused=False).double()
     model64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()})
@@ -247,10 +253,10 @@ def test_scanet_forward_backward_under_autocast(fused, monkeypatch):
         sim = model(bow, img)
     assert sim.dtype == torch.float32
     sim64 = model64(bow.double(), img.double())
-    torch.testing.assert_close(sim.double(), sim64, rtol=0, atol=0.03)      # similarities in (0, 1)
+    torch.testing.assert_close(sim.double(), sim64, rtol=0, atol=0.03)  # similarities in (0, 1)
     grads = torch.autograd.grad(sim.sum(), list(model.parameters()))
     grads64 = torch.autograd.grad(sim64.sum(), list(model64.parameters()))
-    for (name, _), got, want in zip(model.named_parameters(), grads, grads64):
+    for (name, _), got, want in zip(model.named_parameters(), grads, grads64, strict=True):
         assert got.dtype == torch.float32, name
         _close(got, want, name, rel=0.1)
 
@@ -272,20 +278,20 @@ def test_text_encoder_dropout_runs_in_the_native_epilogue(monkeypatch):
     names = {e.key for e in prof.key_averages()}
     assert "aten::bernoulli_" not in names and "aten::dropout" not in names
     torch.manual_seed(5)
-    assert torch.equal(a, enc(bow, model.laplacian))                 # reproducible by seed
+    assert torch.equal(a, enc(bow, model.laplacian))  # reproducible by seed
     torch.manual_seed(6)
-    assert not torch.equal(a, enc(bow, model.laplacian))             # and a mask that depends on it
+    assert not torch.equal(a, enc(bow, model.laplacian))  # and a mask that depends on it
     # the mask: the last layer's output equals the no-dropout output * keep / (1 - p), keep from the seed
     enc.eval()
     torch.testing.assert_close(enc(bow, model.laplacian), eager.text_encoder.eval()(bow, model.laplacian))
     hidden = []
     hook = enc.convs[0].register_forward_hook(lambda mod, args, out: hidden.append(out.dtype))
-    with torch.autocast("cpu", dtype=BF16):                          # and under autocast
+    with torch.autocast("cpu", dtype=BF16):  # and under autocast
         enc.train()
         torch.manual_seed(5)
         c = enc(bow, model.laplacian)
     hook.remove()
-    assert c.dtype == BF16 and hidden == [torch.float32]             # the hidden signal stays float32
+    assert c.dtype == BF16 and hidden == [torch.float32]  # the hidden signal stays float32
     _close(c, a, "dropout under autocast", rel=8 * EPS)
 
 
@@ -296,8 +302,8 @@ def test_reference_pair_logits_under_autocast(layers):
     model64 = make_model(24, layers=layers, seed=layers)
     bow, img = make_items(9, 11, seed=3)
     f_t64, f_i64 = encode(model64, bow, img)
-    model = copy.deepcopy(model64).float()          # .float() converts in place: keep the float64 model
-    f_t, f_i = f_t64.float().to(BF16), f_i64.float().to(BF16)     # bf16 features: what autocast encoders give
+    model = copy.deepcopy(model64).float()  # .float() converts in place: keep the float64 model
+    f_t, f_i = f_t64.float().to(BF16), f_i64.float().to(BF16)  # bf16 features: what autocast encoders give
     with torch.autocast("cpu", dtype=BF16):
         got = reference.pair_logits(model, f_t, f_i, chunk_pairs=7)
     assert got.dtype == torch.float32
@@ -308,7 +314,7 @@ def test_reference_pair_logits_under_autocast(layers):
     with torch.autocast("cpu", dtype=BF16):
         listed = reference.pair_logits(model, f_t, f_i, text_index=P, image_index=P + 1)
     assert listed.dtype == torch.float32
-    _close(listed, got[P, P + 1], "listed pairs vs all pairs", rel=0.05)   # two bf16 orders of rounding
+    _close(listed, got[P, P + 1], "listed pairs vs all pairs", rel=0.05)  # two bf16 orders of rounding
 
 
 def test_fused_scorer_precision_follows_the_features(monkeypatch):
@@ -328,8 +334,9 @@ def test_fused_scorer_precision_follows_the_features(monkeypatch):
     asked = []
     kernels_mod = _pair_scores.kernels("pair_scores", "cpu")
     real = kernels_mod.pair_scores_layer2
-    monkeypatch.setattr(kernels_mod, "pair_scores_layer2",
-                        lambda *a, **kw: asked.append(kw["precision"]) or real(*a, **kw))
+    monkeypatch.setattr(
+        kernels_mod, "pair_scores_layer2", lambda *a, **kw: asked.append(kw["precision"]) or real(*a, **kw)
+    )
     with torch.autocast("cpu", dtype=BF16):
         got = _pair_scores.pair_scores(model, f_t, f_i)
     assert asked == ["bf16"] and got.dtype == torch.float32
@@ -355,7 +362,7 @@ def test_bf16_training_lowers_the_loss_and_resumes_exactly(dataset, tmp_path, fu
     from scanet.checkpoint import load_checkpoint
     from scanet.train import train
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")       # fused on CPU: the native GCN with fused dropout
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # fused on CPU: the native GCN with fused dropout
     preset = _preset(epochs=3, eval_every=0, positive_pairs=600, negative_pairs=600, precision="bf16")
     quiet = dict(progress=False, log=lambda s: None, fused=fused)
     full = train(preset, dataset, tmp_path / "full", **quiet)
@@ -390,11 +397,11 @@ def test_bf16_scoring_of_a_trained_model_keeps_map_and_rankings(dataset, tmp_pat
     r32, s32 = evaluate_model(model, dataset, "test", precision="fp32")
     r16, s16 = evaluate_model(model, dataset, "test", precision="bf16")
     assert s16.dtype == np.float32
-    assert r32["mean_map"] > 0.3                                     # a model that ranks (chance is lower)
+    assert r32["mean_map"] > 0.3  # a model that ranks (chance is lower)
     assert abs(r16["mean_map"] - r32["mean_map"]) < 0.002, (r32["mean_map"], r16["mean_map"])
     k = 10
     top32, top16 = np.argsort(-s32, 1)[:, :k], np.argsort(-s16, 1)[:, :k]
-    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top32, top16)])
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top32, top16, strict=True)])
     assert overlap > 0.9, overlap
 
 
@@ -411,6 +418,12 @@ def test_a_checkpoint_from_before_the_precision_setting_resumes(dataset, tmp_pat
     assert load_checkpoint(tmp_path / "last.pt")["preset"]["train"]["precision"] == "fp32"
     out = train(preset, dataset, tmp_path, progress=False, resume=True, log=lambda s: None)
     assert [h["epoch"] for h in out["history"]] == [1, 2]
-    with pytest.raises(ValueError, match="another configuration"):     # but not as a bf16 run
-        train(dataclasses.replace(preset, train=dataclasses.replace(preset.train, precision="bf16", epochs=3)),
-              dataset, tmp_path, progress=False, resume=True, log=lambda s: None)
+    with pytest.raises(ValueError, match="another configuration"):  # but not as a bf16 run
+        train(
+            dataclasses.replace(preset, train=dataclasses.replace(preset.train, precision="bf16", epochs=3)),
+            dataset,
+            tmp_path,
+            progress=False,
+            resume=True,
+            log=lambda s: None,
+        )

@@ -1,4 +1,5 @@
 """The two evaluation protocols (standard: test vs test, MAP@all; paper: test vs train, MAP@100 / retrieved)."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,7 +9,7 @@ from scanet.evaluate import PROTOCOLS, evaluate_protocols, get_protocols, protoc
 
 
 def _ranked_scores(n: int) -> np.ndarray:
-    return np.linspace(1.0, 0.0, n)[None, :]          # candidate j at rank j + 1
+    return np.linspace(1.0, 0.0, n)[None, :]  # candidate j at rank j + 1
 
 
 def test_paper_protocol_normalizes_by_relevant_retrieved_in_top_100():
@@ -33,7 +34,7 @@ def test_paper_protocol_normalizes_by_relevant_retrieved_in_top_100():
 def test_paper_protocol_query_without_hit_in_top_100_scores_zero():
     n = 120
     cand = np.zeros(n, dtype=np.int64)
-    cand[110] = 1                                     # relevant only at rank 111
+    cand[110] = 1  # relevant only at rank 111
     s = _ranked_scores(n)
     rep = protocol_report(PROTOCOLS["paper"], s, np.array([1]), cand, s, np.array([1]), cand)
     assert rep["text2image"]["map@100"] == 0.0
@@ -56,7 +57,7 @@ def test_evaluate_protocols_uses_the_right_candidate_splits_and_directions():
         calls.append((text_split is train, image_split is train))
         s = (text_split.labels[:, None] == image_split.labels[None, :]).astype(float)
         if text_split is train and image_split is test:
-            s[2, 0] = -1.0                             # the only relevant train text of test image 0, ranked last
+            s[2, 0] = -1.0  # the only relevant train text of test image 0, ranked last
         return s
 
     ds = SimpleNamespace(train=train, test=test)

@@ -1,4 +1,5 @@
 """The eager oracles: gradcheck in float64, agreement with a dense computation, clear input errors."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -62,8 +63,9 @@ def test_clear_errors():
     bad = torch.sparse_csr_tensor(torch.tensor([0, 2, 2]), torch.tensor([1, 0]), torch.ones(2), (2, 2))
     with pytest.raises(ValueError, match="unsorted"):
         reference.check_laplacian(bad)
-    oob = torch.sparse_csr_tensor(torch.tensor([0, 1, 1]), torch.tensor([5]), torch.ones(1), (2, 2),
-                                  check_invariants=False)
+    oob = torch.sparse_csr_tensor(
+        torch.tensor([0, 1, 1]), torch.tensor([5]), torch.ones(1), (2, 2), check_invariants=False
+    )
     with pytest.raises(ValueError, match="out of range"):
         reference.check_laplacian(oob)
     with pytest.raises(ValueError, match="shape of f"):

@@ -7,6 +7,7 @@ tmpfs for a full disk, a read-only tmpfs for a read-only folder (root ignores ch
 with SIGKILL in the middle of a checkpoint write; where ``mount`` is not allowed the same faults are
 monkeypatched writes.
 """
+
 import json
 import os
 import shutil
@@ -30,8 +31,16 @@ from scanet.io import atomic_torch_save, sha256_file
 
 warnings.filterwarnings("ignore", message="Sparse")
 
-SMALL = ["--set", "positive_pairs=200", "--set", "negative_pairs=200", "--set", "common_dim=16",
-         "--set", "batch_size=64"]
+SMALL = [
+    "--set",
+    "positive_pairs=200",
+    "--set",
+    "negative_pairs=200",
+    "--set",
+    "common_dim=16",
+    "--set",
+    "batch_size=64",
+]
 TRAIN = ["train", "--eager", "--no-baseline", "--set", "epochs=1", *SMALL]
 
 
@@ -40,7 +49,7 @@ def cli(argv, capsys):
     capsys.readouterr()
     try:
         rc = main([str(a) for a in argv])
-    except SystemExit as e:          # argparse
+    except SystemExit as e:  # argparse
         rc = e.code
     out = capsys.readouterr()
     return rc, out.out, out.err
@@ -93,8 +102,9 @@ def write_custom(root: Path, settings: dict | None = None, n: int = 24) -> Path:
     lines = [f"doc{i}\timg{i}\t{i % 3 + 1}" for i in range(n)]
     (root / "train.tsv").write_text("\n".join(lines[:16]))
     (root / "test.tsv").write_text("\n".join(lines[16:]))
-    (root / "dataset.json").write_text(json.dumps({"language": "whitespace", "knn": 3, "vocab_size": 6,
-                                                   **(settings or {})}))
+    (root / "dataset.json").write_text(
+        json.dumps({"language": "whitespace", "knn": 3, "vocab_size": 6, **(settings or {})})
+    )
     return root
 
 
@@ -105,17 +115,43 @@ def _evil_checkpoint(world, path: Path, marker: Path, valid: bool):
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("case,argv,fragment", [
-    ("evaluate, payload in a valid checkpoint",
-     lambda w, t: ["evaluate", "--checkpoint", t / "evil.pt", "--prepared-dir", w / "prepared", "--out", t / "e"],
-     "corrupt or not a SCANet checkpoint"),
-    ("train --resume, payload in the run's last.pt",
-     lambda w, t: [*TRAIN, "--prepared-dir", w / "prepared", "--out", t / "evilrun", "--resume"],
-     "corrupt or not a SCANet checkpoint"),
-    ("search query, payload in the index",
-     lambda w, t: ["search", "query", "--index", t / "evil.pt", "--checkpoint", w / "run" / "last.pt",
-                   "--text", "x"], "corrupt or not a search index"),
-])
+@pytest.mark.parametrize(
+    "case,argv,fragment",
+    [
+        (
+            "evaluate, payload in a valid checkpoint",
+            lambda w, t: [
+                "evaluate",
+                "--checkpoint",
+                t / "evil.pt",
+                "--prepared-dir",
+                w / "prepared",
+                "--out",
+                t / "e",
+            ],
+            "corrupt or not a SCANet checkpoint",
+        ),
+        (
+            "train --resume, payload in the run's last.pt",
+            lambda w, t: [*TRAIN, "--prepared-dir", w / "prepared", "--out", t / "evilrun", "--resume"],
+            "corrupt or not a SCANet checkpoint",
+        ),
+        (
+            "search query, payload in the index",
+            lambda w, t: [
+                "search",
+                "query",
+                "--index",
+                t / "evil.pt",
+                "--checkpoint",
+                w / "run" / "last.pt",
+                "--text",
+                "x",
+            ],
+            "corrupt or not a search index",
+        ),
+    ],
+)
 def test_rule1_no_code_runs_on_load(world, tmp_path, capsys, case, argv, fragment):
     marker = tmp_path / "code_ran"
     _evil_checkpoint(world, tmp_path / "evil.pt", marker, valid=True)
@@ -126,21 +162,30 @@ def test_rule1_no_code_runs_on_load(world, tmp_path, capsys, case, argv, fragmen
     assert not marker.exists(), f"{case}: the payload ran"
 
 
-@pytest.mark.parametrize("case,content,fragment", [
-    ("strings", lambda p: np.save(p, np.array(["a", "b"] * 12).reshape(24, 1)), "holds strings"),
-    ("pickled objects", lambda p: np.save(p, np.array([{"a": 1}] * 24, dtype=object), allow_pickle=True),
-     "Python objects (a pickle), which are never loaded"),
-    ("random bytes", lambda p: p.write_bytes(os.urandom(500)), "is not a NumPy .npy/.npz file"),
-    ("empty file", lambda p: p.write_bytes(b""), "(empty)"),
-    ("truncated", lambda p: (np.save(p, np.zeros((24, 6), np.float32)),
-                             p.write_bytes(p.read_bytes()[:200])), "truncated or damaged"),
-])
+@pytest.mark.parametrize(
+    "case,content,fragment",
+    [
+        ("strings", lambda p: np.save(p, np.array(["a", "b"] * 12).reshape(24, 1)), "holds strings"),
+        (
+            "pickled objects",
+            lambda p: np.save(p, np.array([{"a": 1}] * 24, dtype=object), allow_pickle=True),
+            "Python objects (a pickle), which are never loaded",
+        ),
+        ("random bytes", lambda p: p.write_bytes(os.urandom(500)), "is not a NumPy .npy/.npz file"),
+        ("empty file", lambda p: p.write_bytes(b""), "(empty)"),
+        (
+            "truncated",
+            lambda p: (np.save(p, np.zeros((24, 6), np.float32)), p.write_bytes(p.read_bytes()[:200])),
+            "truncated or damaged",
+        ),
+    ],
+)
 def test_rule1_rule8_custom_image_features(tmp_path, capsys, case, content, fragment):
     root = write_custom(tmp_path / "c")
     content(root / "image_features.npy")
     rc, _, err = cli(["prepare", "custom", "--root", root, "--out", tmp_path / "p"], capsys)
     assert rc == 2 and fragment in err and "image_features.npy" in err, (case, err)
-    assert "allow_pickle=True" not in err                     # numpy's advice to trust a pickle is not passed on
+    assert "allow_pickle=True" not in err  # numpy's advice to trust a pickle is not passed on
 
 
 # ============================================================================ rule 2: saved work never overwritten
@@ -149,23 +194,29 @@ def test_rule2_existing_run_refused_force_replaces(world, tmp_path, capsys):
     before = {f: sha256_file(run / f) for f in ("last.pt", "metrics.json", "results.json")}
     rc, _, err = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run], capsys)
     assert rc == 2 and "already holds a run" in err and "--force" in err
-    assert {f: sha256_file(run / f) for f in before} == before               # nothing touched
-    rc, out, _ = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--force", "--set", "seed=3"],
-                     capsys)
+    assert {f: sha256_file(run / f) for f in before} == before  # nothing touched
+    rc, out, _ = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--force", "--set", "seed=3"], capsys)
     assert rc == 0 and "--force: replacing the run" in out
     assert load_checkpoint(run / "last.pt")["preset"]["train"]["seed"] == 3
 
 
-@pytest.mark.parametrize("case,extra,rc_want,fragment", [
-    ("no checkpoint: says it starts fresh", "empty", 0, "no checkpoint at"),
-    ("no checkpoint but results.json: refused", "no-ckpt", 2, "metrics.json, evaluation.json, results.json"),
-    ("same config, finished: nothing to train", [], 0, "already done all 1 epochs"),
-    ("larger epochs extends the finished run", ["--set", "epochs=2"], 0, "extending the run"),
-    ("lr changed: refused, key named", ["--set", "lr=0.002"], 2, "train.lr (saved 0.001, given 0.002)"),
-    ("two keys changed: both named", ["--set", "dropout=0.3", "--set", "seed=5"], 2,
-     "model.dropout (saved 0.2, given 0.3), train.seed (saved 0, given 5)"),
-    ("N changed: refused", ["--set", "common_dim=32"], 2, "model.common_dim (saved 16, given 32)"),
-])
+@pytest.mark.parametrize(
+    "case,extra,rc_want,fragment",
+    [
+        ("no checkpoint: says it starts fresh", "empty", 0, "no checkpoint at"),
+        ("no checkpoint but results.json: refused", "no-ckpt", 2, "metrics.json, evaluation.json, results.json"),
+        ("same config, finished: nothing to train", [], 0, "already done all 1 epochs"),
+        ("larger epochs extends the finished run", ["--set", "epochs=2"], 0, "extending the run"),
+        ("lr changed: refused, key named", ["--set", "lr=0.002"], 2, "train.lr (saved 0.001, given 0.002)"),
+        (
+            "two keys changed: both named",
+            ["--set", "dropout=0.3", "--set", "seed=5"],
+            2,
+            "model.dropout (saved 0.2, given 0.3), train.seed (saved 0, given 5)",
+        ),
+        ("N changed: refused", ["--set", "common_dim=32"], 2, "model.common_dim (saved 16, given 32)"),
+    ],
+)
 def test_rule2_resume_rules(world, tmp_path, capsys, case, extra, rc_want, fragment):
     run = fresh_run(world, tmp_path)
     if extra == "empty":
@@ -177,13 +228,15 @@ def test_rule2_resume_rules(world, tmp_path, capsys, case, extra, rc_want, fragm
     rc, out, err = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--resume", *extra], capsys)
     assert rc == rc_want and fragment in (out + err), (case, out[-500:], err)
     if case.startswith("larger"):
-        assert len(json.loads((run / "metrics.json").read_text())) == 2     # epoch 1 kept, epoch 2 added
+        assert len(json.loads((run / "metrics.json").read_text())) == 2  # epoch 1 kept, epoch 2 added
 
 
 def test_rule2_fewer_epochs_than_done_refused(world, tmp_path, capsys):
     run = fresh_run(world, tmp_path)
-    assert cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--resume", "--set", "epochs=2"],
-               capsys)[0] == 0
+    assert (
+        cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--resume", "--set", "epochs=2"], capsys)[0]
+        == 0
+    )
     rc, _, err = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--resume"], capsys)
     assert rc == 2 and "has done 2 epochs; epochs=1 is fewer" in err
 
@@ -201,10 +254,18 @@ def test_rule2_lock_held_by_a_live_process_refused_stale_lock_taken_over(world, 
     finally:
         holder.release()
     # A second process holding the lock: refused as well (flock is per open file, across processes).
-    child = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
-                              f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR)\n"
-                              "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
-                              "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+            "print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "held"
         rc, _, err = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--resume"], capsys)
@@ -218,7 +279,7 @@ def test_rule2_lock_held_by_a_live_process_refused_stale_lock_taken_over(world, 
     (run / ".lock").write_text(f"{dead_pid()}\n")
     rc, out, _ = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--resume"], capsys)
     assert rc == 0 and "stale lock" in out
-    assert preset                                                            # the run was a real one
+    assert preset  # the run was a real one
 
 
 def test_rule2_evaluate_never_overwrites_the_run(world, tmp_path, capsys):
@@ -227,7 +288,7 @@ def test_rule2_evaluate_never_overwrites_the_run(world, tmp_path, capsys):
     argv = ["evaluate", "--checkpoint", run / "last.pt", "--prepared-dir", world / "prepared", "--eager"]
     rc, out, _ = cli(argv, capsys)
     assert rc == 0 and (run / "evaluate_results.json").is_file()
-    assert {f: sha256_file(run / f) for f in before} == before               # training's baseline rows kept
+    assert {f: sha256_file(run / f) for f in before} == before  # training's baseline rows kept
     rc, _, err = cli(argv, capsys)
     assert rc == 2 and "evaluate_results.json already exists" in err and "--force" in err
     assert cli([*argv, "--force"], capsys)[0] == 0
@@ -239,15 +300,27 @@ def test_rule2_evaluate_root_keeps_a_cache_prepared_with_other_options(world, tm
     prepare("synthetic", out_dir=pdir / "synthetic", knn=4, progress=lambda s: None)
     manifest = sha256_file(pdir / "synthetic" / "manifest.json")
     assert cli([*TRAIN, "--data", pdir / "synthetic", "--out", tmp_path / "run"], capsys)[0] == 0
-    rc, _, err = cli(["evaluate", "--checkpoint", tmp_path / "run" / "last.pt", "--prepared-dir", pdir, "--eager"],
-                     capsys)
+    rc, _, err = cli(
+        ["evaluate", "--checkpoint", tmp_path / "run" / "last.pt", "--prepared-dir", pdir, "--eager"], capsys
+    )
     assert rc == 0, err
     assert sha256_file(pdir / "synthetic" / "manifest.json") == manifest
     # Now the cache holds other prepared data (the defaults): refused, and left as it is.
     prepare("synthetic", out_dir=pdir / "synthetic", progress=lambda s: None)
     manifest = sha256_file(pdir / "synthetic" / "manifest.json")
-    rc, _, err = cli(["evaluate", "--checkpoint", tmp_path / "run" / "last.pt", "--prepared-dir", pdir, "--eager",
-                      "--out", tmp_path / "e"], capsys)
+    rc, _, err = cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            tmp_path / "run" / "last.pt",
+            "--prepared-dir",
+            pdir,
+            "--eager",
+            "--out",
+            tmp_path / "e",
+        ],
+        capsys,
+    )
     assert rc == 2 and "not rebuilt with the preset's defaults" in err and "knn" in err
     assert sha256_file(pdir / "synthetic" / "manifest.json") == manifest
 
@@ -284,25 +357,50 @@ SET_CASES = [
 def test_rule4_set_values_are_typed_and_range_checked(tmp_path, capsys, override, fragment):
     rc, out, err = cli(["train", "--out", tmp_path / "run", "--set", override], capsys)
     assert rc == 2 and fragment in err, err
-    assert not (tmp_path / "run").exists()                  # refused before anything was made
+    assert not (tmp_path / "run").exists()  # refused before anything was made
 
 
 FLAG_CASES = [
-    ("evaluate --chunk-size 0", lambda w, t: ["evaluate", "--checkpoint", w / "run" / "last.pt", "--chunk-size", 0],
-     "--chunk-size=0: --chunk-size must be an int >= 1"),
-    ("evaluate --chunk-size -3", lambda w, t: ["evaluate", "--checkpoint", "x", "--chunk-size", -3],
-     "--chunk-size must be an int >= 1"),
-    ("evaluate --chunk-size abc", lambda w, t: ["evaluate", "--checkpoint", "x", "--chunk-size", "abc"],
-     "--chunk-size='abc'"),
-    ("prepare --knn 0", lambda w, t: ["prepare", "wiki", "--root", t, "--knn", 0], "--knn=0: --knn must be an int >= 1"),
-    ("prepare --vocab-size -5", lambda w, t: ["prepare", "wiki", "--root", t, "--vocab-size", -5],
-     "--vocab-size must be an int >= 1"),
-    ("search query --top-k 0", lambda w, t: ["search", "query", "--index", "i.pt", "--checkpoint", "c.pt",
-                                             "--text", "x", "--top-k", 0], "--top-k=0: --top-k must be an int >= 1"),
-    ("search index --batch-size 0", lambda w, t: ["search", "index", "--checkpoint", "c", "--side", "images",
-                                                  "--out", "o", "--batch-size", 0], "--batch-size must be an int >= 1"),
-    ("features images --batch-size 0", lambda w, t: ["features", "images", "--root", t, "--out", "o.npy",
-                                                     "--batch-size", 0], "--batch-size must be an int >= 1"),
+    (
+        "evaluate --chunk-size 0",
+        lambda w, t: ["evaluate", "--checkpoint", w / "run" / "last.pt", "--chunk-size", 0],
+        "--chunk-size=0: --chunk-size must be an int >= 1",
+    ),
+    (
+        "evaluate --chunk-size -3",
+        lambda w, t: ["evaluate", "--checkpoint", "x", "--chunk-size", -3],
+        "--chunk-size must be an int >= 1",
+    ),
+    (
+        "evaluate --chunk-size abc",
+        lambda w, t: ["evaluate", "--checkpoint", "x", "--chunk-size", "abc"],
+        "--chunk-size='abc'",
+    ),
+    (
+        "prepare --knn 0",
+        lambda w, t: ["prepare", "wiki", "--root", t, "--knn", 0],
+        "--knn=0: --knn must be an int >= 1",
+    ),
+    (
+        "prepare --vocab-size -5",
+        lambda w, t: ["prepare", "wiki", "--root", t, "--vocab-size", -5],
+        "--vocab-size must be an int >= 1",
+    ),
+    (
+        "search query --top-k 0",
+        lambda w, t: ["search", "query", "--index", "i.pt", "--checkpoint", "c.pt", "--text", "x", "--top-k", 0],
+        "--top-k=0: --top-k must be an int >= 1",
+    ),
+    (
+        "search index --batch-size 0",
+        lambda w, t: ["search", "index", "--checkpoint", "c", "--side", "images", "--out", "o", "--batch-size", 0],
+        "--batch-size must be an int >= 1",
+    ),
+    (
+        "features images --batch-size 0",
+        lambda w, t: ["features", "images", "--root", t, "--out", "o.npy", "--batch-size", 0],
+        "--batch-size must be an int >= 1",
+    ),
 ]
 
 
@@ -312,13 +410,16 @@ def test_rule3_cli_sizes_are_range_checked(world, tmp_path, capsys, case, argv, 
     assert rc == 2 and fragment in err, err
 
 
-@pytest.mark.parametrize("settings,fragment", [
-    ({"knn": 0}, "dataset.json: knn=0: knn must be an int >= 1"),
-    ({"knn": "8"}, "knn='8': knn must be an int >= 1"),
-    ({"knn": 2.5}, "knn=2.5"),
-    ({"vocab_size": -1}, "vocab_size=-1: vocab_size must be an int >= 1"),
-    ({"batch_size": 0}, "batch_size=0: batch_size must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "settings,fragment",
+    [
+        ({"knn": 0}, "dataset.json: knn=0: knn must be an int >= 1"),
+        ({"knn": "8"}, "knn='8': knn must be an int >= 1"),
+        ({"knn": 2.5}, "knn=2.5"),
+        ({"vocab_size": -1}, "vocab_size=-1: vocab_size must be an int >= 1"),
+        ({"batch_size": 0}, "batch_size=0: batch_size must be an int >= 1"),
+    ],
+)
 def test_rule4_dataset_json_is_range_checked(tmp_path, capsys, settings, fragment):
     root = write_custom(tmp_path / "c", settings)
     rc, _, err = cli(["prepare", "custom", "--root", root, "--out", tmp_path / "p"], capsys)
@@ -375,13 +476,13 @@ def test_rule5_damaged_cache_is_detected_and_rebuilt(world, tmp_path, capsys, ca
     shutil.copytree(world / "prepared" / "synthetic", cache)
     good = PreparedDataset.load(cache).fingerprint
     damage(cache / name)
-    if name != "manifest.json":                      # a given folder (--data) is refused, naming the problem
+    if name != "manifest.json":  # a given folder (--data) is refused, naming the problem
         rc, _, err = cli([*TRAIN, "--data", cache, "--out", tmp_path / "r"], capsys)
         assert rc == 2 and str(cache) in err and ("missing" in err or "sha256" in err or "corrupt" in err), err
-    rc, out, _ = cli(["prepare", "synthetic", "--out", cache], capsys)     # prepare rebuilds it
+    rc, out, _ = cli(["prepare", "synthetic", "--out", cache], capsys)  # prepare rebuilds it
     assert rc == 0 and "rebuilding" in out, out
     assert PreparedDataset.load(cache).fingerprint == good
-    damage(cache / name)                             # and the training load sequence does too
+    damage(cache / name)  # and the training load sequence does too
     rc, out, _ = cli([*TRAIN, "--prepared-dir", tmp_path, "--out", tmp_path / "r2"], capsys)
     assert rc == 0 and "rebuilding" in out
 
@@ -392,8 +493,18 @@ def test_rule5_nan_feature_cache_is_recomputed_not_blamed_on_images(tmp_path):
     import scanet.features as sf
     from scanet.features import extract_cached
 
-    spec = sf.ImageModelSpec("meancolour", 3, "test stand-in", 8, 1.0, "bilinear", (0.0,) * 3, (255.0,) * 3,
-                             lambda: (lambda x: x.mean(dim=(2, 3)), None), lambda: "stand-in-1")
+    spec = sf.ImageModelSpec(
+        "meancolour",
+        3,
+        "test stand-in",
+        8,
+        1.0,
+        "bilinear",
+        (0.0,) * 3,
+        (255.0,) * 3,
+        lambda: (lambda x: x.mean(dim=(2, 3)), None),
+        lambda: "stand-in-1",
+    )
     sf.IMAGE_MODELS[spec.name] = spec
     try:
         files = []
@@ -403,7 +514,7 @@ def test_rule5_nan_feature_cache_is_recomputed_not_blamed_on_images(tmp_path):
             files.append(f)
         out = tmp_path / "feats.npy"
         first = extract_cached(files, [f.name for f in files], out, "meancolour", progress=False, log=lambda s: None)
-        np.save(out, np.full_like(first.features, np.nan))       # the cache filled with NaN (bad disk, bad copy)
+        np.save(out, np.full_like(first.features, np.nan))  # the cache filled with NaN (bad disk, bad copy)
         logs = []
         again = extract_cached(files, [f.name for f in files], out, "meancolour", progress=False, log=logs.append)
         np.testing.assert_array_equal(again.features, first.features)
@@ -424,24 +535,41 @@ def test_rule5_nan_feature_cache_is_recomputed_not_blamed_on_images(tmp_path):
 
 # ============================================================================ rule 6: refused at preparation
 def _split(n, d, V=4, labels=None):
-    return Split([f"t{i}" for i in range(n)], [f"i{i}" for i in range(n)], sp.csr_matrix((n, V), dtype=np.float32),
-                 np.zeros((n, d), np.float32), np.zeros(n, np.int64) if labels is None else labels)
+    return Split(
+        [f"t{i}" for i in range(n)],
+        [f"i{i}" for i in range(n)],
+        sp.csr_matrix((n, V), dtype=np.float32),
+        np.zeros((n, d), np.float32),
+        np.zeros(n, np.int64) if labels is None else labels,
+    )
 
 
-@pytest.mark.parametrize("case,train,test,fragment", [
-    ("image widths differ", _split(4, 5), _split(3, 7), "train image features are 5-d but test image features are 7-d"),
-    ("bow narrower than vocab", _split(4, 5, V=3), _split(3, 5), "train bag-of-words has 3 columns for 4 words"),
-    ("label beyond the classes", _split(4, 5, labels=np.array([0, 1, 2, 5])), _split(3, 5),
-     "train labels lie in [0, 5] but there are 2 classes"),
-    ("negative label", _split(4, 5), _split(3, 5, labels=np.array([0, -1, 1])), "test labels lie in [-1, 1]"),
-    ("label kinds differ", _split(4, 5), _split(3, 5, labels=np.zeros((3, 2), bool)),
-     "different kinds"),
-    ("empty test split", _split(4, 5), _split(0, 5), "a split is empty"),
-])
+@pytest.mark.parametrize(
+    "case,train,test,fragment",
+    [
+        (
+            "image widths differ",
+            _split(4, 5),
+            _split(3, 7),
+            "train image features are 5-d but test image features are 7-d",
+        ),
+        ("bow narrower than vocab", _split(4, 5, V=3), _split(3, 5), "train bag-of-words has 3 columns for 4 words"),
+        (
+            "label beyond the classes",
+            _split(4, 5, labels=np.array([0, 1, 2, 5])),
+            _split(3, 5),
+            "train labels lie in [0, 5] but there are 2 classes",
+        ),
+        ("negative label", _split(4, 5), _split(3, 5, labels=np.array([0, -1, 1])), "test labels lie in [-1, 1]"),
+        ("label kinds differ", _split(4, 5), _split(3, 5, labels=np.zeros((3, 2), bool)), "different kinds"),
+        ("empty test split", _split(4, 5), _split(0, 5), "a split is empty"),
+    ],
+)
 def test_rule6_impossible_datasets_refused_when_made(case, train, test, fragment):
     with pytest.raises(ValueError, match="cannot be trained on") as e:
-        PreparedDataset("d", ["a", "b", "c", "d"], sp.identity(4, format="csr", dtype=np.float32), 2.0, ["x", "y"],
-                        train, test)
+        PreparedDataset(
+            "d", ["a", "b", "c", "d"], sp.identity(4, format="csr", dtype=np.float32), 2.0, ["x", "y"], train, test
+        )
     assert fragment in str(e.value), (case, str(e.value))
 
 
@@ -456,7 +584,7 @@ def test_rule6_saved_dataset_with_mismatched_widths_refused_before_training(worl
     arrays["test_images"] = np.zeros((len(ds.test), ds.image_dim + 3), np.float32)
     shutil.copytree(world / "prepared" / "synthetic", tmp_path / "d")
     np.savez(tmp_path / "d" / "arrays.npz", **arrays)
-    m = json.loads((tmp_path / "d" / "manifest.json").read_text())          # hashes made to agree: the data
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())  # hashes made to agree: the data
     m["outputs"]["arrays.npz"] = sha256_file(tmp_path / "d" / "arrays.npz")  # itself is what is impossible
     (tmp_path / "d" / "manifest.json").write_text(json.dumps(m))
     rc, out, err = cli([*TRAIN, "--data", tmp_path / "d", "--out", tmp_path / "r"], capsys)
@@ -466,13 +594,14 @@ def test_rule6_saved_dataset_with_mismatched_widths_refused_before_training(worl
 
 # ============================================================================ rule 7: no segfault
 def _csr(crow, col, V=3):
-    return torch.sparse_csr_tensor(torch.tensor(crow), torch.tensor(col), torch.ones(len(col)), (V, V),
-                                   check_invariants=False)
+    return torch.sparse_csr_tensor(
+        torch.tensor(crow), torch.tensor(col), torch.ones(len(col)), (V, V), check_invariants=False
+    )
 
 
 BAD_CSR = [
     ("column beyond V", [0, 1, 2, 3], [0, 1, 5], "column indices out of range [0, 3): min 0, max 5"),
-    ("huge column", [0, 1, 2, 3], [0, 1, 2 ** 40], "column indices out of range"),
+    ("huge column", [0, 1, 2, 3], [0, 1, 2**40], "column indices out of range"),
     ("negative column", [0, 1, 2, 3], [0, -1, 2], "column indices out of range"),
     ("crow jumps past nnz", [0, 5, 2, 3], [0, 1, 2], "malformed crow_indices"),
     ("crow decreasing", [0, 2, 1, 3], [0, 1, 2], "malformed crow_indices"),
@@ -491,8 +620,9 @@ def test_rule7_raw_csr_checked_by_every_cheb_conv(op, case, crow, col, fragment)
 
     if op == "native" and not scanet.native.available():
         pytest.skip(f"native backend not built here: {scanet.native.unavailable_reason()}")
-    fn = {"reference": scanet.reference.cheb_conv, "native": scanet.native.cheb_conv,
-          "fused": scanet.fused.cheb_conv}[op]
+    fn = {"reference": scanet.reference.cheb_conv, "native": scanet.native.cheb_conv, "fused": scanet.fused.cheb_conv}[
+        op
+    ]
     with pytest.raises(ValueError, match="laplacian_csr") as e:
         fn(_csr(crow, col), torch.randn(2, 3, 1), torch.randn(2, 1, 1))
     assert fragment in str(e.value), (case, str(e.value))
@@ -510,26 +640,26 @@ def test_rule7_checked_once_per_tensor_and_again_after_an_in_place_change():
     try:
         for _ in range(3):
             cheb_conv(L, x, w)
-        assert len(calls) == 1                                   # once for this tensor, not per call
-        L.col_indices()[2] = 7                                   # written in place: checked again, and refused
+        assert len(calls) == 1  # once for this tensor, not per call
+        L.col_indices()[2] = 7  # written in place: checked again, and refused
         with pytest.raises(ValueError, match="out of range"):
             cheb_conv(L, x, w)
-        L2 = _csr([0, 1, 2, 3], [0, 1, 2])                     # the fused path's operator: built once per tensor
+        L2 = _csr([0, 1, 2, 3], [0, 1, 2])  # the fused path's operator: built once per tensor
         op = lap.Laplacian.of(L2)
         assert lap.Laplacian.of(L2) is op
-        L2.values()[0] = 5.0                                     # new values: a new operator (symmetry, transpose)
+        L2.values()[0] = 5.0  # new values: a new operator (symmetry, transpose)
         assert lap.Laplacian.of(L2) is not op and float(lap.Laplacian.of(L2).values[0]) == 5.0
         layer = lap.Laplacian(sp.identity(3, format="csr", dtype=np.float32))
         n = len(calls)
         cheb_conv(layer, x, w)
-        assert len(calls) == n                                   # a Laplacian's CSR is born checked
+        assert len(calls) == n  # a Laplacian's CSR is born checked
     finally:
         lap.check_csr_indices = real
 
 
 LAPLACIAN_CORRUPTIONS = [
-    ("crow out of range", lambda m: m["laplacian.crow"].__setitem__(1, 10 ** 9), "malformed crow_indices"),
-    ("column out of range", lambda m: m["laplacian.col"].__setitem__(0, 10 ** 6), "column indices out of range"),
+    ("crow out of range", lambda m: m["laplacian.crow"].__setitem__(1, 10**9), "malformed crow_indices"),
+    ("column out of range", lambda m: m["laplacian.col"].__setitem__(0, 10**6), "column indices out of range"),
     ("crow truncated", lambda m: m.__setitem__("laplacian.crow", m["laplacian.crow"][:-5]), "malformed"),
     ("values missing", lambda m: m.__setitem__("laplacian.values", m["laplacian.values"][:-1]), "values"),
 ]
@@ -543,27 +673,39 @@ def test_rule7_evaluate_eager_on_a_corrupted_laplacian(world, tmp_path):
         corrupt(state["model"])
         atomic_torch_save(tmp_path / f"bad{k}.pt", state)
         paths.append(str(tmp_path / f"bad{k}.pt"))
-    code = ("import contextlib, io, json, sys, warnings; warnings.simplefilter('ignore')\n"
-            "from scanet.cli import main\nout = []\n"
-            f"for k, ckpt in enumerate({paths!r}):\n"
-            "    err = io.StringIO()\n    with contextlib.redirect_stderr(err):\n"
-            f"        rc = main(['evaluate', '--checkpoint', ckpt, '--prepared-dir', {str(world / 'prepared')!r}, "
-            f"'--eager', '--out', {str(tmp_path)!r} + f'/e{{k}}'])\n"
-            "    out.append([rc, err.getvalue()])\nprint(json.dumps(out))\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    code = (
+        "import contextlib, io, json, sys, warnings; warnings.simplefilter('ignore')\n"
+        "from scanet.cli import main\nout = []\n"
+        f"for k, ckpt in enumerate({paths!r}):\n"
+        "    err = io.StringIO()\n    with contextlib.redirect_stderr(err):\n"
+        f"        rc = main(['evaluate', '--checkpoint', ckpt, '--prepared-dir', {str(world / 'prepared')!r}, "
+        f"'--eager', '--out', {str(tmp_path)!r} + f'/e{{k}}'])\n"
+        "    out.append([rc, err.getvalue()])\nprint(json.dumps(out))\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
+    )
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
-    for (case, _, fragment), (rc, err) in zip(LAPLACIAN_CORRUPTIONS, json.loads(p.stdout.splitlines()[-1]), strict=True):
+    for (case, _, fragment), (rc, err) in zip(
+        LAPLACIAN_CORRUPTIONS, json.loads(p.stdout.splitlines()[-1]), strict=True
+    ):
         assert rc == 2 and "malformed Laplacian" in err and fragment in err, (case, rc, err)
 
 
 # ============================================================================ rule 8: errors name file + problem
-@pytest.mark.parametrize("case,target,fragment", [
-    ("train.tsv", "train.tsv", "train.tsv (list file) is not UTF-8 text: byte 0xe9 at line 2"),
-    ("vocab.txt", "vocab.txt", "vocab.txt (vocabulary) is not UTF-8 text"),
-    ("image_ids.txt", "image_ids.txt", "image_ids.txt (id list) is not UTF-8 text"),
-    ("dataset.json", "dataset.json", "dataset.json (settings) is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "case,target,fragment",
+    [
+        ("train.tsv", "train.tsv", "train.tsv (list file) is not UTF-8 text: byte 0xe9 at line 2"),
+        ("vocab.txt", "vocab.txt", "vocab.txt (vocabulary) is not UTF-8 text"),
+        ("image_ids.txt", "image_ids.txt", "image_ids.txt (id list) is not UTF-8 text"),
+        ("dataset.json", "dataset.json", "dataset.json (settings) is not UTF-8 text"),
+    ],
+)
 def test_rule8_non_utf8_files_named(tmp_path, capsys, case, target, fragment):
     root = write_custom(tmp_path / "c")
     p = root / target
@@ -599,7 +741,7 @@ def small_mount(tmp_path):
 
 def test_rule8_full_disk_during_checkpoint_write(world, tmp_path, capsys, small_mount, monkeypatch):
     out = small_mount("64k")
-    if out is None:                                  # no mount here: the same failure, patched into the write
+    if out is None:  # no mount here: the same failure, patched into the write
         import errno
 
         out = tmp_path / "full"
@@ -612,13 +754,13 @@ def test_rule8_full_disk_during_checkpoint_write(world, tmp_path, capsys, small_
     rc, _, err = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", out / "run"], capsys)
     assert rc == 2 and "no space left on the device" in err and ("last.pt" in err or "best.pt" in err), err
     assert "inline_container" not in err.split("no space left")[0]
-    assert not list((out / "run").glob("*.tmp"))                          # the partial file is removed
+    assert not list((out / "run").glob("*.tmp"))  # the partial file is removed
 
 
 def test_rule8_torch_writer_failure_on_a_full_disk_is_a_sentence(tmp_path, small_mount, monkeypatch):
     from scanet.io import atomic_torch_save as save
 
-    out = small_mount("64k") or tmp_path                       # patched: free space is what decides
+    out = small_mount("64k") or tmp_path  # patched: free space is what decides
     if out == tmp_path:
         monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1024))
 
@@ -642,22 +784,39 @@ def test_rule8_read_only_output_found_before_training(world, tmp_path, capsys, s
         ro = tmp_path / "ro"
         ro.mkdir()
         real_mkstemp = __import__("tempfile").mkstemp
-        monkeypatch.setattr("tempfile.mkstemp", lambda *a, **k: (_ for _ in ()).throw(
-            OSError(errno.EROFS, "Read-only file system")) if str(ro) in str(k.get("dir", "")) else real_mkstemp(*a, **k))
-    for argv in ([*TRAIN, "--prepared-dir", world / "prepared", "--out", ro / "run"],
-                 ["evaluate", "--checkpoint", world / "run" / "last.pt", "--prepared-dir", world / "prepared",
-                  "--out", ro / "eval"]):
+        monkeypatch.setattr(
+            "tempfile.mkstemp",
+            lambda *a, **k: (
+                (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system"))
+                if str(ro) in str(k.get("dir", ""))
+                else real_mkstemp(*a, **k)
+            ),
+        )
+    for argv in (
+        [*TRAIN, "--prepared-dir", world / "prepared", "--out", ro / "run"],
+        [
+            "evaluate",
+            "--checkpoint",
+            world / "run" / "last.pt",
+            "--prepared-dir",
+            world / "prepared",
+            "--out",
+            ro / "eval",
+        ],
+    ):
         rc, out, err = cli(argv, capsys)
         assert rc == 2 and "is not writable" in err and str(ro) in err, err
-        assert "epoch" not in out and "MAP" not in out                       # found before any work
+        assert "epoch" not in out and "MAP" not in out  # found before any work
 
 
 # ============================================================================ rule 9: leftovers cleaned
 def test_rule9_kill9_during_checkpoint_write_leaves_a_tmp_the_next_run_removes(world, tmp_path, capsys):
     run = fresh_run(world, tmp_path)
-    code = ("import os, signal, torch\nfrom scanet.io import atomic_write\n"
-            "def write(fh):\n    fh.write(b'x' * 300000); fh.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"atomic_write({str(run / 'last.pt')!r}, write)\n")
+    code = (
+        "import os, signal, torch\nfrom scanet.io import atomic_write\n"
+        "def write(fh):\n    fh.write(b'x' * 300000); fh.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"atomic_write({str(run / 'last.pt')!r}, write)\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
     assert p.returncode == -signal.SIGKILL
     left = list(run.glob("last.pt.*.tmp"))
@@ -666,7 +825,7 @@ def test_rule9_kill9_during_checkpoint_write_leaves_a_tmp_the_next_run_removes(w
     before = sha256_file(run / "last.pt")
     rc, out, _ = cli([*TRAIN, "--prepared-dir", world / "prepared", "--out", run, "--resume"], capsys)
     assert rc == 0 and f"removed {left[0]}" in out
-    assert not list(run.glob("*.tmp")) and sha256_file(run / "last.pt") == before   # the old checkpoint intact
+    assert not list(run.glob("*.tmp")) and sha256_file(run / "last.pt") == before  # the old checkpoint intact
 
 
 def test_rule9_a_live_writers_temporary_file_is_left_alone(tmp_path):

@@ -3,6 +3,7 @@
 Exactness checks use random float64 models (tests/helpers.py's make_model); the shortlist report and
 the CLI run end to end on the synthetic dataset with a tiny model trained here (3 epochs, 189 steps).
 """
+
 import dataclasses
 import json
 
@@ -64,14 +65,16 @@ def test_layer1_shortlist_is_the_exact_score_of_a_one_layer_model():
 
 def test_top_k_inner_product_in_chunks():
     gen = torch.Generator().manual_seed(3)
-    q, keys = torch.randn(5, 8, generator=gen, dtype=torch.float64), torch.randn(37, 8, generator=gen,
-                                                                                 dtype=torch.float64)
+    q, keys = (
+        torch.randn(5, 8, generator=gen, dtype=torch.float64),
+        torch.randn(37, 8, generator=gen, dtype=torch.float64),
+    )
     full = q @ keys.T
     for chunk in (1, 4, 37, 100):
         s, i = retrieve.top_k_inner_product(q, keys, 7, chunk=chunk)
         assert torch.equal(i, full.argsort(dim=1, descending=True)[:, :7])
         torch.testing.assert_close(s, full.gather(1, i))
-    s, i = retrieve.top_k_inner_product(q, keys, 100)         # k larger than the collection: all of it
+    s, i = retrieve.top_k_inner_product(q, keys, 100)  # k larger than the collection: all of it
     assert i.shape == (5, 37)
     with pytest.raises(ValueError, match="k must be >= 1"):
         retrieve.top_k_inner_product(q, keys, 0)
@@ -113,16 +116,18 @@ def trained(tmp_path_factory):
     preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, epochs=3, eval_every=0))
     train(preset, dataset, base / "run", progress=False, log=lambda *a: None)
     model, _ = load_model(base / "run" / "last.pt", dataset)
-    return dict(base=base, dataset=dataset, data=str(base / "prepared"), ckpt=str(base / "run" / "last.pt"),
-                model=model.eval())
+    return dict(
+        base=base, dataset=dataset, data=str(base / "prepared"), ckpt=str(base / "run" / "last.pt"), model=model.eval()
+    )
 
 
 def test_shortlist_report(trained):
     model, ds = trained["model"], trained["dataset"]
     texts = retrieve.encode_items(model, "text", ds.test.text_matrix())
     images = retrieve.encode_items(model, "image", ds.test.images)
-    report = retrieve.shortlist_report(model, texts, images, ds.test.labels, ds.test.labels, k=10,
-                                       shortlists=(10, 40, len(images)))
+    report = retrieve.shortlist_report(
+        model, texts, images, ds.test.labels, ds.test.labels, k=10, shortlists=(10, 40, len(images))
+    )
     rows = report["two_stage"]
     recalls = [r["recall_at_k"] for r in rows]
     assert recalls == sorted(recalls) and 0.0 < recalls[0] and recalls[-1] == 1.0
@@ -137,12 +142,14 @@ def test_shortlist_report(trained):
     with torch.no_grad():
         logits = reference.pair_logits(model, texts.features, images.features)
     assert report["exhaustive"]["map"] == pytest.approx(
-        mean_average_precision(logits, ds.test.labels, ds.test.labels), abs=1e-12)
-    assert report["exhaustive"]["map"] > 0.3          # well above chance (1/6): the model learned something
+        mean_average_precision(logits, ds.test.labels, ds.test.labels), abs=1e-12
+    )
+    assert report["exhaustive"]["map"] > 0.3  # well above chance (1/6): the model learned something
     back = retrieve.shortlist_report(model, images, texts, ds.test.labels, ds.test.labels, k=10, shortlists=(20,))
     assert back["direction"] == "image2text"
     assert back["exhaustive"]["map"] == pytest.approx(
-        mean_average_precision(logits.T, ds.test.labels, ds.test.labels), abs=1e-12)
+        mean_average_precision(logits.T, ds.test.labels, ds.test.labels), abs=1e-12
+    )
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +157,25 @@ def indexes(trained):
     out = {}
     for side in ("images", "texts"):
         path = trained["base"] / f"{side}.pt"
-        assert main(["search", "index", "--checkpoint", trained["ckpt"], "--data", trained["data"],
-                     "--side", side, "--split", "test", "--out", str(path)]) == 0
+        assert (
+            main(
+                [
+                    "search",
+                    "index",
+                    "--checkpoint",
+                    trained["ckpt"],
+                    "--data",
+                    trained["data"],
+                    "--side",
+                    side,
+                    "--split",
+                    "test",
+                    "--out",
+                    str(path),
+                ]
+            )
+            == 0
+        )
         out[side] = str(path)
     return out
 
@@ -169,8 +193,9 @@ def test_query_by_text_id_is_the_model_ranking(capsys, trained, indexes):
     res = json.loads(out)
     assert res["mode"] == "exhaustive" and res["query"]["class"] == ds.classes[ds.test.labels[5]]
     # rank by logits: a trained model's float32 similarities saturate to 1.0 and tie
-    logits = model.score_all(torch.as_tensor(ds.test.text_matrix()[5:6]), torch.as_tensor(ds.test.images),
-                             logits=True)[0]
+    logits = model.score_all(torch.as_tensor(ds.test.text_matrix()[5:6]), torch.as_tensor(ds.test.images), logits=True)[
+        0
+    ]
     sims = torch.sigmoid(logits)
     order = logits.argsort(descending=True, stable=True)[:7]
     assert [r["id"] for r in res["results"]] == [ds.test.image_ids[i] for i in order]
@@ -182,8 +207,9 @@ def test_query_by_image_id_and_table_output(capsys, trained, indexes):
     model, ds = trained["model"], trained["dataset"]
     rc, out, _ = query(capsys, trained, indexes["texts"], "--image-id", "te7", "--top-k", "5")
     assert rc == 0
-    logits = model.score_all(torch.as_tensor(ds.test.text_matrix()), torch.as_tensor(ds.test.images[7:8]),
-                             logits=True)[:, 0]
+    logits = model.score_all(torch.as_tensor(ds.test.text_matrix()), torch.as_tensor(ds.test.images[7:8]), logits=True)[
+        :, 0
+    ]
     sims = torch.sigmoid(logits)
     order = logits.argsort(descending=True, stable=True)[:5]
     lines = out.strip().splitlines()
@@ -198,8 +224,9 @@ def test_query_by_image_id_and_table_output(capsys, trained, indexes):
 def test_query_free_text(capsys, trained, indexes):
     model, ds = trained["model"], trained["dataset"]
     words = [w for w in ds.vocab if w.endswith("_t2")][:6]
-    rc, out, _ = query(capsys, trained, indexes["images"], "--text", " ".join(words + ["zebra", "Qwerty"]),
-                       "--top-k", "10")
+    rc, out, _ = query(
+        capsys, trained, indexes["images"], "--text", " ".join(words + ["zebra", "Qwerty"]), "--top-k", "10"
+    )
     assert rc == 0
     assert "unknown words (not in the model's vocabulary, ignored): qwerty, zebra" in out
     assert "(6 known words)" in out
@@ -207,8 +234,9 @@ def test_query_free_text(capsys, trained, indexes):
     res = json.loads(out)
     # the same text preparation as training: bag-of-words over the vocabulary, then text_features
     x = torch.as_tensor(text_features(bag_of_words([words], ds.vocab)))
-    order = model.score_all(x, torch.as_tensor(ds.test.images), logits=True)[0].argsort(descending=True,
-                                                                                         stable=True)[:10]
+    order = model.score_all(x, torch.as_tensor(ds.test.images), logits=True)[0].argsort(descending=True, stable=True)[
+        :10
+    ]
     assert [r["id"] for r in res["results"]] == [ds.test.image_ids[i] for i in order]
     # class-2 words find class-2 images (or their twins, class 3, whose images are close by design)
     assert sum(r["class"] in ("class2", "class3") for r in res["results"]) >= 7
@@ -246,8 +274,24 @@ def test_two_stage_query_and_contact_sheet(capsys, trained, indexes, tmp_path):
     (root / "images" / first["class"]).mkdir(parents=True)
     plt.imsave(root / "images" / first["class"] / f"{first['id']}.png", np.random.default_rng(0).random((12, 16, 3)))
     sheet = tmp_path / "sheet.png"
-    rc, out, _ = query(capsys, trained, indexes["images"], "--text-id", "te3", "--top-k", "5", "--shortlist",
-                       "60", "--stage1", "layer1", "--contact-sheet", str(sheet), "--root", str(root), "--json")
+    rc, out, _ = query(
+        capsys,
+        trained,
+        indexes["images"],
+        "--text-id",
+        "te3",
+        "--top-k",
+        "5",
+        "--shortlist",
+        "60",
+        "--stage1",
+        "layer1",
+        "--contact-sheet",
+        str(sheet),
+        "--root",
+        str(root),
+        "--json",
+    )
     assert rc == 0
     res = json.loads(out)
     assert res["mode"] == "two-stage (layer1 shortlist of 60)"
@@ -296,21 +340,40 @@ def test_model_hash_tracks_weights():
 
 # ----------------------------------------------------------------------------- FAISS beside the search index
 def test_faiss_index_beside_the_search_index_returns_the_exhaustive_top_k(capsys, trained, indexes, tmp_path):
-    pytest.importorskip("faiss")                   # in [dev]: the tests run it
+    pytest.importorskip("faiss")  # in [dev]: the tests run it
     from scanet.ann import ann_path_for
     from scanet.index import load_index
 
-    index = load_index(indexes["images"])         # built by the fixture with the default --ann auto: flat here
+    index = load_index(indexes["images"])  # built by the fixture with the default --ann auto: flat here
     assert index["ann"]["kind"] == "flat" and index["ann"]["stage1"] == "layer2-mean"
     assert ann_path_for(indexes["images"]).is_file() and index["reference_attention"]["text"].shape == (
-        index["common_dim"],)
+        index["common_dim"],
+    )
     hnsw = str(tmp_path / "hnsw.pt")
-    assert main(["search", "index", "--checkpoint", trained["ckpt"], "--data", trained["data"], "--side", "images",
-                 "--out", hnsw, "--ann", "hnsw"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "index",
+                "--checkpoint",
+                trained["ckpt"],
+                "--data",
+                trained["data"],
+                "--side",
+                "images",
+                "--out",
+                hnsw,
+                "--ann",
+                "hnsw",
+            ]
+        )
+        == 0
+    )
     assert "FAISS hnsw index of 200 layer2-mean vectors" in capsys.readouterr().out
     for qid in ("te0", "te3", "te11", "te42", "te150"):
-        rc, out, _ = query(capsys, trained, indexes["images"], "--text-id", qid, "--top-k", "10", "--shortlist", "0",
-                           "--json")
+        rc, out, _ = query(
+            capsys, trained, indexes["images"], "--text-id", qid, "--top-k", "10", "--shortlist", "0", "--json"
+        )
         exhaustive = json.loads(out)
         assert rc == 0 and exhaustive["mode"] == "exhaustive"
         for path, kind in ((indexes["images"], "flat"), (hnsw, "hnsw")):
@@ -319,11 +382,25 @@ def test_faiss_index_beside_the_search_index_returns_the_exhaustive_top_k(capsys
             assert rc == 0 and res["mode"] == f"two-stage (FAISS {kind} layer2-mean shortlist of 60)"
             assert [r["id"] for r in res["results"]] == [r["id"] for r in exhaustive["results"]], (qid, kind)
         # the flat FAISS shortlist is the exact GEMM shortlist of the same score
-        rc, out, _ = query(capsys, trained, indexes["images"], "--text-id", qid, "--top-k", "10", "--shortlist",
-                           "20", "--json")
+        rc, out, _ = query(
+            capsys, trained, indexes["images"], "--text-id", qid, "--top-k", "10", "--shortlist", "20", "--json"
+        )
         faiss_top = json.loads(out)
-        rc, out, _ = query(capsys, trained, indexes["images"], "--text-id", qid, "--top-k", "10", "--shortlist",
-                           "20", "--no-ann", "--stage1", "layer2-mean", "--json")
+        rc, out, _ = query(
+            capsys,
+            trained,
+            indexes["images"],
+            "--text-id",
+            qid,
+            "--top-k",
+            "10",
+            "--shortlist",
+            "20",
+            "--no-ann",
+            "--stage1",
+            "layer2-mean",
+            "--json",
+        )
         gemm_top = json.loads(out)
         assert gemm_top["mode"] == "two-stage (layer2-mean shortlist of 20)"
         assert [r["id"] for r in faiss_top["results"]] == [r["id"] for r in gemm_top["results"]]
@@ -337,8 +414,25 @@ def test_faiss_index_of_another_model_or_index_is_refused(capsys, trained, index
 
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     for path, kind in ((a, "flat"), (b, "hnsw")):
-        assert main(["search", "index", "--checkpoint", trained["ckpt"], "--data", trained["data"], "--side",
-                     "images", "--out", str(path), "--ann", kind]) == 0
+        assert (
+            main(
+                [
+                    "search",
+                    "index",
+                    "--checkpoint",
+                    trained["ckpt"],
+                    "--data",
+                    trained["data"],
+                    "--side",
+                    "images",
+                    "--out",
+                    str(path),
+                    "--ann",
+                    kind,
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
     # other weights: ANNIndex.load's model-hash check
     model, _ = load_model(trained["ckpt"], trained["dataset"])
@@ -357,8 +451,25 @@ def test_faiss_index_of_another_model_or_index_is_refused(capsys, trained, index
     assert rc == 2 and "which is missing" in err
     # --ann none: no FAISS index recorded, the exact GEMM shortlist
     c = tmp_path / "c.pt"
-    assert main(["search", "index", "--checkpoint", trained["ckpt"], "--data", trained["data"], "--side", "images",
-                 "--out", str(c), "--ann", "none"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "index",
+                "--checkpoint",
+                trained["ckpt"],
+                "--data",
+                trained["data"],
+                "--side",
+                "images",
+                "--out",
+                str(c),
+                "--ann",
+                "none",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert load_index(c)["ann"] is None and not c.with_suffix(".faiss").exists()
     rc, out, _ = query(capsys, trained, str(c), "--text-id", "te1", "--shortlist", "30", "--json")

@@ -1,4 +1,5 @@
 """The validation split: disjoint from test and from the remaining training items, stratified, seeded."""
+
 import numpy as np
 import pytest
 
@@ -14,9 +15,9 @@ def test_validation_split_is_disjoint_stratified_and_seeded():
     assert not set(val.text_ids) & set(ds.test.text_ids)
     counts = np.bincount(ds.train.labels)
     val_counts = np.bincount(val.labels, minlength=len(counts))
-    assert np.all(np.abs(val_counts - 0.1 * counts) <= 1)          # every class, its share
+    assert np.all(np.abs(val_counts - 0.1 * counts) <= 1)  # every class, its share
     tr2, val2 = carve_validation(ds.train, 0.1, seed=5)
-    assert val2.text_ids == val.text_ids                             # same seed, same split
+    assert val2.text_ids == val.text_ids  # same seed, same split
     _, val3 = carve_validation(ds.train, 0.1, seed=6)
     assert val3.text_ids != val.text_ids
     # rows travel together: the image of each validation item is the one it had in the training split
@@ -29,7 +30,7 @@ def test_validation_split_is_disjoint_stratified_and_seeded():
 def test_small_classes_keep_an_item_on_both_sides():
     labels = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2])
     keep, held = stratified_indices(labels, 0.1, 0)
-    assert set(labels[held]) == {0, 1}            # class 0 (2 items) gives one; class 2 (1 item) stays in training
+    assert set(labels[held]) == {0, 1}  # class 0 (2 items) gives one; class 2 (1 item) stays in training
     assert set(labels[keep]) == {0, 1, 2}
 
 

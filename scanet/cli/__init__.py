@@ -11,6 +11,7 @@ Verbs: each module of ``VERB_MODULES`` defines ``add_commands(subparsers)``, reg
 ``set_defaults(func=...)``; a new verb group is a new module here and one line in that list. Shared options
 and the checkpoint-then-dataset load sequence: scanet.cli._common.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ VERB_MODULES = (prepare, train, search, features)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scanet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scanet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in VERB_MODULES:
         module.add_commands(sub)
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, ImportError) as e:      # OSError: a full disk, a read-only folder, a missing file
+    except (ValueError, OSError, ImportError) as e:  # OSError: a full disk, a read-only folder, a missing file
         # An OSError we raised carries its sentence in strerror (str() would prefix "[Errno 28]").
         text = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None and len(e.args) == 2 else e
         print(f"scanet {args.command}: error: {text}", file=sys.stderr)

@@ -3,13 +3,15 @@
 (A module of its own rather than scanet/cli/__init__.py, so that the verb modules can import it while
 __init__ imports them.)
 """
+
 from __future__ import annotations
 
 import argparse
 
 
-def dataset_options(p: argparse.ArgumentParser, root_help: str = "raw data directory of the dataset "
-                                                               "(e.g. ../shared/data/wiki)") -> None:
+def dataset_options(
+    p: argparse.ArgumentParser, root_help: str = "raw data directory of the dataset (e.g. ../shared/data/wiki)"
+) -> None:
     p.add_argument("--root", help=root_help)
     p.add_argument("--data", help="an already prepared dataset folder (instead of --root)")
     p.add_argument("--prepared-dir", default="prepared", help="where prepared datasets are cached")
@@ -20,8 +22,9 @@ def load_dataset(args, preset, fingerprint: str | None = None):
     ``fingerprint``: a checkpoint's prepared data, which an existing cache must hold (never rebuilt over it)."""
     from scanet.data import dataset_for_preset
 
-    return dataset_for_preset(preset, data=args.data, root=args.root, prepared_dir=args.prepared_dir,
-                              fingerprint=fingerprint)
+    return dataset_for_preset(
+        preset, data=args.data, root=args.root, prepared_dir=args.prepared_dir, fingerprint=fingerprint
+    )
 
 
 def load_trained(args, preset_name: str | None = None, fused: bool = False):

@@ -1,4 +1,5 @@
 """``scanet features images|models|classify``: CNN image features from the command line (scanet.features)."""
+
 from __future__ import annotations
 
 import sys
@@ -33,8 +34,9 @@ def cmd_images(args) -> None:
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"--out must name a .npy file, got {out}")
-    res = extract_cached([root / n for n in names], names, out, args.model, args.batch_size,
-                         progress=not args.no_progress)
+    res = extract_cached(
+        [root / n for n in names], names, out, args.model, args.batch_size, progress=not args.no_progress
+    )
     _, report_path = _paths_next_to(out)
     if res.notes:
         print(f"{len(res.notes)} files needed a conversion (see {report_path}), e.g.:")
@@ -45,9 +47,11 @@ def cmd_images(args) -> None:
         for n, why in list(res.failed.items())[:20]:
             print(f"  {n}: {why}", file=sys.stderr)
         if not args.allow_failures:
-            raise ValueError(f"{len(res.failed)} images could not be read (report: {report_path}); pass "
-                             "--allow-failures to write features for the others (the manifest's 'rows' says "
-                             "which file each row is)")
+            raise ValueError(
+                f"{len(res.failed)} images could not be read (report: {report_path}); pass "
+                "--allow-failures to write features for the others (the manifest's 'rows' says "
+                "which file each row is)"
+            )
     print(f"{out}: {res.features.shape[0]} x {res.features.shape[1]} float32 ({args.model})")
 
 
@@ -63,8 +67,10 @@ def cmd_classify(args) -> None:
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("features", help="CNN image features (EfficientNet-Lite0; VGG-19/ResNet-50 "
-                                               "where torchvision and its weights exist)")
+    p = subparsers.add_parser(
+        "features",
+        help="CNN image features (EfficientNet-Lite0; VGG-19/ResNet-50 where torchvision and its weights exist)",
+    )
     sub = p.add_subparsers(dest="features_command", required=True)
     q = sub.add_parser("images", help="features of every image under --root (cached, with a failure report)")
     q.add_argument("--root", required=True, help="folder of images (searched recursively)")
@@ -72,8 +78,12 @@ def add_commands(subparsers) -> None:
     q.add_argument("--model", default=DEFAULT_MODEL, choices=list(IMAGE_MODELS))
     q.add_argument("--batch-size", type=flag_type(int, "--batch-size", lo=1), default=32)
     q.add_argument("--list", help="a file of image paths relative to --root, one a line (default: every image)")
-    q.add_argument("--allow-failures", "--allow-missing", action="store_true",
-                   help="write features for the readable images even if some are missing or unreadable")
+    q.add_argument(
+        "--allow-failures",
+        "--allow-missing",
+        action="store_true",
+        help="write features for the readable images even if some are missing or unreadable",
+    )
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_images)
     q = sub.add_parser("models", help="list the extractors and whether they can run here")

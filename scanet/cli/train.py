@@ -1,4 +1,5 @@
 """``scanet train`` and ``scanet evaluate``: training runs and checkpoint evaluation, results as JSON + PNG."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ def _baseline_scorers(dataset, root) -> dict:
 
     rows = {"CCA (bag-of-words SVD-100, same image features)": cca_split_scorer(dataset, "bow")}
     if dataset.train.labels.ndim == 1:
-        rows["semantic matching (logistic regression per modality, same features)"] = \
-            semantic_matching_split_scorer(dataset)
+        rows["semantic matching (logistic regression per modality, same features)"] = semantic_matching_split_scorer(
+            dataset
+        )
     if dataset.name == "wiki" and root and (Path(root) / "raw_features.mat").is_file():
         from scanet.data.wiki import read_raw_features
 
@@ -49,12 +51,22 @@ def _write_results(out: Path, reports: dict, extra: dict, stem: str = "") -> Non
     for pname, proto in PROTOCOLS.items():
         rows = {name: r["protocols"][pname] for name, r in reports.items() if pname in r.get("protocols", {})}
         if rows:
-            tables[pname] = {"label": proto.label, "metric": proto.metric,
-                             "rows": {name: {"text2image": r["text2image"][proto.metric],
-                                             "image2text": r["image2text"][proto.metric], "mean": r["mean"]}
-                                      for name, r in rows.items()}}
-    table = {name: {"text2image": r["text2image"]["map"], "image2text": r["image2text"]["map"],
-                    "mean": r["mean_map"]} for name, r in reports.items()}
+            tables[pname] = {
+                "label": proto.label,
+                "metric": proto.metric,
+                "rows": {
+                    name: {
+                        "text2image": r["text2image"][proto.metric],
+                        "image2text": r["image2text"][proto.metric],
+                        "mean": r["mean"],
+                    }
+                    for name, r in rows.items()
+                },
+            }
+    table = {
+        name: {"text2image": r["text2image"]["map"], "image2text": r["image2text"]["map"], "mean": r["mean_map"]}
+        for name, r in reports.items()
+    }
     text = json.dumps({"map": table, "protocols": tables, **extra, "reports": reports}, indent=1)
     atomic_write(out / f"{stem}results.json", lambda fh: fh.write(text.encode()))
     plot_pr_curves(reports, out / f"{stem}pr_curves.png", title=extra.get("dataset", ""))
@@ -72,7 +84,7 @@ def cmd_train(args) -> None:
     try:
         _train_run(args)
     finally:
-        sd.destroy()                      # under torchrun: leave the process group (a no-op for one process)
+        sd.destroy()  # under torchrun: leave the process group (a no-op for one process)
 
 
 def _train_run(args) -> None:
@@ -85,34 +97,54 @@ def _train_run(args) -> None:
     overrides = (args.set or []) + ([f"precision={args.precision}"] if args.precision else [])
     preset = apply_overrides(get_preset(args.preset or ("wiki" if args.root else "synthetic")), overrides)
     check_precision(preset.train.precision)
-    sd.init_from_env(args.device)         # torchrun: join the group (train() finds it joined)
-    out = check_writable(args.out or Path("runs") / preset.name, "run folder")    # before preparing data
+    sd.init_from_env(args.device)  # torchrun: join the group (train() finds it joined)
+    out = check_writable(args.out or Path("runs") / preset.name, "run folder")  # before preparing data
     if not sd.is_main():
-        sd.barrier()                      # rank 0 prepares (and caches) the dataset, then the others read it
+        sd.barrier()  # rank 0 prepares (and caches) the dataset, then the others read it
     dataset = load_dataset(args, preset)
     if sd.is_main():
         sd.barrier()
     t0 = time.perf_counter()
     fused = use_fused(args)
     if sd.is_main():
-        print(f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}, "
-              f"precision {preset.train.precision}")
-    result = train(preset, dataset, out, device=args.device, fused=fused, resume=args.resume,
-                   compile=args.compile, cuda_graphs=args.cuda_graphs, force=args.force)
+        print(
+            f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}, "
+            f"precision {preset.train.precision}"
+        )
+    result = train(
+        preset,
+        dataset,
+        out,
+        device=args.device,
+        fused=fused,
+        resume=args.resume,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        force=args.force,
+    )
     wall = time.perf_counter() - t0
-    if not sd.is_main():                  # under torchrun rank 0 alone writes the results
+    if not sd.is_main():  # under torchrun rank 0 alone writes the results
         return
     reports = {"SCANet": result["report"]}
     if not args.no_baseline:
         reports.update(_baseline_rows(dataset, args.root, "both"))
-    _write_results(out, reports, {"dataset": dataset.name, "preset": preset.name, "epochs": preset.train.epochs,
-                                  "selected_epoch": result["selected_epoch"],
-                                  "selected_by": result["report"]["selected_by"],
-                                  "precision": preset.train.precision, "train_wall_seconds": wall,
-                                  "seconds_per_epoch": [h["epoch_seconds"] for h in result["history"]]})
+    _write_results(
+        out,
+        reports,
+        {
+            "dataset": dataset.name,
+            "preset": preset.name,
+            "epochs": preset.train.epochs,
+            "selected_epoch": result["selected_epoch"],
+            "selected_by": result["report"]["selected_by"],
+            "precision": preset.train.precision,
+            "train_wall_seconds": wall,
+            "seconds_per_epoch": [h["epoch_seconds"] for h in result["history"]],
+        },
+    )
 
 
-EVALUATE_STEM = "evaluate_"     # scanet evaluate writes evaluate_results.json: never the run's results.json
+EVALUATE_STEM = "evaluate_"  # scanet evaluate writes evaluate_results.json: never the run's results.json
 
 
 def cmd_evaluate(args) -> None:
@@ -125,17 +157,28 @@ def cmd_evaluate(args) -> None:
     out = check_writable(args.out or Path(args.checkpoint).parent, "output folder")
     targets = [out / f"{EVALUATE_STEM}results.json", out / f"{EVALUATE_STEM}pr_curves.png"]
     if not args.force and any(t.exists() for t in targets):
-        raise ValueError(f"{targets[0]} already exists (an earlier evaluation); --force overwrites it, or choose "
-                         "another --out")
+        raise ValueError(
+            f"{targets[0]} already exists (an earlier evaluation); --force overwrites it, or choose another --out"
+        )
     model, state, dataset = load_trained(args, fused=use_fused(args))
     report, _ = evaluate_model(model, dataset, "test", args.chunk_size, progress=True, precision=args.precision)
-    report["protocols"] = evaluate_protocols(model_scorer(model, args.chunk_size, precision=args.precision), dataset,
-                                             args.protocol)
+    report["protocols"] = evaluate_protocols(
+        model_scorer(model, args.chunk_size, precision=args.precision), dataset, args.protocol
+    )
     reports = {"SCANet": report}
     if args.baseline:
         reports.update(_baseline_rows(dataset, args.root, args.protocol))
-    _write_results(out, reports, {"dataset": dataset.name, "checkpoint": str(args.checkpoint),
-                                  "epoch": state["epoch"], "precision": args.precision}, stem=EVALUATE_STEM)
+    _write_results(
+        out,
+        reports,
+        {
+            "dataset": dataset.name,
+            "checkpoint": str(args.checkpoint),
+            "epoch": state["epoch"],
+            "precision": args.precision,
+        },
+        stem=EVALUATE_STEM,
+    )
 
 
 def add_commands(sub) -> None:
@@ -144,33 +187,61 @@ def add_commands(sub) -> None:
     dataset_options(p)
     p.add_argument("--out", help="run folder (default runs/<preset>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. epochs=10")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (a larger --set epochs= "
-                                                         "extends a finished run; other changes are refused)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt (a larger --set epochs= extends a finished run; other changes are refused)",
+    )
     p.add_argument("--force", action="store_true", help="replace a run already in OUT (default: refuse)")
-    module_options(p, "use the fused modules of scanet.fused (default: on CUDA, and on CPU when the native "
-                      "backend is built)", "use the eager modules of scanet.model")
+    module_options(
+        p,
+        "use the fused modules of scanet.fused (default: on CUDA, and on CPU when the native backend is built)",
+        "use the eager modules of scanet.model",
+    )
     p.add_argument("--compile", action="store_true", help="run the training step under torch.compile")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="capture the whole training step in a CUDA graph (CUDA only; drops each epoch's partial batch)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="forward passes under torch.autocast in bf16/fp16 (sets train.precision; default: the "
-                        "preset's, fp32); parameters, optimizer state, softmax statistics and the loss stay fp32")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture the whole training step in a CUDA graph (CUDA only; drops each epoch's partial batch)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="forward passes under torch.autocast in bf16/fp16 (sets train.precision; default: the "
+        "preset's, fp32); parameters, optimizer state, softmax statistics and the loss stay fp32",
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the CCA baseline")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="MAP of a checkpoint on the test split (JSON + PR-curve PNG)")
     p.add_argument("--checkpoint", required=True)
     dataset_options(p)
-    p.add_argument("--out", help="output folder of evaluate_results.json / evaluate_pr_curves.png (default: the "
-                                 "checkpoint's; the training run's results.json is never touched)")
+    p.add_argument(
+        "--out",
+        help="output folder of evaluate_results.json / evaluate_pr_curves.png (default: the "
+        "checkpoint's; the training run's results.json is never touched)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an earlier evaluation's files")
     module_options(p, "fused modules (default: auto, as for train)", "eager modules")
-    p.add_argument("--chunk-size", type=arg_type(TrainConfig, "score_chunk", "--chunk-size"), default=64,
-                   help="texts scored at a time (bounds memory)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="score under torch.autocast in bf16/fp16 (the logits stay fp32; default fp32)")
+    p.add_argument(
+        "--chunk-size",
+        type=arg_type(TrainConfig, "score_chunk", "--chunk-size"),
+        default=64,
+        help="texts scored at a time (bounds memory)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="score under torch.autocast in bf16/fp16 (the logits stay fp32; default fp32)",
+    )
     p.add_argument("--baseline", action="store_true", help="also run the CCA baseline")
-    p.add_argument("--protocol", choices=("standard", "paper", "both"), default="both",
-                   help="standard: test queries vs test candidates, MAP@all (+MAP@50); paper: test queries vs "
-                        "training candidates, MAP@100 / relevant retrieved (the authors' group's code); default both")
+    p.add_argument(
+        "--protocol",
+        choices=("standard", "paper", "both"),
+        default="both",
+        help="standard: test queries vs test candidates, MAP@all (+MAP@50); paper: test queries vs "
+        "training candidates, MAP@100 / relevant retrieved (the authors' group's code); default both",
+    )
     p.set_defaults(func=cmd_evaluate)

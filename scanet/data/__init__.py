@@ -4,6 +4,7 @@
 ``prepare(name, ...)`` is the checked entry point and ``dataset_for_preset`` the one load sequence of the
 command line (an already prepared folder, else prepare the preset's dataset, cached).
 """
+
 import importlib
 import inspect
 from pathlib import Path
@@ -34,7 +35,7 @@ PREPARERS = {
 }
 DESCRIPTIONS = {
     "wiki": "Eng-Wiki (Rasiwasia et al. 2010): *_txt_img_cat.list, texts/*.xml, raw_features.mat "
-            "(or the labelled wikiData.mat)",
+    "(or the labelled wikiData.mat)",
     "synthetic": "an embedded toy dataset (no --root)",
     "webnews": "Chinese web news: *_txt_img_cat.list, categories.list, texts/*.txt, images/<class>/",
     "custom": "any folder in the documented format (docs/custom_format.md): train.tsv, test.tsv, ...",
@@ -51,7 +52,7 @@ def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
         raise ValueError(f"dataset {name!r} needs --root DIR (its raw data)")
     from scanet.config import Preset, check_field
 
-    for key in ("vocab_size", "knn"):                 # the Preset fields' bounds, whoever calls
+    for key in ("vocab_size", "knn"):  # the Preset fields' bounds, whoever calls
         if options.get(key) is not None:
             options[key] = check_field(Preset("", ""), key, options[key], where="prepare option ")
     known = preparer_options(name)
@@ -61,7 +62,7 @@ def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
     return PREPARERS[name](root, out_dir, **options)
 
 
-ANY_OPTION: list[str] = []   # a preparer that takes **params checks them itself (synthetic)
+ANY_OPTION: list[str] = []  # a preparer that takes **params checks them itself (synthetic)
 
 
 def preparer_options(name: str) -> list[str]:
@@ -70,12 +71,16 @@ def preparer_options(name: str) -> list[str]:
     params = list(inspect.signature(mod.prepare).parameters.values())
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return ANY_OPTION
-    return [p.name for p in params if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty)
-            and p.name not in ("out_dir", "progress", "log")]
+    return [
+        p.name
+        for p in params
+        if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty) and p.name not in ("out_dir", "progress", "log")
+    ]
 
 
-def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared", fingerprint: str | None = None
-                       ) -> PreparedDataset:
+def dataset_for_preset(
+    preset, data=None, root=None, prepared_dir="prepared", fingerprint: str | None = None
+) -> PreparedDataset:
     """The dataset a preset trains on: the prepared folder ``data`` if given, else its raw data at ``root``
     prepared (cached) into ``prepared_dir/<dataset>`` with the preset's vocabulary size and kNN.
 
@@ -90,8 +95,10 @@ def dataset_for_preset(preset, data=None, root=None, prepared_dir="prepared", fi
         try:
             return PreparedDataset.load(out)
         except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"{e}. It holds the checkpoint's prepared data: prepare it again with the options "
-                             f"it was made with (parameters {params})") from e
+            raise ValueError(
+                f"{e}. It holds the checkpoint's prepared data: prepare it again with the options "
+                f"it was made with (parameters {params})"
+            ) from e
     if preset.dataset == "synthetic":
         return prepare("synthetic", out_dir=out)
     if not root:
@@ -110,11 +117,15 @@ def _cache_of_checkpoint(out: Path, fingerprint: str) -> dict:
     try:
         have = json.loads(read_text(out / "manifest.json", "prepared-data manifest"))
     except (ValueError, OSError) as e:
-        raise ValueError(f"{out}/manifest.json is unreadable ({e}); prepare the data again with the options of the "
-                         "training run, or pass --data") from None
+        raise ValueError(
+            f"{out}/manifest.json is unreadable ({e}); prepare the data again with the options of the "
+            "training run, or pass --data"
+        ) from None
     if have.get("fingerprint") != fingerprint:
-        raise ValueError(f"{out} holds prepared data {have.get('fingerprint')} (parameters {have.get('params')}) "
-                         f"but the checkpoint was trained on prepared data {fingerprint}; it is not rebuilt with "
-                         "the preset's defaults over your cache. Pass --data with the training run's prepared "
-                         "folder, or --prepared-dir with another folder to prepare into")
+        raise ValueError(
+            f"{out} holds prepared data {have.get('fingerprint')} (parameters {have.get('params')}) "
+            f"but the checkpoint was trained on prepared data {fingerprint}; it is not rebuilt with "
+            "the preset's defaults over your cache. Pass --data with the training run's prepared "
+            "folder, or --prepared-dir with another folder to prepare into"
+        )
     return have.get("params")

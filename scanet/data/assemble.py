@@ -6,6 +6,7 @@ not), the word graph over the vocabulary, the splits, and the preparation report
     write_report(out_dir, report, log)  <out>/preparation_report.json (after a build; a cache hit keeps it)
     assemble(...)                       vocabulary vectors -> kNN word graph -> Splits -> PreparedDataset
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ from scanet.data.prepared import PreparedDataset, Split
 REPORT_NAME = "preparation_report.json"
 
 
-def partition(items: dict[str, list], reason_of: Callable[[Any], str | None],
-              describe: Callable[[Any], dict] | None = None) -> tuple[dict[str, list], list[dict]]:
+def partition(
+    items: dict[str, list], reason_of: Callable[[Any], str | None], describe: Callable[[Any], dict] | None = None
+) -> tuple[dict[str, list], list[dict]]:
     """Split each split's items into kept (``reason_of(item)`` is None) and excluded records
     {split, text_id, image_id, **describe(item), reason}."""
     kept: dict[str, list] = {}
@@ -34,8 +36,15 @@ def partition(items: dict[str, list], reason_of: Callable[[Any], str | None],
             if why is None:
                 kept[split].append(it)
             else:
-                excluded.append({"split": split, "text_id": it.text_id, "image_id": it.image_id,
-                                 **(describe(it) if describe else {}), "reason": why})
+                excluded.append(
+                    {
+                        "split": split,
+                        "text_id": it.text_id,
+                        "image_id": it.image_id,
+                        **(describe(it) if describe else {}),
+                        "reason": why,
+                    }
+                )
     return kept, excluded
 
 
@@ -44,8 +53,10 @@ def counts(items: dict[str, list], kept: dict[str, list]) -> dict:
 
 
 def log_exclusions(report: dict, log=print) -> None:
-    log(f"entries: train {report['entries']['train']}, test {report['entries']['test']}; kept: "
-        f"train {report['kept']['train']}, test {report['kept']['test']}; {len(report['excluded'])} excluded")
+    log(
+        f"entries: train {report['entries']['train']}, test {report['entries']['test']}; kept: "
+        f"train {report['kept']['train']}, test {report['kept']['test']}; {len(report['excluded'])} excluded"
+    )
     for x in report["excluded"]:
         label = f" ({x['label']})" if "label" in x else ""
         log(f"  excluded {x['split']} {x['text_id']}{label}: {x['reason']}")
@@ -62,13 +73,22 @@ def write_report(out_dir: Path, report: dict, log=print) -> Path:
     return path
 
 
-def assemble(name: str, vocab: list[str], word_vectors, classes: list[str], parts: dict[str, tuple],
-             knn: int, lmax, progress=print) -> PreparedDataset:
+def assemble(
+    name: str,
+    vocab: list[str],
+    word_vectors,
+    classes: list[str],
+    parts: dict[str, tuple],
+    knn: int,
+    lmax,
+    progress=print,
+) -> PreparedDataset:
     """The prepared dataset: the ``knn``-NN word graph of the vocabulary's vectors, and per split ("train",
     "test") ``parts[split] = (text_ids, image_ids, bow, image_features, labels)``."""
-    progress(f"vocabulary: {len(vocab)} words with a vector in {word_vectors.name}; building the {knn}-NN "
-             "word graph")
+    progress(f"vocabulary: {len(vocab)} words with a vector in {word_vectors.name}; building the {knn}-NN word graph")
     lap, lm = word_graph(word_vectors.lookup(vocab), knn, lmax)
-    splits = {k: Split(list(t), list(i), bow, np.ascontiguousarray(img, dtype=np.float32), labels)
-              for k, (t, i, bow, img, labels) in parts.items()}
+    splits = {
+        k: Split(list(t), list(i), bow, np.ascontiguousarray(img, dtype=np.float32), labels)
+        for k, (t, i, bow, img, labels) in parts.items()
+    }
     return PreparedDataset(name, vocab, lap, lm, classes, splits["train"], splits["test"])

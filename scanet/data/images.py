@@ -4,6 +4,7 @@ real releases noted), and finding an item's image or text file for display.
 Used by the dataset preparers (scanet.data.*), the feature extractor (scanet.features) and contact sheets
 (scanet.plots). Imports only scanet.io.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,9 +13,17 @@ from pathlib import Path
 from scanet.io import sha256_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-FORMAT_OF_EXTENSION = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF",
-                       ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
-SHEET_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")    # what a contact sheet looks for
+FORMAT_OF_EXTENSION = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+}
+SHEET_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")  # what a contact sheet looks for
 
 
 def list_images(root: str | Path) -> list[str]:
@@ -25,8 +34,9 @@ def list_images(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def image_id_of(relpath: str) -> str:
@@ -47,12 +57,13 @@ class ImageChoice:
     """Which file stands for an image id, and what was odd about it (for the preparation report)."""
 
     image_id: str
-    path: str | None                       # relative to the images folder; None: no file
+    path: str | None  # relative to the images folder; None: no file
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_image(index: dict[str, list[str]], image_id: str, images_dir: str | Path,
-                  preferred_folder: str | None = None) -> ImageChoice:
+def resolve_image(
+    index: dict[str, list[str]], image_id: str, images_dir: str | Path, preferred_folder: str | None = None
+) -> ImageChoice:
     """The file for ``image_id`` in an ``index_images`` index, with notes on the quirks met:
 
     * a space before the extension (``"22 .jpg"``): used, noted;
@@ -71,13 +82,20 @@ def resolve_image(index: dict[str, list[str]], image_id: str, images_dir: str | 
         others = [p for p in paths if p != chosen]
         h = sha256_file(Path(images_dir) / chosen)
         same = ["identical copy" if sha256_file(Path(images_dir) / p) == h else "DIFFERENT content" for p in others]
-        why = (f"the copy in the item's class folder {preferred_folder!r} is used" if preferred else
-               "no copy in the item's class folder: the first in sorted order is used")
-        choice.notes.append(f"id found in {len(paths)} places; {why}: {chosen}; also "
-                            + ", ".join(f"{p} ({s})" for p, s in zip(others, same, strict=True)))
+        why = (
+            f"the copy in the item's class folder {preferred_folder!r} is used"
+            if preferred
+            else "no copy in the item's class folder: the first in sorted order is used"
+        )
+        choice.notes.append(
+            f"id found in {len(paths)} places; {why}: {chosen}; also "
+            + ", ".join(f"{p} ({s})" for p, s in zip(others, same, strict=True))
+        )
     elif preferred_folder is not None and not preferred:
-        choice.notes.append(f"image is in folder {Path(chosen).parent.name!r}, not in the item's class folder "
-                            f"{preferred_folder!r}: used anyway")
+        choice.notes.append(
+            f"image is in folder {Path(chosen).parent.name!r}, not in the item's class folder "
+            f"{preferred_folder!r}: used anyway"
+        )
     if Path(chosen).stem != Path(chosen).stem.strip():
         choice.notes.append(f"file name has spaces around the id: {chosen!r}")
     choice.path = chosen

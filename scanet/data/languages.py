@@ -11,6 +11,7 @@ Word vectors for the word graph are looked up by ``embeddings_for(language, spec
 trains on the corpus (the default where no pretrained vectors fit the language: GloVe 6B is English only),
 "glove-6b-50d" or a vector-file path load pretrained ones.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,14 +34,16 @@ _HAS_LETTER = re.compile(r"[^\W\d_]")
 # Multi-character Chinese function words (pronouns, conjunctions, auxiliaries, time deictics) that carry no
 # topic; single characters (的, 了, 在, 是, ...) are dropped by length already. Deliberately short: the vocabulary
 # keeps the most frequent remaining words, and news boilerplate (记者, 新华社) is left to the data.
-CHINESE_FUNCTION_WORDS = frozenset("""
+CHINESE_FUNCTION_WORDS = frozenset(
+    """
 我们 你们 他们 她们 它们 咱们 自己 大家 这个 那个 这些 那些 这样 那样 这种 那种 这里 那里 这儿 那儿 这么 那么
 一个 一些 一种 一样 一直 一定 一起 一方面 没有 不是 就是 还是 但是 可是 而且 并且 或者 以及 因为 所以 因此 如果
 虽然 然而 然后 而是 只是 不过 于是 即使 尽管 除了 其中 其他 其它 另外 此外 同时 通过 对于 关于 根据 由于 为了
 按照 随着 已经 曾经 正在 将要 可以 可能 能够 应该 需要 必须 进行 表示 认为 指出 目前 现在 当时 以后 以前 之后
 之前 之间 之一 以上 以下 以来 等等 什么 怎么 怎样 如何 为什么 哪些 多少 非常 十分 更加 比较 特别 进一步 不断
 还有 也是 都是 不会 不能 只有 所有 任何 每个 各种 有关 相关
-""".split())
+""".split()
+)
 
 
 def _jieba_tokenizer():
@@ -48,12 +51,13 @@ def _jieba_tokenizer():
         import jieba
     except ImportError as e:
         raise ImportError("Chinese text needs the jieba segmenter: pip install jieba") from e
-    jieba.setLogLevel(logging.WARNING)          # its dictionary-loading chatter goes to stderr otherwise
-    return jieba.Tokenizer()                    # its own instance: the default dictionary, no global state
+    jieba.setLogLevel(logging.WARNING)  # its dictionary-loading chatter goes to stderr otherwise
+    return jieba.Tokenizer()  # its own instance: the default dictionary, no global state
 
 
-def chinese_tokenizer(stopwords: Iterable[str] = CHINESE_FUNCTION_WORDS, min_cjk_chars: int = 2
-                      ) -> Callable[[str], list[str]]:
+def chinese_tokenizer(
+    stopwords: Iterable[str] = CHINESE_FUNCTION_WORDS, min_cjk_chars: int = 2
+) -> Callable[[str], list[str]]:
     """jieba segmentation (precise mode, HMM for unknown words) of NFKC-normalized text, keeping
 
     * words with at least ``min_cjk_chars`` CJK characters (single characters are mostly function words,
@@ -87,8 +91,9 @@ def whitespace_tokenizer(stopwords: Iterable[str] = ()) -> Callable[[str], list[
     stop = frozenset(stopwords)
 
     def tokenize(text: str) -> list[str]:
-        return [w for w in unicodedata.normalize("NFKC", text).lower().split()
-                if w not in stop and _HAS_LETTER.search(w)]
+        return [
+            w for w in unicodedata.normalize("NFKC", text).lower().split() if w not in stop and _HAS_LETTER.search(w)
+        ]
 
     return tokenize
 
@@ -100,8 +105,10 @@ def tokenizer_for(language: str, stopwords: Iterable[str] | None = None) -> Call
         return chinese_tokenizer(CHINESE_FUNCTION_WORDS if stopwords is None else stopwords)
     if language == "whitespace":
         return whitespace_tokenizer(stopwords or ())
-    raise ValueError(f"unknown language {language!r}; known: {', '.join(LANGUAGES)} "
-                     "(use 'whitespace' for text already split into words)")
+    raise ValueError(
+        f"unknown language {language!r}; known: {', '.join(LANGUAGES)} "
+        "(use 'whitespace' for text already split into words)"
+    )
 
 
 def tokenizer_version(language: str) -> str:
@@ -109,8 +116,15 @@ def tokenizer_version(language: str) -> str:
     return {"en": "english-v1", "zh": "jieba-0.42-v1", "whitespace": "whitespace-v1"}[language]
 
 
-def train_word2vec(docs: Sequence[Sequence[str]], dim: int = 100, window: int = 5, min_count: int = 2,
-                   epochs: int = 20, seed: int = 0, skip_gram: bool = True) -> WordVectors:
+def train_word2vec(
+    docs: Sequence[Sequence[str]],
+    dim: int = 100,
+    window: int = 5,
+    min_count: int = 2,
+    epochs: int = 20,
+    seed: int = 0,
+    skip_gram: bool = True,
+) -> WordVectors:
     """Word2vec on tokenized documents (gensim): deterministic for a given corpus and seed (one worker thread;
     gensim 4 draws its initial vectors from the seed, not from Python's salted string hash).
 
@@ -123,18 +137,30 @@ def train_word2vec(docs: Sequence[Sequence[str]], dim: int = 100, window: int = 
     sentences = [list(d) for d in docs if len(d)]
     if not sentences:
         raise ValueError("cannot train word2vec: every document is empty after tokenization")
-    model = Word2Vec(sentences=sentences, vector_size=dim, window=window, min_count=min_count, sg=int(skip_gram),
-                     epochs=epochs, seed=seed, workers=1)
+    model = Word2Vec(
+        sentences=sentences,
+        vector_size=dim,
+        window=window,
+        min_count=min_count,
+        sg=int(skip_gram),
+        epochs=epochs,
+        seed=seed,
+        workers=1,
+    )
     kv = model.wv
     if len(kv.index_to_key) == 0:
         raise ValueError(f"word2vec kept no word: none occurs {min_count} times or more")
-    return WordVectors(list(kv.index_to_key), np.asarray(kv.vectors, np.float32),
-                       f"word2vec(corpus, {'sg' if skip_gram else 'cbow'}, dim={dim}, window={window}, "
-                       f"min_count={min_count}, epochs={epochs}, seed={seed})")
+    return WordVectors(
+        list(kv.index_to_key),
+        np.asarray(kv.vectors, np.float32),
+        f"word2vec(corpus, {'sg' if skip_gram else 'cbow'}, dim={dim}, window={window}, "
+        f"min_count={min_count}, epochs={epochs}, seed={seed})",
+    )
 
 
-def embeddings_for(language: str, spec: str | Path, train_docs: Sequence[Sequence[str]],
-                   log: Callable[[str], None] = print, **w2v) -> WordVectors:
+def embeddings_for(
+    language: str, spec: str | Path, train_docs: Sequence[Sequence[str]], log: Callable[[str], None] = print, **w2v
+) -> WordVectors:
     """The word vectors for a vocabulary: ``spec`` "word2vec" trains on ``train_docs``; "glove-6b-50d" or a
     path loads pretrained vectors. GloVe 6B holds English words only, so for another language it is replaced by
     word2vec with a message (the command line's default is GloVe)."""
@@ -143,8 +169,7 @@ def embeddings_for(language: str, spec: str | Path, train_docs: Sequence[Sequenc
         log(f"GloVe 6B has English words only; the texts are {language!r}: training word2vec on the corpus")
         spec = "word2vec"
     if spec == "word2vec":
-        log(f"training word2vec on {len(train_docs)} training texts "
-            f"({sum(len(d) for d in train_docs)} tokens)")
+        log(f"training word2vec on {len(train_docs)} training texts ({sum(len(d) for d in train_docs)} tokens)")
         return train_word2vec(train_docs, **w2v)
     return load_word_vectors(spec)
 

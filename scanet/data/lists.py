@@ -3,6 +3,7 @@
 ``read_rows`` is the one reader (errors name the file and line); ``read_list`` gives Wiki/WebNews entries
 (one 1-based integer category), scanet.data.custom parses its own label field (numbers or names, several).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,12 +16,18 @@ from scanet.io import read_text
 class ListEntry:
     text_id: str
     image_id: str
-    label: int          # 1-based as in the file
+    label: int  # 1-based as in the file
 
 
-def read_rows(path: Path, expected: str = "text_id<TAB>image_id<TAB>category", *, whitespace: bool = False,
-              comments: bool = False, header: tuple[str, ...] | None = None,
-              encoding: str = "utf-8") -> list[tuple[int, list[str]]]:
+def read_rows(
+    path: Path,
+    expected: str = "text_id<TAB>image_id<TAB>category",
+    *,
+    whitespace: bool = False,
+    comments: bool = False,
+    header: tuple[str, ...] | None = None,
+    encoding: str = "utf-8",
+) -> list[tuple[int, list[str]]]:
     """(line number, 3 stripped fields) of every item line of a list file.
 
     ``whitespace``: fields may also be separated by spaces when a line has no tab (the Wiki release);
@@ -37,10 +44,9 @@ def read_rows(path: Path, expected: str = "text_id<TAB>image_id<TAB>category", *
             continue
         parts = line.split("\t") if "\t" in line or not whitespace else line.split()
         if len(parts) != 3:
-            raise ValueError(f"{path}:{n}: expected '{expected}' (3 tab-separated fields), got {len(parts)}: "
-                             f"{line!r}")
+            raise ValueError(f"{path}:{n}: expected '{expected}' (3 tab-separated fields), got {len(parts)}: {line!r}")
         parts = [p.strip() for p in parts]
-        if n == 1 and header and tuple(parts[:len(header)]) == header:
+        if n == 1 and header and tuple(parts[: len(header)]) == header:
             continue
         if not parts[0] or not parts[1]:
             raise ValueError(f"{path}:{n}: empty text id or image id")

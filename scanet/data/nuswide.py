@@ -40,6 +40,7 @@ names the tag columns. No split is stored in these files, so ``n_test`` items ar
 ``n_train`` of the rest (all of the rest with n_train=None). Matrices stored transposed (items as columns, as
 some copies have them) are turned around. MATLAB v7.3 (HDF5) files are not read.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,7 @@ class Release:
         if top not in self._zips:
             self._zips[top] = zipfile.ZipFile(z)
         names = set(self._zips[top].namelist())
-        for member in (inner, rel):                         # with or without the top folder inside the zip
+        for member in (inner, rel):  # with or without the top folder inside the zip
             if member in names:
                 return z, member
         return None
@@ -125,15 +126,19 @@ def _lines(raw: bytes, where: str) -> list[bytes]:
 
 
 def read_concepts(rel: Release) -> list[str]:
-    names = [ln.strip().decode("utf-8") for ln in _lines(rel.read("ConceptsList/Concepts81.txt"),
-                                                          rel.where("ConceptsList/Concepts81.txt")) if ln.strip()]
+    names = [
+        ln.strip().decode("utf-8")
+        for ln in _lines(rel.read("ConceptsList/Concepts81.txt"), rel.where("ConceptsList/Concepts81.txt"))
+        if ln.strip()
+    ]
     if len(set(names)) != len(names):
         raise ValueError(f"{rel.where('ConceptsList/Concepts81.txt')}: concept names repeat")
     return names
 
 
-def read_label_file(rel: Release, concept: str, split: str, n_rows: int | None = None,
-                    notes: list | None = None) -> np.ndarray:
+def read_label_file(
+    rel: Release, concept: str, split: str, n_rows: int | None = None, notes: list | None = None
+) -> np.ndarray:
     """(n,) bool of Groundtruth/TrainTestLabels/Labels_<concept>_<split>.txt, checked: an integer a line, and
     ``n_rows`` lines when given (every concept's file of a split has one line per image of the split).
 
@@ -144,8 +149,10 @@ def read_label_file(rel: Release, concept: str, split: str, n_rows: int | None =
     where = rel.where(name)
     tokens = rel.read(name).split()
     if n_rows is not None and len(tokens) != n_rows:
-        raise ValueError(f"{where} has {len(tokens)} lines, expected {n_rows} like the other concepts' "
-                         f"{split} files (one per {split} image)")
+        raise ValueError(
+            f"{where} has {len(tokens)} lines, expected {n_rows} like the other concepts' "
+            f"{split} files (one per {split} image)"
+        )
     odd = [i for i, t in enumerate(tokens) if t not in (b"0", b"1")]
     for i in odd:
         try:
@@ -154,8 +161,11 @@ def read_label_file(rel: Release, concept: str, split: str, n_rows: int | None =
             raise ValueError(f"{where}:{i + 1}: expected 0 or 1, got {tokens[i].decode(errors='replace')!r}") from None
         if notes is not None:
             notes.append({"file": name, "line": i + 1, "value": value, "read_as": 0})
-    return np.asarray([t == b"1" for t in tokens], dtype=bool) if odd else \
-        np.frombuffer(b"".join(tokens), dtype=np.uint8) == ord("1")
+    return (
+        np.asarray([t == b"1" for t in tokens], dtype=bool)
+        if odd
+        else np.frombuffer(b"".join(tokens), dtype=np.uint8) == ord("1")
+    )
 
 
 class MatrixFile:
@@ -173,8 +183,9 @@ class MatrixFile:
                 raise FileNotFoundError(f"NUS-WIDE {self.what} file missing: {self.path}")
             self._lines = _lines(self.path.read_bytes(), str(self.path))
             if len(self._lines) != self.n_lines:
-                raise ValueError(f"{self.path} has {len(self._lines)} lines, expected {self.n_lines} "
-                                 "(one per image of the split)")
+                raise ValueError(
+                    f"{self.path} has {len(self._lines)} lines, expected {self.n_lines} (one per image of the split)"
+                )
         out = np.empty((len(rows), self.width), np.float32)
         for k, r in enumerate(rows):
             parts = self._lines[r].split()
@@ -199,8 +210,11 @@ def read_word_list(path: Path, n: int | None = None) -> list[str]:
 
 
 def read_image_list(path: Path, n: int) -> list[str]:
-    names = [ln.strip().replace("\\", "/") for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
-             if ln.strip()]
+    names = [
+        ln.strip().replace("\\", "/")
+        for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if ln.strip()
+    ]
     if len(names) != n:
         raise ValueError(f"{path} has {len(names)} image names, expected {n}")
     return names
@@ -220,8 +234,9 @@ def split_sizes(rel: Release, concepts: list[str]) -> dict[str, int]:
     return {s: len(read_label_file(rel, concepts[0], s)) for s in SPLITS}
 
 
-def select_candidates(rel: Release, n_concepts: int = 10, concepts: list[str] | None = None,
-                      exactly_one: bool = True) -> dict:
+def select_candidates(
+    rel: Release, n_concepts: int = 10, concepts: list[str] | None = None, exactly_one: bool = True
+) -> dict:
     """The selected concepts and, per official split, the candidate rows and their (n, C) bool labels.
 
     Candidates: images with exactly one selected concept (exactly_one), else with at least one.
@@ -239,8 +254,14 @@ def select_candidates(rel: Release, n_concepts: int = 10, concepts: list[str] | 
         ranked, counts = rank_concepts(rel, all_concepts, notes)
         chosen = ranked[:n_concepts]
     n_rows = split_sizes(rel, all_concepts)
-    out: dict[str, Any] = {"concepts": chosen, "concept_counts": counts, "rows": {}, "labels": {}, "n_rows": n_rows,
-           "label_anomalies": notes}
+    out: dict[str, Any] = {
+        "concepts": chosen,
+        "concept_counts": counts,
+        "rows": {},
+        "labels": {},
+        "n_rows": n_rows,
+        "label_anomalies": notes,
+    }
     for s in SPLITS:
         Y = np.stack([read_label_file(rel, c, s, n_rows[s], [] if counts else notes) for c in chosen], axis=1)
         k = Y.sum(axis=1)
@@ -259,13 +280,14 @@ def _draw(rng: np.random.Generator, pool: np.ndarray, n: int | None, ok, what: s
     taken: list = []
     pos = 0
     while len(taken) < want and pos < len(order):
-        chunk = pool[order[pos:pos + max(2 * (want - len(taken)), 64)]]
+        chunk = pool[order[pos : pos + max(2 * (want - len(taken)), 64)]]
         pos += len(chunk)
         good = chunk[ok(chunk)]
-        taken.extend(good[:want - len(taken)].tolist())
+        taken.extend(good[: want - len(taken)].tolist())
     if len(taken) < want and n is not None:
-        raise ValueError(f"{what}: only {len(taken)} of the {len(pool)} candidates have a tag in the vocabulary, "
-                         f"{want} asked for")
+        raise ValueError(
+            f"{what}: only {len(taken)} of the {len(pool)} candidates have a tag in the vocabulary, {want} asked for"
+        )
     return np.sort(np.asarray(taken, dtype=np.int64))
 
 
@@ -308,16 +330,33 @@ def _resolve_tags(root: Path, tags: str) -> str:
         raise ValueError(f"tags must be 'auto', '1k' or 'all', got {tags!r}")
     if tags != "auto":
         return tags
-    full = [root / "NUS_WID_Tags" / "All_Tags.txt", root / "NUS_WID_Tags" / "Final_Tag_List.txt",
-            root / "ImageList" / "Imagelist.txt"]
+    full = [
+        root / "NUS_WID_Tags" / "All_Tags.txt",
+        root / "NUS_WID_Tags" / "Final_Tag_List.txt",
+        root / "ImageList" / "Imagelist.txt",
+    ]
     return "all" if all(p.is_file() for p in full) else "1k"
 
 
-def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: int = 10,
-            concepts: list[str] | None = None, exactly_one: bool = True, n_train: int | None = 40_000,
-            n_test: int | None = 1_000, seed: int = 0, tags: str = "auto", drop_untagged: bool = True,
-            vocab_size: int = 5018, knn: int = 8, embeddings: str = GLOVE_50D, lmax: str | float = "exact",
-            image_features: str = "bow500", progress=print) -> PreparedDataset:
+def prepare(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    n_concepts: int = 10,
+    concepts: list[str] | None = None,
+    exactly_one: bool = True,
+    n_train: int | None = 40_000,
+    n_test: int | None = 1_000,
+    seed: int = 0,
+    tags: str = "auto",
+    drop_untagged: bool = True,
+    vocab_size: int = 5018,
+    knn: int = 8,
+    embeddings: str = GLOVE_50D,
+    lmax: str | float = "exact",
+    image_features: str = "bow500",
+    progress=print,
+) -> PreparedDataset:
     """Prepare NUS-WIDE (cached in ``out_dir``, default ``prepared/nuswide``); see the module doc."""
     root = Path(root)
     if not root.is_dir():
@@ -328,10 +367,23 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
         if bundle is None:
             raise FileNotFoundError(
                 f"{root} is neither the official NUS-WIDE layout (Groundtruth/ or Groundtruth.zip is missing) nor "
-                "a .mat bundle (nus-wide-tc10-xall*.mat, -yall.mat, -lall.mat, or one .mat with XAll, YAll, LAll)")
-        return _prepare_bundle(root, out_dir, bundle, exactly_one=exactly_one, n_train=n_train, n_test=n_test,
-                               seed=seed, drop_untagged=drop_untagged, vocab_size=vocab_size, knn=knn,
-                               embeddings=embeddings, lmax=lmax, progress=progress)
+                "a .mat bundle (nus-wide-tc10-xall*.mat, -yall.mat, -lall.mat, or one .mat with XAll, YAll, LAll)"
+            )
+        return _prepare_bundle(
+            root,
+            out_dir,
+            bundle,
+            exactly_one=exactly_one,
+            n_train=n_train,
+            n_test=n_test,
+            seed=seed,
+            drop_untagged=drop_untagged,
+            vocab_size=vocab_size,
+            knn=knn,
+            embeddings=embeddings,
+            lmax=lmax,
+            progress=progress,
+        )
     rel = Release(root)
     tag_source = _resolve_tags(root, tags)
     tag_dir, img_dir = root / "NUS_WID_Tags", root / "ImageList"
@@ -352,8 +404,9 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
     if tag_source == "all":
         for list_file in list_files:
             if not list_file.is_file():
-                raise FileNotFoundError(f"tags='all' maps All_Tags.txt rows to the splits by name: {list_file} "
-                                        "is missing")
+                raise FileNotFoundError(
+                    f"tags='all' maps All_Tags.txt rows to the splits by name: {list_file} is missing"
+                )
     if image_features == "bow500":
         image_files = [bow_file(root, s) for s in SPLITS]
     else:
@@ -361,16 +414,33 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
     for input_file in text_files + image_files:
         if not input_file.is_file():
             raise FileNotFoundError(f"NUS-WIDE file missing: {input_file}")
-    inputs = {"labels": hash_files(rel.files_read(label_rels + ["ConceptsList/Concepts81.txt"])),
-              "texts": hash_files(text_files), "images": hash_files(image_files),
-              "image_lists": hash_files([f for f in list_files if f.is_file()]) if any(f.is_file() for f in list_files)
-              else "missing"}
+    inputs = {
+        "labels": hash_files(rel.files_read(label_rels + ["ConceptsList/Concepts81.txt"])),
+        "texts": hash_files(text_files),
+        "images": hash_files(image_files),
+        "image_lists": hash_files([f for f in list_files if f.is_file()])
+        if any(f.is_file() for f in list_files)
+        else "missing",
+    }
     if embeddings != GLOVE_50D:
         inputs["embeddings"] = hash_files([Path(embeddings)])
-    params = {"dataset": "nuswide", "n_concepts": n_concepts, "concepts": concepts, "exactly_one": exactly_one,
-              "n_train": n_train, "n_test": n_test, "seed": seed, "tags": tag_source, "drop_untagged": drop_untagged,
-              "vocab_size": vocab_size, "knn": knn, "embeddings": str(embeddings), "lmax": lmax,
-              "image_features": str(image_features), "tag_vectors": "compound-mean-v1"}
+    params = {
+        "dataset": "nuswide",
+        "n_concepts": n_concepts,
+        "concepts": concepts,
+        "exactly_one": exactly_one,
+        "n_train": n_train,
+        "n_test": n_test,
+        "seed": seed,
+        "tags": tag_source,
+        "drop_untagged": drop_untagged,
+        "vocab_size": vocab_size,
+        "knn": knn,
+        "embeddings": str(embeddings),
+        "lmax": lmax,
+        "image_features": str(image_features),
+        "tag_vectors": "compound-mean-v1",
+    }
     report: dict = {}
 
     def build() -> PreparedDataset:
@@ -382,8 +452,10 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
         else:
             words = read_word_list(tag_dir / "Final_Tag_List.txt")
         wv, how = tag_word_vectors(words, wv0)
-        progress(f"{len(wv.words)} of {len(words)} tags have a vector in {wv0.name} "
-                 f"({sum(h.startswith('mean') for h in how.values())} as the mean of their parts)")
+        progress(
+            f"{len(wv.words)} of {len(words)} tags have a vector in {wv0.name} "
+            f"({sum(h.startswith('mean') for h in how.values())} as the mean of their parts)"
+        )
         n_rows = sel["n_rows"]
         if n_rows != N_OFFICIAL:
             progress(f"note: {n_rows} images per split, not the release's {N_OFFICIAL}")
@@ -404,8 +476,14 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
         vocab = build_vocabulary(toks["Train"], vocab_size)
         progress(f"vocabulary: {len(vocab)} tags; building the {knn}-NN tag graph")
         lap, lm = word_graph(wv.lookup(vocab), knn, lmax)
-        names = {s: (read_image_list(img_dir / f"{s}Imagelist.txt", n_rows[s]) if (img_dir / f"{s}Imagelist.txt")
-                     .is_file() else None) for s in SPLITS}
+        names = {
+            s: (
+                read_image_list(img_dir / f"{s}Imagelist.txt", n_rows[s])
+                if (img_dir / f"{s}Imagelist.txt").is_file()
+                else None
+            )
+            for s in SPLITS
+        }
         feats = _image_reader(root, image_features, n_rows)
         splits, per_concept = {}, {}
         for s in SPLITS:
@@ -416,25 +494,33 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, n_concepts: 
             ids = [split_names[r] if split_names else f"{s}/{r + 1}" for r in drawn[s]]
             splits[s] = Split(ids, ids, bag_of_words(toks[s], vocab), feats(s, drawn[s]), labels)
         ds = PreparedDataset("nuswide", vocab, lap, lm, list(sel["concepts"]), splits["Train"], splits["Test"])
-        report.update({"concepts": sel["concepts"], "concept_counts_train_plus_test": sel["concept_counts"],
-                       "candidates": {s: int(len(sel["rows"][s])) for s in SPLITS},
-                       "candidates_per_concept": {s: dict(zip(sel["concepts"], sel["labels"][s].sum(0).tolist(),
-                                                              strict=True))
-                                                  for s in SPLITS},
-                       "drawn": {s: int(len(drawn[s])) for s in SPLITS},
-                       "drawn_per_concept": per_concept,
-                       "label_anomalies": sel["label_anomalies"],
-                       "tags": tag_source, "tag_vectors": {t: h for t, h in how.items() if h != "own vector"},
-                       "vocab_size": len(vocab),
-                       "texts_without_vocabulary_tag": {s: int(sum(not t for t in toks[s])) for s in SPLITS}})
+        report.update(
+            {
+                "concepts": sel["concepts"],
+                "concept_counts_train_plus_test": sel["concept_counts"],
+                "candidates": {s: int(len(sel["rows"][s])) for s in SPLITS},
+                "candidates_per_concept": {
+                    s: dict(zip(sel["concepts"], sel["labels"][s].sum(0).tolist(), strict=True)) for s in SPLITS
+                },
+                "drawn": {s: int(len(drawn[s])) for s in SPLITS},
+                "drawn_per_concept": per_concept,
+                "label_anomalies": sel["label_anomalies"],
+                "tags": tag_source,
+                "tag_vectors": {t: h for t, h in how.items() if h != "own vector"},
+                "vocab_size": len(vocab),
+                "texts_without_vocabulary_tag": {s: int(sum(not t for t in toks[s])) for s in SPLITS},
+            }
+        )
         return ds
 
     ds = cached(out_dir, params, inputs, build, progress)
     if report:
         (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1), encoding="utf-8")
-        progress(f"NUS-WIDE: {report['drawn']['Train']} train / {report['drawn']['Test']} test of "
-                 f"{report['candidates']['Train']} / {report['candidates']['Test']} candidates, concepts "
-                 f"{', '.join(report['concepts'])}; report: {out_dir / REPORT_NAME}")
+        progress(
+            f"NUS-WIDE: {report['drawn']['Train']} train / {report['drawn']['Test']} test of "
+            f"{report['candidates']['Train']} / {report['candidates']['Test']} candidates, concepts "
+            f"{', '.join(report['concepts'])}; report: {out_dir / REPORT_NAME}"
+        )
     return ds
 
 
@@ -446,8 +532,10 @@ def _tag_reader(root: Path, tag_source: str, words: list[str], with_vector: set[
 
         def tag_rows_1k(split, rows):
             m = files[split].rows(rows)
-            return [[words[j] for j in np.flatnonzero(r) if words[j] in with_vector for _ in range(int(r[j]))]
-                    for r in m]
+            return [
+                [words[j] for j in np.flatnonzero(r) if words[j] in with_vector for _ in range(int(r[j]))] for r in m
+            ]
+
         return tag_rows_1k
     state: dict = {}
 
@@ -465,13 +553,15 @@ def _tag_reader(root: Path, tag_source: str, words: list[str], with_vector: set[
                 names = read_image_list(root / "ImageList" / f"{s}Imagelist.txt", n_rows[s])
                 missing = [n for n in names if n not in index]
                 if missing:
-                    raise ValueError(f"{root / 'ImageList' / f'{s}Imagelist.txt'}: {len(missing)} names are not in "
-                                     f"Imagelist.txt, e.g. {missing[:3]}")
+                    raise ValueError(
+                        f"{root / 'ImageList' / f'{s}Imagelist.txt'}: {len(missing)} names are not in "
+                        f"Imagelist.txt, e.g. {missing[:3]}"
+                    )
                 state[s] = np.asarray([index[n] for n in names], np.int64)
         out = []
         for r in rows:
             parts = state["lines"][state[split][r]].decode("utf-8", errors="replace").split()
-            out.append([t.lower() for t in parts[1:] if t.lower() in with_vector])   # parts[0]: the photo id
+            out.append([t.lower() for t in parts[1:] if t.lower() in with_vector])  # parts[0]: the photo id
         return out
 
     return token_rows
@@ -484,8 +574,9 @@ def _image_reader(root: Path, image_features: str, n_rows: dict):
     m = safe_np_load(image_features, "image feature matrix", mmap_mode="r")
     n_all = sum(n_rows.values())
     if m.ndim != 2 or m.shape[0] != n_all:
-        raise ValueError(f"{image_features}: expected ({n_all}, D) features (Train rows, then Test rows), "
-                         f"got shape {m.shape}")
+        raise ValueError(
+            f"{image_features}: expected ({n_all}, D) features (Train rows, then Test rows), got shape {m.shape}"
+        )
 
     def feats(split, rows):
         off = 0 if split == "Train" else n_rows["Train"]
@@ -493,6 +584,7 @@ def _image_reader(root: Path, image_features: str, n_rows: dict):
         if not np.isfinite(a).all():
             raise ValueError(f"{image_features}: NaN or inf among the selected rows")
         return a
+
     return feats
 
 
@@ -503,8 +595,10 @@ def _load_mat_key(path: Path, key: str) -> np.ndarray:
     try:
         mat = scipy.io.loadmat(path, variable_names=[key])
     except NotImplementedError:
-        raise ValueError(f"{path} is a MATLAB v7.3 (HDF5) file, which is not read here; save it as v7 "
-                         "(MATLAB: save(name, '-v7')) or pass the official release") from None
+        raise ValueError(
+            f"{path} is a MATLAB v7.3 (HDF5) file, which is not read here; save it as v7 "
+            "(MATLAB: save(name, '-v7')) or pass the official release"
+        ) from None
     except Exception as e:  # scipy raises several types for a broken file
         raise ValueError(f"cannot read {path}: {e}") from e
     if key not in mat:
@@ -513,19 +607,45 @@ def _load_mat_key(path: Path, key: str) -> np.ndarray:
     return a.toarray() if hasattr(a, "toarray") else np.asarray(a)
 
 
-def _prepare_bundle(root: Path, out_dir: Path, files: dict[str, Path], *, exactly_one, n_train, n_test, seed,
-                    drop_untagged, vocab_size, knn, embeddings, lmax, progress) -> PreparedDataset:
-    tag_list = next((p for p in (root / "TagList1k.txt", root / "NUS_WID_Tags" / "TagList1k.txt") if p.is_file()),
-                    None)
+def _prepare_bundle(
+    root: Path,
+    out_dir: Path,
+    files: dict[str, Path],
+    *,
+    exactly_one,
+    n_train,
+    n_test,
+    seed,
+    drop_untagged,
+    vocab_size,
+    knn,
+    embeddings,
+    lmax,
+    progress,
+) -> PreparedDataset:
+    tag_list = next((p for p in (root / "TagList1k.txt", root / "NUS_WID_Tags" / "TagList1k.txt") if p.is_file()), None)
     if tag_list is None:
-        raise FileNotFoundError(f"{root}: the .mat bundle's YAll columns are tags; their words come from "
-                                "TagList1k.txt (in ROOT or ROOT/NUS_WID_Tags), which is missing")
+        raise FileNotFoundError(
+            f"{root}: the .mat bundle's YAll columns are tags; their words come from "
+            "TagList1k.txt (in ROOT or ROOT/NUS_WID_Tags), which is missing"
+        )
     inputs = {"bundle": hash_files(sorted(set(files.values())) + [tag_list])}
     if embeddings != GLOVE_50D:
         inputs["embeddings"] = hash_files([Path(embeddings)])
-    params = {"dataset": "nuswide", "source": "mat-bundle", "exactly_one": exactly_one, "n_train": n_train,
-              "n_test": n_test, "seed": seed, "drop_untagged": drop_untagged, "vocab_size": vocab_size, "knn": knn,
-              "embeddings": str(embeddings), "lmax": lmax, "tag_vectors": "compound-mean-v1"}
+    params = {
+        "dataset": "nuswide",
+        "source": "mat-bundle",
+        "exactly_one": exactly_one,
+        "n_train": n_train,
+        "n_test": n_test,
+        "seed": seed,
+        "drop_untagged": drop_untagged,
+        "vocab_size": vocab_size,
+        "knn": knn,
+        "embeddings": str(embeddings),
+        "lmax": lmax,
+        "tag_vectors": "compound-mean-v1",
+    }
     report: dict = {}
 
     def build() -> PreparedDataset:
@@ -558,13 +678,15 @@ def _prepare_bundle(root: Path, out_dir: Path, files: dict[str, Path], *, exactl
         if nt + (n_train or 0) > len(order):
             raise ValueError(f"{len(order)} usable items, {nt} test + {n_train} train asked for")
         test_rows = np.sort(order[:nt])
-        train_rows = np.sort(order[nt:] if n_train is None else order[nt:nt + n_train])
+        train_rows = np.sort(order[nt:] if n_train is None else order[nt : nt + n_train])
 
         Yc = Y[:, cols]
 
         def toks(rows):
-            return [[words[cols[j]] for j in np.flatnonzero(Yc[r]) for _ in range(max(1, int(round(Yc[r, j]))))]
-                    for r in rows]
+            return [
+                [words[cols[j]] for j in np.flatnonzero(Yc[r]) for _ in range(max(1, int(round(Yc[r, j]))))]
+                for r in rows
+            ]
 
         tok = {"train": toks(train_rows), "test": toks(test_rows)}
         vocab = build_vocabulary(tok["train"], vocab_size)
@@ -576,16 +698,26 @@ def _prepare_bundle(root: Path, out_dir: Path, files: dict[str, Path], *, exactl
             ids = [str(r + 1) for r in rows]
             return Split(ids, ids, bag_of_words(t, vocab), X[rows], labels)
 
-        report.update({"source": {k: str(v) for k, v in files.items()}, "items": int(n), "usable": int(len(pool)),
-                       "drawn": {"train": int(len(train_rows)), "test": int(len(test_rows))},
-                       "tag_vectors": {t: h for t, h in how.items() if h != "own vector"}, "vocab_size": len(vocab),
-                       "classes": "LAll columns, named class1..classC (the .mat files carry no names)"})
-        return PreparedDataset("nuswide", vocab, lap, lm, classes, split(train_rows, tok["train"]),
-                               split(test_rows, tok["test"]))
+        report.update(
+            {
+                "source": {k: str(v) for k, v in files.items()},
+                "items": int(n),
+                "usable": int(len(pool)),
+                "drawn": {"train": int(len(train_rows)), "test": int(len(test_rows))},
+                "tag_vectors": {t: h for t, h in how.items() if h != "own vector"},
+                "vocab_size": len(vocab),
+                "classes": "LAll columns, named class1..classC (the .mat files carry no names)",
+            }
+        )
+        return PreparedDataset(
+            "nuswide", vocab, lap, lm, classes, split(train_rows, tok["train"]), split(test_rows, tok["test"])
+        )
 
     ds = cached(out_dir, params, inputs, build, progress)
     if report:
         (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1), encoding="utf-8")
-        progress(f"NUS-WIDE .mat bundle: {report['drawn']['train']} train / {report['drawn']['test']} test of "
-                 f"{report['usable']} usable items; report: {out_dir / REPORT_NAME}")
+        progress(
+            f"NUS-WIDE .mat bundle: {report['drawn']['train']} train / {report['drawn']['test']} test of "
+            f"{report['usable']} usable items; report: {out_dir / REPORT_NAME}"
+        )
     return ds

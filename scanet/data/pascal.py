@@ -20,6 +20,7 @@ Text side: tag counts (a tag said twice counts twice) over the voc.mat words, on
 their parts (scanet.data.tag_words), so all 399 tags are graph vertices. Image side: ``image_features`` names the
 fields concatenated, "gist" (512-d, default), "gist+color+bow", ...
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,28 @@ from scanet.data.prepared import PreparedDataset, Split, cached, hash_files
 from scanet.data.tag_words import tag_word_vectors
 from scanet.data.text import bag_of_words, build_vocabulary
 
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+VOC_CLASSES = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 FIELDS = ("filename", "objectcount", "taglist", "gist", "color", "bow")
 FEATURE_FIELDS = ("gist", "color", "bow")
 REPORT_NAME = "preparation_report.json"
@@ -84,15 +105,17 @@ def read_split(path: Path, n_words: int, features: tuple[str, ...]) -> dict:
     mat = _loadmat(path)
     parts = [k for k in ("D1", "D2") if k in mat]
     if not parts:
-        raise ValueError(f"{path} has no struct array D1 or D2 "
-                         f"(has {sorted(k for k in mat if not k.startswith('__'))})")
+        raise ValueError(
+            f"{path} has no struct array D1 or D2 (has {sorted(k for k in mat if not k.startswith('__'))})"
+        )
     out: dict[str, Any] = {"filenames": [], "objectcount": [], "taglists": [], "features": []}
     for key in parts:
         D = mat[key]
         if D.dtype.names is None:
             raise ValueError(f"{path}: {key} is not a struct array")
-        missing = [f for f in FIELDS if f in ("filename", "objectcount", "taglist", *features)
-                   and f not in D.dtype.names]
+        missing = [
+            f for f in FIELDS if f in ("filename", "objectcount", "taglist", *features) and f not in D.dtype.names
+        ]
         if missing:
             raise ValueError(f"{path}: struct {key} lacks the fields {missing} (has {list(D.dtype.names)})")
         for i, elem in enumerate(D.ravel()):
@@ -105,8 +128,10 @@ def read_split(path: Path, n_words: int, features: tuple[str, ...]) -> dict:
                 raise ValueError(f"{where}.objectcount must be 1x20 non-negative counts, got {oc.size} values")
             tl = np.asarray(elem["taglist"], dtype=np.float64).ravel()
             if tl.size and ((tl != np.round(tl)).any() or tl.min() < 1 or tl.max() > n_words):
-                raise ValueError(f"{where}.taglist must hold 1-based indices into the {n_words} voc.mat words, "
-                                 f"got values in [{tl.min():g}, {tl.max():g}]")
+                raise ValueError(
+                    f"{where}.taglist must hold 1-based indices into the {n_words} voc.mat words, "
+                    f"got values in [{tl.min():g}, {tl.max():g}]"
+                )
             vec = []
             for f in features:
                 v = np.asarray(elem[f], dtype=np.float64).ravel()
@@ -125,9 +150,18 @@ def read_split(path: Path, n_words: int, features: tuple[str, ...]) -> dict:
     return out
 
 
-def prepare(root: str | Path, out_dir: str | Path | None = None, *, single_object: bool = True,
-            image_features: str = "gist", vocab_size: int = 399, knn: int = 8, embeddings: str = GLOVE_50D,
-            lmax: str | float = "exact", progress=print) -> PreparedDataset:
+def prepare(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    single_object: bool = True,
+    image_features: str = "gist",
+    vocab_size: int = 399,
+    knn: int = 8,
+    embeddings: str = GLOVE_50D,
+    lmax: str | float = "exact",
+    progress=print,
+) -> PreparedDataset:
     """Prepare Pascal VOC 2007 with Hwang & Grauman's tags (cached in ``out_dir``, default ``prepared/pascal``)."""
     root = Path(root)
     if not root.is_dir():
@@ -144,17 +178,26 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, single_objec
     inputs = {"mat_files": hash_files(files)}
     if embeddings != GLOVE_50D:
         inputs["embeddings"] = hash_files([Path(embeddings)])
-    params = {"dataset": "pascal", "single_object": single_object, "image_features": "+".join(features),
-              "vocab_size": vocab_size, "knn": knn, "embeddings": str(embeddings), "lmax": lmax,
-              "tag_vectors": "compound-mean-v1"}
+    params = {
+        "dataset": "pascal",
+        "single_object": single_object,
+        "image_features": "+".join(features),
+        "vocab_size": vocab_size,
+        "knn": knn,
+        "embeddings": str(embeddings),
+        "lmax": lmax,
+        "tag_vectors": "compound-mean-v1",
+    }
     report: dict = {}
 
     def build() -> PreparedDataset:
         words = read_vocabulary(root / "voc.mat")
         wv, how = tag_word_vectors(words, load_word_vectors(embeddings))
         have = set(wv.words)
-        progress(f"{len(wv.words)} of {len(words)} tags have a vector "
-                 f"({sum(h.startswith('mean') for h in how.values())} as the mean of their parts)")
+        progress(
+            f"{len(wv.words)} of {len(words)} tags have a vector "
+            f"({sum(h.startswith('mean') for h in how.values())} as the mean of their parts)"
+        )
         splits, counts = {}, {}
         for sname in ("train", "test"):
             d = read_split(root / f"{sname}.mat", len(words), features)
@@ -163,8 +206,11 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, single_objec
             toks = [[words[j] for j in d["taglists"][i] if words[j] in have] for i in keep]
             labels = present[keep].argmax(axis=1).astype(np.int64) if single_object else present[keep]
             splits[sname] = (keep, toks, labels, d)
-            counts[sname] = {"images": int(len(d["filenames"])), "kept": int(len(keep)),
-                             "without_tags": int(sum(not t for t in toks))}
+            counts[sname] = {
+                "images": int(len(d["filenames"])),
+                "kept": int(len(keep)),
+                "without_tags": int(sum(not t for t in toks)),
+            }
         vocab = build_vocabulary(splits["train"][1], vocab_size)
         progress(f"vocabulary: {len(vocab)} tags; building the {knn}-NN tag graph")
         lap, lm = word_graph(wv.lookup(vocab), knn, lmax)
@@ -175,14 +221,23 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, single_objec
             return Split(ids, ids, bag_of_words(toks, vocab), d["features"][keep], labels)
 
         ds = PreparedDataset("pascal", vocab, lap, lm, list(VOC_CLASSES), split("train"), split("test"))
-        report.update({"splits": counts, "vocab_size": len(vocab), "image_features": "+".join(features),
-                       "image_dim": ds.image_dim, "tag_vectors": {t: h for t, h in how.items() if h != "own vector"}})
+        report.update(
+            {
+                "splits": counts,
+                "vocab_size": len(vocab),
+                "image_features": "+".join(features),
+                "image_dim": ds.image_dim,
+                "tag_vectors": {t: h for t, h in how.items() if h != "own vector"},
+            }
+        )
         return ds
 
     ds = cached(out_dir, params, inputs, build, progress)
     if report:
         (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1), encoding="utf-8")
         c = report["splits"]
-        progress(f"Pascal VOC: kept {c['train']['kept']} of {c['train']['images']} train and {c['test']['kept']} of "
-                 f"{c['test']['images']} test images; report: {out_dir / REPORT_NAME}")
+        progress(
+            f"Pascal VOC: kept {c['train']['kept']} of {c['train']['images']} train and {c['test']['kept']} of "
+            f"{c['test']['images']} test images; report: {out_dir / REPORT_NAME}"
+        )
     return ds

@@ -15,6 +15,7 @@ are written to ``<out>/preparation_report.json`` (``val_in_train=True`` trains o
 Text side: each image's captions joined into one text, English tokens (lowercase letter runs, 1-letter tokens and
 the function words below out), the ``vocab_size`` most frequent training words with a vector, their kNN word graph.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,13 @@ from scanet.io import read_text, safe_np_load
 JSON_NAME = "pascal_sentences.json"
 REPORT_NAME = "preparation_report.json"
 # Function words that dominate captions ("a", "is" and "the" are in nearly every one) and carry no class.
-CAPTION_STOPWORDS = frozenset("""
+CAPTION_STOPWORDS = frozenset(
+    """
 an the and or of on in at to with by for from into onto over under near next up down off out its it is are was were
 be been being this that these those there here his her their them they he she we you your our as while who which
 what some another other each one two three four few several very has have having does do doing
-""".split())
+""".split()
+)
 
 
 def read_captions(path: Path) -> dict[str, dict]:
@@ -62,8 +65,9 @@ def image_id(name: str) -> str:
     return Path(str(name).replace("\\", "/")).stem.strip()
 
 
-def stratified_split(categories: list[str], n_val: int, n_test: int,
-                     seed: int) -> tuple[list[int], list[int], list[int]]:
+def stratified_split(
+    categories: list[str], n_val: int, n_test: int, seed: int
+) -> tuple[list[int], list[int], list[int]]:
     """Indices for train / val / test: per class, in seeded random order, n_val / n_test share of it each
     (rounded so that the totals are exactly n_val and n_test)."""
     rng = np.random.default_rng(seed)
@@ -77,8 +81,8 @@ def stratified_split(categories: list[str], n_val: int, n_test: int,
         idx = [by_class[c][j] for j in rng.permutation(len(by_class[c]))]
         k_val, k_test = round(len(idx) * n_val / n), round(len(idx) * n_test / n)
         val += idx[:k_val]
-        test += idx[k_val:k_val + k_test]
-        train += idx[k_val + k_test:]
+        test += idx[k_val : k_val + k_test]
+        train += idx[k_val + k_test :]
     # rounding per class can miss the totals by a few: move items from train, seeded
     for target, want in ((val, n_val), (test, n_test)):
         while len(target) < want:
@@ -92,14 +96,29 @@ def _matrix_names(matrix: Path) -> Path:
     for p in (matrix.with_suffix(".txt"), matrix.parent / "image_ids.txt"):
         if p.is_file():
             return p
-    raise FileNotFoundError(f"{matrix}: its row names are missing ({matrix.with_suffix('.txt').name} or "
-                            "image_ids.txt beside it, one image file name or id a line)")
+    raise FileNotFoundError(
+        f"{matrix}: its row names are missing ({matrix.with_suffix('.txt').name} or "
+        "image_ids.txt beside it, one image file name or id a line)"
+    )
 
 
-def prepare(root: str | Path, out_dir: str | Path | None = None, *, image_features: str = "cnn",
-            image_model: str = "efficientnet-lite0", n_val: int = 100, n_test: int = 100, seed: int = 0,
-            val_in_train: bool = False, vocab_size: int = 2000, knn: int = 8, embeddings: str = GLOVE_50D,
-            lmax: str | float = "exact", batch_size: int = 32, progress=print) -> PreparedDataset:
+def prepare(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    image_features: str = "cnn",
+    image_model: str = "efficientnet-lite0",
+    n_val: int = 100,
+    n_test: int = 100,
+    seed: int = 0,
+    val_in_train: bool = False,
+    vocab_size: int = 2000,
+    knn: int = 8,
+    embeddings: str = GLOVE_50D,
+    lmax: str | float = "exact",
+    batch_size: int = 32,
+    progress=print,
+) -> PreparedDataset:
     """Prepare Pascal Sentences (cached in ``out_dir``, default ``prepared/pascal-sentences``)."""
     root = Path(root)
     if not root.is_dir():
@@ -111,8 +130,10 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, image_featur
     inputs = {"captions": hash_files([captions_file])}
     if image_features == "cnn":
         if not (root / "images").is_dir():
-            raise FileNotFoundError(f"image_features='cnn' needs the images in {root / 'images'}; without them pass "
-                                    "image_features=PATH.npy (one row per image, names in PATH.txt)")
+            raise FileNotFoundError(
+                f"image_features='cnn' needs the images in {root / 'images'}; without them pass "
+                "image_features=PATH.npy (one row per image, names in PATH.txt)"
+            )
         from scanet.features import get_image_model
 
         spec = get_image_model(image_model)
@@ -125,10 +146,20 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, image_featur
         inputs["images"] = hash_files([matrix, _matrix_names(matrix)])
     if embeddings != GLOVE_50D:
         inputs["embeddings"] = hash_files([Path(embeddings)])
-    params = {"dataset": "pascal-sentences", "image_features": "cnn" if image_features == "cnn" else "matrix",
-              "image_model": image_model if image_features == "cnn" else None, "n_val": n_val, "n_test": n_test,
-              "seed": seed, "val_in_train": val_in_train, "vocab_size": vocab_size, "knn": knn,
-              "embeddings": str(embeddings), "lmax": lmax, "tokenizer": "english-v1+caption-stopwords-v1"}
+    params = {
+        "dataset": "pascal-sentences",
+        "image_features": "cnn" if image_features == "cnn" else "matrix",
+        "image_model": image_model if image_features == "cnn" else None,
+        "n_val": n_val,
+        "n_test": n_test,
+        "seed": seed,
+        "val_in_train": val_in_train,
+        "vocab_size": vocab_size,
+        "knn": knn,
+        "embeddings": str(embeddings),
+        "lmax": lmax,
+        "tokenizer": "english-v1+caption-stopwords-v1",
+    }
     report: dict = {}
 
     def build() -> PreparedDataset:
@@ -137,8 +168,7 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, image_featur
         ids = [image_id(n) for n in names]
         if len(set(ids)) != len(ids):
             raise ValueError(f"{captions_file}: two file names share an image id")
-        feats, problems = _image_features(root, names, ids, image_features, image_model, batch_size, out_dir,
-                                          progress)
+        feats, problems = _image_features(root, names, ids, image_features, image_model, batch_size, out_dir, progress)
         if problems:
             listing = "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:5])
             raise ValueError(f"{len(problems)} of {len(names)} images have no features ({listing})")
@@ -156,16 +186,31 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, image_featur
         label = {c: i for i, c in enumerate(classes)}
 
         def split(idx):
-            return Split([ids[i] for i in idx], [ids[i] for i in idx], bag_of_words([toks[i] for i in idx], vocab),
-                         np.stack([feats[ids[i]] for i in idx]).astype(np.float32),
-                         np.asarray([label[categories[i]] for i in idx], np.int64))
+            return Split(
+                [ids[i] for i in idx],
+                [ids[i] for i in idx],
+                bag_of_words([toks[i] for i in idx], vocab),
+                np.stack([feats[ids[i]] for i in idx]).astype(np.float32),
+                np.asarray([label[categories[i]] for i in idx], np.int64),
+            )
 
-        report.update({"images": len(names), "classes": classes,
-                       "split": {"train": len(train), "val": len(val), "test": len(test)},
-                       "val_ids": [ids[i] for i in val], "val_in_train": val_in_train,
-                       "captions_per_image": {str(k): int(v) for k, v in zip(*np.unique(
-                           [len(data[n]["captions"]) for n in names], return_counts=True), strict=True)},
-                       "vocab_size": len(vocab), "word_vectors": wv.name})
+        report.update(
+            {
+                "images": len(names),
+                "classes": classes,
+                "split": {"train": len(train), "val": len(val), "test": len(test)},
+                "val_ids": [ids[i] for i in val],
+                "val_in_train": val_in_train,
+                "captions_per_image": {
+                    str(k): int(v)
+                    for k, v in zip(
+                        *np.unique([len(data[n]["captions"]) for n in names], return_counts=True), strict=True
+                    )
+                },
+                "vocab_size": len(vocab),
+                "word_vectors": wv.name,
+            }
+        )
         return PreparedDataset("pascal-sentences", vocab, lap, lm, classes, split(train), split(test))
 
     ds = cached(out_dir, params, inputs, build, progress)
@@ -182,9 +227,15 @@ def _image_features(root, names, ids, image_features, image_model, batch_size, o
 
         index = index_images(root / "images")
         choices = [resolve_image(index, i, root / "images") for i in ids]
-        return features_for_images(root / "images", choices,
-                                   out_dir.parent / f"{out_dir.name}.images-{image_model}.npy", image_model,
-                                   batch_size, progress=True, log=progress)
+        return features_for_images(
+            root / "images",
+            choices,
+            out_dir.parent / f"{out_dir.name}.images-{image_model}.npy",
+            image_model,
+            batch_size,
+            progress=True,
+            log=progress,
+        )
     matrix = Path(image_features)
     m = safe_np_load(matrix, "image feature matrix")
     if m.ndim != 2:

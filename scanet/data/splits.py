@@ -6,6 +6,7 @@ class: each class keeps round(fraction * its count) validation items (at least o
 more), so every class is represented on both sides. Multi-label data are stratified by each item's first label.
 The carve depends only on (labels, fraction, seed), so a resumed run and a rerun get the same split.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,23 +26,29 @@ def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[
         members = np.flatnonzero(strata == c)
         n = int(round(fraction * members.size))
         if members.size >= 2:
-            n = min(max(n, 1), members.size - 1)      # both sides keep at least one item of the class
+            n = min(max(n, 1), members.size - 1)  # both sides keep at least one item of the class
         else:
             n = 0
         held.append(rng.choice(members, n, replace=False))
     held_out = np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, np.int64)
     keep = np.setdiff1d(np.arange(labels.shape[0]), held_out)
     if held_out.size == 0:
-        raise ValueError(f"a validation fraction of {fraction} leaves no validation item "
-                         f"({labels.shape[0]} training items)")
+        raise ValueError(
+            f"a validation fraction of {fraction} leaves no validation item ({labels.shape[0]} training items)"
+        )
     return keep, held_out
 
 
 def subset(split: Split, index: np.ndarray) -> Split:
     """The rows ``index`` of a split, as a new Split."""
     index = np.asarray(index, dtype=np.int64)
-    return Split([split.text_ids[i] for i in index], [split.image_ids[i] for i in index], split.bow[index],
-                 split.images[index], split.labels[index])
+    return Split(
+        [split.text_ids[i] for i in index],
+        [split.image_ids[i] for i in index],
+        split.bow[index],
+        split.images[index],
+        split.labels[index],
+    )
 
 
 def carve_validation(train: Split, fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:

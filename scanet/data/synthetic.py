@@ -15,6 +15,7 @@ Generative model (all draws from one seeded numpy Generator):
 So each modality carries information the other lacks, as the paper argues, and retrieval has to combine
 them to reach a high MAP. Everything is exact and fast, so the tests and the default main job use it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,15 +29,25 @@ from scanet.data.prepared import PreparedDataset, Split, cached
 from scanet.data.text import bag_of_words
 
 
-def generate(n_train: int = 600, n_test: int = 200, n_classes: int = 6, vocab_size: int = 200,
-             image_dim: int = 32, text_len: int = 60, text_signal: float = 0.35, image_noise: float = 1.0,
-             twin_shift: float = 0.6, knn: int = 8, seed: int = 0) -> PreparedDataset:
+def generate(
+    n_train: int = 600,
+    n_test: int = 200,
+    n_classes: int = 6,
+    vocab_size: int = 200,
+    image_dim: int = 32,
+    text_len: int = 60,
+    text_signal: float = 0.35,
+    image_noise: float = 1.0,
+    twin_shift: float = 0.6,
+    knn: int = 8,
+    seed: int = 0,
+) -> PreparedDataset:
     if n_classes < 2 or n_classes % 2:
         raise ValueError(f"n_classes must be even and >= 2 (classes come in twin pairs), got {n_classes}")
     if vocab_size < 2 * (n_classes + 1):
         raise ValueError(f"vocab_size must be at least 2 * (n_classes + 1) = {2 * (n_classes + 1)}")
     rng = np.random.default_rng(seed)
-    blocks = n_classes + 1                                     # topics + background
+    blocks = n_classes + 1  # topics + background
     block_of_word = np.arange(vocab_size) % blocks
     centres = rng.normal(size=(blocks, 16))
     emb = centres[block_of_word] + 0.3 * rng.normal(size=(vocab_size, 16))
@@ -57,8 +68,11 @@ def generate(n_train: int = 600, n_test: int = 200, n_classes: int = 6, vocab_si
             words = np.where(from_topic, rng.choice(topic_words[c], L), rng.choice(topic_words[-1], L))
             docs.append([vocab[w] for w in words])
         side = np.where(labels % 2 == 0, 1.0, -1.0)[:, None]
-        imgs = (pair_means[labels // 2] + twin_shift * side * twin_dir[labels // 2]
-                + image_noise * rng.normal(size=(n, image_dim)))
+        imgs = (
+            pair_means[labels // 2]
+            + twin_shift * side * twin_dir[labels // 2]
+            + image_noise * rng.normal(size=(n, image_dim))
+        )
         return docs, imgs.astype(np.float32), labels.astype(np.int64)
 
     tr_docs, tr_img, tr_lab = make(n_train)
@@ -69,17 +83,40 @@ def generate(n_train: int = 600, n_test: int = 200, n_classes: int = 6, vocab_si
         ids = [f"{prefix}{i}" for i in range(len(docs))]
         return Split(ids, ids, bag_of_words(docs, vocab), imgs, labels)
 
-    return PreparedDataset("synthetic", vocab, sp.csr_matrix(lap), lmax, [f"class{c}" for c in range(n_classes)],
-                           split("tr", tr_docs, tr_img, tr_lab), split("te", te_docs, te_img, te_lab))
+    return PreparedDataset(
+        "synthetic",
+        vocab,
+        sp.csr_matrix(lap),
+        lmax,
+        [f"class{c}" for c in range(n_classes)],
+        split("tr", tr_docs, tr_img, tr_lab),
+        split("te", te_docs, te_img, te_lab),
+    )
 
 
 def prepare(out_dir: str | Path | None = None, progress=print, **params) -> PreparedDataset:
     """Generate (cached in ``out_dir``, default ``prepared/synthetic``) with the given parameters."""
-    defaults: dict[str, Any] = dict(n_train=600, n_test=200, n_classes=6, vocab_size=200, image_dim=32, text_len=60,
-                    text_signal=0.35, image_noise=1.0, twin_shift=0.6, knn=8, seed=0)
+    defaults: dict[str, Any] = dict(
+        n_train=600,
+        n_test=200,
+        n_classes=6,
+        vocab_size=200,
+        image_dim=32,
+        text_len=60,
+        text_signal=0.35,
+        image_noise=1.0,
+        twin_shift=0.6,
+        knn=8,
+        seed=0,
+    )
     unknown = set(params) - set(defaults)
     if unknown:
         raise ValueError(f"unknown synthetic parameters {sorted(unknown)}; known: {sorted(defaults)}")
     defaults.update(params)
-    return cached(Path(out_dir or Path("prepared") / "synthetic"), dict(defaults, dataset="synthetic"),
-                  {"generator": "synthetic-v1"}, lambda: generate(**defaults), progress)
+    return cached(
+        Path(out_dir or Path("prepared") / "synthetic"),
+        dict(defaults, dataset="synthetic"),
+        {"generator": "synthetic-v1"},
+        lambda: generate(**defaults),
+        progress,
+    )

@@ -7,6 +7,7 @@ of its parts when it splits into words that do have vectors (fewest parts, each 
 ``max_parts``; among equal splits the one whose rarest part is most frequent), and leaves it out otherwise. How
 each tag got its vector is returned for the preparation report.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -3,6 +3,7 @@
 English tokenization follows the Wiki literature: lowercase, runs of letters, stop words and one-letter tokens
 removed. Other languages plug in their own tokenizer (a callable str -> list[str]).
 """
+
 from __future__ import annotations
 
 import re
@@ -40,8 +41,10 @@ def build_vocabulary(docs: Sequence[Sequence[str]], size: int, keep: Callable[[s
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     vocab = [w for w, _ in ranked if keep is None or keep(w)][:size]
     if not vocab:
-        raise ValueError("the vocabulary is empty: no token of the training texts passed the filter "
-                         "(wrong tokenizer for the language, or no word has an embedding?)")
+        raise ValueError(
+            "the vocabulary is empty: no token of the training texts passed the filter "
+            "(wrong tokenizer for the language, or no word has an embedding?)"
+        )
     return vocab
 
 
@@ -57,8 +60,10 @@ def bag_of_words(docs: Sequence[Sequence[str]], vocab: Sequence[str]) -> sp.csr_
         indices.extend(cols)
         data.extend(c[j] for j in cols)
         indptr.append(len(indices))
-    return sp.csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
-                         shape=(len(docs), len(vocab)))
+    return sp.csr_matrix(
+        (np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
+        shape=(len(docs), len(vocab)),
+    )
 
 
 def text_features(counts: sp.csr_matrix) -> np.ndarray:

@@ -13,10 +13,11 @@ being ``ids[indptr[r]:indptr[r + 1]]``. Eng-Wiki's 2,866 texts hold 637,599 voca
 lengths 74..1,092, median 198 in training): 2.6 MB as int32, where a dense (2,866, 1,092) int64 matrix would
 take 25 MB (measured: bench/encoders_cost.py). ``padded`` makes the (B, T) batch a model reads.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -27,26 +28,34 @@ PAD_ID = 0
 class TokenSequences:
     """n texts as token-id sequences over a vocabulary of ``vocab_size`` words (ids 1..vocab_size)."""
 
-    indptr: np.ndarray            # (n + 1,) int64, indptr[0] = 0, non-decreasing
-    ids: np.ndarray               # (indptr[-1],) int32 in 1..vocab_size
+    indptr: np.ndarray  # (n + 1,) int64, indptr[0] = 0, non-decreasing
+    ids: np.ndarray  # (indptr[-1],) int32 in 1..vocab_size
     vocab_size: int
 
     def __post_init__(self):
         self.indptr = np.asarray(self.indptr)
         self.ids = np.asarray(self.ids)
         if self.indptr.ndim != 1 or self.indptr.size < 1 or not np.issubdtype(self.indptr.dtype, np.integer):
-            raise ValueError(f"token indptr must be a 1-D integer array of n + 1 offsets, got shape "
-                             f"{self.indptr.shape} dtype {self.indptr.dtype}")
+            raise ValueError(
+                f"token indptr must be a 1-D integer array of n + 1 offsets, got shape "
+                f"{self.indptr.shape} dtype {self.indptr.dtype}"
+            )
         if self.ids.ndim != 1 or not np.issubdtype(self.ids.dtype, np.integer):
-            raise ValueError(f"token ids must be a 1-D integer array, got shape {self.ids.shape} dtype {self.ids.dtype}")
+            raise ValueError(
+                f"token ids must be a 1-D integer array, got shape {self.ids.shape} dtype {self.ids.dtype}"
+            )
         if self.indptr[0] != 0 or self.indptr[-1] != self.ids.size or (np.diff(self.indptr) < 0).any():
-            raise ValueError(f"token indptr must start at 0, never decrease and end at len(ids) = {self.ids.size}; "
-                             f"got start {int(self.indptr[0])}, end {int(self.indptr[-1])}")
+            raise ValueError(
+                f"token indptr must start at 0, never decrease and end at len(ids) = {self.ids.size}; "
+                f"got start {int(self.indptr[0])}, end {int(self.indptr[-1])}"
+            )
         if self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
         if self.ids.size and (self.ids.min() < 1 or self.ids.max() > self.vocab_size):
-            raise ValueError(f"token ids must lie in 1..{self.vocab_size} (0 is padding and never stored), got "
-                             f"{int(self.ids.min())}..{int(self.ids.max())}")
+            raise ValueError(
+                f"token ids must lie in 1..{self.vocab_size} (0 is padding and never stored), got "
+                f"{int(self.ids.min())}..{int(self.ids.max())}"
+            )
         self.indptr = self.indptr.astype(np.int64, copy=False)
         self.ids = self.ids.astype(np.int32, copy=False)
 
@@ -59,9 +68,9 @@ class TokenSequences:
         return np.diff(self.indptr)
 
     def sequence(self, r: int) -> np.ndarray:
-        return self.ids[self.indptr[r]:self.indptr[r + 1]]
+        return self.ids[self.indptr[r] : self.indptr[r + 1]]
 
-    def subset(self, rows) -> "TokenSequences":
+    def subset(self, rows) -> TokenSequences:
         """The texts ``rows`` (any order, repeats allowed) as a new TokenSequences."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
@@ -72,7 +81,7 @@ class TokenSequences:
         return TokenSequences(indptr, np.concatenate(seqs) if seqs else np.zeros(0, np.int32), self.vocab_size)
 
     @classmethod
-    def concatenate(cls, parts: Sequence["TokenSequences"]) -> "TokenSequences":
+    def concatenate(cls, parts: Sequence[TokenSequences]) -> TokenSequences:
         """The texts of ``parts`` one after another (e.g. train + test for a retrieval index)."""
         if not parts:
             raise ValueError("concatenate needs at least one TokenSequences")
@@ -107,7 +116,7 @@ class TokenSequences:
             T = max(longest, 1)
         out = np.zeros((rows.size, T), np.int64)
         for b, (r, L) in enumerate(zip(rows, lengths, strict=True)):
-            out[b, :L] = self.ids[self.indptr[r]:self.indptr[r] + L]
+            out[b, :L] = self.ids[self.indptr[r] : self.indptr[r] + L]
         return out, lengths.astype(np.int64)
 
     # -- the prepared format ------------------------------------------------------------------------------
@@ -116,7 +125,7 @@ class TokenSequences:
         return {f"{prefix}_tok_indptr": self.indptr, f"{prefix}_tok_ids": self.ids}
 
     @classmethod
-    def from_arrays(cls, arrays, prefix: str, vocab_size: int) -> "TokenSequences":
+    def from_arrays(cls, arrays, prefix: str, vocab_size: int) -> TokenSequences:
         """Inverse of ``to_arrays``; ``arrays`` is a mapping such as an open .npz. Bad arrays: ValueError."""
         try:
             indptr, ids = arrays[f"{prefix}_tok_indptr"], arrays[f"{prefix}_tok_ids"]

@@ -19,6 +19,7 @@ Quirks of the shipped data, each handled and written to ``<out>/preparation_repo
       noted per file. An unreadable (truncated, empty) image excludes its entry, with the reason.
 So the real data gives 1,696 training and 497 test pairs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,10 +66,21 @@ def read_text(path: Path) -> str:
     return _read_text(path, "news text")
 
 
-def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: int = 5000, knn: int = 8,
-            embeddings: str = "word2vec", lmax: str | float = "exact", image_model: str = "efficientnet-lite0",
-            batch_size: int = 32, w2v_dim: int = 100, w2v_epochs: int = 20, w2v_min_count: int = 2,
-            progress=print) -> PreparedDataset:
+def prepare(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    vocab_size: int = 5000,
+    knn: int = 8,
+    embeddings: str = "word2vec",
+    lmax: str | float = "exact",
+    image_model: str = "efficientnet-lite0",
+    batch_size: int = 32,
+    w2v_dim: int = 100,
+    w2v_epochs: int = 20,
+    w2v_min_count: int = 2,
+    progress=print,
+) -> PreparedDataset:
     """Prepare WebNews (cached in ``out_dir``, default ``prepared/webnews``); see the module doc."""
     root = Path(root)
     check_root(root)
@@ -76,15 +88,27 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     spec = get_image_model(image_model)
     lists = [root / f for f in LISTS]
     image_files = [p for p in (root / "images").rglob("*") if p.is_file()]
-    inputs = {"lists": hash_files(lists + [root / "categories.list"]),
-              "texts": hash_files(sorted((root / "texts").glob("*.txt"))),
-              "images": hash_files(image_files, root / "images"), "image_model_weights": spec.weights()}
+    inputs = {
+        "lists": hash_files(lists + [root / "categories.list"]),
+        "texts": hash_files(sorted((root / "texts").glob("*.txt"))),
+        "images": hash_files(image_files, root / "images"),
+        "image_model_weights": spec.weights(),
+    }
     emb = effective_embeddings("zh", embeddings)
-    params = {"dataset": "webnews", "vocab_size": vocab_size, "knn": knn, "embeddings": emb, "lmax": lmax,
-              "image_model": image_model, "image_preprocessing": spec.preprocessing,
-              "tokenizer": tokenizer_version("zh"), "language": "zh",
-              "word2vec": {"dim": w2v_dim, "epochs": w2v_epochs, "min_count": w2v_min_count, "seed": 0}
-              if emb == "word2vec" else None}
+    params = {
+        "dataset": "webnews",
+        "vocab_size": vocab_size,
+        "knn": knn,
+        "embeddings": emb,
+        "lmax": lmax,
+        "image_model": image_model,
+        "image_preprocessing": spec.preprocessing,
+        "tokenizer": tokenizer_version("zh"),
+        "language": "zh",
+        "word2vec": {"dim": w2v_dim, "epochs": w2v_epochs, "min_count": w2v_min_count, "seed": 0}
+        if emb == "word2vec"
+        else None,
+    }
     report: dict = {}
 
     def build() -> PreparedDataset:
@@ -93,9 +117,15 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
         classes = read_categories(root, everything)
         choices = resolve_entries(root, everything, classes)
         progress(f"image features of {sum(c.path is not None for c in choices.values())} images with {image_model}")
-        feats, problems = features_for_images(root / "images", list(choices.values()),
-                                              out_dir.parent / f"{out_dir.name}.images-{image_model}.npy",
-                                              image_model, batch_size, progress=True, log=progress)
+        feats, problems = features_for_images(
+            root / "images",
+            list(choices.values()),
+            out_dir.parent / f"{out_dir.name}.images-{image_model}.npy",
+            image_model,
+            batch_size,
+            progress=True,
+            log=progress,
+        )
         tok = tokenizer_for("zh")
 
         def reason(e):
@@ -108,16 +138,35 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
         empty = [e.text_id for s in kept for e, t in zip(kept[s], toks[s], strict=True) if not t]
         if empty:
             progress(f"note: {len(empty)} texts have no token after tokenization, e.g. {empty[:5]}")
-        wv = embeddings_for("zh", embeddings, toks["train"], progress, dim=w2v_dim, epochs=w2v_epochs,
-                            min_count=w2v_min_count)
+        wv = embeddings_for(
+            "zh", embeddings, toks["train"], progress, dim=w2v_dim, epochs=w2v_epochs, min_count=w2v_min_count
+        )
         img = {s: np.stack([feats[e.image_id] for e in kept[s]]) for s in kept}
-        ds = build_text_dataset("webnews", kept["train"], kept["test"], toks["train"], toks["test"], img["train"],
-                                img["test"], classes, wv, vocab_size, knn, lmax, progress)
-        report.update({
-            **counts(splits, kept), "excluded": excluded,
-            "image_notes": {c.image_id: c.notes for c in choices.values() if c.notes},
-            "empty_texts": empty, "word_vectors": wv.name, "vocab_size": ds.vocab_size,
-        })
+        ds = build_text_dataset(
+            "webnews",
+            kept["train"],
+            kept["test"],
+            toks["train"],
+            toks["test"],
+            img["train"],
+            img["test"],
+            classes,
+            wv,
+            vocab_size,
+            knn,
+            lmax,
+            progress,
+        )
+        report.update(
+            {
+                **counts(splits, kept),
+                "excluded": excluded,
+                "image_notes": {c.image_id: c.notes for c in choices.values() if c.notes},
+                "empty_texts": empty,
+                "word_vectors": wv.name,
+                "vocab_size": ds.vocab_size,
+            }
+        )
         return ds
 
     ds = cached(out_dir, params, inputs, build, progress)
@@ -133,8 +182,15 @@ def summarize(report: dict, log=print) -> None:
     kinds: dict[str, int] = {}
     for ns in notes.values():
         for n in ns:
-            key = ("space in file name" if "spaces around" in n else "id in several folders" if "places" in n
-                   else n.split(" (")[0] if "behind" in n else n)
+            key = (
+                "space in file name"
+                if "spaces around" in n
+                else "id in several folders"
+                if "places" in n
+                else n.split(" (")[0]
+                if "behind" in n
+                else n
+            )
             kinds[key] = kinds.get(key, 0) + 1
     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
         log(f"  {v:>4} x {k}")

@@ -11,6 +11,7 @@
 888 of the 2,866 real texts are not well-formed XML (a raw '&' or '<' inside the text), so the text is taken with
 a regular expression rather than an XML parser.
 """
+
 from __future__ import annotations
 
 import html
@@ -80,14 +81,21 @@ def _check_root(root: Path) -> None:
 def load_texts(root: Path, entries: list[ListEntry]) -> list[str]:
     missing = [e.text_id for e in entries if not (root / "texts" / f"{e.text_id}.xml").is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} text ids have no text file in {root / 'texts'}, "
-                                f"e.g. {missing[:3]}")
+        raise FileNotFoundError(f"{len(missing)} text ids have no text file in {root / 'texts'}, e.g. {missing[:3]}")
     return [read_wiki_text(root / "texts" / f"{e.text_id}.xml") for e in entries]
 
 
-def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: int = 10_055, knn: int = 8,
-            embeddings: str = "glove-6b-50d", lmax: str | float = "exact", image_features: str = "sift",
-            progress=print) -> PreparedDataset:
+def prepare(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    vocab_size: int = 10_055,
+    knn: int = 8,
+    embeddings: str = "glove-6b-50d",
+    lmax: str | float = "exact",
+    image_features: str = "sift",
+    progress=print,
+) -> PreparedDataset:
     """Prepare Eng-Wiki (cached in ``out_dir``, default ``prepared/wiki``).
 
     image_features: "sift" (raw_features.mat, 128-d), "cnn" (EfficientNet-Lite0 features of ROOT/images, see
@@ -105,32 +113,45 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
     lists = [root / "trainset_txt_img_cat.list", root / "testset_txt_img_cat.list"]
     text_files = sorted((root / "texts").glob("*.xml"))
     feature_file = root / "raw_features.mat" if image_features == "sift" else Path(image_features)
-    inputs = {"lists": hash_files(lists), "texts": hash_files(text_files),
-              "image_features": hash_files([feature_file]) if feature_file.is_file() else "missing"}
+    inputs = {
+        "lists": hash_files(lists),
+        "texts": hash_files(text_files),
+        "image_features": hash_files([feature_file]) if feature_file.is_file() else "missing",
+    }
     if image_features == "cnn":
         if not (root / "images").is_dir():
             raise FileNotFoundError(f"image_features='cnn' needs the raw images in {root / 'images'}")
-        inputs["image_features"] = hash_files([p for p in (root / "images").rglob("*") if p.is_file()],
-                                              root / "images")
+        inputs["image_features"] = hash_files([p for p in (root / "images").rglob("*") if p.is_file()], root / "images")
         inputs["image_model_weights"] = get_image_model(DEFAULT_MODEL).weights()
     if (root / "stopwords.txt").is_file():
         inputs["stopwords"] = hash_files([root / "stopwords.txt"])
-    params = {"dataset": "wiki", "vocab_size": vocab_size, "knn": knn, "embeddings": str(embeddings),
-              "lmax": lmax, "image_features": str(image_features), "tokenizer": "english-v1"}
+    params = {
+        "dataset": "wiki",
+        "vocab_size": vocab_size,
+        "knn": knn,
+        "embeddings": str(embeddings),
+        "lmax": lmax,
+        "image_features": str(image_features),
+        "tokenizer": "english-v1",
+    }
 
     def build() -> PreparedDataset:
         train_e, test_e = read_list(lists[0]), read_list(lists[1])
         if image_features == "cnn":
             (train_e, test_e), (img_tr, img_te), _, _ = cnn_features_for_entries(
-                root, (train_e, test_e), _class_names(root, train_e + test_e),
-                out_dir.parent / f"{out_dir.name}.images-{DEFAULT_MODEL}.npy", log=progress)
+                root,
+                (train_e, test_e),
+                _class_names(root, train_e + test_e),
+                out_dir.parent / f"{out_dir.name}.images-{DEFAULT_MODEL}.npy",
+                log=progress,
+            )
         progress(f"reading {len(train_e) + len(test_e)} texts from {root / 'texts'}")
         stop = read_stopwords(root / "stopwords.txt") if (root / "stopwords.txt").is_file() else set()
         tok = english_tokenizer(stop)
         train_tok = [tok(t) for t in load_texts(root, train_e)]
         test_tok = [tok(t) for t in load_texts(root, test_e)]
         if image_features == "cnn":
-            pass                                              # computed above, entries without an image left out
+            pass  # computed above, entries without an image left out
         elif image_features == "sift":
             feats = read_raw_features(feature_file, len(train_e), len(test_e))
             img_tr, img_te = feats["I_tr"], feats["I_te"]
@@ -140,9 +161,22 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, vocab_size: 
             m = safe_np_load(feature_file, "image feature matrix").astype(np.float32)
             if m.ndim != 2 or m.shape[0] != len(train_e) + len(test_e):
                 raise ValueError(f"{feature_file}: expected ({len(train_e) + len(test_e)}, D), got {m.shape}")
-            img_tr, img_te = m[:len(train_e)], m[len(train_e):]
-        return build_text_dataset("wiki", train_e, test_e, train_tok, test_tok, img_tr, img_te,
-                                  _class_names(root, train_e + test_e), embeddings, vocab_size, knn, lmax, progress)
+            img_tr, img_te = m[: len(train_e)], m[len(train_e) :]
+        return build_text_dataset(
+            "wiki",
+            train_e,
+            test_e,
+            train_tok,
+            test_tok,
+            img_tr,
+            img_te,
+            _class_names(root, train_e + test_e),
+            embeddings,
+            vocab_size,
+            knn,
+            lmax,
+            progress,
+        )
 
     return cached(out_dir, params, inputs, build, progress)
 
@@ -154,15 +188,41 @@ def _class_names(root: Path, entries: list[ListEntry]) -> list[str]:
     return names if len(names) == n else [str(i + 1) for i in range(n)]
 
 
-def build_text_dataset(name, train_e, test_e, train_tok, test_tok, img_tr, img_te, classes,
-                       embeddings: str | WordVectors, vocab_size, knn, lmax, progress=print) -> PreparedDataset:
+def build_text_dataset(
+    name,
+    train_e,
+    test_e,
+    train_tok,
+    test_tok,
+    img_tr,
+    img_te,
+    classes,
+    embeddings: str | WordVectors,
+    vocab_size,
+    knn,
+    lmax,
+    progress=print,
+) -> PreparedDataset:
     """Every dataset in the list layout with tokenized texts: vocabulary with vectors, then ``assemble``."""
     wv = embeddings if isinstance(embeddings, WordVectors) else load_word_vectors(embeddings)
     vocab = build_vocabulary(train_tok, vocab_size, keep=wv.__contains__)
 
     def part(entries, toks, imgs):
-        return ([e.text_id for e in entries], [e.image_id for e in entries], bag_of_words(toks, vocab), imgs,
-                np.asarray([e.label - 1 for e in entries], np.int64))
+        return (
+            [e.text_id for e in entries],
+            [e.image_id for e in entries],
+            bag_of_words(toks, vocab),
+            imgs,
+            np.asarray([e.label - 1 for e in entries], np.int64),
+        )
 
-    return assemble(name, vocab, wv, classes, {"train": part(train_e, train_tok, img_tr),
-                                               "test": part(test_e, test_tok, img_te)}, knn, lmax, progress)
+    return assemble(
+        name,
+        vocab,
+        wv,
+        classes,
+        {"train": part(train_e, train_tok, img_tr), "test": part(test_e, test_tok, img_te)},
+        knn,
+        lmax,
+        progress,
+    )

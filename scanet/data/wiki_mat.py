@@ -13,6 +13,7 @@ of T_tr (how strongly each training text expresses it), and the graph the kNN gr
 topics that is a 10-vertex graph: the model's graph path degenerates to a small feature graph, not the paper's
 10,055-word graph, which needs texts/ and the list files (scanet.data.wiki).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,7 @@ from scanet.io import read_text
 
 KEYS = ("I_tr", "I_te", "T_tr", "T_te", "L_tr", "L_te")
 DEFAULT_NAME = "wikiData.mat"
-WIKI_CLASSES = ("art", "biology", "geography", "history", "literature", "media", "music", "royalty", "sport",
-                "warfare")
+WIKI_CLASSES = ("art", "biology", "geography", "history", "literature", "media", "music", "royalty", "sport", "warfare")
 
 
 def _variables(path: Path) -> set[str]:
@@ -63,8 +63,9 @@ def read_labels(a: np.ndarray, n: int, key: str, path: Path) -> tuple[np.ndarray
     if a.ndim == 2 and a.shape[0] == n:
         bad_rows = ~np.isin(a, (0, 1)).all(axis=1) | (a.sum(axis=1) != 1)
         if bad_rows.any():
-            raise ValueError(f"{path}: {key} row {int(np.flatnonzero(bad_rows)[0]) + 1} is not one-hot "
-                             "(one 1 per row, the rest 0)")
+            raise ValueError(
+                f"{path}: {key} row {int(np.flatnonzero(bad_rows)[0]) + 1} is not one-hot (one 1 per row, the rest 0)"
+            )
         return a.argmax(axis=1).astype(np.int64), False
     raise ValueError(f"{path}: {key} has shape {a.shape}; expected {n} x C one-hot or a column of {n} labels")
 
@@ -85,8 +86,9 @@ def read_mat(path: Path) -> dict[str, np.ndarray]:
     for split in ("tr", "te"):
         img, txt = (np.asarray(mat[f"{m}_{split}"], dtype=np.float32) for m in ("I", "T"))
         if img.ndim != 2 or txt.ndim != 2 or txt.shape[0] != img.shape[0]:
-            raise ValueError(f"{path}: I_{split} {img.shape} and T_{split} {txt.shape} must be 2-D "
-                             "with one row per item")
+            raise ValueError(
+                f"{path}: I_{split} {img.shape} and T_{split} {txt.shape} must be 2-D with one row per item"
+            )
         for k, a in ((f"I_{split}", img), (f"T_{split}", txt)):
             if not np.isfinite(a).all():
                 raise ValueError(f"{path}: {k} contains NaN or inf")
@@ -96,15 +98,23 @@ def read_mat(path: Path) -> dict[str, np.ndarray]:
         out[f"L_{split}"], columns[split] = read_labels(mat[f"L_{split}"], img.shape[0], f"L_{split}", path)
     if columns["tr"] != columns["te"]:
         raise ValueError(f"{path}: L_tr and L_te must both be one-hot or both label columns")
-    if columns["tr"] and min(out["L_tr"].min(), out["L_te"].min()) >= 1:   # MATLAB's 1-based class numbers
+    if columns["tr"] and min(out["L_tr"].min(), out["L_te"].min()) >= 1:  # MATLAB's 1-based class numbers
         out["L_tr"], out["L_te"] = out["L_tr"] - 1, out["L_te"] - 1
     if out["I_tr"].shape[1] != out["I_te"].shape[1] or out["T_tr"].shape[1] != out["T_te"].shape[1]:
         raise ValueError(f"{path}: train and test features differ in dimension")
     return out
 
 
-def prepare(root: str | Path, out_dir: str | Path | None = None, *, mat_file: str | Path | None = None,
-            knn: int = 8, lmax: str | float = "exact", progress=print, **ignored) -> PreparedDataset:
+def prepare(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    mat_file: str | Path | None = None,
+    knn: int = 8,
+    lmax: str | float = "exact",
+    progress=print,
+    **ignored,
+) -> PreparedDataset:
     """Prepare Eng-Wiki from its labelled .mat (cached in ``out_dir``, default ``prepared/wiki``).
 
     Options of the list layout that have no meaning here (vocab_size, embeddings, image_features) are ignored
@@ -113,8 +123,10 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, mat_file: st
     root = Path(root)
     path = Path(mat_file) if mat_file else find_labelled_mat(root)
     if path is None or not path.is_file():
-        raise FileNotFoundError(f"{root}: no list files (trainset_txt_img_cat.list) and no labelled .mat "
-                                f"({DEFAULT_NAME} or a .mat with {', '.join(KEYS)})")
+        raise FileNotFoundError(
+            f"{root}: no list files (trainset_txt_img_cat.list) and no labelled .mat "
+            f"({DEFAULT_NAME} or a .mat with {', '.join(KEYS)})"
+        )
     given = {k: v for k, v in ignored.items() if v is not None}
     if given:
         progress(f"note: {path.name} carries its own text and image features; ignoring {sorted(given)}")
@@ -140,17 +152,26 @@ def prepare(root: str | Path, out_dir: str | Path | None = None, *, mat_file: st
             ids = [f"{s}{i + 1}" for i in range(m[f"I_{s}"].shape[0])]
             return Split(ids, ids, sp.csr_matrix(m[f"T_{s}"]), m[f"I_{s}"], m[f"L_{s}"])
 
-        report.update({"source": str(path), "n_train": int(len(m["L_tr"])), "n_test": int(len(m["L_te"])),
-                       "text_dim": d, "image_dim": int(m["I_tr"].shape[1]),
-                       "text_graph": f"kNN (k={min(knn, d - 1)}) of the {d} text-feature columns over the training "
-                                     "texts", "classes": classes})
+        report.update(
+            {
+                "source": str(path),
+                "n_train": int(len(m["L_tr"])),
+                "n_test": int(len(m["L_te"])),
+                "text_dim": d,
+                "image_dim": int(m["I_tr"].shape[1]),
+                "text_graph": f"kNN (k={min(knn, d - 1)}) of the {d} text-feature columns over the training texts",
+                "classes": classes,
+            }
+        )
         return PreparedDataset("wiki", vocab, lap, lm, classes, split("tr"), split("te"))
 
     ds = cached(out_dir, params, inputs, build, progress)
     if report:
         (out_dir / "preparation_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-        progress(f"Wiki from {path.name}: {report['n_train']} train / {report['n_test']} test, text features of "
-                 f"{report['text_dim']} dimensions as graph vertices (no list files, so no word graph)")
+        progress(
+            f"Wiki from {path.name}: {report['n_train']} train / {report['n_test']} test, text features of "
+            f"{report['text_dim']} dimensions as graph vertices (no list files, so no word graph)"
+        )
     return ds
 
 

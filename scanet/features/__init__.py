@@ -32,33 +32,34 @@ Cache (``extract_cached(files, names, out="X.npy")``): X.npy holds one float32 r
 given order, X.manifest.json the model, weights hash, preprocessing and every input's sha256 (and the row order),
 X.report.json the failures and notes. A rerun recomputes only the files whose content is new.
 """
+
 from scanet.data.images import IMAGE_EXTENSIONS, ImageChoice, image_id_of, index_images, list_images, resolve_image  # noqa: F401
 from scanet.features.decode import ImageLoadError, load_rgb, preprocess  # noqa: F401
 from scanet.features.efficientnet import (  # noqa: F401
-                                LITE0_STAGES,
-                                EfficientNetLite,
-                                FoldedEfficientNetLite,
-                                MBConvBlock,
-                                SameConv2d,
-                                efficientnet_lite0_weights_path,
-                                load_efficientnet_lite0,
+    LITE0_STAGES,
+    EfficientNetLite,
+    FoldedEfficientNetLite,
+    MBConvBlock,
+    SameConv2d,
+    efficientnet_lite0_weights_path,
+    load_efficientnet_lite0,
 )
 from scanet.features.extract import (  # noqa: F401
-                                FEATURES_FORMAT,
-                                FeatureResult,
-                                classify,
-                                cnn_features_for_entries,
-                                extract_cached,
-                                extract_features,
-                                features_for_images,
-                                imagenet_class_name,
+    FEATURES_FORMAT,
+    FeatureResult,
+    classify,
+    cnn_features_for_entries,
+    extract_cached,
+    extract_features,
+    features_for_images,
+    imagenet_class_name,
 )
 from scanet.features.models import (  # noqa: F401
-                                DEFAULT_MODEL,
-                                IMAGE_MODELS,
-                                ImageModelSpec,
-                                ImageModelUnavailable,
-                                get_image_model,
-                                load_image_model,
-                                model_availability,
+    DEFAULT_MODEL,
+    IMAGE_MODELS,
+    ImageModelSpec,
+    ImageModelUnavailable,
+    get_image_model,
+    load_image_model,
+    model_availability,
 )

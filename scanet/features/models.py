@@ -1,6 +1,7 @@
 """The image-model registry: which extractors exist (``IMAGE_MODELS``), their preprocessing, how to load them,
 an identifier of their weights, and whether they can run on this machine (nothing is ever downloaded).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from scanet.features.efficientnet import (
 from scanet.io import sha256_file
 
 DEFAULT_MODEL = "efficientnet-lite0"
+
 
 # ======================================================================================== model registry
 class ImageModelUnavailable(ValueError):
@@ -36,14 +38,21 @@ class ImageModelSpec:
     resample: str
     mean: tuple
     std: tuple
-    load: Callable[[], tuple[Callable, Callable | None]]    # -> (images -> features, features -> logits)
-    weights: Callable[[], str]                               # an identifier of the weights (a hash or a name)
+    load: Callable[[], tuple[Callable, Callable | None]]  # -> (images -> features, features -> logits)
+    weights: Callable[[], str]  # an identifier of the weights (a hash or a name)
 
     @property
     def preprocessing(self) -> dict:
-        return {"size": self.size, "crop_fraction": self.crop_fraction, "resample": self.resample,
-                "mean": list(self.mean), "std": list(self.std), "exif_transpose": True,
-                "alpha": "composite on white", "version": 1}
+        return {
+            "size": self.size,
+            "crop_fraction": self.crop_fraction,
+            "resample": self.resample,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "exif_transpose": True,
+            "alpha": "composite on white",
+            "version": 1,
+        }
 
 
 def _lite0_weights_path_or_unavailable() -> Path:
@@ -76,8 +85,10 @@ def _torchvision_weights(enum_name: str):
     weights = getattr(tvm, enum_name).IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not cached.is_file():
-        raise ImageModelUnavailable(f"{enum_name} ImageNet weights are not in the torch hub cache ({cached}); "
-                                    "put the file there (this code never downloads)")
+        raise ImageModelUnavailable(
+            f"{enum_name} ImageNet weights are not in the torch hub cache ({cached}); "
+            "put the file there (this code never downloads)"
+        )
     return tvm, weights, cached
 
 
@@ -87,7 +98,7 @@ def _vgg19_loader():
 
     def feats(x):
         x = torch.flatten(net.avgpool(net.features(x)), 1)
-        return net.classifier[:5](x)          # fc6, ReLU, dropout (identity in eval), fc7, ReLU -> fc7
+        return net.classifier[:5](x)  # fc6, ReLU, dropout (identity in eval), fc7, ReLU -> fc7
 
     return feats, lambda f: net.classifier[5:](f)
 
@@ -110,16 +121,41 @@ _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 IMAGE_MODELS: dict[str, ImageModelSpec] = {
     # TF EfficientNet-Lite evaluation: central crop of 224/(224+32) of the short side, bicubic, (x - 127) / 128.
     "efficientnet-lite0": ImageModelSpec(
-        "efficientnet-lite0", 1280, "EfficientNet-Lite0 (ImageNet-1k), pooled 1280-d before the classifier",
-        224, 224 / 256, "bicubic", (127.0, 127.0, 127.0), (128.0, 128.0, 128.0), _lite0_loader, _lite0_weights_id),
+        "efficientnet-lite0",
+        1280,
+        "EfficientNet-Lite0 (ImageNet-1k), pooled 1280-d before the classifier",
+        224,
+        224 / 256,
+        "bicubic",
+        (127.0, 127.0, 127.0),
+        (128.0, 128.0, 128.0),
+        _lite0_loader,
+        _lite0_weights_id,
+    ),
     "vgg19-fc7": ImageModelSpec(
-        "vgg19-fc7", 4096, "VGG-19 fc7 after ReLU (torchvision ImageNet weights), as in the SCANet paper",
-        224, 224 / 256, "bilinear", _IMAGENET_MEAN, _IMAGENET_STD, _vgg19_loader,
-        lambda: "torchvision:" + _torchvision_weights("VGG19_Weights")[1].url.rsplit("/", 1)[-1]),
+        "vgg19-fc7",
+        4096,
+        "VGG-19 fc7 after ReLU (torchvision ImageNet weights), as in the SCANet paper",
+        224,
+        224 / 256,
+        "bilinear",
+        _IMAGENET_MEAN,
+        _IMAGENET_STD,
+        _vgg19_loader,
+        lambda: "torchvision:" + _torchvision_weights("VGG19_Weights")[1].url.rsplit("/", 1)[-1],
+    ),
     "resnet50": ImageModelSpec(
-        "resnet50", 2048, "ResNet-50 pooled 2048-d (torchvision ImageNet weights)",
-        224, 224 / 256, "bilinear", _IMAGENET_MEAN, _IMAGENET_STD, _resnet50_loader,
-        lambda: "torchvision:" + _torchvision_weights("ResNet50_Weights")[1].url.rsplit("/", 1)[-1]),
+        "resnet50",
+        2048,
+        "ResNet-50 pooled 2048-d (torchvision ImageNet weights)",
+        224,
+        224 / 256,
+        "bilinear",
+        _IMAGENET_MEAN,
+        _IMAGENET_STD,
+        _resnet50_loader,
+        lambda: "torchvision:" + _torchvision_weights("ResNet50_Weights")[1].url.rsplit("/", 1)[-1],
+    ),
 }
 
 

@@ -27,6 +27,7 @@ known, its transpose kept when it is not symmetric) or a raw torch sparse CSR te
 Laplacian on every call (the full index check, which synchronizes, and an O(nnz) transpose): pass the object
 when calling in a loop. There is no process-global cache.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,18 +63,35 @@ def _triton_cheb_conv(kernels, lap: Laplacian, x, weight, bias, activation, **ti
 
 
 def _low(x, weight, bias) -> bool:
-    return x.dtype != torch.float64 and (torch.is_autocast_enabled(x.device.type) or any(
-        t is not None and t.dtype in reference.LOW_PRECISION for t in (x, weight, bias)))
+    return x.dtype != torch.float64 and (
+        torch.is_autocast_enabled(x.device.type)
+        or any(t is not None and t.dtype in reference.LOW_PRECISION for t in (x, weight, bias))
+    )
 
 
 def fuses_dropout(x: torch.Tensor) -> bool:
     """True when ``cheb_conv`` on x runs the native op, which applies dropout in its epilogue."""
-    return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and not interpreter_on()
-            and x.numel() > 0 and _native_module() is not None)
+    return (
+        isinstance(x, torch.Tensor)
+        and x.device.type == "cpu"
+        and not interpreter_on()
+        and x.numel() > 0
+        and _native_module() is not None
+    )
 
 
-def cheb_conv(laplacian, x, weight, bias=None, activation="relu", *, dropout_p: float = 0.0,
-              training: bool = True, out_dtype: torch.dtype | None = None, **tiles) -> torch.Tensor:
+def cheb_conv(
+    laplacian,
+    x,
+    weight,
+    bias=None,
+    activation="relu",
+    *,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    out_dtype: torch.dtype | None = None,
+    **tiles,
+) -> torch.Tensor:
     """One Chebyshev graph convolution dropout(act(sum_k T_k(L~) x W_k + b)); see ``scanet.reference.cheb_conv``.
 
     laplacian: (V, V) ``Laplacian`` or torch sparse CSR; x: (B, V, F_in); weight: (K, F_in, F_out); bias:
@@ -89,16 +107,27 @@ def cheb_conv(laplacian, x, weight, bias=None, activation="relu", *, dropout_p: 
         csr = laplacian.csr(torch.float32 if low else (x.dtype if isinstance(x, torch.Tensor) else None))
     else:
         csr = laplacian
-    reference.check_cheb_inputs(csr, x, weight, bias, activation)   # indices: once per tensor
+    reference.check_cheb_inputs(csr, x, weight, bias, activation)  # indices: once per tensor
     if not isinstance(given, Laplacian) and csr.requires_grad:
-        raise ValueError("the fused cheb_conv treats the Laplacian as a constant, but laplacian_csr requires "
-                         "grad; use scanet.reference.cheb_conv for gradients with respect to the Laplacian")
+        raise ValueError(
+            "the fused cheb_conv treats the Laplacian as a constant, but laplacian_csr requires "
+            "grad; use scanet.reference.cheb_conv for gradients with respect to the Laplacian"
+        )
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
-    lap = Laplacian.of(given)                   # a raw CSR: checked (indices, symmetry) once per tensor
+    lap = Laplacian.of(given)  # a raw CSR: checked (indices, symmetry) once per tensor
     if fuses_dropout(x) and weight.shape[2] > 0:
-        return _native_module().cheb_conv(csr, x, weight, bias, activation, symmetric=lap.symmetric,
-                                          dropout_p=dropout_p, training=training, out_dtype=out_dtype)
+        return _native_module().cheb_conv(
+            csr,
+            x,
+            weight,
+            bias,
+            activation,
+            symmetric=lap.symmetric,
+            dropout_p=dropout_p,
+            training=training,
+            out_dtype=out_dtype,
+        )
     if x.numel() == 0 or weight.shape[2] == 0:
         y = reference.cheb_conv(csr, x, weight, bias, activation)
     elif x.device.type == "cuda":
@@ -128,9 +157,23 @@ class ChebConv(_EagerChebConv):
     def fuses_dropout(x: torch.Tensor) -> bool:
         return fuses_dropout(x)
 
-    def forward(self, x: torch.Tensor, laplacian, dropout_p: float = 0.0, training: bool = True,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        laplacian,
+        dropout_p: float = 0.0,
+        training: bool = True,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         if dropout_p == 0.0 and out_dtype is None:
             return type(self).op(laplacian, x, self.weight, self.bias, self.activation)
-        return type(self).op(laplacian, x, self.weight, self.bias, self.activation, dropout_p=dropout_p,
-                             training=training, out_dtype=out_dtype)
+        return type(self).op(
+            laplacian,
+            x,
+            self.weight,
+            self.bias,
+            self.activation,
+            dropout_p=dropout_p,
+            training=training,
+            out_dtype=out_dtype,
+        )

@@ -28,23 +28,29 @@ every output stay fp32. The errors against the float64 reference are documented 
 (fp32 measured on CPU: at most 1.1e-6 of max |out| for out, 1.3e-6 for the gradients; tf32 ~1e-3 and
 bf16 ~4e-3 expected, unmeasured: no GPU here). On CPU the interpreter computes in fp32 whatever the precision.
 """
+
 from __future__ import annotations
 
 import torch
 
 from scanet import layers, reference
-from scanet.fused._dispatch import PRECISIONS, kernels, kernels_can_run  # noqa: F401
+from scanet.fused._dispatch import PRECISIONS, default_precision, kernels, kernels_can_run  # noqa: F401
 from scanet.fused._dispatch import check_precision as _check_precision
-from scanet.fused._dispatch import default_precision
 
 
 # -------------------------------------------------------------------------------------- torch.library ops
 @torch.library.custom_op("scanet::coattention_forward", mutates_args=())
-def _forward_op(f: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float,
-                precision: str, save_for_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_op(
+    f: torch.Tensor,
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    precision: str,
+    save_for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, a, lse); a = relu(f W^T + b) and lse are saved for backward (empty when not saved)."""
-    return kernels("coattention", f.device).coattention_forward(f, g, weight, bias, scale, precision,
-                                                                 save_for_backward)
+    return kernels("coattention", f.device).coattention_forward(f, g, weight, bias, scale, precision, save_for_backward)
 
 
 @_forward_op.register_fake
@@ -56,19 +62,34 @@ def _forward_fake(f, g, weight, bias, scale, precision, save_for_backward):
 
 
 @torch.library.custom_op("scanet::coattention_backward", mutates_args=())
-def _backward_op(dout: torch.Tensor, out: torch.Tensor, a: torch.Tensor, lse: torch.Tensor, f: torch.Tensor,
-                 g: torch.Tensor, weight: torch.Tensor, scale: float, precision: str, need_df: bool,
-                 need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_op(
+    dout: torch.Tensor,
+    out: torch.Tensor,
+    a: torch.Tensor,
+    lse: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    scale: float,
+    precision: str,
+    need_df: bool,
+    need_dweight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(df, dg, dweight, dbias); df, or dweight and dbias, are empty when not needed."""
-    return kernels("coattention", f.device).coattention_backward(dout, out, a, lse, f, g, weight, scale, precision,
-                                                                  need_df, need_dweight)
+    return kernels("coattention", f.device).coattention_backward(
+        dout, out, a, lse, f, g, weight, scale, precision, need_df, need_dweight
+    )
 
 
 @_backward_op.register_fake
 def _backward_fake(dout, out, a, lse, f, g, weight, scale, precision, need_df, need_dweight):
     M, N = f.shape
-    return (f.new_empty((M, N) if need_df else (0,)), f.new_empty((M, N)),
-            f.new_empty((N, N) if need_dweight else (0,)), f.new_empty((N,) if need_dweight else (0,)))
+    return (
+        f.new_empty((M, N) if need_df else (0,)),
+        f.new_empty((M, N)),
+        f.new_empty((N, N) if need_dweight else (0,)),
+        f.new_empty((N,) if need_dweight else (0,)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -82,10 +103,18 @@ def _backward(ctx, dout, _grad_a, _grad_lse):
     # a and lse are internal outputs (coattention returns only out): their gradients are ignored.
     out, a, lse, f, g, weight = ctx.saved_tensors
     need_df, need_dg, need_dw, need_db = ctx.needs_input_grad[:4]
-    df, dg, dw, db = _backward_op(dout, out, a, lse, f, g, weight, ctx.scale, ctx.precision,
-                                  need_df, need_dw or need_db)
-    return (df if need_df else None, dg if need_dg else None, dw if need_dw else None,
-            db if need_db else None, None, None, None)
+    df, dg, dw, db = _backward_op(
+        dout, out, a, lse, f, g, weight, ctx.scale, ctx.precision, need_df, need_dw or need_db
+    )
+    return (
+        df if need_df else None,
+        dg if need_dg else None,
+        dw if need_dw else None,
+        db if need_db else None,
+        None,
+        None,
+        None,
+    )
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -134,7 +163,7 @@ def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str | None
         precision = kernel_precision(dtype, precision if explicit else "fp32")
         try:
             _check_precision(precision, f.device)
-        except ValueError:          # autocast asked for operands this GPU's tensor cores lack (V100): fp32
+        except ValueError:  # autocast asked for operands this GPU's tensor cores lack (V100): fp32
             precision = "fp32"
         f, g, weight, bias = (t.float() for t in (f, g, weight, bias))
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (f, g, weight, bias))
@@ -162,10 +191,12 @@ class StackedCoAttention(layers.StackedCoAttention):
 
     def layer(self, k: int, f_t: torch.Tensor, f_i: torch.Tensor):
         op = type(self).op
-        new_i = op(f_t, f_i, self.text_fc[k].weight, self.text_fc[k].bias, scale=self.scale,
-                   precision=self.precision)                                                    # p_T * f_I
-        new_t = op(f_i, f_t, self.image_fc[k].weight, self.image_fc[k].bias, scale=self.scale,
-                   precision=self.precision)                                                    # p_I * f_T
+        new_i = op(
+            f_t, f_i, self.text_fc[k].weight, self.text_fc[k].bias, scale=self.scale, precision=self.precision
+        )  # p_T * f_I
+        new_t = op(
+            f_i, f_t, self.image_fc[k].weight, self.image_fc[k].bias, scale=self.scale, precision=self.precision
+        )  # p_I * f_T
         return new_t, new_i
 
     def extra_repr(self):

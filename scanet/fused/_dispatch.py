@@ -7,6 +7,7 @@ lazily: ``import scanet.fused`` works without triton, e.g. on the native CPU pat
                               checked against the GPU's compute capability on CUDA (V100: fp32 only)
     default_precision(device) the precision the kernels use when none is asked for
 """
+
 from __future__ import annotations
 
 import importlib
@@ -66,8 +67,10 @@ def interpreted_kernels(name: str):
     mod = importlib.import_module(f"scanet.kernels.{name}")
     jitted = [v for v in vars(mod).values() if type(v).__name__ in ("JITFunction", "InterpretedFunction")]
     if jitted and not all(isinstance(v, InterpretedFunction) for v in jitted):
-        raise RuntimeError(f"TRITON_INTERPRET=1 is set but scanet.kernels.{name} was imported before it was: "
-                           "set TRITON_INTERPRET=1 before anything imports the kernels")
+        raise RuntimeError(
+            f"TRITON_INTERPRET=1 is set but scanet.kernels.{name} was imported before it was: "
+            "set TRITON_INTERPRET=1 before anything imports the kernels"
+        )
     return mod
 
 

@@ -16,6 +16,7 @@ scanet.kernels is imported: the tests do that). On CPU without the interpreter `
 the oracle, like the other fused ops (``strict=True`` raises instead). SCANet.score_all routes here on CUDA
 (see scanet.model.use_fused_scorer).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -32,9 +33,21 @@ def fused_available(device) -> bool:
     return kernels_can_run(device)
 
 
-def pair_scores(model, f_t: torch.Tensor, f_i: torch.Tensor, *, a1_t=None, a1_i=None, text_index=None,
-                image_index=None, precision: str = "fp32", layout: str = "outer", block_sizes: dict | None = None,
-                chunk_pairs: int = 16384, strict: bool = False) -> torch.Tensor:
+def pair_scores(
+    model,
+    f_t: torch.Tensor,
+    f_i: torch.Tensor,
+    *,
+    a1_t=None,
+    a1_i=None,
+    text_index=None,
+    image_index=None,
+    precision: str = "fp32",
+    layout: str = "outer",
+    block_sizes: dict | None = None,
+    chunk_pairs: int = 16384,
+    strict: bool = False,
+) -> torch.Tensor:
     """Logits of every (text, image) pair (Nt, Ni), or of the listed pairs (P,) with text_index/image_index.
 
     ``model``: a SCANet (or anything with its ``coattention`` and ``head``). a1_t / a1_i: layer-1 attention
@@ -47,26 +60,41 @@ def pair_scores(model, f_t: torch.Tensor, f_i: torch.Tensor, *, a1_t=None, a1_i=
     ``strict=True``, which raises a ValueError instead.
     """
     with torch.no_grad():
-        return _pair_scores(model, f_t, f_i, a1_t, a1_i, text_index, image_index, precision, layout,
-                            block_sizes, chunk_pairs, strict)
+        return _pair_scores(
+            model, f_t, f_i, a1_t, a1_i, text_index, image_index, precision, layout, block_sizes, chunk_pairs, strict
+        )
 
 
-def _pair_scores(model, f_t, f_i, a1_t, a1_i, text_index, image_index, precision, layout, block_sizes,
-                 chunk_pairs, strict):
+def _pair_scores(
+    model, f_t, f_i, a1_t, a1_i, text_index, image_index, precision, layout, block_sizes, chunk_pairs, strict
+):
     check_pair_inputs(model, f_t, f_i, a1_t, a1_i, text_index, image_index)
     check_precision(precision, f_t.device)
     L = model.coattention.num_layers
     if L > 2:
-        warnings.warn(f"pair_scores: the fused kernel covers 2 co-attention layers and this model has {L}; "
-                      "scoring with the eager chunked path instead (layer 3 needs every pair's full layer-2 "
-                      "output, which the streaming kernel never holds)", stacklevel=3)
+        warnings.warn(
+            f"pair_scores: the fused kernel covers 2 co-attention layers and this model has {L}; "
+            "scoring with the eager chunked path instead (layer 3 needs every pair's full layer-2 "
+            "output, which the streaming kernel never holds)",
+            stacklevel=3,
+        )
     if L == 2 and strict and not kernels_can_run(f_t.device):
-        _fail(f"pair_scores runs a Triton kernel: it needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-              f"scanet.kernels is imported to run on CPU (got tensors on {f_t.device}); "
-              "scanet.reference.pair_logits is the CPU path")
+        _fail(
+            f"pair_scores runs a Triton kernel: it needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            f"scanet.kernels is imported to run on CPU (got tensors on {f_t.device}); "
+            "scanet.reference.pair_logits is the CPU path"
+        )
     if L != 2 or not kernels_can_run(f_t.device):
-        return reference.pair_logits(model, f_t, f_i, a1_t=a1_t, a1_i=a1_i, text_index=text_index,
-                                     image_index=image_index, chunk_pairs=chunk_pairs)
+        return reference.pair_logits(
+            model,
+            f_t,
+            f_i,
+            a1_t=a1_t,
+            a1_i=a1_i,
+            text_index=text_index,
+            image_index=image_index,
+            chunk_pairs=chunk_pairs,
+        )
     pair_scores_layer2 = kernels("pair_scores", f_t.device).pair_scores_layer2
 
     a1_t = layer1_attention(model, f_t, "text") if a1_t is None else a1_t
@@ -74,12 +102,26 @@ def _pair_scores(model, f_t, f_i, a1_t, a1_i, text_index, image_index, precision
     coatt = model.coattention
     w, b = head_weights(model, torch.float32)
     dtype = reference.compute_dtype(f_t.device, f_t, f_i)
-    with torch.autocast(f_t.device.type, enabled=False):     # the kernel reads float32 and casts itself
+    with torch.autocast(f_t.device.type, enabled=False):  # the kernel reads float32 and casts itself
         out = pair_scores_layer2(
-            f_t, f_i, a1_t, a1_i, coatt.text_fc[1].weight, coatt.text_fc[1].bias, coatt.image_fc[1].weight,
-            coatt.image_fc[1].bias, w, b, coatt.scale, text_index=text_index, image_index=image_index,
-            precision=scoring_precision(dtype, precision), layout=layout, block_sizes=block_sizes)
-    return out.to(reference.statistics_dtype(dtype))   # float32 logits for bf16/fp16: bf16 would tie rankings
+            f_t,
+            f_i,
+            a1_t,
+            a1_i,
+            coatt.text_fc[1].weight,
+            coatt.text_fc[1].bias,
+            coatt.image_fc[1].weight,
+            coatt.image_fc[1].bias,
+            w,
+            b,
+            coatt.scale,
+            text_index=text_index,
+            image_index=image_index,
+            precision=scoring_precision(dtype, precision),
+            layout=layout,
+            block_sizes=block_sizes,
+        )
+    return out.to(reference.statistics_dtype(dtype))  # float32 logits for bf16/fp16: bf16 would tie rankings
 
 
 def scoring_precision(dtype: torch.dtype, precision: str = "fp32") -> str:
