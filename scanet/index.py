@@ -1,5 +1,8 @@
 """The on-disk search index and its queries: build/save/load an index, free text -> model input, one query.
 
+Why a little over 400 lines: the on-disk search index (format, checks, model hash), its FAISS file and the
+free-text query path belong to one job: a saved, queryable collection.
+
 ``build_index`` encodes one side of a dataset split (common-space features and layer-1 attention per item,
 which is all that queries need from the collection; the other side too, so an item can be a query by its id)
 and records the hash of the model's weights and the dataset fingerprint; ``load_index(path, model)`` refuses

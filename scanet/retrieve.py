@@ -1,5 +1,8 @@
 """Retrieval at scale: exhaustive and two-stage search, a search index on disk, and ``scanet search``.
 
+Why a little over 400 lines: the stage-1 scores (layer1, layer2-mean with its reference attention) belong to
+the search core they shortlist for; the on-disk index lives in scanet/index.py, FAISS in scanet/ann.py.
+
 Scores are the model's: the logit of (text, image) under the full stacked co-attention (sigmoid of it is the
 similarity ``SCANet.forward`` returns). Ranking is by score, descending, ties by collection index, ascending.
 

@@ -212,7 +212,7 @@ def test_fused_coattention_dispatch_under_autocast(monkeypatch):
     _coattention.coattention(f.float(), g.float(), w, b)  # plain fp32: untouched
     assert seen == [([torch.float32] * 4, "fp32", False)]
     assert _coattention.kernel_precision(BF16) == "bf16"
-    assert _coattention.kernel_precision(torch.float16) == "tf32"
+    assert _coattention.kernel_precision(torch.float16) == "fp16"
     assert _coattention.kernel_precision(torch.float32) == "fp32"
     assert _coattention.kernel_precision(BF16, "tf32") == "tf32"
     # the custom op under autocast: its registered autocast kernel casts bf16 inputs to float32

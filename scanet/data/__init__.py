@@ -57,6 +57,7 @@ def prepare(name: str, root=None, out_dir=None, **options) -> PreparedDataset:
             options[key] = check_field(Preset("", ""), key, options[key], where="prepare option ")
     known = preparer_options(name)
     unknown = sorted(set(options) - set(known))
+    unknown = [k for k in unknown if k not in ("progress", "log")]  # how a preparer reports, not an option
     if unknown and known is not ANY_OPTION:
         raise ValueError(f"dataset {name!r} has no option {unknown[0]!r}; its options: {', '.join(known)}")
     return PREPARERS[name](root, out_dir, **options)

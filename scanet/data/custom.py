@@ -1,5 +1,8 @@
 """A documented folder format for any image-text collection (docs/custom_format.md is the full description).
 
+Why a little over 400 lines: the documented custom format's reader (settings, items, labels, images or
+features) in small functions; its matrix inputs already live in custom_inputs.py.
+
     ROOT/dataset.json        optional settings: name, language, embeddings, vocab_size, multi_label, ...
     ROOT/train.tsv           text_id <TAB> image_id <TAB> labels     (labels: "3", "cat", "1,4" or "cat,dog")
     ROOT/test.tsv            same

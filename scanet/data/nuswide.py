@@ -1,5 +1,8 @@
 """NUS-WIDE (Chua et al. 2009) in its official release layout, or the ``XAll``/``YAll``/``LAll`` .mat bundles.
 
+Why over 400 lines: one dataset, two released layouts (the official folder tree and the .mat bundle),
+the paper's subset selection with the release's quirks, and the checks that name the file and line.
+
 Official layout (ROOT):
     Low_Level_Features/BoW_Train_int.dat, BoW_Test_int.dat   500-d bag of visual words (SIFT), integers separated
                                                               by spaces, one image a line (161,789 / 107,859 lines)
