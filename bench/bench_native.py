@@ -50,12 +50,12 @@ Bytes (GCN rows only): per SpMM the gathered neighbour rows nnz*N*4 plus one rea
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _summary import write_summary
 from scanet import native, reference
 from scanet.config import ModelConfig
 
@@ -576,12 +576,8 @@ def main(argv=None) -> None:
     """``python bench/bench_native.py --rounds 15 --threads 2 --json PATH``: the bf16 / fused-dropout
     comparison (native_text_path, native_dropout) with providers interleaved round by round, as JSON."""
     import argparse
-    import datetime
-    import json
     import os
-    import platform
     import statistics
-    import sys
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--rounds", type=int, default=15)
@@ -633,23 +629,7 @@ def main(argv=None) -> None:
                     f"{op:<17} threads={threads} {p:<40} median {med[p] * 1e3:8.1f} ms  min {min(t) * 1e3:8.1f} ms"
                     f"  x{base} {med[base] / med[p]:.2f}  x eager {med['eager'] / med[p]:.2f}"
                 )
-    summary = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"cpu-{platform.machine()}-{os.cpu_count()}cores",
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "command": "OMP_WAIT_POLICY=passive python bench/bench_native.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "note": (
-            "providers interleaved round by round on a shared 2-core machine (other jobs running): read "
-            f"the ratios, not the times; load average (1, 5, 15 min) at the start {load_at_start}, "
-            f"at the end " + " ".join(f"{x:.1f}" for x in os.getloadavg())
-        ),
-        "rows": rows,
-    }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1))
-    print(f"-> {path}")
+    write_summary(args.json, "bench/bench_native.py", argv, rows, load_at_start)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,11 @@ elementwise work are not counted). All pairs: 2 modalities x 2 Nt Ni N^2 (layer 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from _summary import write_summary
 from scanet.config import ModelConfig
 
 V_WIKI = 10_055
@@ -263,12 +263,8 @@ def main(argv=None) -> None:
     """``python bench/bench_train_step.py --rounds 7 --json PATH``: the training step and all-pairs scoring,
     fp32 against bf16, each op's providers (and its GEMM rate rows) interleaved round by round, as JSON."""
     import argparse
-    import datetime
-    import json
     import os
-    import platform
     import statistics
-    import sys
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--rounds", type=int, default=7)
@@ -337,23 +333,7 @@ def main(argv=None) -> None:
                 f"{op:<12} {p:<18} median {med[p] * 1e3:9.1f} ms  min {min(t) * 1e3:9.1f} ms  "
                 f"{f / med[p] / 1e12:.3f} TFLOP/s{extra}"
             )
-    summary = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"cpu-{platform.machine()}-{os.cpu_count()}cores",
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "command": "OMP_WAIT_POLICY=passive python bench/bench_train_step.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "note": (
-            "providers interleaved round by round on a shared 2-core machine (other jobs running): read "
-            f"the ratios, not the times; load average (1, 5, 15 min) at the start {load_at_start}, "
-            f"at the end " + " ".join(f"{x:.1f}" for x in os.getloadavg())
-        ),
-        "rows": rows,
-    }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1))
-    print(f"-> {path}")
+    write_summary(args.json, "bench/bench_train_step.py", argv, rows, load_at_start)
 
 
 if __name__ == "__main__":

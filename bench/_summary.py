@@ -1,0 +1,32 @@
+"""The JSON summary the CPU benchmark scripts (bench_native.py, bench_train_step.py) write: date, machine,
+versions, the command that reruns it, the machine's load around the run, and the rows."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def write_summary(path: str | Path, script: str, argv: list[str] | None, rows: list, load_at_start: str) -> None:
+    summary = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"cpu-{platform.machine()}-{os.cpu_count()}cores",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "command": f"OMP_WAIT_POLICY=passive python {script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": (
+            "providers interleaved round by round on a shared 2-core machine (other jobs running): read "
+            f"the ratios, not the times; load average (1, 5, 15 min) at the start {load_at_start}, "
+            f"at the end " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+        ),
+        "rows": rows,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+    print(f"-> {path}")
