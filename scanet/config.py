@@ -45,6 +45,11 @@ class TrainConfig:
     lr: float = _f(1e-4, lo=0.0, lo_open=True)
     weight_decay: float = _f(0.005, lo=0.0)  # the paper's L2 0.005
     decoupled_weight_decay: bool = True  # True: AdamW; False: L2 in the gradient (Adam weight_decay), see README
+    # How weight_decay is applied (README "how the paper was read"): "decoupled" (AdamW, the default here),
+    # "coupled" (Adam's L2 in the gradient; decoupled_weight_decay=False is its older spelling), or
+    # "loss_fc_only" (the authors' group's code: weight_decay * sum ||w||^2 / 2 over the FC weights and biases
+    # added to the loss, the Chebyshev filters excluded, no optimizer decay).
+    l2_mode: str = _f("decoupled", choices=("decoupled", "coupled", "loss_fc_only"))
     margin: float = _f(0.6, lo=0.0)  # m of eq. 10
     lam: float = _f(0.35, lo=0.0)  # lambda of eq. 10
     positive_pairs: int = _f(40_000, lo=1)

@@ -129,11 +129,13 @@ def train(
     model = build_model(preset, dataset, fused=fused).to(device)
     # fused=True: one multi-tensor kernel instead of a loop over parameters (on CPU the default Adam costs a
     # fifth of the Wiki step); it supports capturable for CUDA graphs.
-    adam = torch.optim.AdamW if tc.decoupled_weight_decay else torch.optim.Adam
+    l2_mode = tc.l2_mode if tc.decoupled_weight_decay else "coupled"
+    adam = torch.optim.AdamW if l2_mode == "decoupled" else torch.optim.Adam
+    l2_params = l2_loss_parameters(model) if l2_mode == "loss_fc_only" else []
     opt = adam(
         model.parameters(),
         lr=tc.lr,
-        weight_decay=tc.weight_decay,
+        weight_decay=0.0 if l2_mode == "loss_fc_only" else tc.weight_decay,
         capturable=cuda_graphs,
         fused=device.type in ("cpu", "cuda"),
     )
@@ -185,6 +187,8 @@ def train(
         with autocast_context(device, tc.precision):  # the forward only: sim (and the loss) float32
             sim = step_model(texts[ti[idx]], images[ii[idx]])
         loss, _ = batch_loss(sim, target[idx], tc.margin, tc.lam)
+        if l2_params:  # l2_mode="loss_fc_only": the same term on every rank, so DDP's mean gradient is exact
+            loss = loss + 0.5 * tc.weight_decay * sum(p.pow(2).sum() for p in l2_params)
         if zero_grad:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -317,6 +321,12 @@ def train(
 
 def _silent(*args, **kwargs) -> None:
     pass
+
+
+def l2_loss_parameters(model) -> list:
+    """The weights and biases of every FC layer (text and image encoders, co-attention, head): what the authors'
+    group's code puts in its L2 term; the Chebyshev filters (text_encoder.convs) are left out."""
+    return [p for name, p in model.named_parameters() if not name.startswith("text_encoder.convs.")]
 
 
 def split_report(model, split: Split, chunk_size: int = 64) -> dict:

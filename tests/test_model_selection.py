@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import synthetic_preset
-from scanet.checkpoint import load_checkpoint
+from scanet.checkpoint import load_checkpoint, load_model
 from scanet.train import train
 
 
@@ -92,3 +92,29 @@ def test_validation_items_are_not_trained_on(dataset, tmp_path, monkeypatch):
     tr, val = carve_validation(dataset.train, 0.1, 0)
     assert seen["n"] == len(tr) == len(dataset.train) - len(val)
     assert torch.tensor(len(val)) > 0
+
+
+def test_l2_in_the_loss_over_fc_layers_only(dataset, tmp_path):
+    """l2_mode="loss_fc_only" adds weight_decay * sum ||w||^2 / 2 over the FC weights and biases (Chebyshev filters
+    excluded) to the loss, with no optimizer decay: with a vanishing learning rate the reported loss exceeds the
+    decoupled run's by exactly that term."""
+    from scanet.train import l2_loss_parameters
+
+    common = dict(
+        epochs=1,
+        eval_every=0,
+        lr=1e-12,
+        weight_decay=0.5,
+        validation_fraction=0.0,
+        positive_pairs=32,
+        negative_pairs=32,
+        batch_size=64,
+    )
+    plain = train(_preset(**common), dataset, tmp_path / "plain", progress=False, log=lambda s: None)
+    fc = train(_preset(**common, l2_mode="loss_fc_only"), dataset, tmp_path / "fc", progress=False, log=lambda s: None)
+    model, _ = load_model(tmp_path / "fc" / "last.pt", dataset)
+    names = [n for n, _ in model.named_parameters()]
+    params = l2_loss_parameters(model)
+    assert len(params) == len(names) - sum(n.startswith("text_encoder.convs.") for n in names) > 0
+    term = 0.5 * 0.5 * float(sum(p.detach().double().pow(2).sum() for p in params))
+    assert fc["history"][0]["loss"] - plain["history"][0]["loss"] == pytest.approx(term, rel=1e-4)
