@@ -50,6 +50,7 @@ class TrainConfig:
     # "loss_fc_only" (the authors' group's code: weight_decay * sum ||w||^2 / 2 over the FC weights and biases
     # added to the loss, the Chebyshev filters excluded, no optimizer decay).
     l2_mode: str = _f("decoupled", choices=("decoupled", "coupled", "loss_fc_only"))
+    ground_truth_pairs: bool = False  # True: the positives include every ground-truth (text, its image) pair
     margin: float = _f(0.6, lo=0.0)  # m of eq. 10
     lam: float = _f(0.35, lo=0.0)  # lambda of eq. 10
     positive_pairs: int = _f(40_000, lo=1)

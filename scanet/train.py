@@ -179,7 +179,8 @@ def train(
     images = torch.as_tensor(tr.images, device=device, dtype=torch.float32)
 
     ti, ii, target = (
-        torch.as_tensor(a, device=device) for a in make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed)
+        torch.as_tensor(a, device=device)
+        for a in make_pairs(tr.labels, tc.positive_pairs, tc.negative_pairs, tc.seed, tc.ground_truth_pairs)
     )
     n_pairs = len(target)
 

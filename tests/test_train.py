@@ -140,3 +140,14 @@ def test_cuda_graphs_need_cuda(dataset, tmp_path):
         pytest.skip("this machine has CUDA: the CPU error path does not apply")
     with pytest.raises(ValueError, match="CUDA"):
         train(_preset(epochs=1), dataset, tmp_path, cuda_graphs=True, progress=False, log=lambda s: None)
+
+
+def test_pairs_can_include_every_ground_truth_pair():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2])
+    t, i, y = make_pairs(labels, 20, 10, seed=3, include_ground_truth=True)
+    pos = set(zip(t[y == 1].tolist(), i[y == 1].tolist(), strict=True))
+    assert {(k, k) for k in range(len(labels))} <= pos  # each text with its own image
+    assert (labels[t][y == 1] == labels[i][y == 1]).all() and y.sum() == 20
+    t0, i0, y0 = make_pairs(labels, 20, 10, seed=3)  # the default draw is unchanged
+    t1, i1, y1 = make_pairs(labels, 20, 10, seed=3, include_ground_truth=False)
+    assert (t0 == t1).all() and (i0 == i1).all() and (y0 == y1).all()
