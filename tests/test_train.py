@@ -117,7 +117,7 @@ def test_atomic_checkpoint_keeps_old_file_on_failure(tmp_path):
 
     with pytest.raises(RuntimeError):
         save_checkpoint(path, {"format": "x", "v": Boom()})
-    assert torch.load(path, weights_only=False)["v"] == 1
+    assert torch.load(path, weights_only=True)["v"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
 
