@@ -55,7 +55,7 @@ import numpy as np
 import pytest
 import torch
 
-from _summary import write_summary
+from _script import interleaved, write_summary
 from scanet import native, reference
 from scanet.config import ModelConfig
 
@@ -551,25 +551,6 @@ def test_native_text_path(benchmark, measure, provider):
         flops=text_path_flops(),
         rounds=5 if provider == "eager" else 9,
     )
-
-
-# ------------------------------------------------------------------------------ interleaved (a script)
-def interleaved(steps: dict, rounds: int) -> dict:
-    """Time every fn of ``steps`` once per round, round-robin, so that a busy machine's slow spells hit all
-    providers alike (the sequential pytest-benchmark runs cannot); returns provider -> list of seconds."""
-    import time
-
-    from tqdm import tqdm
-
-    times = {name: [] for name in steps}
-    for fn in steps.values():  # warm-up: allocator, oneDNN primitives, the Laplacian cache
-        fn()
-    for _ in tqdm(range(rounds), desc="rounds"):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv=None) -> None:

@@ -43,7 +43,7 @@ import math
 import pytest
 import torch
 
-from _summary import write_summary
+from _script import interleaved, write_summary
 from scanet.config import ModelConfig
 
 V_WIKI = 10_055
@@ -239,24 +239,6 @@ def test_pair_scores(benchmark, measure, provider):
         flops=pair_flops(),
         rounds=3,
     )
-
-
-# ------------------------------------------------------------------------------ interleaved (a script)
-def interleaved(steps: dict, rounds: int) -> dict:
-    """Time every fn of ``steps`` once per round, round-robin; returns provider -> list of seconds."""
-    import time
-
-    from tqdm import tqdm
-
-    times = {name: [] for name in steps}
-    for fn in steps.values():  # warm-up: oneDNN primitives, the Laplacian checks, Adam's state
-        fn()
-    for _ in tqdm(range(rounds), desc="rounds"):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,6 @@
-"""The JSON summary the CPU benchmark scripts (bench_native.py, bench_train_step.py) write: date, machine,
-versions, the command that reruns it, the machine's load around the run, and the rows."""
+"""What the CPU benchmark scripts (bench_native.py, bench_train_step.py run as ``python bench/...``) share: the
+round-robin timing of their providers and the JSON summary they write (date, machine, versions, the command that
+reruns it, the machine's load around the run, the rows)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 def write_summary(path: str | Path, script: str, argv: list[str] | None, rows: list, load_at_start: str) -> None:
@@ -30,3 +33,18 @@ def write_summary(path: str | Path, script: str, argv: list[str] | None, rows: l
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1))
     print(f"-> {path}")
+
+
+def interleaved(steps: dict, rounds: int) -> dict:
+    """Time every fn of ``steps`` once per round, round-robin, after one warm-up call each (allocator, oneDNN
+    primitives, the Laplacian checks, Adam's state), so that a busy machine's slow spells hit all providers alike
+    (the sequential pytest-benchmark runs cannot); returns provider -> list of seconds."""
+    times: dict = {name: [] for name in steps}
+    for fn in steps.values():
+        fn()
+    for _ in tqdm(range(rounds), desc="rounds"):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
