@@ -157,27 +157,14 @@ def indexes(trained):
     out = {}
     for side in ("images", "texts"):
         path = trained["base"] / f"{side}.pt"
-        assert (
-            main(
-                [
-                    "search",
-                    "index",
-                    "--checkpoint",
-                    trained["ckpt"],
-                    "--data",
-                    trained["data"],
-                    "--side",
-                    side,
-                    "--split",
-                    "test",
-                    "--out",
-                    str(path),
-                ]
-            )
-            == 0
-        )
+        assert main(index_argv(trained, side, "--split", "test", "--out", str(path))) == 0
         out[side] = str(path)
     return out
+
+
+def index_argv(trained, side, *args):
+    """``scanet search index`` over the trained fixture's data, one side, with the given options."""
+    return ["search", "index", "--checkpoint", trained["ckpt"], "--data", trained["data"], "--side", side, *args]
 
 
 def query(capsys, trained, index, *args):
@@ -350,25 +337,7 @@ def test_faiss_index_beside_the_search_index_returns_the_exhaustive_top_k(capsys
         index["common_dim"],
     )
     hnsw = str(tmp_path / "hnsw.pt")
-    assert (
-        main(
-            [
-                "search",
-                "index",
-                "--checkpoint",
-                trained["ckpt"],
-                "--data",
-                trained["data"],
-                "--side",
-                "images",
-                "--out",
-                hnsw,
-                "--ann",
-                "hnsw",
-            ]
-        )
-        == 0
-    )
+    assert main(index_argv(trained, "images", "--out", hnsw, "--ann", "hnsw")) == 0
     assert "FAISS hnsw index of 200 layer2-mean vectors" in capsys.readouterr().out
     for qid in ("te0", "te3", "te11", "te42", "te150"):
         rc, out, _ = query(
@@ -414,25 +383,7 @@ def test_faiss_index_of_another_model_or_index_is_refused(capsys, trained, index
 
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     for path, kind in ((a, "flat"), (b, "hnsw")):
-        assert (
-            main(
-                [
-                    "search",
-                    "index",
-                    "--checkpoint",
-                    trained["ckpt"],
-                    "--data",
-                    trained["data"],
-                    "--side",
-                    "images",
-                    "--out",
-                    str(path),
-                    "--ann",
-                    kind,
-                ]
-            )
-            == 0
-        )
+        assert main(index_argv(trained, "images", "--out", str(path), "--ann", kind)) == 0
     capsys.readouterr()
     # other weights: ANNIndex.load's model-hash check
     model, _ = load_model(trained["ckpt"], trained["dataset"])
@@ -451,25 +402,7 @@ def test_faiss_index_of_another_model_or_index_is_refused(capsys, trained, index
     assert rc == 2 and "which is missing" in err
     # --ann none: no FAISS index recorded, the exact GEMM shortlist
     c = tmp_path / "c.pt"
-    assert (
-        main(
-            [
-                "search",
-                "index",
-                "--checkpoint",
-                trained["ckpt"],
-                "--data",
-                trained["data"],
-                "--side",
-                "images",
-                "--out",
-                str(c),
-                "--ann",
-                "none",
-            ]
-        )
-        == 0
-    )
+    assert main(index_argv(trained, "images", "--out", str(c), "--ann", "none")) == 0
     capsys.readouterr()
     assert load_index(c)["ann"] is None and not c.with_suffix(".faiss").exists()
     rc, out, _ = query(capsys, trained, str(c), "--text-id", "te1", "--shortlist", "30", "--json")
