@@ -239,16 +239,21 @@ def protocol_report(
 
 
 def evaluate_protocols(
-    score_fn: Callable[[Split, Split], ArrayLike], dataset: PreparedDataset, protocols: str | Sequence[str] = "both"
+    score_fn: Callable[[Split, Split], ArrayLike],
+    dataset: PreparedDataset,
+    protocols: str | Sequence[str] = "both",
+    known: dict[tuple[str, str], ArrayLike | None] | None = None,
 ) -> dict:
     """Evaluate a scorer under each protocol. ``score_fn(text_split, image_split)`` returns the
     (texts of text_split, images of image_split) score matrix; higher = more similar.
 
     The standard protocol needs one test x test matrix; the paper protocol two more (test texts x training
-    images, training texts x test images). Returns {protocol name: protocol_report}.
+    images, training texts x test images). ``known`` maps (text split, image split) names to score matrices
+    already computed (e.g. {("test", "test"): the scores evaluate_model returned}), so they are not computed again.
+    Returns {protocol name: protocol_report}.
     """
     reports = {}
-    cache: dict[tuple[str, str], np.ndarray] = {}
+    cache: dict[tuple[str, str], np.ndarray] = {k: _np(v) for k, v in (known or {}).items() if v is not None}
 
     def scores(text_split: str, image_split: str) -> np.ndarray:
         if (text_split, image_split) not in cache:

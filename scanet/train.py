@@ -199,7 +199,7 @@ def train(
     step_fn.zero_grad = lambda: opt.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # read by GraphedStep
     graphed = GraphedStep(step_fn, tc.batch_size, device) if cuda_graphs else None
 
-    report = None
+    report, test_scores = None, None
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         order = sd.epoch_order(n_pairs, tc.seed, epoch)  # the same permutation on every rank
@@ -231,7 +231,7 @@ def train(
                 f"training diverged at epoch {epoch + 1} (loss {row['loss']}); lower the learning rate"
             )
         last = epoch + 1 == tc.epochs
-        report = None
+        report, test_scores = None, None
         if not main:  # rank 0 evaluates and writes; the others follow its row and decision
             row, best, stop = sd.broadcast_object(None)
             history.append(row)
@@ -241,7 +241,7 @@ def train(
             continue
         if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or last:
             t1 = time.perf_counter()
-            report, _ = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
+            report, test_scores = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
             row.update(
                 text2image_map=report["text2image"]["map"],
                 image2text_map=report["image2text"]["map"],
@@ -305,10 +305,15 @@ def train(
     if val is not None and best["epoch"] and best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
         selected_epoch = best["epoch"]
-        report = None
+        report, test_scores = None, None
     if report is None or selected_epoch != history[-1]["epoch"]:
-        report, _ = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
-    protocols = evaluate_protocols(model_scorer(model, tc.score_chunk, precision=tc.precision), dataset, "both")
+        report, test_scores = evaluate_model(model, dataset, "test", tc.score_chunk, precision=tc.precision)
+    protocols = evaluate_protocols(
+        model_scorer(model, tc.score_chunk, precision=tc.precision),
+        dataset,
+        "both",
+        known={("test", "test"): test_scores},
+    )
     report = {
         **report,
         "selected_epoch": selected_epoch,

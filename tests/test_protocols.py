@@ -91,3 +91,19 @@ def test_baselines_under_both_protocols():
     # the standard protocol of the split scorer equals the classic test-vs-test report
     cca = evaluate_protocols(cca_split_scorer(ds), ds, "standard")["standard"]
     assert cca["text2image"]["map"] == pytest.approx(cca_report(ds)["text2image"]["map"])
+
+
+def test_known_score_matrices_are_not_computed_again():
+    test, train = _split([0, 1, 1], 0), _split([1, 0], 100)
+    calls = []
+
+    def score_fn(text_split, image_split):
+        calls.append((text_split is train, image_split is train))
+        return (text_split.labels[:, None] == image_split.labels[None, :]).astype(float)
+
+    ds = SimpleNamespace(train=train, test=test)
+    fresh = evaluate_protocols(score_fn, ds, "both")
+    calls.clear()
+    seeded = evaluate_protocols(score_fn, ds, "both", known={("test", "test"): score_fn(test, test)})
+    assert calls.count((False, False)) == 1  # only the call that built `known`
+    assert seeded == fresh

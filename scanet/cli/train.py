@@ -35,8 +35,10 @@ def _baseline_rows(dataset, root, protocols) -> dict:
 
     rows = {}
     for name, score in _baseline_scorers(dataset, root).items():
-        report = retrieval_report(score(dataset.test, dataset.test), dataset.test.labels, dataset.test.labels)
-        rows[name] = {**report, "protocols": evaluate_protocols(score, dataset, protocols)}
+        test_scores = score(dataset.test, dataset.test)
+        report = retrieval_report(test_scores, dataset.test.labels, dataset.test.labels)
+        known = {("test", "test"): test_scores}
+        rows[name] = {**report, "protocols": evaluate_protocols(score, dataset, protocols, known=known)}
     return rows
 
 
@@ -161,9 +163,14 @@ def cmd_evaluate(args) -> None:
             f"{targets[0]} already exists (an earlier evaluation); --force overwrites it, or choose another --out"
         )
     model, state, dataset = load_trained(args, fused=use_fused(args))
-    report, _ = evaluate_model(model, dataset, "test", args.chunk_size, progress=True, precision=args.precision)
+    report, test_scores = evaluate_model(
+        model, dataset, "test", args.chunk_size, progress=True, precision=args.precision
+    )
     report["protocols"] = evaluate_protocols(
-        model_scorer(model, args.chunk_size, precision=args.precision), dataset, args.protocol
+        model_scorer(model, args.chunk_size, precision=args.precision),
+        dataset,
+        args.protocol,
+        known={("test", "test"): test_scores},
     )
     reports = {"SCANet": report}
     if args.baseline:
