@@ -3,6 +3,8 @@
 plot_training_curve(history, path)     training loss and test MAP per epoch (scanet.train)
 plot_pr_curves(reports, path)          precision-recall per direction, one line per method (train, evaluate)
 contact_sheet(result, path, root)      a search query and its results as a grid of tiles (scanet search)
+plot_grid_heatmap(panels, path, title) a grid's mean MAP over two axes, one panel per protocol (Table 4)
+plot_grid_lines(panels, path, title)   a grid's mean MAP over its last axis, one line per row (Table 3)
 """
 
 from __future__ import annotations
@@ -72,6 +74,70 @@ def plot_pr_curves(reports: dict[str, dict], path: str | Path, title: str = "pre
     ]
     fig.legend(lines, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.045 * len(reports) + 0.02, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+GridPanel = tuple[list[str], list[str], list[list[float | None]]]  # rows, columns, values (None: no value)
+
+
+def plot_grid_heatmap(
+    panels: dict[str, GridPanel], path: str | Path, title: str, row_title: str = "", col_title: str = ""
+) -> None:
+    """One heatmap per panel (scanet.experiment_report.compact_matrix), each cell annotated with its value;
+    cells without a value are blank (grey)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (name, (rows, cols, values)) in zip(axes[0], panels.items(), strict=True):
+        a = np.array([[np.nan if v is None else v for v in r] for r in values], dtype=float)
+        ax.set_facecolor("#dddddd")
+        finite = a[np.isfinite(a)]
+        im = ax.imshow(
+            np.ma.masked_invalid(a),
+            cmap="viridis",
+            vmin=finite.min() if finite.size else 0,
+            vmax=finite.max() if finite.size else 1,
+        )
+        for (i, j), v in np.ndenumerate(a):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7, color="white")
+        ax.set_xticks(range(len(cols)), cols)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel(col_title)
+        ax.set_ylabel(row_title)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_grid_lines(panels: dict[str, GridPanel], path: str | Path, title: str, x_title: str = "") -> None:
+    """One panel per protocol: a line per row over the columns (missing values leave gaps); rows without any
+    value are left out of the plot (the Markdown table lists why)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
+    for ax, (name, (rows, cols, values)) in zip(axes[0], panels.items(), strict=True):
+        drawn = 0
+        for label, vals in zip(rows, values, strict=True):
+            if all(v is None for v in vals):
+                continue
+            ax.plot(range(len(cols)), [float("nan") if v is None else v for v in vals], marker="o", ms=4, label=label)
+            drawn += 1
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no cell finished yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks(range(len(cols)), cols)
+        ax.set_xlabel(x_title)
+        ax.set_ylabel("mean MAP")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

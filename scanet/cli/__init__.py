@@ -1,4 +1,4 @@
-"""The ``scanet`` command: prepare, train, evaluate, search, features. Nothing in the library imports it.
+"""The ``scanet`` command: prepare, train, evaluate, experiment, search, features. Nothing in the library imports it.
 
     scanet prepare wiki --root ../shared/data/wiki          raw data -> prepared/wiki (cached)
     scanet train --preset wiki --root ../shared/data/wiki   prepare (cached), train, evaluate, CCA side by side
@@ -6,6 +6,7 @@
     scanet evaluate --checkpoint runs/wiki/last.pt --root ../shared/data/wiki
     scanet search index|query ...                           a search index and queries (scanet.index)
     scanet features images|models|classify ...              CNN image features (scanet.features)
+    scanet experiment table3|table4 --preset wiki --root ... the paper's grids of runs (scanet.experiment)
 
 Verbs: each module of ``VERB_MODULES`` defines ``add_commands(subparsers)``, registering its subcommands with
 ``set_defaults(func=...)``; a new verb group is a new module here and one line in that list. Shared options
@@ -22,10 +23,10 @@ import sys
 # little on a dedicated one. It must be set before torch is imported, which the verb modules below do.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from scanet.cli import features, prepare, search, train
+from scanet.cli import experiment, features, prepare, search, train
 from scanet.cli._common import dataset_options, load_dataset, load_trained, use_fused  # noqa: F401
 
-VERB_MODULES = (prepare, train, search, features)
+VERB_MODULES = (prepare, train, experiment, search, features)
 
 
 def build_parser() -> argparse.ArgumentParser:
