@@ -46,7 +46,7 @@ from typing import Any
 from scanet.config import Preset, apply_overrides
 from scanet.data.prepared import PreparedDataset
 from scanet.io import atomic_write, read_text
-from scanet.run_folder import claim, config_differences
+from scanet.run_folder import RUN_FILES, claim, config_differences
 from scanet.train import train
 
 STATE_FORMAT = 1
@@ -345,6 +345,9 @@ def run_grid(
             f"--cells {cells!r} matches no cell of {grid.name}; its cells: {', '.join(c.name for c in all_cells)}"
         )
     out = Path(out)
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if held:
+        raise ValueError(f"{out} holds a training run ({', '.join(held)}); a grid needs a folder of its own (--out)")
     # The grid folder's lock (one grid process per folder) and its interrupted writes, as for a run folder.
     folder = claim(out, base, dataset.fingerprint, log=say)
     try:

@@ -100,9 +100,11 @@ def plot_grid_heatmap(
             vmin=finite.min() if finite.size else 0,
             vmax=finite.max() if finite.size else 1,
         )
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
         for (i, j), v in np.ndenumerate(a):
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7, color="white")
+            if np.isfinite(v):  # dark text on viridis's bright end, white on its dark end
+                light = hi > lo and (v - lo) / (hi - lo) > 0.6
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7, color="black" if light else "white")
         ax.set_xticks(range(len(cols)), cols)
         ax.set_yticks(range(len(rows)), rows)
         ax.set_xlabel(col_title)

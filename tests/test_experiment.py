@@ -1,6 +1,9 @@
 """scanet.experiment: the Table 3 / Table 4 grids on a tiny synthetic dataset (every cell listed, resume gives the
 same table without retraining finished cells, another configuration refused, clear CLI errors)."""
 
+from __future__ import annotations  # the config fields' types as text, as scanet.config reads them
+
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +11,7 @@ import pytest
 import scanet.experiment as experiment
 from scanet.checkpoint import load_checkpoint
 from scanet.cli import main
-from scanet.config import get_preset
+from scanet.config import ModelConfig, _f, get_preset
 from scanet.data import synthetic
 from scanet.experiment import GRIDS, grid_cells, load_state, run_grid
 from scanet.experiment_report import markdown, protocol_tables
@@ -182,6 +185,54 @@ def test_stop_after_cells_and_a_failing_cell(dataset, tmp_path, monkeypatch):
     assert "failed [" in (out / "table4.md").read_text()
 
 
+@dataclasses.dataclass
+class WiredModel(ModelConfig):
+    """The model section as it is about to be (branch wire): the Table 3 encoder keys."""
+
+    text_encoder: str = _f("gcn", choices=("gcn", "lstm", "cnn"))
+    image_encoder: str = _f("fixed", choices=("fixed", "cnn5"))
+
+
+@dataclasses.dataclass
+class NarrowModel(ModelConfig):
+    text_encoder: str = _f("gcn", choices=("gcn",))
+    image_encoder: str = _f("fixed", choices=("fixed",))
+
+
+def test_which_cells_can_run_follows_the_config_keys_and_the_dataset_inputs(dataset):
+    from scanet.experiment import base_preset, cell_blocker, cell_overrides
+
+    cells = {c.name: c for c in grid_cells(GRIDS["table3"])}
+    today = base_preset(GRIDS["table3"], get_preset("synthetic"), SET)
+    assert cell_blocker(cells["gcn_fixed_L2"], today, dataset) is None  # today's model is GCN + fixed features
+    assert cell_overrides(cells["gcn_fixed_L2"], today) == ["coattention_layers=2"]
+    assert cell_blocker(cells["lstm_fixed_L2"], today, dataset) == (
+        "not run",
+        "the configuration has no key 'text_encoder' yet (scanet.config)",
+    )
+    p = get_preset("synthetic")
+    wired = base_preset(GRIDS["table3"], dataclasses.replace(p, model=WiredModel(**dataclasses.asdict(p.model))), SET)
+    assert cell_overrides(cells["gcn_fixed_L2"], wired) == [
+        "text_encoder=gcn",
+        "image_encoder=fixed",
+        "coattention_layers=2",
+    ]
+    assert cell_blocker(cells["gcn_fixed_L2"], wired, dataset) is None
+    assert cell_blocker(cells["gcn_cnn5_L2"], wired, dataset) == (
+        "not run",
+        "image_encoder=cnn5 needs raw image pixels; the prepared dataset 'synthetic' has none",
+    )
+    assert "needs token-id sequences" in cell_blocker(cells["lstm_fixed_L0"], wired, dataset)[1]
+    assert cell_blocker(cells["cnn_vgg19_L2"], wired, dataset)[0] == "open"
+    with_inputs = dataclasses.replace(dataset, train=dataclasses.replace(dataset.train))
+    with_inputs.train.pixels = object()  # type: ignore[attr-defined]
+    with_inputs.train.tokens = object()  # type: ignore[attr-defined]
+    assert cell_blocker(cells["lstm_cnn5_L3"], wired, with_inputs) is None
+    narrow = dataclasses.replace(wired, model=NarrowModel(**dataclasses.asdict(p.model)))
+    status, reason = cell_blocker(cells["gcn_cnn5_L1"], narrow, with_inputs)
+    assert status == "not run" and "image_encoder='cnn5': image_encoder must be one of 'fixed'" in reason
+
+
 def test_another_configuration_is_refused(dataset, table4_m06):
     out, _ = table4_m06
     with pytest.raises(ValueError, match=r"another configuration: train.positive_pairs \(saved 150, given 100\)"):
@@ -192,6 +243,11 @@ def test_another_configuration_is_refused(dataset, table4_m06):
         _run(dataset, out, "m0.6", overrides=SET + ["margin=0.5"])
     with pytest.raises(ValueError, match="matches no cell of table4; its cells: m0.4_lam0.25"):
         _run(dataset, out, "nope")
+    run = out.parent / "a_training_run"
+    run.mkdir()
+    (run / "metrics.json").write_text("[]")
+    with pytest.raises(ValueError, match="holds a training run .metrics.json.; a grid needs a folder of its own"):
+        _run(dataset, run, "m0.6")
     before = (out / "table4.json").read_text()
     assert load_state(out / "table4.json")["config"]["overrides"] == SET and before  # the state is untouched
 

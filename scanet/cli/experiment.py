@@ -12,12 +12,14 @@ from scanet.config import TrainConfig, arg_type
 def _command(args) -> str:
     """The command line that reruns (resumes) this grid."""
     argv = ["scanet", "experiment", args.table, "--preset", args.preset]
+    defaults = {"prepared_dir": "prepared", "device": "cpu"}
     for flag in ("root", "data", "prepared_dir", "epochs", "out", "cells", "device"):
         value = getattr(args, flag)
-        if value is not None and not (flag == "prepared_dir" and value == "prepared") and value != "cpu":
+        if value is not None and value != defaults.get(flag):
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     for item in args.set or []:
         argv += ["--set", item]
+    argv += [f"--{flag}" for flag in ("fused", "eager") if getattr(args, flag)]
     return shlex.join(argv)
 
 
