@@ -23,7 +23,7 @@ import numpy as np
 from scanet.data.assemble import assemble
 from scanet.data.embeddings import WordVectors, load_word_vectors
 from scanet.data.graph import check_graph
-from scanet.data.languages import embeddings_for
+from scanet.data.languages import check_word2vec_options, embeddings_for
 from scanet.data.lists import ListEntry, read_list  # scanet.data.wiki.read_list: public here
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer, read_stopwords
@@ -121,16 +121,14 @@ def prepare(
     The two options are independent (GloVe with graph="paper" works too). lmax None: the graph's default.
     """
     check_graph(graph, lmax)
-    for key, v in (
-        ("w2v_dim", w2v_dim),
-        ("w2v_window", w2v_window),
-        ("w2v_epochs", w2v_epochs),
-        ("w2v_min_count", w2v_min_count),
-    ):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"wiki option {key} must be a positive integer, got {v!r}")
-    if w2v_sg not in (True, False):
-        raise ValueError(f"wiki option w2v_sg must be True (skip-gram) or False (CBOW), got {w2v_sg!r}")
+    w2v = check_word2vec_options(
+        "wiki",
+        w2v_dim=w2v_dim,
+        w2v_window=w2v_window,
+        w2v_epochs=w2v_epochs,
+        w2v_min_count=w2v_min_count,
+        w2v_sg=w2v_sg,
+    )
     root = Path(root)
     if root.is_dir() and not (root / "trainset_txt_img_cat.list").is_file():
         from scanet.data import wiki_mat  # the labelled .mat release (wikiData.mat)
@@ -161,7 +159,6 @@ def prepare(
     if (root / "stopwords.txt").is_file():
         inputs["stopwords"] = hash_files([root / "stopwords.txt"])
     lmax = ("exact" if graph == "symmetric" else 2.0) if lmax is None else lmax
-    w2v = dict(dim=w2v_dim, window=w2v_window, epochs=w2v_epochs, min_count=w2v_min_count, skip_gram=bool(w2v_sg))
     params = {
         "dataset": "wiki",
         "vocab_size": vocab_size,
