@@ -7,6 +7,22 @@ __init__ imports them.)
 from __future__ import annotations
 
 import argparse
+import ast
+
+
+def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
+    """``KEY=VALUE`` strings -> {key: value}: a Python literal where the value is one (8, 2.0, False), else the
+    plain word as a string (paper, word2vec)."""
+    opts: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r} is not of the form KEY=VALUE")
+        try:
+            opts[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            opts[key] = raw  # a plain word: a string
+    return opts
 
 
 def dataset_options(
@@ -15,6 +31,14 @@ def dataset_options(
     p.add_argument("--root", help=root_help)
     p.add_argument("--data", help="an already prepared dataset folder (instead of --root)")
     p.add_argument("--prepared-dir", default="prepared", help="where prepared datasets are cached")
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the dataset's preparer when it is prepared from --root, as for `scanet prepare "
+        "--option`, e.g. --option graph=paper --option embeddings=word2vec (the cache in --prepared-dir is "
+        "rebuilt when the options differ from the ones it was made with: give another --prepared-dir to keep it)",
+    )
 
 
 def load_dataset(args, preset, fingerprint: str | None = None):
@@ -23,7 +47,12 @@ def load_dataset(args, preset, fingerprint: str | None = None):
     from scanet.data import dataset_for_preset
 
     return dataset_for_preset(
-        preset, data=args.data, root=args.root, prepared_dir=args.prepared_dir, fingerprint=fingerprint
+        preset,
+        data=args.data,
+        root=args.root,
+        prepared_dir=args.prepared_dir,
+        fingerprint=fingerprint,
+        options=parse_options(getattr(args, "option", None)),
     )
 
 

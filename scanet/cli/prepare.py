@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import time
 from pathlib import Path
 
+from scanet.cli._common import parse_options
 from scanet.config import Preset, arg_type
 
 
@@ -30,14 +30,7 @@ def cmd_prepare(args) -> None:
             ).items()
             if v is not None
         }
-    for item in args.option or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option {item!r} is not of the form KEY=VALUE")
-        try:
-            opts[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            opts[key] = raw  # a plain word: a string
+    opts.update(parse_options(args.option))
     t0 = time.perf_counter()
     ds = prepare(args.dataset, args.root, args.out or Path(args.prepared_dir) / args.dataset, **opts)
     print(json.dumps({k: v for k, v in ds.manifest.items() if k not in ("inputs", "params")}, indent=1))
@@ -78,6 +71,7 @@ def add_commands(sub) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="any other option of the dataset's preparer, e.g. nuswide: --option n_train=40000 "
-        "--option tags=all; pascal: --option single_object=False (an unknown key lists them)",
+        "--option tags=all; pascal: --option single_object=False; wiki: --option graph=paper (an unknown key "
+        "lists them)",
     )
     p.set_defaults(func=cmd_prepare)

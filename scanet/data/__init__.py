@@ -80,15 +80,27 @@ def preparer_options(name: str) -> list[str]:
 
 
 def dataset_for_preset(
-    preset, data=None, root=None, prepared_dir="prepared", fingerprint: str | None = None
+    preset,
+    data=None,
+    root=None,
+    prepared_dir="prepared",
+    fingerprint: str | None = None,
+    options: dict | None = None,
 ) -> PreparedDataset:
     """The dataset a preset trains on: the prepared folder ``data`` if given, else its raw data at ``root``
-    prepared (cached) into ``prepared_dir/<dataset>`` with the preset's vocabulary size and kNN.
+    prepared (cached) into ``prepared_dir/<dataset>`` with the preset's vocabulary size and kNN, and ``options``
+    (the preparer's keyword options, e.g. {"graph": "paper"}: `--option KEY=VALUE`) over them.
 
     ``fingerprint`` (a checkpoint's ``dataset_fingerprint``): the prepared data a trained model needs. A cache
     holding exactly it is loaded as it is (it may have been prepared with non-default options); a cache holding
     other prepared data is refused, never rebuilt with the preset's defaults over the user's cache."""
+    options = dict(options or {})
     if data:
+        if options:
+            raise ValueError(
+                f"preparation options {sorted(options)} do not apply to --data {data} (already prepared); "
+                "prepare it with them (`scanet prepare ... --option KEY=VALUE`) or pass --root instead"
+            )
         return PreparedDataset.load(data)
     out = Path(prepared_dir) / preset.dataset
     if fingerprint and (out / "manifest.json").is_file():
@@ -101,11 +113,11 @@ def dataset_for_preset(
                 f"it was made with (parameters {params})"
             ) from e
     if preset.dataset == "synthetic":
-        return prepare("synthetic", out_dir=out)
+        return prepare("synthetic", out_dir=out, **options)
     if not root:
         raise ValueError(f"preset {preset.name!r} needs --root DIR (the raw {preset.dataset} data) or --data")
     opts = {k: v for k, v in (("vocab_size", preset.vocab_size), ("knn", preset.knn)) if v is not None}
-    return prepare(preset.dataset, root, out, **opts)
+    return prepare(preset.dataset, root, out, **(opts | options))
 
 
 def _cache_of_checkpoint(out: Path, fingerprint: str) -> dict:

@@ -82,11 +82,17 @@ def assemble(
     knn: int,
     lmax,
     progress=print,
+    *,
+    graph: str = "symmetric",
 ) -> PreparedDataset:
-    """The prepared dataset: the ``knn``-NN word graph of the vocabulary's vectors, and per split ("train",
-    "test") ``parts[split] = (text_ids, image_ids, bow, image_features, labels)``."""
-    progress(f"vocabulary: {len(vocab)} words with a vector in {word_vectors.name}; building the {knn}-NN word graph")
-    lap, lm = word_graph(word_vectors.lookup(vocab), knn, lmax)
+    """The prepared dataset: the ``knn``-NN word graph of the vocabulary's vectors (``graph``: "symmetric" or
+    "paper", see scanet.data.graph), and per split ("train", "test")
+    ``parts[split] = (text_ids, image_ids, bow, image_features, labels)``."""
+    progress(
+        f"vocabulary: {len(vocab)} words with a vector in {word_vectors.name}; building the {knn}-NN word graph "
+        f"({graph})"
+    )
+    lap, lm = word_graph(word_vectors.lookup(vocab), knn, lmax, graph)
     splits = {
         k: Split(list(t), list(i), bow, np.ascontiguousarray(img, dtype=np.float32), labels)
         for k, (t, i, bow, img, labels) in parts.items()

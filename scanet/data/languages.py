@@ -158,6 +158,22 @@ def train_word2vec(
     )
 
 
+def check_word2vec_options(dataset: str, **options) -> dict:
+    """A preparer's ``w2v_*`` options checked (ValueError naming the option) and turned into train_word2vec's
+    keywords: counts (w2v_dim, w2v_window, w2v_epochs, w2v_min_count) positive integers, w2v_sg a bool."""
+    out: dict[str, int | bool] = {}
+    for key, v in options.items():
+        if key == "w2v_sg":
+            if v not in (True, False):
+                raise ValueError(f"{dataset} option w2v_sg must be True (skip-gram) or False (CBOW), got {v!r}")
+            out["skip_gram"] = bool(v)
+        elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{dataset} option {key} must be a positive integer, got {v!r}")
+        else:
+            out[key.removeprefix("w2v_")] = v
+    return out
+
+
 def embeddings_for(
     language: str, spec: str | Path, train_docs: Sequence[Sequence[str]], log: Callable[[str], None] = print, **w2v
 ) -> WordVectors:

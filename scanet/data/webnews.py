@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from scanet.data.assemble import REPORT_NAME, counts, log_exclusions, partition, write_report  # noqa: F401
+from scanet.data.graph import check_graph
 from scanet.data.images import choose_images
 from scanet.data.languages import effective_embeddings, embeddings_for, tokenizer_for, tokenizer_version
 from scanet.data.lists import ListEntry, read_list
@@ -73,7 +74,8 @@ def prepare(
     vocab_size: int = 5000,
     knn: int = 8,
     embeddings: str = "word2vec",
-    lmax: str | float = "exact",
+    lmax: str | float | None = None,
+    graph: str = "symmetric",
     image_model: str = "efficientnet-lite0",
     batch_size: int = 32,
     w2v_dim: int = 100,
@@ -81,7 +83,12 @@ def prepare(
     w2v_min_count: int = 2,
     progress=print,
 ) -> PreparedDataset:
-    """Prepare WebNews (cached in ``out_dir``, default ``prepared/webnews``); see the module doc."""
+    """Prepare WebNews (cached in ``out_dir``, default ``prepared/webnews``); see the module doc.
+
+    graph: "symmetric" (default) or "paper" (the SCANet authors' group's directed kNN graph with self loops and
+    lmax 2, see scanet.data.graph); lmax None: the graph's default (exact, resp. 2)."""
+    check_graph(graph, lmax)
+    lmax = ("exact" if graph == "symmetric" else 2.0) if lmax is None else lmax
     root = Path(root)
     check_root(root)
     out_dir = Path(out_dir or Path("prepared") / "webnews")
@@ -109,6 +116,8 @@ def prepare(
         if emb == "word2vec"
         else None,
     }
+    if graph != "symmetric":  # only then: caches made before the option existed stay valid
+        params["graph"] = graph
     report: dict = {}
 
     def build() -> PreparedDataset:
@@ -156,6 +165,7 @@ def prepare(
             knn,
             lmax,
             progress,
+            graph=graph,
         )
         report.update(
             {

@@ -22,6 +22,8 @@ import numpy as np
 
 from scanet.data.assemble import assemble
 from scanet.data.embeddings import WordVectors, load_word_vectors
+from scanet.data.graph import check_graph
+from scanet.data.languages import check_word2vec_options, embeddings_for
 from scanet.data.lists import ListEntry, read_list  # scanet.data.wiki.read_list: public here
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer, read_stopwords
@@ -92,8 +94,14 @@ def prepare(
     vocab_size: int = 10_055,
     knn: int = 8,
     embeddings: str = "glove-6b-50d",
-    lmax: str | float = "exact",
+    lmax: str | float | None = None,
     image_features: str = "sift",
+    graph: str = "symmetric",
+    w2v_dim: int = 50,
+    w2v_window: int = 5,
+    w2v_epochs: int = 5,
+    w2v_min_count: int = 5,
+    w2v_sg: bool = False,
     progress=print,
 ) -> PreparedDataset:
     """Prepare Eng-Wiki (cached in ``out_dir``, default ``prepared/wiki``).
@@ -101,13 +109,38 @@ def prepare(
     image_features: "sift" (raw_features.mat, 128-d), "cnn" (EfficientNet-Lite0 features of ROOT/images, see
     scanet.features; cached beside out_dir; entries without a readable image are excluded and reported), or a
     path to an .npy matrix (train rows then test rows, in list order).
+
+    The word graph, two readings side by side (scanet.data.graph has the details):
+        default        embeddings="glove-6b-50d", graph="symmetric": GloVe 6B-50d vectors, a kNN graph with
+                       exp(-d^2/sigma^2) weights symmetrized by max(W, W^T), no self loops, lmax exact.
+        paper group    embeddings="word2vec", graph="paper": word2vec trained here on the tokenized training
+                       texts (gensim, ``w2v_dim`` 50 and ``w2v_window`` 5 as their code; the rest gensim's own
+                       defaults, which a call naming only size and window gets: CBOW, 5 epochs, min_count 5;
+                       seeded, one worker: deterministic), each word linked to itself and its k most similar
+                       words (weight 1, not symmetrized), in-degree normalized, lmax = 2 (L~ = L - I).
+    The two options are independent (GloVe with graph="paper" works too). lmax None: the graph's default.
     """
+    check_graph(graph, lmax)
+    w2v = check_word2vec_options(
+        "wiki",
+        w2v_dim=w2v_dim,
+        w2v_window=w2v_window,
+        w2v_epochs=w2v_epochs,
+        w2v_min_count=w2v_min_count,
+        w2v_sg=w2v_sg,
+    )
     root = Path(root)
     if root.is_dir() and not (root / "trainset_txt_img_cat.list").is_file():
         from scanet.data import wiki_mat  # the labelled .mat release (wikiData.mat)
 
         if wiki_mat.find_labelled_mat(root) is not None:
-            return wiki_mat.prepare(root, out_dir, knn=knn, lmax=lmax, progress=progress)
+            if graph != "symmetric" or str(embeddings) == "word2vec":
+                raise ValueError(
+                    f"{root} is the labelled .mat release (no list files): its text graph is over the text-feature "
+                    f"columns, so graph={graph!r} / embeddings={str(embeddings)!r} do not apply (they need texts/ "
+                    "and the *_txt_img_cat.list files)"
+                )
+            return wiki_mat.prepare(root, out_dir, knn=knn, lmax="exact" if lmax is None else lmax, progress=progress)
     _check_root(root)
     out_dir = Path(out_dir or Path("prepared") / "wiki")
     lists = [root / "trainset_txt_img_cat.list", root / "testset_txt_img_cat.list"]
@@ -125,6 +158,7 @@ def prepare(
         inputs["image_model_weights"] = get_image_model(DEFAULT_MODEL).weights()
     if (root / "stopwords.txt").is_file():
         inputs["stopwords"] = hash_files([root / "stopwords.txt"])
+    lmax = ("exact" if graph == "symmetric" else 2.0) if lmax is None else lmax
     params = {
         "dataset": "wiki",
         "vocab_size": vocab_size,
@@ -134,6 +168,12 @@ def prepare(
         "image_features": str(image_features),
         "tokenizer": "english-v1",
     }
+    # Keys only where an option leaves its default, so caches (and checkpoint fingerprints) made before the
+    # option existed stay valid.
+    if graph != "symmetric":
+        params["graph"] = graph
+    if str(embeddings) == "word2vec":
+        params["word2vec"] = dict(w2v, seed=0)
 
     def build() -> PreparedDataset:
         train_e, test_e = read_list(lists[0]), read_list(lists[1])
@@ -162,6 +202,9 @@ def prepare(
             if m.ndim != 2 or m.shape[0] != len(train_e) + len(test_e):
                 raise ValueError(f"{feature_file}: expected ({len(train_e) + len(test_e)}, D), got {m.shape}")
             img_tr, img_te = m[: len(train_e)], m[len(train_e) :]
+        vectors = (
+            embeddings_for("en", embeddings, train_tok, progress, **w2v) if embeddings == "word2vec" else embeddings
+        )
         return build_text_dataset(
             "wiki",
             train_e,
@@ -171,11 +214,12 @@ def prepare(
             img_tr,
             img_te,
             _class_names(root, train_e + test_e),
-            embeddings,
+            vectors,
             vocab_size,
             knn,
             lmax,
             progress,
+            graph=graph,
         )
 
     return cached(out_dir, params, inputs, build, progress)
@@ -202,8 +246,11 @@ def build_text_dataset(
     knn,
     lmax,
     progress=print,
+    *,
+    graph: str = "symmetric",
 ) -> PreparedDataset:
-    """Every dataset in the list layout with tokenized texts: vocabulary with vectors, then ``assemble``."""
+    """Every dataset in the list layout with tokenized texts: vocabulary with vectors, then ``assemble``
+    (``graph``: the word-graph construction, see scanet.data.graph)."""
     wv = embeddings if isinstance(embeddings, WordVectors) else load_word_vectors(embeddings)
     vocab = build_vocabulary(train_tok, vocab_size, keep=wv.__contains__)
 
@@ -225,4 +272,5 @@ def build_text_dataset(
         knn,
         lmax,
         progress,
+        graph=graph,
     )
