@@ -8,7 +8,8 @@
 
 Preparation: jieba tokens, word2vec trained on the training texts (no pretrained Chinese vectors are
 available offline), the ``vocab_size`` most frequent training words, their kNN word graph, bag-of-words, and
-EfficientNet-Lite0 features of the images (cached beside the prepared folder, see scanet.features).
+EfficientNet-Lite0 features of the images (cached beside the prepared folder, see scanet.features), and the
+images' 64 x 64 pixels for the end-to-end CNN-5 encoder (scanet.data.pixels).
 
 Quirks of the shipped data, each handled and written to ``<out>/preparation_report.json``:
     * 3 image files with a space before the extension ("22 .jpg"): found by id, used, noted.
@@ -30,6 +31,7 @@ from scanet.data.assemble import REPORT_NAME, counts, log_exclusions, partition,
 from scanet.data.images import choose_images
 from scanet.data.languages import effective_embeddings, embeddings_for, tokenizer_for, tokenizer_version
 from scanet.data.lists import ListEntry, read_list
+from scanet.data.pixels import pixels_for, stack_pixels
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.wiki import build_text_dataset
 from scanet.features import features_for_images, get_image_model
@@ -79,9 +81,13 @@ def prepare(
     w2v_dim: int = 100,
     w2v_epochs: int = 20,
     w2v_min_count: int = 2,
+    pixel_size: int = 64,
     progress=print,
 ) -> PreparedDataset:
-    """Prepare WebNews (cached in ``out_dir``, default ``prepared/webnews``); see the module doc."""
+    """Prepare WebNews (cached in ``out_dir``, default ``prepared/webnews``); see the module doc.
+
+    ``pixel_size``: the raw images are also kept as (3, S, S) uint8 pixels for the CNN-5 encoder
+    (scanet.data.pixels; 0: none)."""
     root = Path(root)
     check_root(root)
     out_dir = Path(out_dir or Path("prepared") / "webnews")
@@ -108,6 +114,7 @@ def prepare(
         "word2vec": {"dim": w2v_dim, "epochs": w2v_epochs, "min_count": w2v_min_count, "seed": 0}
         if emb == "word2vec"
         else None,
+        "pixel_size": pixel_size,
     }
     report: dict = {}
 
@@ -142,6 +149,10 @@ def prepare(
             "zh", embeddings, toks["train"], progress, dim=w2v_dim, epochs=w2v_epochs, min_count=w2v_min_count
         )
         img = {s: np.stack([feats[e.image_id] for e in kept[s]]) for s in kept}
+        pixels = None
+        if pixel_size:
+            px = pixels_for(root / "images", choices.values(), pixel_size, progress=True)
+            pixels = {s: stack_pixels(px, [e.image_id for e in kept[s]], f"{s}: ") for s in kept}
         ds = build_text_dataset(
             "webnews",
             kept["train"],
@@ -156,6 +167,7 @@ def prepare(
             knn,
             lmax,
             progress,
+            pixels=pixels,
         )
         report.update(
             {

@@ -202,8 +202,10 @@ def build_text_dataset(
     knn,
     lmax,
     progress=print,
+    pixels: dict | None = None,
 ) -> PreparedDataset:
-    """Every dataset in the list layout with tokenized texts: vocabulary with vectors, then ``assemble``."""
+    """Every dataset in the list layout with tokenized texts: vocabulary with vectors, then ``assemble`` (which
+    keeps the texts' token sequences and the vocabulary's vectors; ``pixels``: raw images per split, or None)."""
     wv = embeddings if isinstance(embeddings, WordVectors) else load_word_vectors(embeddings)
     vocab = build_vocabulary(train_tok, vocab_size, keep=wv.__contains__)
 
@@ -225,4 +227,6 @@ def build_text_dataset(
         knn,
         lmax,
         progress,
+        docs={"train": train_tok, "test": test_tok},
+        pixels=pixels,
     )

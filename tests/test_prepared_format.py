@@ -1,0 +1,98 @@
+"""Prepared format 2 (scanet.data.prepared): token sequences, word vectors and pixels survive save/load, a
+format-1 cache is rebuilt, a format-1 folder given directly is refused with a sentence, bad arrays are refused."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from scanet.data import synthetic
+from scanet.data.prepared import FORMAT_VERSION, PreparedDataset, Split
+from scanet.data.tokens import TokenSequences
+
+
+@pytest.fixture()
+def prepared(tmp_path):
+    out = tmp_path / "syn"
+    ds = synthetic.prepare(out, progress=lambda s: None, n_train=60, n_test=30, vocab_size=40, pixel_size=32)
+    return out, ds
+
+
+def test_format_2_round_trip_of_tokens_vectors_and_pixels(prepared):
+    out, ds = prepared
+    assert FORMAT_VERSION == 2
+    back = PreparedDataset.load(out)
+    for s in ("train", "test"):
+        a, b = getattr(ds, s), getattr(back, s)
+        np.testing.assert_array_equal(a.tokens.indptr, b.tokens.indptr)
+        np.testing.assert_array_equal(a.tokens.ids, b.tokens.ids)
+        assert b.tokens.vocab_size == ds.vocab_size == 40
+        np.testing.assert_array_equal(a.pixels, b.pixels)
+        assert b.pixels.dtype == np.uint8 and b.pixels.shape == (len(a), 3, 32, 32)
+        # the token sequences hold the bag-of-words' words: per text, the counts agree
+        counts = np.stack([np.bincount(b.tokens.sequence(r) - 1, minlength=40) for r in range(len(b))])
+        np.testing.assert_array_equal(counts, b.bow.toarray())
+    np.testing.assert_array_equal(back.word_vectors, ds.word_vectors)
+    assert back.word_vectors.dtype == np.float32 and back.word_vectors.shape == (40, 16)
+
+
+def test_format_1_cache_is_rebuilt_and_a_format_1_folder_refused(prepared):
+    out, _ = prepared
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format_version"] = 1  # what a folder of the previous version says
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="prepared format 1, this version reads format 2"):
+        PreparedDataset.load(out)
+    said = []
+    ds = synthetic.prepare(out, progress=said.append, n_train=60, n_test=30, vocab_size=40, pixel_size=32)
+    assert any("prepared format 1, this version writes 2" in s and "rebuilding" in s for s in said), said
+    assert ds.train.tokens is not None
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 2
+    assert PreparedDataset.load(out).train.pixels is not None
+
+
+def test_datasets_without_tokens_or_pixels_still_save_and_load(tmp_path):
+    ds = synthetic.generate(n_train=30, n_test=20, vocab_size=40)
+    bare = dataclasses.replace(
+        ds,
+        train=dataclasses.replace(ds.train, tokens=None),
+        test=dataclasses.replace(ds.test, tokens=None),
+        word_vectors=None,
+    )
+    from scanet.data.prepared import cached
+
+    cached(tmp_path / "bare", {"x": 1}, {}, lambda: bare, progress=lambda s: None)
+    back = PreparedDataset.load(tmp_path / "bare")
+    assert back.train.tokens is None and back.train.pixels is None and back.word_vectors is None
+    assert not back.has_tokens and not back.has_pixels
+
+
+def test_bad_tokens_vectors_and_pixels_are_refused():
+    ds = synthetic.generate(n_train=30, n_test=20, vocab_size=40, pixel_size=32)
+    tr = ds.train
+    with pytest.raises(ValueError, match="30 text ids but 29 token sequences"):
+        dataclasses.replace(tr, tokens=tr.tokens.subset(np.arange(29)))
+    with pytest.raises(ValueError, match=r"pixels must be \(30, 3, S, S\) uint8"):
+        dataclasses.replace(tr, pixels=tr.pixels.astype(np.float32))
+    with pytest.raises(ValueError, match="only one split has token sequences"):
+        dataclasses.replace(ds, test=dataclasses.replace(ds.test, tokens=None))
+    with pytest.raises(ValueError, match="token sequences without word vectors"):
+        dataclasses.replace(ds, word_vectors=None)
+    with pytest.raises(ValueError, match=r"word vectors are \(39, 16\) for a vocabulary of 40"):
+        dataclasses.replace(ds, word_vectors=ds.word_vectors[:39])
+    with pytest.raises(ValueError, match="only one split has pixels"):
+        dataclasses.replace(ds, test=dataclasses.replace(ds.test, pixels=None))
+    other = TokenSequences(tr.tokens.indptr, np.minimum(tr.tokens.ids, 30), 30)
+    with pytest.raises(ValueError, match=r"token sequences are over \[30, 40\] words"):
+        dataclasses.replace(ds, train=dataclasses.replace(tr, tokens=other))
+
+
+def test_subset_and_concatenate_carry_tokens_and_pixels():
+    ds = synthetic.generate(n_train=30, n_test=20, vocab_size=40, pixel_size=32)
+    sub = ds.train.subset([4, 2])
+    np.testing.assert_array_equal(sub.tokens.sequence(0), ds.train.tokens.sequence(4))
+    np.testing.assert_array_equal(sub.pixels[1], ds.train.pixels[2])
+    both = Split.concatenate(ds.train, ds.test)
+    assert len(both.tokens) == 50 and both.pixels.shape[0] == 50
+    np.testing.assert_array_equal(both.tokens.sequence(30), ds.test.tokens.sequence(0))
