@@ -120,6 +120,8 @@ def train(
     device = sd.device_for(info, device)
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
+    if cuda_graphs and preset.model.text_encoder == "lstm":
+        raise ValueError("--cuda-graphs cannot capture text_encoder=lstm (packed sequences read lengths on the host)")
     if cuda_graphs and info.distributed:
         raise ValueError("--cuda-graphs is not supported under torchrun (one process per device without graphs)")
     main = sd.is_main()

@@ -96,3 +96,18 @@ def test_subset_and_concatenate_carry_tokens_and_pixels():
     both = Split.concatenate(ds.train, ds.test)
     assert len(both.tokens) == 50 and both.pixels.shape[0] == 50
     np.testing.assert_array_equal(both.tokens.sequence(30), ds.test.tokens.sequence(0))
+
+
+def test_cli_data_folder_of_format_1_is_one_sentence(prepared, tmp_path, capsys):
+    from scanet.cli import main
+
+    out, _ = prepared
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, format_version=1)))
+    capsys.readouterr()
+    rc = main(
+        ["train", "--preset", "synthetic", "--data", str(out), "--out", str(tmp_path / "run"), "--set", "epochs=1"]
+    )
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "written in prepared format 1, this version reads format 2" in err and "Traceback" not in err

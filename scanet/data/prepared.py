@@ -50,6 +50,10 @@ FORMAT_VERSION = 2  # 2: token sequences, word vectors and pixels (v1 folders ar
 OUTPUT_FILES = ("arrays.npz", "vocab.txt", "meta.json")  # hashed into the manifest's "outputs"
 
 
+class _OldFormat(ValueError):
+    """A folder of another prepared-format version: not corrupt, only older (its own message)."""
+
+
 @dataclass
 class Split:
     text_ids: list[str]
@@ -288,9 +292,10 @@ class PreparedDataset:
                 raise ValueError("its manifest records no output hashes (written by an older version)")
             version = manifest.get("format_version")
             if version is not None and version != FORMAT_VERSION:
-                raise ValueError(
-                    f"it was written in prepared format {version}, this version reads format {FORMAT_VERSION} "
-                    "(format 2 added token sequences, word vectors and pixels)"
+                raise _OldFormat(
+                    f"prepared dataset at {out} was written in prepared format {version}, this version reads "
+                    f"format {FORMAT_VERSION} (format 2 added token sequences, word vectors and pixels); prepare it "
+                    "again (`scanet prepare ...`, or the training command with --root)"
                 )
             bad = [f for f in OUTPUT_FILES if sha256_file(out / f) != recorded[f]]
             if bad:
@@ -330,6 +335,8 @@ class PreparedDataset:
                 manifest,
                 a["word_vectors"] if "word_vectors" in files else None,
             )
+        except _OldFormat:
+            raise
         except (KeyError, TypeError, ValueError, OSError, json.JSONDecodeError) as e:
             raise ValueError(
                 f"prepared dataset at {out} is corrupt: {e}; `scanet prepare` (or the training command) rebuilds it"
