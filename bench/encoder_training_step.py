@@ -56,7 +56,11 @@ def text_steps(prepared: Path, lstm_variants: list[str]) -> dict:
             loss.backward()
             opt.step()
 
-        label = f"{name} (T={xt.shape[1]})" if xt.dtype == torch.int64 else name
+        m = preset.model
+        label = name
+        if m.text_encoder != "gcn":
+            extra = f", lstm_hidden={m.lstm_hidden}" if m.text_encoder == "lstm" else f", cnn_filters={m.cnn_filters}"
+            label = f"{name} (T={xt.shape[1]}{extra})"
         steps[label] = step
     return steps
 

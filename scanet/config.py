@@ -46,7 +46,9 @@ class ModelConfig:
     # lstm/cnn read each text's FIRST max_tokens tokens. 256 covers the whole of 71% of Eng-Wiki's training texts
     # (74..1,092 tokens, median 198) and keeps an LSTM step affordable on CPU (its cost grows linearly in T).
     max_tokens: int = _f(256, lo=1)
-    lstm_hidden: int = _f(128, lo=1)  # per direction; the pooled text feature is 2 * lstm_hidden wide
+    # per direction; the pooled text feature is 2 * lstm_hidden wide. 64: the LSTM's step cost grows with
+    # T * H * (d + H); at T = 256 a step of 256 pairs took 200 s on this CPU with 128 (README, Table 3's encoders)
+    lstm_hidden: int = _f(64, lo=1)
     cnn_filters: int = _f(100, lo=1)  # feature maps per width (Kim's 100)
     freeze_embeddings: bool = False  # lstm/cnn: False fine-tunes the word vectors (Kim's "non-static")
     # cnn5: pixels are resized (area interpolation, inside the model) to image_size x image_size; None: as
