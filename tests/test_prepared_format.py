@@ -1,5 +1,6 @@
-"""Prepared format 2 (scanet.data.prepared): token sequences, word vectors and pixels survive save/load, a
-format-1 cache is rebuilt, a format-1 folder given directly is refused with a sentence, bad arrays are refused."""
+"""Prepared format 2 (scanet.data.prepared): token sequences, word vectors and pixels survive save/load; a format-1
+cache is rebuilt, a format-1 folder given directly still loads (gcn/fixed) and names its format when lstm/cnn/cnn5
+ask for more; a newer format and bad arrays are refused."""
 
 import dataclasses
 import json
@@ -37,19 +38,60 @@ def test_format_2_round_trip_of_tokens_vectors_and_pixels(prepared):
     assert back.word_vectors.dtype == np.float32 and back.word_vectors.shape == (40, 16)
 
 
-def test_format_1_cache_is_rebuilt_and_a_format_1_folder_refused(prepared):
+def _write_format_1(out, monkeypatch, **params):
+    """A folder as the previous version wrote it: no tokens, vectors or pixels, manifest format_version 1."""
+    import scanet.data.prepared as prepared_module
+
+    ds = synthetic.generate(**params)
+    bare = dataclasses.replace(
+        ds,
+        train=dataclasses.replace(ds.train, tokens=None, pixels=None),
+        test=dataclasses.replace(ds.test, tokens=None, pixels=None),
+        word_vectors=None,
+    )
+    defaults = dict(
+        n_train=600, n_test=200, n_classes=6, vocab_size=200, image_dim=32, text_len=60, text_signal=0.35,
+        image_noise=1.0, twin_shift=0.6, knn=8, seed=0, pixel_size=0,
+    )  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(prepared_module, "FORMAT_VERSION", 1)
+        prepared_module.cached(
+            out, dict(defaults, **params, dataset="synthetic"), {"generator": "synthetic-v1"}, lambda: bare, print
+        )
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 1
+
+
+def test_format_1_folder_loads_for_gcn_and_names_its_format_for_lstm(tmp_path, monkeypatch):
+    out = tmp_path / "v1"
+    _write_format_1(out, monkeypatch, n_train=60, n_test=30, vocab_size=40)
+    old = PreparedDataset.load(out)  # format 1 = format 2 without the new arrays: checkpoints on it still evaluate
+    assert not old.has_tokens and not old.has_pixels and old.fingerprint
+    from scanet.config import apply_overrides, get_preset
+
+    with pytest.raises(ValueError, match="has no token sequences.*prepared in format 1.*prepare it again"):
+        old.require_inputs(apply_overrides(get_preset("synthetic"), ["text_encoder=lstm"]).model)
+    with pytest.raises(ValueError, match="has no raw pixels.*prepared in format 1"):
+        old.require_inputs(apply_overrides(get_preset("synthetic"), ["image_encoder=cnn5"]).model)
+    old.require_inputs(get_preset("synthetic").model)  # gcn + fixed: nothing missing
+
+
+def test_format_1_cache_is_rebuilt(tmp_path, monkeypatch):
+    out = tmp_path / "syn"
+    _write_format_1(out, monkeypatch, n_train=60, n_test=30, vocab_size=40)
+    said = []
+    ds = synthetic.prepare(out, progress=said.append, n_train=60, n_test=30, vocab_size=40)
+    assert any("prepared format 1, this version writes 2" in s and "rebuilding" in s for s in said), said
+    assert ds.train.tokens is not None and ds.word_vectors is not None
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 2
+    assert PreparedDataset.load(out).has_tokens
+
+
+def test_newer_format_is_refused_with_a_sentence(prepared):
     out, _ = prepared
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["format_version"] = 1  # what a folder of the previous version says
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="prepared format 1, this version reads format 2"):
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, format_version=3)))
+    with pytest.raises(ValueError, match="written in prepared format 3, newer than this version reads"):
         PreparedDataset.load(out)
-    said = []
-    ds = synthetic.prepare(out, progress=said.append, n_train=60, n_test=30, vocab_size=40, pixel_size=32)
-    assert any("prepared format 1, this version writes 2" in s and "rebuilding" in s for s in said), said
-    assert ds.train.tokens is not None
-    assert json.loads((out / "manifest.json").read_text())["format_version"] == 2
-    assert PreparedDataset.load(out).train.pixels is not None
 
 
 def test_datasets_without_tokens_or_pixels_still_save_and_load(tmp_path):
@@ -98,16 +140,14 @@ def test_subset_and_concatenate_carry_tokens_and_pixels():
     np.testing.assert_array_equal(both.tokens.sequence(30), ds.test.tokens.sequence(0))
 
 
-def test_cli_data_folder_of_format_1_is_one_sentence(prepared, tmp_path, capsys):
+def test_cli_data_folder_of_format_1_with_lstm_is_one_sentence(tmp_path, monkeypatch, capsys):
     from scanet.cli import main
 
-    out, _ = prepared
-    manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps(dict(manifest, format_version=1)))
+    out = tmp_path / "v1"
+    _write_format_1(out, monkeypatch, n_train=60, n_test=30, vocab_size=40)
     capsys.readouterr()
-    rc = main(
-        ["train", "--preset", "synthetic", "--data", str(out), "--out", str(tmp_path / "run"), "--set", "epochs=1"]
-    )
+    argv = ["train", "--preset", "synthetic", "--data", str(out), "--out", str(tmp_path / "run")]
+    rc = main(argv + ["--set", "epochs=1", "--set", "text_encoder=lstm"])
     err = capsys.readouterr().err
     assert rc != 0
-    assert "written in prepared format 1, this version reads format 2" in err and "Traceback" not in err
+    assert "has no token sequences" in err and "prepared in format 1" in err and "Traceback" not in err

@@ -46,12 +46,12 @@ from scanet.io import (  # noqa: F401
     sha256_file,
 )
 
-FORMAT_VERSION = 2  # 2: token sequences, word vectors and pixels (v1 folders are rebuilt by `cached`)
+FORMAT_VERSION = 2  # 2: token sequences, word vectors, pixels (`cached` rebuilds v1 caches; `load` still reads v1)
 OUTPUT_FILES = ("arrays.npz", "vocab.txt", "meta.json")  # hashed into the manifest's "outputs"
 
 
-class _OldFormat(ValueError):
-    """A folder of another prepared-format version: not corrupt, only older (its own message)."""
+class _OtherFormat(ValueError):
+    """A folder of a newer prepared-format version: not corrupt, only unknown here (its own message)."""
 
 
 @dataclass
@@ -211,6 +211,13 @@ class PreparedDataset:
     def require_inputs(self, model_config) -> None:
         """ValueError naming this dataset when the configured encoders need inputs it lacks (scanet.inputs)."""
         te, ie = model_config.text_encoder, model_config.image_encoder
+        version = self.manifest.get("format_version", FORMAT_VERSION) if self.manifest else FORMAT_VERSION
+        old = (
+            f"; it was prepared in format {version}, before token sequences, word vectors and pixels were kept: "
+            "prepare it again (`scanet prepare ...`, or the training command with --root)"
+            if isinstance(version, int) and version < 2
+            else ""
+        )
         if te not in ("gcn", "lstm", "cnn"):
             raise ValueError(f"unknown text_encoder {te!r}; choose gcn, lstm or cnn")
         if ie not in ("fixed", "cnn5"):
@@ -218,12 +225,13 @@ class PreparedDataset:
         if te != "gcn" and not self.has_tokens:
             raise ValueError(
                 f"dataset {self.name!r} has no token sequences, so text_encoder={te!r} cannot run on it (its texts "
-                "come without word order, or it was prepared before format 2); use text_encoder=gcn"
+                f"come without word order{old}); use text_encoder=gcn"
             )
         if ie == "cnn5" and not self.has_pixels:
             raise ValueError(
                 f"dataset {self.name!r} has no raw pixels, so image_encoder='cnn5' cannot run on it (only datasets "
-                "prepared from raw images carry them: WebNews, custom folders with images/); use image_encoder=fixed"
+                f"prepared from raw images carry them: WebNews, custom folders with images/{old}); use "
+                "image_encoder=fixed"
             )
 
     @property
@@ -291,12 +299,13 @@ class PreparedDataset:
             if not isinstance(recorded, dict) or set(recorded) != set(OUTPUT_FILES):
                 raise ValueError("its manifest records no output hashes (written by an older version)")
             version = manifest.get("format_version")
-            if version is not None and version != FORMAT_VERSION:
-                raise _OldFormat(
-                    f"prepared dataset at {out} was written in prepared format {version}, this version reads "
-                    f"format {FORMAT_VERSION} (format 2 added token sequences, word vectors and pixels); prepare it "
-                    "again (`scanet prepare ...`, or the training command with --root)"
+            if isinstance(version, int) and version > FORMAT_VERSION:
+                raise _OtherFormat(
+                    f"prepared dataset at {out} was written in prepared format {version}, newer than this version "
+                    f"reads ({FORMAT_VERSION}); prepare it again with this version"
                 )
+            # Format 1 is format 2 without tokens, vectors and pixels: it loads (its fingerprint, hence the
+            # checkpoints trained on it, unchanged); require_inputs names the format when an encoder needs more.
             bad = [f for f in OUTPUT_FILES if sha256_file(out / f) != recorded[f]]
             if bad:
                 raise ValueError(
@@ -335,7 +344,7 @@ class PreparedDataset:
                 manifest,
                 a["word_vectors"] if "word_vectors" in files else None,
             )
-        except _OldFormat:
+        except _OtherFormat:
             raise
         except (KeyError, TypeError, ValueError, OSError, json.JSONDecodeError) as e:
             raise ValueError(
