@@ -8,7 +8,9 @@ can carry tensors and plain containers, never code):
     epoch, history       epochs done, one metrics row per epoch
     preset               the Preset as a plain dict (dataclasses.asdict), see ``preset_from_dict``
     dataset_fingerprint, dataset_name, vocab_size, image_dim, classes
-``load_model`` refuses a dataset whose fingerprint differs from the training data's.
+``load_model`` refuses a dataset whose fingerprint differs from the training data's. The preset's
+``model.text_encoder`` / ``image_encoder`` say which encoders to rebuild (a checkpoint written before they existed
+has neither key: gcn and fixed, as it was trained); the lstm/cnn embedding width is read off the weights.
 """
 
 from __future__ import annotations
@@ -53,9 +55,20 @@ def preset_from_dict(d: dict, where: str = "checkpoint ") -> Preset:
 
 
 def build_model(preset: Preset, dataset: PreparedDataset, fused: bool = False) -> SCANet:
-    """A fresh model for the dataset, its image standardization fitted on the training images."""
-    model = SCANet(dataset.vocab_size, dataset.image_dim, dataset.laplacian, preset.model, fused=fused)
-    model.image_encoder.set_input_statistics(dataset.train.images)
+    """A fresh model for the dataset: the fixed-feature image standardization fitted on the training images, the
+    lstm/cnn word embeddings started from the prepared word vectors. A ValueError names the dataset when the
+    configured encoders need inputs it lacks (token sequences, pixels)."""
+    dataset.require_inputs(preset.model)
+    model = SCANet(
+        dataset.vocab_size,
+        dataset.image_dim,
+        dataset.laplacian,
+        preset.model,
+        fused=fused,
+        word_vectors=dataset.word_vectors if preset.model.text_encoder != "gcn" else None,
+    )
+    if preset.model.image_encoder == "fixed":
+        model.image_encoder.set_input_statistics(dataset.train.images)  # type: ignore[operator]
     return model
 
 
@@ -83,7 +96,15 @@ def load_model(
         laplacian = Laplacian.from_arrays(*arrays)
     except ValueError as e:
         raise ValueError(f"checkpoint holds a malformed Laplacian: {e}") from e
-    model = SCANet(state["vocab_size"], state["image_dim"], laplacian, preset.model, fused=fused)
+    embedding = weights.get("text_encoder.embed.embedding.weight")  # lstm/cnn: (V + 1, d)
+    model = SCANet(
+        state["vocab_size"],
+        state["image_dim"],
+        laplacian,
+        preset.model,
+        fused=fused,
+        embedding_dim=int(embedding.shape[1]) if embedding is not None and embedding.dim() == 2 else None,
+    )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -36,6 +36,24 @@ class ModelConfig:
     #                                                     paper's equations as written
     dropout: float = _f(0.2, lo=0.0, hi=1.0, hi_open=True)  # before the text FC and before the head's FC
     encoder_activation: str = _f("none", choices=("none", "relu", "tanh"))  # after the encoders' FC layers
+    # Table 3's encoders (scanet.encoders). text_encoder: "gcn" (ChebConv over the word graph on the bag-of-words,
+    # the paper's), "lstm" (bidirectional, over the word embeddings of the text's tokens in order) or "cnn" (Kim
+    # 2014, widths 3/4/5); lstm/cnn read the prepared token sequences and start from the prepared word vectors.
+    text_encoder: str = _f("gcn", choices=("gcn", "lstm", "cnn"))
+    # image_encoder: "fixed" (the prepared feature vectors, standardized, one FC) or "cnn5" (five conv blocks
+    # trained end to end on the prepared raw pixels; only datasets with raw images: WebNews, custom).
+    image_encoder: str = _f("fixed", choices=("fixed", "cnn5"))
+    # lstm/cnn read each text's FIRST max_tokens tokens. 256 covers the whole of 71% of Eng-Wiki's training texts
+    # (74..1,092 tokens, median 198) and keeps an LSTM step affordable on CPU (its cost grows linearly in T).
+    max_tokens: int = _f(256, lo=1)
+    # per direction; the pooled text feature is 2 * lstm_hidden wide. 64: the LSTM's step cost grows with
+    # T * H * (d + H); at T = 256 a step of 256 pairs took 200 s on this CPU with 128 (README, Table 3's encoders)
+    lstm_hidden: int = _f(64, lo=1)
+    cnn_filters: int = _f(100, lo=1)  # feature maps per width (Kim's 100)
+    freeze_embeddings: bool = False  # lstm/cnn: False fine-tunes the word vectors (Kim's "non-static")
+    # cnn5: pixels are resized (area interpolation, inside the model) to image_size x image_size; None: as
+    # prepared (64 x 64). Five 2x poolings need >= 32.
+    image_size: int | None = _f(None, lo=32)
 
 
 @dataclass

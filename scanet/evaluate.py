@@ -280,12 +280,15 @@ def model_scorer(
 ) -> Callable[[Split, Split], np.ndarray]:
     """``score_fn`` for evaluate_protocols: the model's logits of every (text, image) pair of two splits,
     scored under ``autocast_context(precision)`` (the logits stay float32)."""
+    from scanet.inputs import as_model_tensor, image_input, text_input
+
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    config = model.config
 
     def score(text_split: Split, image_split: Split) -> np.ndarray:
-        texts = torch.as_tensor(text_split.text_matrix(), device=device, dtype=dtype)
-        images = torch.as_tensor(image_split.images, device=device, dtype=dtype)
+        texts = as_model_tensor(text_input(text_split, config), device, dtype)
+        images = as_model_tensor(image_input(image_split, config), device, dtype)
         with autocast_context(device, precision):
             out = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True)
         return out.cpu().numpy()
@@ -307,11 +310,13 @@ def evaluate_model(
     Ranks by the logits (the similarity's ranking without float32 sigmoid saturation); returns them too.
     ``precision``: scoring under ``scanet.precision.autocast_context`` ("bf16": the layer-2 GEMMs on AMX).
     """
+    from scanet.inputs import model_inputs
+
     s = getattr(dataset, split)
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    texts = torch.as_tensor(s.text_matrix(), device=device, dtype=dtype)
-    images = torch.as_tensor(s.images, device=device, dtype=dtype)
+    dataset.require_inputs(model.config)
+    texts, images = model_inputs(s, model.config, device, dtype, where=f"{dataset.name!r} {split} split")
     with autocast_context(device, precision):
         logits = model.score_all(texts, images, chunk_size=chunk_size, progress=progress, logits=True)
     scores = logits.cpu().numpy()

@@ -53,16 +53,7 @@ def _split(dataset, split: str):
         return getattr(dataset, split)
     if split != "all":
         raise ValueError(f"split must be 'test', 'train' or 'all', got {split!r}")
-    import scipy.sparse as sp
-
-    a, b = dataset.train, dataset.test
-    return Split(
-        a.text_ids + b.text_ids,
-        a.image_ids + b.image_ids,
-        sp.vstack([a.bow, b.bow]).tocsr(),
-        np.concatenate([a.images, b.images]),
-        np.concatenate([a.labels, b.labels]),
-    )
+    return Split.concatenate(dataset.train, dataset.test)
 
 
 def _record(items: Items, ids, labels, words=None) -> dict:
@@ -134,14 +125,18 @@ def build_index(
     split can be a query by its id). Everything a query needs except the model itself."""
     if side not in SIDES:
         raise ValueError(f"side must be one of {sorted(SIDES)}, got {side!r}")
-    s = _split(dataset, split)
-    texts = encode_in_batches(model, "text", s.bow, batch_size, progress)
-    images = encode_in_batches(model, "image", s.images, batch_size, progress)
+    from scanet.inputs import image_input, text_input
+
+    s, cfg = _split(dataset, split), model.config
+    dataset.require_inputs(cfg)
+    texts = encode_in_batches(model, "text", text_input(s, cfg, sparse=True), batch_size, progress)
+    images = encode_in_batches(model, "image", image_input(s, cfg), batch_size, progress)
     reference = None
     if model.coattention.num_layers == 2:  # the "layer2-mean" stage-1 score's fixed partners
         tr, m = dataset.train, min(REFERENCE_SAMPLE, len(dataset.train))
         ref = reference_attention(
-            encode_items(model, "text", tr.bow[:m], batch_size), encode_items(model, "image", tr.images[:m], batch_size)
+            encode_items(model, "text", text_input(tr, cfg, sparse=True)[:m], batch_size),
+            encode_items(model, "image", image_input(tr, cfg)[:m], batch_size),
         )
         reference = {k: v.detach().float().cpu() for k, v in ref.items()}
     t_rec = _record(texts, s.text_ids, s.labels, top_words(s.bow, dataset.vocab))
@@ -159,6 +154,8 @@ def build_index(
         "classes": list(dataset.classes),
         "common_dim": model.coattention.dim,
         "coattention_layers": model.coattention.num_layers,
+        "text_encoder": cfg.text_encoder,
+        "max_tokens": cfg.max_tokens,
         "collection": collection,
         "queries": queries,
         "vocab": list(dataset.vocab),
@@ -283,9 +280,13 @@ def query_tokenizer(language: str):
     return tokenizer_for(language)
 
 
-def prepare_query_text(text: str, vocab, language: str = "en", stopwords=()) -> dict:
+def prepare_query_text(
+    text: str, vocab, language: str = "en", stopwords=(), text_encoder: str = "gcn", max_tokens: int | None = None
+) -> dict:
     """Free text -> tokens (the dataset's tokenizer) -> known words, unknown words, ignored stop words, and the
-    model's text input (text_features of the bag-of-words over the saved vocabulary). No known word: an error."""
+    model's text input: text_features of the bag-of-words over the saved vocabulary (gcn), or the known words'
+    ids in order, the first ``max_tokens`` (lstm/cnn, as scanet.inputs gives a split's texts). No known word: an
+    error."""
     from scanet.data.text import bag_of_words, text_features
 
     tokens = query_tokenizer(language)(text)
@@ -299,7 +300,12 @@ def prepare_query_text(text: str, vocab, language: str = "en", stopwords=()) -> 
             + (f"; unknown: {', '.join(unknown)}" if unknown else "")
             + (f"; stop words ignored: {', '.join(ignored)}" if ignored else "")
         )
-    features = text_features(bag_of_words([known], list(vocab)))
+    if text_encoder == "gcn":
+        features = text_features(bag_of_words([known], list(vocab)))
+    else:
+        from scanet.data.tokens import token_ids
+
+        features = token_ids([known], list(vocab)).padded(max_length=max_tokens)[0]
     return {
         "tokens": tokens,
         "known": known,
@@ -361,7 +367,14 @@ def search_index(
     collection = _items(coll, param.device, param.dtype)
     info: dict = {}
     if text is not None:
-        prep = prepare_query_text(text, index["vocab"], index.get("language", "en"), index.get("stopwords", ()))
+        prep = prepare_query_text(
+            text,
+            index["vocab"],
+            index.get("language", "en"),
+            index.get("stopwords", ()),
+            model.config.text_encoder,
+            model.config.max_tokens,
+        )
         queries = encode_items(model, "text", prep["features"])
         info = {
             "kind": "free text",

@@ -7,6 +7,10 @@
         f_T <- p_I * f_T,  f_I <- p_T * f_I                 (Hadamard; both use the layer's inputs)
     head: dropout -> FC(f_T * f_I) -> one logit -> sigmoid = similarity of the pair
 
+Table 3's other encoders (``ModelConfig.text_encoder`` / ``image_encoder``, scanet.encoders) replace the first
+two lines: text token ids (B, T) -> TextLSTM or TextCNN -> f_T; pixels (B, 3, S, S) -> ImageCNN5 -> f_I. The
+rest (co-attention, head, all-pairs scoring) is the same; scanet.inputs decides which input a split gives.
+
 ``SCANet(..., fused=True)`` builds the same model from the drop-in modules of ``scanet.fused`` (same
 constructor arguments and state_dict), so a checkpoint moves freely between the two.
 """
@@ -16,14 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scanet import reference
 from scanet.config import ModelConfig, check_value
+from scanet.encoders import ImageCNN5, TextCNN, TextLSTM
 from scanet.laplacian import Laplacian
 from scanet.layers import ChebConv, ImageEncoder, SimilarityHead, StackedCoAttention, TextEncoder
 
 SCORERS = ("auto", "fused", "eager")
+ENCODE_CHUNK = 256  # items encoded at a time in score_all: CNN-5 on 1,696 images at once would hold ~3 GB of maps
+DEFAULT_EMBEDDING_DIM = 50  # lstm/cnn without prepared word vectors (random start): GloVe-50's width
 # Checkpoints written before scanet.laplacian kept the Laplacian as three top-level buffers.
 _OLD_LAPLACIAN_KEYS = {
     "laplacian_crow": "laplacian.crow",
@@ -37,11 +45,24 @@ class SCANet(nn.Module):
 
     ``laplacian``: the rescaled word-graph Laplacian L~ (scipy sparse, torch CSR or a scanet.laplacian.Laplacian);
     the model owns it as ``self.laplacian`` (a Laplacian module: buffers laplacian.crow / .col / .values in the
-    state_dict; ``model.laplacian()`` is its torch CSR).
+    state_dict; ``model.laplacian()`` is its torch CSR). The lstm/cnn text encoders do not read it; it is kept
+    so that every checkpoint has the same layout.
+
+    ``word_vectors`` (V, d): the start of the lstm/cnn word embeddings (prepared with the dataset); without them
+    the embeddings start random with ``embedding_dim`` columns (default 50), as when a checkpoint is rebuilt
+    before its weights are loaded.
     """
 
     def __init__(
-        self, vocab_size: int, image_dim: int, laplacian: object, config: ModelConfig | None = None, fused: bool = False
+        self,
+        vocab_size: int,
+        image_dim: int,
+        laplacian: object,
+        config: ModelConfig | None = None,
+        fused: bool = False,
+        *,
+        word_vectors: Any = None,
+        embedding_dim: int | None = None,
     ):
         super().__init__()
         self.config = config = config or ModelConfig()
@@ -60,25 +81,58 @@ class SCANet(nn.Module):
         scale = {"n": float(N), "1": 1.0}.get(str(config.attention_scale).lower())
         if scale is None:
             raise ValueError(f"attention_scale must be 'n' or '1', got {config.attention_scale!r}")
-        self.text_encoder = TextEncoder(
-            vocab_size,
-            N,
-            config.gcn_channels,
-            config.cheb_k,
-            config.dropout,
-            config.encoder_activation,
-            conv_cls=conv_cls,
-        )
-        self.image_encoder = ImageEncoder(image_dim, N, config.encoder_activation)
+        self.text_encoder: nn.Module
+        self.image_encoder: nn.Module
+        act = config.encoder_activation
+        if config.text_encoder == "gcn":
+            self.text_encoder = TextEncoder(
+                vocab_size, N, config.gcn_channels, config.cheb_k, config.dropout, act, conv_cls=conv_cls
+            )
+        elif config.text_encoder in ("lstm", "cnn"):
+            if word_vectors is None and embedding_dim is None:
+                embedding_dim = DEFAULT_EMBEDDING_DIM
+            common = dict(
+                embeddings=word_vectors,
+                embedding_dim=embedding_dim,
+                freeze_embeddings=config.freeze_embeddings,
+                dropout=config.dropout,
+                activation=act,
+            )
+            self.text_encoder = (
+                TextLSTM(vocab_size, N, hidden_size=config.lstm_hidden, **common)
+                if config.text_encoder == "lstm"
+                else TextCNN(vocab_size, N, filters=config.cnn_filters, **common)
+            )
+        else:
+            raise ValueError(f"text_encoder must be 'gcn', 'lstm' or 'cnn', got {config.text_encoder!r}")
+        if config.image_encoder == "fixed":
+            self.image_encoder = ImageEncoder(image_dim, N, act)
+        elif config.image_encoder == "cnn5":
+            self.image_encoder = ImageCNN5(N, dropout=config.dropout, activation=act)
+        else:
+            raise ValueError(f"image_encoder must be 'fixed' or 'cnn5', got {config.image_encoder!r}")
         self.coattention = coatt_cls(N, config.coattention_layers, scale)
         self.head = SimilarityHead(N, config.dropout)
         self._register_load_state_dict_pre_hook(_rename_old_laplacian_keys)
 
     # -- parts ------------------------------------------------------------------------------------------------
-    def encode_text(self, bow: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(bow, self.laplacian)
+    def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
+        """texts: bag-of-words features (B, V) for gcn, padded token ids (B, T) int64 for lstm/cnn."""
+        if self.config.text_encoder == "gcn":
+            return self.text_encoder(texts, self.laplacian)
+        return self.text_encoder(texts)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """image: features (B, D) for fixed, pixels (B, 3, S, S) (uint8, or floats in [-1, 1]) for cnn5. cnn5
+        maps uint8 to [-1, 1] and resizes to ``config.image_size`` here, so a checkpoint scores as it trained."""
+        if self.config.image_encoder == "cnn5":
+            x = image
+            if x.dtype == torch.uint8:
+                x = x.to(self.head.fc.weight.dtype) / 127.5 - 1.0
+            S = self.config.image_size
+            if S is not None and tuple(x.shape[-2:]) != (S, S):
+                x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+            return self.image_encoder(x)
         return self.image_encoder(image)
 
     def logits(self, bow: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -116,14 +170,21 @@ class SCANet(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            f_t = self.encode_text(texts)
-            f_i = self.encode_image(images)
+            f_t = _in_chunks(self.encode_text, texts)
+            f_i = _in_chunks(self.encode_image, images)
             out = pair_logits(
                 self, f_t, f_i, scorer=scorer, chunk_pairs=chunk_size * max(1, len(f_i)), progress=progress
             )
             return out if logits else torch.sigmoid(out)
         finally:
             self.train(was_training)
+
+
+def _in_chunks(encode: Any, x: torch.Tensor, chunk: int = ENCODE_CHUNK) -> torch.Tensor:
+    """``encode(x)`` ENCODE_CHUNK rows at a time (eval mode: the same result as one call)."""
+    if x.shape[0] <= chunk:
+        return encode(x)
+    return torch.cat([encode(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)])
 
 
 def use_fused_scorer(model: SCANet, features: torch.Tensor, scorer: str = "auto") -> bool:

@@ -83,17 +83,19 @@ class Items:
 
 @torch.no_grad()
 def encode_items(model, modality: str, inputs, batch_size: int = 256) -> Items:
-    """Encode raw model inputs (bag-of-words features for texts, image features for images) in batches.
-    ``inputs`` may also be a scipy sparse matrix of bag-of-words counts: it goes through text_features batch
-    by batch (no dense (n, V) matrix)."""
+    """Encode raw model inputs in batches: what the model's encoders read (scanet.inputs: bag-of-words features
+    or token ids (n, T) for texts, image features or pixels (n, 3, S, S) for images). ``inputs`` may also be a
+    scipy sparse matrix of bag-of-words counts: it goes through text_features batch by batch (no dense (n, V)
+    matrix). Integer inputs (token ids, uint8 pixels) keep their type; floats take the model's dtype."""
     if modality == "text" and hasattr(inputs, "tocsr"):
         return _encode_texts(model, inputs, batch_size)
     if modality not in ("text", "image"):
         raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
     param = next(model.parameters())
-    x = torch.as_tensor(inputs, dtype=param.dtype)
-    if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"{modality} inputs must be a non-empty (n, features) matrix, got {tuple(x.shape)}")
+    x = torch.as_tensor(inputs)
+    x = x.to(param.dtype) if x.is_floating_point() else x
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{modality} inputs must be a non-empty (n, ...) array, got {tuple(x.shape)}")
     was_training = model.training
     model.eval()
     try:

@@ -43,6 +43,7 @@ from scanet.config import Preset
 from scanet.data.prepared import PreparedDataset, Split
 from scanet.data.splits import carve_validation
 from scanet.evaluate import evaluate_model, evaluate_protocols, model_scorer, retrieval_report
+from scanet.inputs import model_inputs
 from scanet.loss import distributed_scanet_loss, scanet_loss
 from scanet.pairs import make_pairs
 from scanet.plots import plot_pr_curves, plot_training_curve
@@ -119,6 +120,8 @@ def train(
     device = sd.device_for(info, device)
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
+    if cuda_graphs and preset.model.text_encoder == "lstm":
+        raise ValueError("--cuda-graphs cannot capture text_encoder=lstm (packed sequences read lengths on the host)")
     if cuda_graphs and info.distributed:
         raise ValueError("--cuda-graphs is not supported under torchrun (one process per device without graphs)")
     main = sd.is_main()
@@ -175,8 +178,8 @@ def train(
     tr, val = dataset.train, None
     if tc.validation_fraction > 0:
         tr, val = carve_validation(dataset.train, tc.validation_fraction, tc.seed)
-    texts = torch.as_tensor(tr.text_matrix(), device=device, dtype=torch.float32)
-    images = torch.as_tensor(tr.images, device=device, dtype=torch.float32)
+    # what the configured encoders read (scanet.inputs): bag-of-words or token ids, features or pixels
+    texts, images = model_inputs(tr, preset.model, device, where=f"{dataset.name!r} training split")
 
     ti, ii, target = (
         torch.as_tensor(a, device=device)
@@ -329,10 +332,15 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
+# Not FC layers: the Chebyshev filters or TextCNN's convolutions, the word embeddings, the LSTM, CNN-5's blocks.
+_NOT_FC = ("text_encoder.convs.", "text_encoder.embed.", "text_encoder.lstm.", "image_encoder.blocks.")
+
+
 def l2_loss_parameters(model) -> list:
     """The weights and biases of every FC layer (text and image encoders, co-attention, head): what the authors'
-    group's code puts in its L2 term; the Chebyshev filters (text_encoder.convs) are left out."""
-    return [p for name, p in model.named_parameters() if not name.startswith("text_encoder.convs.")]
+    group's code puts in its L2 term; the Chebyshev filters (text_encoder.convs) are left out, and so are the
+    other encoders' non-FC parts (``_NOT_FC``)."""
+    return [p for name, p in model.named_parameters() if not name.startswith(_NOT_FC)]
 
 
 def split_report(model, split: Split, chunk_size: int = 64) -> dict:

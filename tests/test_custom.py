@@ -80,6 +80,13 @@ def test_fixture_end_to_end_with_the_cnn_and_training(tmp_path):
     assert report["multi_label"] and report["excluded"] == []
     assert "PNG content behind a .jpg name" in report["image_notes"]["a2"][0]
     assert "grayscale" in report["image_notes"]["v2"][0]
+    # prepared format 2: raw texts give token sequences and word vectors, raw images 64 x 64 pixels
+    a2 = ds.train.text_ids.index("a2")
+    assert sorted(ds.vocab[i - 1] for i in ds.train.tokens.sequence(a2)) == sorted(
+        w for w, c in zip(ds.vocab, row, strict=True) for _ in range(int(c))
+    )
+    assert ds.word_vectors.shape[0] == ds.vocab_size
+    assert ds.train.pixels.shape == (10, 3, 64, 64) and ds.train.pixels.dtype == np.uint8
 
     from scanet.config import ModelConfig, Preset, TrainConfig
     from scanet.data.prepared import PreparedDataset

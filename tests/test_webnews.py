@@ -156,6 +156,12 @@ def test_prepare_on_a_subset_end_to_end(webnews_root, entries, tmp_path):
     assert kept == ids - MISSING and "72" not in kept and "1729" not in kept
     assert ds.image_dim == 1280 and ds.classes[0] == "culture" and 0 < ds.vocab_size <= 300
     assert ds.train.bow.shape == (len(ds.train), ds.vocab_size) and ds.train.bow.sum() > 0
+    # prepared format 2: token sequences over the vocabulary, its word2vec rows, 64 x 64 pixels (CNN-5)
+    assert ds.train.tokens is not None and len(ds.test.tokens) == len(ds.test)
+    assert ds.train.tokens.ids.size == int(ds.train.bow.sum())  # the same words as the bag-of-words
+    assert ds.word_vectors.shape == (ds.vocab_size, 16)
+    assert ds.train.pixels.shape == (len(ds.train), 3, 64, 64) and ds.train.pixels.dtype == np.uint8
+    assert ds.train.pixels.std() > 10  # real images, not a constant
     report = json.loads((out / "preparation_report.json").read_text(encoding="utf-8"))
     assert {x["text_id"] for x in report["excluded"]} == {"72", "1729"}
     assert all(x["reason"] == "no image file with this id" for x in report["excluded"])

@@ -4,7 +4,8 @@ not), the word graph over the vocabulary, the splits, and the preparation report
     partition(items, reason_of)         kept items per split and the excluded ones with their reason
     log_exclusions(report, log)         the report's kept/excluded summary, one line per excluded item
     write_report(out_dir, report, log)  <out>/preparation_report.json (after a build; a cache hit keeps it)
-    assemble(...)                       vocabulary vectors -> kNN word graph -> Splits -> PreparedDataset
+    assemble(...)                       vocabulary vectors -> kNN word graph -> Splits (+ token sequences,
+                                        pixels) -> PreparedDataset
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from scanet.data.graph import word_graph
 from scanet.data.prepared import PreparedDataset, Split
+from scanet.data.tokens import token_ids
 
 REPORT_NAME = "preparation_report.json"
 
@@ -82,19 +84,41 @@ def assemble(
     knn: int,
     lmax,
     progress=print,
+    docs: dict[str, list] | None = None,
+    pixels: dict[str, np.ndarray] | None = None,
     *,
     graph: str = "symmetric",
 ) -> PreparedDataset:
     """The prepared dataset: the ``knn``-NN word graph of the vocabulary's vectors (``graph``: "symmetric" or
     "paper", see scanet.data.graph), and per split ("train", "test")
-    ``parts[split] = (text_ids, image_ids, bow, image_features, labels)``."""
+    ``parts[split] = (text_ids, image_ids, bow, image_features, labels)``. ``docs[split]``: the tokenized texts
+    in order (-> token sequences over the vocabulary, and the vocabulary's vectors are kept for the LSTM/CNN
+    encoders); ``pixels[split]``: (n, 3, S, S) uint8 raw images (CNN-5)."""
     progress(
         f"vocabulary: {len(vocab)} words with a vector in {word_vectors.name}; building the {knn}-NN word graph "
         f"({graph})"
     )
-    lap, lm = word_graph(word_vectors.lookup(vocab), knn, lmax, graph)
+    vectors = word_vectors.lookup(vocab)
+    lap, lm = word_graph(vectors, knn, lmax, graph)
     splits = {
-        k: Split(list(t), list(i), bow, np.ascontiguousarray(img, dtype=np.float32), labels)
+        k: Split(
+            list(t),
+            list(i),
+            bow,
+            np.ascontiguousarray(img, dtype=np.float32),
+            labels,
+            token_ids(docs[k], vocab) if docs is not None else None,
+            pixels[k] if pixels is not None else None,
+        )
         for k, (t, i, bow, img, labels) in parts.items()
     }
-    return PreparedDataset(name, vocab, lap, lm, classes, splits["train"], splits["test"])
+    return PreparedDataset(
+        name,
+        vocab,
+        lap,
+        lm,
+        classes,
+        splits["train"],
+        splits["test"],
+        word_vectors=np.asarray(vectors, np.float32) if docs is not None else None,
+    )

@@ -42,6 +42,7 @@ from scanet.data.custom_inputs import (
 from scanet.data.embeddings import GLOVE_50D, load_word_vectors
 from scanet.data.languages import LANGUAGES, embeddings_for, tokenizer_for, tokenizer_version, train_word2vec
 from scanet.data.lists import read_rows
+from scanet.data.pixels import pixels_for, stack_pixels
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, read_stopwords
 from scanet.features import features_for_images, get_image_model
@@ -297,7 +298,8 @@ def check_missing(excluded: list[dict], kept: dict, on_missing: str) -> None:
 
 
 def vocabulary_and_counts(root: Path, s: dict, src: Sources, kept: dict, progress):
-    """(vocabulary, word vectors, bag-of-words per split) from the raw texts or the precomputed matrix."""
+    """(vocabulary, word vectors, bag-of-words per split, tokenized texts per split or None) from the raw texts
+    or the precomputed matrix (which has no word order, hence no token sequences)."""
     w2v, emb = dict(s["word2vec"]), src.embeddings
     if src.text_matrix is None:
         stop = read_stopwords(root / s["stopwords"]) if s["stopwords"] else None
@@ -306,12 +308,12 @@ def vocabulary_and_counts(root: Path, s: dict, src: Sources, kept: dict, progres
         if emb == "cooccurrence":
             vocab = build_vocabulary(toks["train"], s["vocab_size"])
             bows = {k: bag_of_words(toks[k], vocab) for k in kept}
-            return vocab, cooccurrence_vectors(bows["train"], vocab, w2v.get("dim", 50)), bows
+            return vocab, cooccurrence_vectors(bows["train"], vocab, w2v.get("dim", 50)), bows, toks
         wv = embeddings_for(
             s["language"], emb if emb in (GLOVE_50D, "word2vec") else root / emb, toks["train"], progress, **w2v
         )
         vocab = build_vocabulary(toks["train"], s["vocab_size"], keep=wv.__contains__)
-        return vocab, wv, {k: bag_of_words(toks[k], vocab) for k in kept}
+        return vocab, wv, {k: bag_of_words(toks[k], vocab) for k in kept}, toks
     tm, text_rows, all_words = load_text_matrix(root)
     mats = {k: tm[[text_rows[it.text_id] for it in v]] for k, v in kept.items()}
     if emb == "cooccurrence":
@@ -332,6 +334,7 @@ def vocabulary_and_counts(root: Path, s: dict, src: Sources, kept: dict, progres
         [all_words[i] for i in ranked],
         wv,
         {k: sp.csr_matrix(m[:, ranked], dtype=np.float32) for k, m in mats.items()},
+        None,
     )
 
 
@@ -344,7 +347,11 @@ def build(root: Path, s: dict, src: Sources, out_dir: Path, report: dict, progre
     missing_text = text_problems(root, src, everything)
     kept, excluded = partition(items, lambda it: image_problems.get(it.image_id) or missing_text.get(it.text_id))
     check_missing(excluded, kept, s["on_missing"])
-    vocab, wv, bows = vocabulary_and_counts(root, s, src, kept, progress)
+    vocab, wv, bows, docs = vocabulary_and_counts(root, s, src, kept, progress)
+    pixels = None
+    if src.image_matrix is None:  # raw images: their pixels for the CNN-5 encoder too (scanet.data.pixels)
+        px = pixels_for(root / "images", _image_choices(root, everything, classes).values(), progress=True)
+        pixels = {k: stack_pixels(px, [it.image_id for it in v], f"{k}: ") for k, v in kept.items()}
     parts = {
         k: (
             [it.text_id for it in v],
@@ -355,7 +362,7 @@ def build(root: Path, s: dict, src: Sources, out_dir: Path, report: dict, progre
         )
         for k, v in kept.items()
     }
-    ds = assemble(s["name"], vocab, wv, classes, parts, s["knn"], s["lmax"], progress)
+    ds = assemble(s["name"], vocab, wv, classes, parts, s["knn"], s["lmax"], progress, docs=docs, pixels=pixels)
     report.update(
         {
             **counts(items, kept),

@@ -27,6 +27,7 @@ from scanet.data.embeddings import GLOVE_50D, load_word_vectors
 from scanet.data.graph import word_graph
 from scanet.data.prepared import PreparedDataset, Split, cached, hash_files
 from scanet.data.text import bag_of_words, build_vocabulary, english_tokenizer
+from scanet.data.tokens import token_ids
 from scanet.io import read_text, safe_np_load
 
 JSON_NAME = "pascal_sentences.json"
@@ -192,6 +193,7 @@ def prepare(
                 bag_of_words([toks[i] for i in idx], vocab),
                 np.stack([feats[ids[i]] for i in idx]).astype(np.float32),
                 np.asarray([label[categories[i]] for i in idx], np.int64),
+                token_ids([toks[i] for i in idx], vocab),
             )
 
         report.update(
@@ -211,7 +213,16 @@ def prepare(
                 "word_vectors": wv.name,
             }
         )
-        return PreparedDataset("pascal-sentences", vocab, lap, lm, classes, split(train), split(test))
+        return PreparedDataset(
+            "pascal-sentences",
+            vocab,
+            lap,
+            lm,
+            classes,
+            split(train),
+            split(test),
+            word_vectors=wv.lookup(vocab).astype(np.float32),
+        )
 
     ds = cached(out_dir, params, inputs, build, progress)
     if report:

@@ -40,15 +40,8 @@ def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[
 
 
 def subset(split: Split, index: np.ndarray) -> Split:
-    """The rows ``index`` of a split, as a new Split."""
-    index = np.asarray(index, dtype=np.int64)
-    return Split(
-        [split.text_ids[i] for i in index],
-        [split.image_ids[i] for i in index],
-        split.bow[index],
-        split.images[index],
-        split.labels[index],
-    )
+    """The rows ``index`` of a split, as a new Split (token sequences and pixels included)."""
+    return split.subset(index)
 
 
 def carve_validation(train: Split, fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:

@@ -12,6 +12,14 @@ Generative model (all draws from one seeded numpy Generator):
             mean (shared by the twins) and s_c = +-1 the twin's side: the image alone tells the pair
             (strongly) but the twin only weakly, while the texts of twins differ but topics are noisy.
 
+Token sequences (for the LSTM/CNN text encoders): a text's tokens in the order they were drawn. The draws are
+independent, so the order carries no information (an LSTM/CNN can only learn which words occur, as the GCN does);
+the word vectors are the 16-d embeddings above, the ones the word graph is built from.
+
+Pixels (``pixel_size`` S > 0, for the CNN-5 encoder): each image feature x is rendered as an S x S RGB picture,
+uint8(255 * sigmoid(P x)), with P a fixed random map from the D features onto 3 * 4 * 4 coarse cells, each cell
+upsampled to an (S/4) x (S/4) block: the pixels carry exactly the feature's information, spread out in space.
+
 So each modality carries information the other lacks, as the paper argues, and retrieval has to combine
 them to reach a high MAP. Everything is exact and fast, so the tests and the default main job use it.
 """
@@ -27,6 +35,7 @@ import scipy.sparse as sp
 from scanet.data.graph import word_graph
 from scanet.data.prepared import PreparedDataset, Split, cached
 from scanet.data.text import bag_of_words
+from scanet.data.tokens import token_ids
 
 
 def generate(
@@ -41,6 +50,7 @@ def generate(
     twin_shift: float = 0.6,
     knn: int = 8,
     seed: int = 0,
+    pixel_size: int = 0,
 ) -> PreparedDataset:
     if n_classes < 2 or n_classes % 2:
         raise ValueError(f"n_classes must be even and >= 2 (classes come in twin pairs), got {n_classes}")
@@ -78,10 +88,20 @@ def generate(
     tr_docs, tr_img, tr_lab = make(n_train)
     te_docs, te_img, te_lab = make(n_test)
     lap, lmax = word_graph(emb, knn, "exact")
+    if pixel_size and (pixel_size < 32 or pixel_size % 4):
+        raise ValueError(f"pixel_size must be 0 or a multiple of 4 >= 32, got {pixel_size}")
+    render = np.random.default_rng(seed + 1).normal(size=(image_dim, 3 * 4 * 4)) / np.sqrt(image_dim)
+
+    def pixels(imgs):
+        if not pixel_size:
+            return None
+        cells = (255.0 / (1.0 + np.exp(-2.0 * imgs @ render))).reshape(-1, 3, 4, 4)
+        block = pixel_size // 4
+        return np.repeat(np.repeat(cells, block, axis=2), block, axis=3).astype(np.uint8)
 
     def split(prefix, docs, imgs, labels):
         ids = [f"{prefix}{i}" for i in range(len(docs))]
-        return Split(ids, ids, bag_of_words(docs, vocab), imgs, labels)
+        return Split(ids, ids, bag_of_words(docs, vocab), imgs, labels, token_ids(docs, vocab), pixels(imgs))
 
     return PreparedDataset(
         "synthetic",
@@ -91,6 +111,7 @@ def generate(
         [f"class{c}" for c in range(n_classes)],
         split("tr", tr_docs, tr_img, tr_lab),
         split("te", te_docs, te_img, te_lab),
+        word_vectors=emb.astype(np.float32),
     )
 
 
@@ -108,6 +129,7 @@ def prepare(out_dir: str | Path | None = None, progress=print, **params) -> Prep
         twin_shift=0.6,
         knn=8,
         seed=0,
+        pixel_size=0,
     )
     unknown = set(params) - set(defaults)
     if unknown:

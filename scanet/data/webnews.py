@@ -8,7 +8,8 @@
 
 Preparation: jieba tokens, word2vec trained on the training texts (no pretrained Chinese vectors are
 available offline), the ``vocab_size`` most frequent training words, their kNN word graph, bag-of-words, and
-EfficientNet-Lite0 features of the images (cached beside the prepared folder, see scanet.features).
+EfficientNet-Lite0 features of the images (cached beside the prepared folder, see scanet.features), and the
+images' 64 x 64 pixels for the end-to-end CNN-5 encoder (scanet.data.pixels).
 
 Quirks of the shipped data, each handled and written to ``<out>/preparation_report.json``:
     * 3 image files with a space before the extension ("22 .jpg"): found by id, used, noted.
@@ -31,6 +32,7 @@ from scanet.data.graph import check_graph
 from scanet.data.images import choose_images
 from scanet.data.languages import effective_embeddings, embeddings_for, tokenizer_for, tokenizer_version
 from scanet.data.lists import ListEntry, read_list
+from scanet.data.pixels import pixels_for, stack_pixels
 from scanet.data.prepared import PreparedDataset, cached, hash_files
 from scanet.data.wiki import build_text_dataset
 from scanet.features import features_for_images, get_image_model
@@ -81,12 +83,15 @@ def prepare(
     w2v_dim: int = 100,
     w2v_epochs: int = 20,
     w2v_min_count: int = 2,
+    pixel_size: int = 64,
     progress=print,
 ) -> PreparedDataset:
     """Prepare WebNews (cached in ``out_dir``, default ``prepared/webnews``); see the module doc.
 
     graph: "symmetric" (default) or "paper" (the SCANet authors' group's directed kNN graph with self loops and
-    lmax 2, see scanet.data.graph); lmax None: the graph's default (exact, resp. 2)."""
+    lmax 2, see scanet.data.graph); lmax None: the graph's default (exact, resp. 2).
+    ``pixel_size``: the raw images are also kept as (3, S, S) uint8 pixels for the CNN-5 encoder
+    (scanet.data.pixels; 0: none)."""
     check_graph(graph, lmax)
     lmax = ("exact" if graph == "symmetric" else 2.0) if lmax is None else lmax
     root = Path(root)
@@ -115,6 +120,7 @@ def prepare(
         "word2vec": {"dim": w2v_dim, "epochs": w2v_epochs, "min_count": w2v_min_count, "seed": 0}
         if emb == "word2vec"
         else None,
+        "pixel_size": pixel_size,
     }
     if graph != "symmetric":  # only then: caches made before the option existed stay valid
         params["graph"] = graph
@@ -151,6 +157,10 @@ def prepare(
             "zh", embeddings, toks["train"], progress, dim=w2v_dim, epochs=w2v_epochs, min_count=w2v_min_count
         )
         img = {s: np.stack([feats[e.image_id] for e in kept[s]]) for s in kept}
+        pixels = None
+        if pixel_size:
+            px = pixels_for(root / "images", choices.values(), pixel_size, progress=True)
+            pixels = {s: stack_pixels(px, [e.image_id for e in kept[s]], f"{s}: ") for s in kept}
         ds = build_text_dataset(
             "webnews",
             kept["train"],
@@ -165,6 +175,7 @@ def prepare(
             knn,
             lmax,
             progress,
+            pixels=pixels,
             graph=graph,
         )
         report.update(

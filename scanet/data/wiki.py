@@ -246,11 +246,13 @@ def build_text_dataset(
     knn,
     lmax,
     progress=print,
+    pixels: dict | None = None,
     *,
     graph: str = "symmetric",
 ) -> PreparedDataset:
-    """Every dataset in the list layout with tokenized texts: vocabulary with vectors, then ``assemble``
-    (``graph``: the word-graph construction, see scanet.data.graph)."""
+    """Every dataset in the list layout with tokenized texts: vocabulary with vectors, then ``assemble`` (which
+    keeps the texts' token sequences and the vocabulary's vectors; ``pixels``: raw images per split, or None;
+    ``graph``: the word-graph construction, see scanet.data.graph)."""
     wv = embeddings if isinstance(embeddings, WordVectors) else load_word_vectors(embeddings)
     vocab = build_vocabulary(train_tok, vocab_size, keep=wv.__contains__)
 
@@ -272,5 +274,7 @@ def build_text_dataset(
         knn,
         lmax,
         progress,
+        docs={"train": train_tok, "test": test_tok},
+        pixels=pixels,
         graph=graph,
     )
