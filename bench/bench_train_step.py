@@ -294,7 +294,7 @@ def main(argv=None) -> None:
         for p, t in times.items():
             is_gemm = p.startswith("gemm_")
             f = gemm_flops(GEMM_SHAPES[op]) if is_gemm else flops
-            prec = "bf16" if p.endswith("bf16") else "fp32"
+            prec = "bf16" if "bf16" in p else "fp32"
             row = dict(
                 op=op if not is_gemm else "gemm",
                 case=case if not is_gemm else f"{op} {'x'.join(map(str, GEMM_SHAPES[op]))} threads={args.threads}",

@@ -83,6 +83,11 @@ class TextEncoder(nn.Module):
     (the mask's seed is drawn from torch's default generator). Otherwise ``self.dropout`` runs as before. The
     module and its state_dict are the same either way (nn.Dropout has no state). Under autocast on that backend
     the hidden layers' outputs stay float32 (only the last one, which feeds the bf16 FC, is bf16).
+
+    ``forward(texts, laplacian, text_index=idx)`` is ``forward(texts[idx], laplacian)`` for a fixed (N, V) text
+    matrix. With two or more layers, a first conv that offers ``on_cached_basis`` (the fused ChebConv on the
+    native backend) computes layer 1 from its per-text Chebyshev basis cache (scanet.fused._basis_cache): no
+    SpMM, no gather, the same numbers (tested bitwise). Otherwise texts[idx] is gathered and run as before.
     """
 
     def __init__(
