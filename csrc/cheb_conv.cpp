@@ -967,12 +967,15 @@ Tensor cheb_conv_from_basis_forward(const Tensor& basis_in, const Tensor& weight
   return y;
 }
 
-// "runs" backward: gy is (B, F_out, V) contiguous, so a block's dz is runs too; the ReLU mask is recomputed
-// from the basis runs (read anyway for dW) rather than gathered from y across rows.
+// "runs" backward: element (b, v, fo) of the gradient is gy[b * gs[0] + v * gs[1] + fo * gs[2]]. With V
+// contiguous (gs[1] == 1) a block's dz is runs read in place; otherwise (the next layer's dx comes as (V, B,
+// F_out) rows) each block's kReduceRows x B x F_out numbers are first transposed into a small scratch that
+// stays in cache: no transposed copy of the whole gradient (a 10 MB copy per Wiki step, as slow as the
+// kernel). The ReLU mask is recomputed from the basis runs (read anyway for dW) rather than gathered from y.
 template <typename T>
-void from_basis_runs_backward(const T* basis, const int64_t* bs, const int64_t* boff, const T* gy, int64_t K,
-                              int64_t B, int64_t V, int64_t Fout, const T* W, const T* bias, bool relu,
-                              bool need_w, bool need_b, double* dW, double* db) {
+void from_basis_runs_backward(const T* basis, const int64_t* bs, const int64_t* boff, const T* gy,
+                              const int64_t* gs, int64_t K, int64_t B, int64_t V, int64_t Fout, const T* W,
+                              const T* bias, bool relu, bool need_w, bool need_b, double* dW, double* db) {
   const int64_t nblocks = (V + kReduceRows - 1) / kReduceRows;
   const int64_t nw = need_w ? K * Fout : 0, nb = need_b ? Fout : 0, nout = nw + nb;
   std::vector<double> part(std::max<int64_t>(1, nblocks * nout * kLanes), 0.0);
@@ -980,13 +983,21 @@ void from_basis_runs_backward(const T* basis, const int64_t* bs, const int64_t* 
 #pragma omp parallel num_threads(nt)
   {
     std::vector<T> pre(kReduceRows), z(kReduceRows);
+    const bool runs = gs[1] == 1;
+    std::vector<T> gblk(runs ? 0 : B * Fout * kReduceRows);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t v0 = blk * kReduceRows, nv = std::min(V, v0 + kReduceRows) - v0;
       double* p = part.data() + blk * nout * kLanes;
+      if (!runs)
+        for (int64_t r = 0; r < nv; ++r) {
+          const T* row = gy + (v0 + r) * gs[1];
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t fo = 0; fo < Fout; ++fo) gblk[(b * Fout + fo) * kReduceRows + r] = row[b * gs[0] + fo * gs[2]];
+        }
       for (int64_t b = 0; b < B; ++b)
         for (int64_t fo = 0; fo < Fout; ++fo) {
-          const T* g = gy + (b * Fout + fo) * V + v0;
+          const T* g = runs ? gy + b * gs[0] + fo * gs[2] + v0 : gblk.data() + (b * Fout + fo) * kReduceRows;
           const T* zr = g;
           if (relu) {
             prefetch_next_run(g, nv);
@@ -1037,20 +1048,17 @@ std::tuple<Tensor, Tensor> cheb_conv_from_basis_backward(const Tensor& grad_y, c
   Tensor dW = need_w ? at::empty_like(weight, at::MemoryFormat::Contiguous) : Tensor();
   Tensor db = need_b ? at::empty({Fout}, weight.options()) : Tensor();
   const int64_t bs[4] = {basis.stride(0), basis.stride(1), basis.stride(2), basis.stride(3)};
-  // "runs" reads the gradient as (B, F_out, V) runs (the text FC's (B, V) gradient is that already); "rows"
-  // reads it as (V, B, F_out) rows. Either is a copy only when the gradient comes the other way.
-  // (With one output channel the transpose is done on the 2-D (B, V) view: torch's copy of the 3-D
-  // (B, 1, V) permutation measured 5x slower.)
+  // "runs" reads the gradient in place, whatever its strides (see from_basis_runs_backward); "rows" reads it as
+  // (V, B, F_out) rows (a copy only when it comes another way).
   const bool runs = view.layout == BasisLayout::kRuns;
-  const Tensor G = !runs ? vb_layout(grad_y)
-                   : Fout == 1 ? grad_y.select(2, 0).contiguous()
-                               : grad_y.permute({0, 2, 1}).contiguous();
+  const Tensor G = !runs ? vb_layout(grad_y) : grad_y;
+  const int64_t gs[3] = {G.stride(0), G.stride(1), G.stride(2)};
   const Tensor Y = !runs ? vb_layout(y) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(basis.scalar_type(), "cheb_conv_from_basis_backward", [&] {
     using T = scalar_t;
     std::vector<double> dWd(need_w ? K * Fin * Fout : 0), dbd(need_b ? Fout : 0);
     if (runs) {
-      from_basis_runs_backward<T>(basis.data_ptr<T>(), bs, view.boff.data(), G.data_ptr<T>(), K, B, V, Fout,
+      from_basis_runs_backward<T>(basis.data_ptr<T>(), bs, view.boff.data(), G.data_ptr<T>(), gs, K, B, V, Fout,
                                   Wc.data_ptr<T>(), bc.defined() ? bc.data_ptr<T>() : nullptr, relu, need_w,
                                   need_b, dWd.data(), dbd.data());
     } else {  // "rows": the reduction of cheb_conv's backward, with the basis rows as T_k

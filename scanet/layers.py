@@ -83,6 +83,11 @@ class TextEncoder(nn.Module):
     (the mask's seed is drawn from torch's default generator). Otherwise ``self.dropout`` runs as before. The
     module and its state_dict are the same either way (nn.Dropout has no state). Under autocast on that backend
     the hidden layers' outputs stay float32 (only the last one, which feeds the bf16 FC, is bf16).
+
+    ``forward(texts, laplacian, text_index=idx)`` is ``forward(texts[idx], laplacian)`` for a fixed (N, V) text
+    matrix. With two or more layers, a first conv that offers ``on_cached_basis`` (the fused ChebConv on the
+    native backend) computes layer 1 from its per-text Chebyshev basis cache (scanet.fused._basis_cache): no
+    SpMM, no gather, the same numbers (tested bitwise). Otherwise texts[idx] is gathered and run as before.
     """
 
     def __init__(
@@ -103,14 +108,25 @@ class TextEncoder(nn.Module):
         self.fc = nn.Linear(vocab_size * dims[-1], out_dim)
         self.act = _activation(activation)
 
-    def forward(self, bow: torch.Tensor, laplacian) -> torch.Tensor:
-        x = bow.unsqueeze(-1)  # (B, V, 1): one signal per text
-        for conv in self.convs[:-1]:
+    def forward(self, bow: torch.Tensor, laplacian, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        convs = list(self.convs)
+        x = None
+        if text_index is not None:  # bow is the whole (N, V) text matrix; the batch is bow[text_index]
+            on_cache = getattr(convs[0], "on_cached_basis", None)
+            if on_cache is not None and len(convs) > 1:  # one layer keeps its fused dropout: the SpMM path
+                x = on_cache(bow, laplacian, text_index)
+            if x is None:
+                bow = bow[text_index]
+            else:
+                convs = convs[1:]
+        if x is None:
+            x = bow.unsqueeze(-1)  # (B, V, 1): one signal per text
+        for conv in convs[:-1]:
             if _native(conv, x) and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
                 x = conv(x, laplacian, out_dtype=torch.float32)  # hidden signal float32: read in place
             else:
                 x = conv(x, laplacian)
-        last = self.convs[-1]
+        last = convs[-1]
         if self.dropout.p > 0.0 and _native(last, x):
             h = last(x, laplacian, dropout_p=self.dropout.p, training=self.training).flatten(1)
         else:

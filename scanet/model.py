@@ -43,6 +43,10 @@ _OLD_LAPLACIAN_KEYS = {
 class SCANet(nn.Module):
     """The whole model. ``forward(bow, image)`` returns the similarity (B,) of each (text, image) pair.
 
+    ``forward(texts, image, text_index=idx)`` is ``forward(texts[idx], image)`` for a fixed (N, V) text matrix
+    (the training loop's): on the native CPU backend the first graph convolution then runs from a per-text
+    cache of its Chebyshev basis (scanet.fused._basis_cache: no SpMM, no gather), else texts[idx] is gathered.
+
     ``laplacian``: the rescaled word-graph Laplacian L~ (scipy sparse, torch CSR or a scanet.laplacian.Laplacian);
     the model owns it as ``self.laplacian`` (a Laplacian module: buffers laplacian.crow / .col / .values in the
     state_dict; ``model.laplacian()`` is its torch CSR). The lstm/cnn text encoders do not read it; it is kept
@@ -116,11 +120,13 @@ class SCANet(nn.Module):
         self._register_load_state_dict_pre_hook(_rename_old_laplacian_keys)
 
     # -- parts ------------------------------------------------------------------------------------------------
-    def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
-        """texts: bag-of-words features (B, V) for gcn, padded token ids (B, T) int64 for lstm/cnn."""
+    def encode_text(self, texts: torch.Tensor, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        """texts: bag-of-words features (B, V) for gcn, padded token ids (B, T) int64 for lstm/cnn.
+        ``text_index``: the rows of ``texts`` to encode (the same as ``texts[text_index]``; the gcn encoder can
+        then run its first layer from a per-text cache, scanet.fused._basis_cache)."""
         if self.config.text_encoder == "gcn":
-            return self.text_encoder(texts, self.laplacian)
-        return self.text_encoder(texts)
+            return self.text_encoder(texts, self.laplacian, text_index)
+        return self.text_encoder(texts if text_index is None else texts[text_index])
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """image: features (B, D) for fixed, pixels (B, 3, S, S) (uint8, or floats in [-1, 1]) for cnn5. cnn5
@@ -135,12 +141,12 @@ class SCANet(nn.Module):
             return self.image_encoder(x)
         return self.image_encoder(image)
 
-    def logits(self, bow: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        f_t, f_i = self.coattention(self.encode_text(bow), self.encode_image(image))
+    def logits(self, bow: torch.Tensor, image: torch.Tensor, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        f_t, f_i = self.coattention(self.encode_text(bow, text_index), self.encode_image(image))
         return self.head(f_t, f_i)
 
-    def forward(self, bow: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(bow, image)  # bf16 under bf16 autocast: the loss gets float32 similarities
+    def forward(self, bow: torch.Tensor, image: torch.Tensor, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.logits(bow, image, text_index)  # bf16 under bf16 autocast: the loss gets float32 similarities
         return torch.sigmoid(logits.to(reference.statistics_dtype(logits.dtype)))
 
     # -- all pairs --------------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def train(
 
     def step_fn(idx, zero_grad=True):
         with autocast_context(device, tc.precision):  # the forward only: sim (and the loss) float32
-            sim = step_model(texts[ti[idx]], images[ii[idx]])
+            sim = step_model(texts, images[ii[idx]], text_index=ti[idx])  # layer 1 from a per-text cache
         loss, _ = batch_loss(sim, target[idx], tc.margin, tc.lam)
         if l2_params:  # l2_mode="loss_fc_only": the same term on every rank, so DDP's mean gradient is exact
             loss = loss + 0.5 * tc.weight_decay * sum(p.pow(2).sum() for p in l2_params)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from scanet import reference
+from scanet.fused._basis_cache import ChebBasisCache
 from scanet.fused._dispatch import interpreted_kernels, interpreter_on
 from scanet.laplacian import Laplacian
 from scanet.layers import ChebConv as _EagerChebConv
@@ -153,9 +154,36 @@ class ChebConv(_EagerChebConv):
 
     op = staticmethod(cheb_conv)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.basis_cache = ChebBasisCache()  # not state: rebuilt from the texts and the Laplacian when needed
+
     @staticmethod
     def fuses_dropout(x: torch.Tensor) -> bool:
         return fuses_dropout(x)
+
+    def on_cached_basis(self, texts: torch.Tensor, laplacian, index: torch.Tensor) -> torch.Tensor | None:
+        """This layer on ``texts[index]`` (texts (N, V), one input channel) from the per-text Chebyshev basis
+        (``self.basis_cache``, computed once; see scanet.fused._basis_cache): no SpMM, no gather; the same
+        result as ``forward(texts[index].unsqueeze(-1), laplacian)``. None where the cache does not apply (the
+        caller then gathers and calls ``forward``): not the native CPU backend, texts not float32 data, a raw
+        CSR instead of a Laplacian, a float64 weight, or under torch.compile's tracing."""
+        if not (
+            isinstance(laplacian, Laplacian)
+            and isinstance(texts, torch.Tensor)
+            and isinstance(index, torch.Tensor)
+            and texts.dim() == 2
+            and texts.dtype == torch.float32
+            and not texts.requires_grad
+            and index.device.type == "cpu"
+            and self.in_channels == 1
+            and self.weight.dtype == torch.float32
+            and fuses_dropout(texts)
+            and not torch.compiler.is_compiling()
+        ):
+            return None
+        basis = self.basis_cache.get(texts, laplacian, self.K)
+        return _native_module().cheb_conv_from_basis(basis, self.weight, self.bias, self.activation, index=index)
 
     def forward(
         self,
