@@ -95,11 +95,15 @@ class Preset:
 
 PRESETS = {
     "wiki": Preset("wiki", "wiki"),
+    # Synthetic (scanet.data.synthetic): 5 epochs of 2k+2k pairs (315 steps) with dropout 0.2 stopped at the
+    # pair level (the image's strong signal): the twins stayed at similarity ~0.99, SCANet 0.59 mean MAP = CCA's.
+    # The twin signal is weak and noisy and needs steps, not regularization: 20 epochs of 4k+4k pairs without
+    # dropout (2,500 steps, README "Synthetic") reach 0.69 (seeds 0-3), well above CCA's 0.57.
     "synthetic": Preset(
         "synthetic",
         "synthetic",
-        model=ModelConfig(common_dim=64),
-        train=TrainConfig(epochs=5, batch_size=64, lr=1e-3, positive_pairs=2000, negative_pairs=2000),
+        model=ModelConfig(common_dim=64, dropout=0.0),
+        train=TrainConfig(epochs=20, batch_size=64, lr=1e-3, positive_pairs=4000, negative_pairs=4000),
         vocab_size=200,
     ),
     # WebNews (Chinese web news, scanet.data.webnews): 1,696 training / 497 test pairs, EfficientNet-Lite0

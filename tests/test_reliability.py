@@ -212,7 +212,7 @@ def test_rule2_existing_run_refused_force_replaces(world, tmp_path, capsys):
             "two keys changed: both named",
             ["--set", "dropout=0.3", "--set", "seed=5"],
             2,
-            "model.dropout (saved 0.2, given 0.3), train.seed (saved 0, given 5)",
+            "model.dropout (saved 0.0, given 0.3), train.seed (saved 0, given 5)",
         ),
         ("N changed: refused", ["--set", "common_dim=32"], 2, "model.common_dim (saved 16, given 32)"),
     ],
