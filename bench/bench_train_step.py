@@ -27,6 +27,10 @@ Providers:
                                  the cache)
                fused_bf16        fused_fp32 under autocast_context("cpu", "bf16"): the GEMMs bf16 on AMX (oneDNN),
                                  the recursion, softmax statistics, the loss and AdamW in float32
+               fused_bf16_master fused_bf16 with scanet.master_weights (as scanet.train runs CPU bf16): the FC
+                                 layers hold bf16 copies for the forward, AdamW steps the float32 masters, the
+                                 bf16 grads are widened into persistent buffers and the copies refreshed in
+                                 place (no per-step casts into fresh 20/41 MB tensors); the same numbers
   pair_scores: fp32_today  the chunk loop as it was before this change (gathered f[ti], a1[ii] copies, the
                            last layer's scale applied to both factors; fp32), kept here as the baseline
                eager       scanet.reference.pair_logits now, fp32 (layer 1 by broadcasting, scale folded into
@@ -40,6 +44,8 @@ elementwise work are not counted); the same nominal count for every provider (th
 does less of it: its SpMMs ran once per text, outside the step). All pairs: 2 modalities x 2 Nt Ni N^2
 (layer 2's GEMMs). gemm_share =
 (the op's FLOP/s) / (the gemm rate of the same precision at that op's shape, measured in this run).
+train_step rows also count minor_faults_per_step (getrusage, 3 steps after the timed rounds): fresh pages the
+kernel zero-fills for the step's new large tensors, a cost that the machine's load does not change.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ B = 256
 N_TEST = 693
 CHUNK = 64
 PAIRS_PER_EPOCH = 80_000
-STEP_PROVIDERS = ("eager", "fused_fp32_today", "fused_fp32", "fused_bf16_gather", "fused_bf16")
+STEP_PROVIDERS = ("eager", "fused_fp32_today", "fused_fp32", "fused_bf16_gather", "fused_bf16", "fused_bf16_master")
 PAIR_PROVIDERS = ("fp32_today", "eager", "bf16")
 GEMM_SHAPES = {"train_step": (B, V_WIKI, N_COMMON), "pair_scores": (16_384, N_COMMON, N_COMMON)}
 
@@ -104,8 +110,11 @@ def gemm_flops(shape) -> int:
 # ------------------------------------------------------------------------------------------------ steps
 def train_step(provider: str):
     """fn() running one training step of the Wiki-shaped SCANet for ``provider`` (see the module docstring)."""
+    import contextlib
+
     from scanet import fused as fused_modules
     from scanet.loss import scanet_loss
+    from scanet.master_weights import MasterWeights
     from scanet.model import SCANet
     from scanet.precision import autocast_context
 
@@ -127,14 +136,17 @@ def train_step(provider: str):
     if today:  # the step before the dropout moved into the epilogue: nn.Dropout after the GCN
         model.text_encoder.convs[-1].fuses_dropout = lambda x: False
     assert not fused or isinstance(model.text_encoder.convs[-1], fused_modules.ChebConv)
+    weights = MasterWeights(model, opt) if provider.endswith("_master") else None
+    stepper = weights or opt  # zero_grad() and step(), as in scanet.train
+    forward_weights = weights.in_forward if weights is not None else contextlib.nullcontext
 
     def run():
-        with autocast_context("cpu", precision):
+        with autocast_context("cpu", precision), forward_weights():
             sim = model(bows, images[ii], text_index=ti) if cached else model(bows[ti], images[ii])
         loss, _ = scanet_loss(sim, target, 0.6, 0.35)
-        opt.zero_grad(set_to_none=True)
+        stepper.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        stepper.step()
 
     return run
 
@@ -250,6 +262,17 @@ def test_pair_scores(benchmark, measure, provider):
     )
 
 
+def minor_faults_per_call(fn, calls: int = 3) -> float:
+    """Page faults (minor: the kernel zero-filling fresh pages) per call of fn, after the timed rounds: the
+    cost of allocating large tensors afresh, which a shared machine's load does not change (getrusage)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def main(argv=None) -> None:
     """``python bench/bench_train_step.py --rounds 7 --json PATH``: the training step and all-pairs scoring,
     fp32 against bf16, each op's providers (and its GEMM rate rows) interleaved round by round, as JSON."""
@@ -289,6 +312,7 @@ def main(argv=None) -> None:
         steps = {p: make(p) for p in providers}
         steps.update({f"gemm_{p}": gemm_step(op, p) for p in ("fp32", "bf16")})
         times = interleaved(steps, rounds)
+        faults = {p: minor_faults_per_call(steps[p]) for p in providers} if op == "train_step" else {}
         med = {p: statistics.median(t) for p, t in times.items()}
         gemm_rate = {p: gemm_flops(GEMM_SHAPES[op]) / med[f"gemm_{p}"] for p in ("fp32", "bf16")}
         for p, t in times.items():
@@ -311,6 +335,7 @@ def main(argv=None) -> None:
                 row["gemm_share"] = (f / med[p]) / gemm_rate[prec]
                 if op == "train_step":
                     row["epoch_s"] = med[p] * math.ceil(PAIRS_PER_EPOCH / B)
+                    row["minor_faults_per_step"] = faults[p]
             rows.append(row)
             extra = (
                 ""

@@ -21,6 +21,7 @@ selected (best) model's test MAP under both protocols (scanet.evaluate.PROTOCOLS
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,6 +46,7 @@ from scanet.data.splits import carve_validation
 from scanet.evaluate import evaluate_model, evaluate_protocols, model_scorer, retrieval_report
 from scanet.inputs import model_inputs
 from scanet.loss import distributed_scanet_loss, scanet_loss
+from scanet.master_weights import MasterWeights, use_master_weights
 from scanet.pairs import make_pairs
 from scanet.plots import plot_pr_curves, plot_training_curve
 from scanet.precision import autocast_context
@@ -103,13 +105,16 @@ def train(
     stop_after_epoch: int | None = None,
     log=print,
     force: bool = False,
+    master_weights: bool = True,
 ) -> dict:
     """Train, evaluate on the test split, checkpoint every epoch. Returns the last metrics row.
 
     ``stop_after_epoch`` ends the run early (for tests of resume); ``resume`` continues from out_dir/last.pt;
     ``force`` replaces a run already in out_dir (scanet.run_folder.claim decides, before anything is trained).
     ``compile`` runs the model under torch.compile; ``cuda_graphs`` captures the whole step in a CUDA graph
-    (CUDA only; each epoch then drops its last partial batch, see GraphedStep).
+    (CUDA only; each epoch then drops its last partial batch, see GraphedStep). ``master_weights``: CPU bf16
+    runs keep bf16 copies of the FC weights for the forward and step float32 masters (scanet.master_weights:
+    the same numbers, fewer casts); False keeps autocast's per-step casts (for comparisons).
     """
     out = Path(out_dir)
     # Writable, locked, leftovers removed, saved work never overwritten silently (scanet.run_folder).
@@ -164,6 +169,19 @@ def train(
         best = state.get("best", best)
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
 
+    # CPU bf16: the forward's FC weights are bf16 copies, refreshed from the float32 masters after every step
+    # (the model and the checkpoints hold the masters; the same numbers as autocast's casts, without them).
+    weights = None
+    if master_weights and tc.precision == "bf16":
+        ok, why = use_master_weights(
+            model, device, tc.precision, distributed=info.distributed, cuda_graphs=cuda_graphs, compile=compile
+        )
+        weights = MasterWeights(model, opt) if ok else None
+        if not ok:
+            log(f"bf16 master weights off: {why}; autocast casts the FC weights every step")
+    stepper: Any = weights or opt  # zero_grad() and step(): the optimizer's, or the scheme's around it
+    forward_weights = weights.in_forward if weights is not None else contextlib.nullcontext
+
     # The buffers (input statistics, the word graph) are fixed, identical on every rank: synced once at
     # construction, not before every forward.
     net = (
@@ -188,18 +206,18 @@ def train(
     n_pairs = len(target)
 
     def step_fn(idx, zero_grad=True):
-        with autocast_context(device, tc.precision):  # the forward only: sim (and the loss) float32
+        with autocast_context(device, tc.precision), forward_weights():  # the forward only: sim float32
             sim = step_model(texts, images[ii[idx]], text_index=ti[idx])  # layer 1 from a per-text cache
         loss, _ = batch_loss(sim, target[idx], tc.margin, tc.lam)
         if l2_params:  # l2_mode="loss_fc_only": the same term on every rank, so DDP's mean gradient is exact
             loss = loss + 0.5 * tc.weight_decay * sum(p.pow(2).sum() for p in l2_params)
         if zero_grad:
-            opt.zero_grad(set_to_none=True)
+            stepper.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        stepper.step()
         return loss.detach()
 
-    step_fn.zero_grad = lambda: opt.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # read by GraphedStep
+    step_fn.zero_grad = lambda: stepper.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # read by GraphedStep
     graphed = GraphedStep(step_fn, tc.batch_size, device) if cuda_graphs else None
 
     report, test_scores = None, None

@@ -1,0 +1,159 @@
+"""bf16 FC weights for the forward, float32 master weights in the optimizer: CPU bf16 training without the
+per-step weight casts.
+
+Under ``torch.autocast`` with float32 parameters every step pays two casts per FC weight: autocast rounds the
+weight to a fresh bf16 copy for the GEMM (forward), and autograd's ToCopyBackward0 widens the bf16 weight
+gradient into a fresh float32 tensor (backward). For the Wiki text FC (1024 x 10,055: 41 MB float32, 20 MB
+bf16) those fresh allocations page-fault: ~7 ms + ~9 ms a step on the 2-core VM, against ~1.1 ms for the same
+cast into a buffer that already exists.
+
+``MasterWeights(model, optimizer)`` keeps the ORIGINAL float32 Parameter objects where they are (in the
+model, and in the optimizer, which was built on them: its state_dict is unchanged) and holds one bf16 copy of
+each FC weight and bias, made once. Per step:
+
+    with autocast_context(device, "bf16"), weights.in_forward():   # the bf16 copies sit in the FC layers
+        sim = model(...)                                           # the graph's leaves are the bf16 copies
+    loss = ...
+    weights.zero_grad(set_to_none=True)     # the optimizer's (float32) grads and the copies' (bf16) grads
+    loss.backward()                         # bf16 weight gradients land on the copies
+    weights.step()                          # master.grad <- bf16 grad widened into a persistent float32
+                                            # buffer; optimizer.step() on the masters; copies <- masters
+
+``in_forward`` swaps the copies in for the forward only (two dict entries per layer: no copy), so everything
+outside it (state_dict and checkpoints, evaluation, load_state_dict on resume, the L2 term of
+l2_mode="loss_fc_only") sees the float32 masters, exactly as without this class.
+
+Numerics: the same as autocast's step, bit for bit (tests/test_master_weights.py). Autocast rounds the float32
+weight to bf16 with ``.to(bfloat16)`` (round to nearest even); ``copy_`` into the bf16 copy is the same
+conversion. The GEMMs then see the same bf16 operands, so they produce the same bf16 gradient, and widening
+bf16 -> float32 is exact either way. A second gradient term on a master (the L2 term) is added to it in float32
+as autograd would (a + b == b + a).
+
+Which layers: every ``nn.Linear`` of the model (text/image encoder FCs, the co-attention FCs, the head; the
+lstm/cnn text encoders' output FC too). Not the Chebyshev filters: the recursion's weights stay float32 by
+design (csrc/cheb_conv.cpp, scanet.precision); not the word embeddings, the LSTM or the convolutions (autocast
+keeps casting those, as before: they are small or not on the measured path).
+
+Where it is used (``use_master_weights``): CPU bf16 training only. Not for fp32 (nothing is cast) or fp16
+(CUDA's, and it trains without loss scaling: unmeasured); not on CUDA (unmeasured: no GPU here); not under
+DistributedDataParallel (its gradient hooks and buckets are registered on the masters at construction, the
+gradients would land on the copies); not with CUDA graphs (the capture would record the swap once) or
+torch.compile (its guards see the layers' parameters change dtype and identity at every step: recompiles,
+untested); not with image_encoder="cnn5" (it converts pixels to the FC weight's dtype: bf16 copies would change
+its arithmetic). Each refusal says why, and the run trains on the plain autocast path.
+
+Memory (Wiki, N = 1024: 10.3 M text FC + 4.2 M image FC + 4.2 M co-attention weights): the bf16 copies
+2 B x 18.7 M = 37 MB and the float32 gradient buffers 4 B x 18.7 M = 75 MB, held for the run; autocast's path
+allocated the same amounts afresh every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def use_master_weights(
+    model: nn.Module,
+    device,
+    precision: str,
+    *,
+    distributed: bool = False,
+    cuda_graphs: bool = False,
+    compile: bool = False,
+) -> tuple[bool, str]:
+    """(whether MasterWeights applies to this run, why not when it does not); see the module docstring."""
+    config = getattr(model, "config", None)
+    reasons = (
+        (precision != "bf16", f"precision {precision!r} (bf16 only)"),
+        (torch.device(device).type != "cpu", f"device {device} (CPU only: unmeasured elsewhere)"),
+        (distributed, "DistributedDataParallel (its gradient hooks are on the masters)"),
+        (cuda_graphs, "CUDA graphs"),
+        (compile, "torch.compile (its guards would see the parameters swap every step)"),
+        (
+            getattr(config, "image_encoder", None) == "cnn5",
+            "image_encoder='cnn5' (converts pixels to its FC weight's dtype)",
+        ),
+    )
+    for off, why in reasons:
+        if off:
+            return False, why
+    return True, ""
+
+
+class MasterWeights:
+    """bf16 copies of a model's FC weights for the forward; the optimizer steps the float32 originals.
+
+    ``model``: the module whose ``nn.Linear`` layers get bf16 copies (their parameters must be float32 and
+    require grad; others are left alone). ``optimizer``: built on the model's own (float32) parameters.
+    ``zero_grad`` and ``step`` stand in for the optimizer's in the training loop; ``in_forward()`` is the
+    context the forward runs in. Build it after any ``load_state_dict`` (resume): the copies are made from
+    the masters' values at construction (and after every ``step``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype = torch.bfloat16):
+        self.optimizer, self.dtype = optimizer, dtype
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.slots: list[tuple[nn.Module, str]] = []  # (layer, "weight" | "bias"), one per swapped parameter
+        self.masters: list[nn.Parameter] = []
+        self.copies: list[nn.Parameter] = []
+        by_master: dict[int, nn.Parameter] = {}  # a parameter shared by two layers gets one copy
+        for module in model.modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            for name in ("weight", "bias"):
+                p = module._parameters.get(name)
+                if p is None or not p.requires_grad or p.dtype != torch.float32:
+                    continue
+                if id(p) not in stepped:
+                    raise ValueError(f"MasterWeights: the optimizer does not step {type(module).__name__}.{name}")
+                if id(p) not in by_master:
+                    by_master[id(p)] = nn.Parameter(p.detach().to(dtype))
+                    self.masters.append(p)
+                    self.copies.append(by_master[id(p)])
+                self.slots.append((module, name))
+        self._slot_copy = [by_master[id(module._parameters[name])] for module, name in self.slots]
+        self._slot_master = [module._parameters[name] for module, name in self.slots]
+        # float32 gradient buffers, allocated once: master.grad points at one of them after each backward
+        self.grad_buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self.masters]
+
+    @contextlib.contextmanager
+    def in_forward(self):
+        """The FC layers hold the bf16 copies inside the block and their float32 masters again after it
+        (the autograd graph built inside keeps the copies as its leaves: backward may run outside)."""
+        for (module, name), copy in zip(self.slots, self._slot_copy, strict=True):
+            module._parameters[name] = copy
+        try:
+            yield self
+        finally:
+            for (module, name), master in zip(self.slots, self._slot_master, strict=True):
+                module._parameters[name] = master
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The optimizer's zero_grad (the masters' float32 grads) and the copies' bf16 grads set to None."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        for c in self.copies:
+            c.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Widen each copy's bf16 grad into the master's float32 buffer (or add it to a grad the master already
+        has), step the optimizer on the masters, then round the masters into the copies (in place)."""
+        for master, copy, buf in zip(self.masters, self.copies, self.grad_buffers, strict=True):
+            if copy.grad is None:
+                continue  # the layer took no part in the loss: as with autocast, the master has no grad from it
+            if master.grad is None:
+                master.grad = buf.copy_(copy.grad)
+            else:  # e.g. the L2 term of l2_mode="loss_fc_only", computed on the master outside the forward
+                master.grad.add_(copy.grad)
+            copy.grad = None
+        self.optimizer.step()
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """copies <- masters, rounded to nearest even (autocast's cast), into the existing bf16 storage."""
+        for master, copy in zip(self.masters, self.copies, strict=True):
+            copy.copy_(master)

@@ -1,0 +1,266 @@
+"""scanet.master_weights: bf16 FC copies for the forward, float32 masters in the optimizer (CPU bf16 training).
+
+The scheme claims the SAME numbers as autocast's per-step casts, so everything here is compared bitwise:
+steps of a small SCANet (eager and fused/native) on both paths, then whole runs of scanet.train.train (losses,
+validation MAP, checkpoints, the final report), resume, and resuming one path's checkpoint on the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+
+import pytest
+import torch
+
+from helpers import synthetic_preset
+from scanet import native
+from scanet.checkpoint import load_checkpoint
+from scanet.config import ModelConfig, apply_overrides, get_preset
+from scanet.data.graph import random_graph_laplacian
+from scanet.loss import scanet_loss
+from scanet.master_weights import MasterWeights, use_master_weights
+from scanet.model import SCANet
+from scanet.precision import autocast_context
+
+BF16 = torch.bfloat16
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native extension unavailable: {native.unavailable_reason()}"
+)
+FC_NAMES = ("text_encoder.fc.", "image_encoder.fc.", "coattention.text_fc.", "coattention.image_fc.", "head.fc.")
+
+
+def _model(fused: bool, V=37, D=11, N=24, layers=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(common_dim=N, coattention_layers=layers, dropout=0.2, gcn_channels=(2, 1))
+    return SCANet(V, D, random_graph_laplacian(V, k=3, seed=seed), cfg, fused=fused).train()
+
+
+def _assert_same(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{what}: {k}"
+
+
+def _opt_state(opt) -> dict:
+    return {f"{i}.{n}": t for i, s in opt.state_dict()["state"].items() for n, t in s.items()}
+
+
+# ----------------------------------------------------------------------------------------------- the step
+@pytest.mark.parametrize("l2", ["decoupled", "loss_fc_only"])
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_native)])
+def test_master_weight_steps_equal_autocast_steps_bitwise(fused, l2, monkeypatch):
+    """8 steps from one start: the same loss, float32 parameters and Adam moments after every step."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # fused on CPU: the native GCN (cached layer 1, fused dropout)
+    plain = _model(fused)
+    ours = copy.deepcopy(plain)
+    opts = [torch.optim.AdamW(m.parameters(), lr=3e-2, weight_decay=0.01, fused=True) for m in (plain, ours)]
+    weights = MasterWeights(ours, opts[1])
+    assert len(weights.masters) == 2 + 2 * 2 * 2 + 2 + 2  # text FC, image FC, 2 x 2 co-attention FCs, head
+    l2_params = [[p for n, p in m.named_parameters() if n.startswith(FC_NAMES)] for m in (plain, ours)]
+    g = torch.Generator().manual_seed(1)
+    texts = torch.rand(50, 37, generator=g) * (torch.rand(50, 37, generator=g) < 0.3)
+    images = torch.randn(50, 11, generator=g).relu()
+    start = {k: v.clone() for k, v in plain.state_dict().items()}
+    for step in range(8):
+        B = 13 if step % 3 else 16  # a ragged last batch too
+        ti, ii = torch.randint(0, 50, (B,), generator=g), torch.randint(0, 50, (B,), generator=g)
+        target = (torch.rand(B, generator=g) < 0.5).float()
+        losses = []
+        for model, stepper, context, l2p in (
+            (plain, opts[0], contextlib.nullcontext, l2_params[0]),
+            (ours, weights, weights.in_forward, l2_params[1]),
+        ):
+            torch.manual_seed(100 + step)  # the same dropout masks
+            with autocast_context("cpu", "bf16"), context():
+                sim = model(texts, images[ii], text_index=ti)
+            loss, _ = scanet_loss(sim, target, 0.6, 0.35)
+            if l2 == "loss_fc_only":  # a second gradient term on the masters, outside the forward
+                loss = loss + 0.5 * 0.01 * sum(p.pow(2).sum() for p in l2p)
+            stepper.zero_grad(set_to_none=True)
+            loss.backward()
+            stepper.step()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1]), (step, losses)
+        _assert_same(plain.state_dict(), ours.state_dict(), f"parameters after step {step}")
+        _assert_same(_opt_state(opts[0]), _opt_state(opts[1]), f"Adam state after step {step}")
+        for master, low in zip(weights.masters, weights.copies, strict=True):  # the copies follow the masters
+            assert low.dtype == BF16 and torch.equal(low, master.to(BF16))
+    moved = [k for k, v in plain.state_dict().items() if k.startswith(FC_NAMES) and not torch.equal(v, start[k])]
+    assert len(moved) == len(weights.masters)  # every FC weight and bias was trained
+    assert all(v.dtype == torch.float32 for v in ours.state_dict().values() if v.is_floating_point())
+
+
+def test_in_forward_swaps_the_fc_layers_only_and_always_restores():
+    model = _model(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    weights = MasterWeights(model, opt)
+    with weights.in_forward():
+        inside = dict(model.named_parameters())
+        for name, p in inside.items():
+            fc = name.startswith(FC_NAMES)
+            assert p.dtype == (BF16 if fc else torch.float32), name
+            assert (p is before[name]) != fc, name  # FC: the copy; the Chebyshev filters: untouched
+            if fc:
+                assert torch.equal(p, before[name].to(BF16))  # round to nearest even, as autocast's cast
+    assert all(p is before[n] for n, p in model.named_parameters())  # the masters back, the same objects
+    with pytest.raises(RuntimeError, match="boom"), weights.in_forward():
+        raise RuntimeError("boom")
+    assert all(p is before[n] for n, p in model.named_parameters())
+    assert list(model.state_dict()) == keys and all(v.dtype != BF16 for v in model.state_dict().values())
+
+
+def test_a_layer_without_a_gradient_keeps_no_grad_and_refresh_rounds():
+    """A master whose copy got no gradient gets none (optimizer skips it, as with autocast); refresh()
+    copies values set on the masters (e.g. a load_state_dict) into the copies."""
+    model = _model(False, layers=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    weights = MasterWeights(model, opt)
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8]).repeat(12)  # halfway between bf16 neighbours (ulp 2^-7)
+    with torch.no_grad():
+        model.head.fc.weight.copy_(ties.reshape(1, -1))
+    weights.refresh()
+    head_copy = next(c for m, c in zip(weights.masters, weights.copies, strict=True) if m is model.head.fc.weight)
+    even = torch.tensor([1.0, 1 + 2**-6]).repeat(12).reshape(1, -1)  # to the even mantissa, not up, not down
+    assert torch.equal(head_copy.float(), even) and torch.equal(head_copy, model.head.fc.weight.to(BF16))
+    with autocast_context("cpu", "bf16"), weights.in_forward():
+        f_i = model.encode_image(torch.randn(4, 11))
+    weights.zero_grad()
+    f_i.float().sum().backward()
+    before = model.text_encoder.fc.weight.detach().clone()
+    weights.step()
+    assert model.text_encoder.fc.weight.grad is None and torch.equal(model.text_encoder.fc.weight, before)
+    assert model.image_encoder.fc.weight.grad is not None and model.image_encoder.fc.weight.grad.dtype == torch.float32
+
+
+def test_the_optimizer_must_step_the_fc_parameters():
+    model = _model(False)
+    opt = torch.optim.AdamW(model.text_encoder.convs.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="optimizer does not step Linear.weight"):
+        MasterWeights(model, opt)
+
+
+def test_where_master_weights_apply():
+    model = _model(False)
+    assert use_master_weights(model, "cpu", "bf16") == (True, "")
+    for kwargs, why in (
+        (dict(precision="fp32"), "precision 'fp32'"),
+        (dict(precision="fp16"), "precision 'fp16'"),
+        (dict(device="cuda:0"), "CPU only"),
+        (dict(distributed=True), "DistributedDataParallel"),
+        (dict(cuda_graphs=True), "CUDA graphs"),
+        (dict(compile=True), "torch.compile"),
+    ):
+        args = {"device": "cpu", "precision": "bf16", **kwargs}
+        ok, reason = use_master_weights(model, args.pop("device"), args.pop("precision"), **args)
+        assert not ok and why in reason, (kwargs, reason)
+    cnn5 = SCANet(5, 3, random_graph_laplacian(5, k=2), ModelConfig(common_dim=8, image_encoder="cnn5"))
+    ok, reason = use_master_weights(cnn5, "cpu", "bf16")
+    assert not ok and "cnn5" in reason
+
+
+# ------------------------------------------------------------------------------------------ whole runs
+@pytest.fixture(scope="module")
+def dataset(synthetic_dataset):
+    return synthetic_dataset
+
+
+def _counting(monkeypatch) -> list:
+    """Make scanet.train's MasterWeights count its steps (so a test knows the scheme really ran)."""
+    import scanet.train as train_module
+
+    calls: list = []
+
+    class Counting(MasterWeights):
+        def step(self):
+            calls.append(1)
+            super().step()
+
+    monkeypatch.setattr(train_module, "MasterWeights", Counting)
+    return calls
+
+
+def _run_files(out) -> tuple[dict, dict, dict]:
+    state = load_checkpoint(out / "last.pt")
+    return state["model"], _flat(state["optimizer"]["state"]), json.loads((out / "evaluation.json").read_text())
+
+
+def _flat(opt_state: dict) -> dict:
+    return {f"{i}.{n}": t for i, s in opt_state.items() for n, t in s.items()}
+
+
+@pytest.mark.parametrize(
+    "l2_mode,fused",
+    [("decoupled", False), pytest.param("decoupled", True, marks=needs_native), ("loss_fc_only", False)],
+)
+def test_a_bf16_run_is_the_same_with_and_without_master_weights(dataset, tmp_path, monkeypatch, l2_mode, fused):
+    """train(): the same epoch losses, validation MAP (so the same best.pt), checkpoints and final report."""
+    from scanet.train import train
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls = _counting(monkeypatch)
+    preset = synthetic_preset(
+        epochs=2, eval_every=1, positive_pairs=300, negative_pairs=300, precision="bf16", l2_mode=l2_mode
+    )
+    quiet = dict(progress=False, log=lambda s: None, fused=fused)
+    old = train(preset, dataset, tmp_path / "autocast", master_weights=False, **quiet)
+    assert not calls
+    new = train(preset, dataset, tmp_path / "master", **quiet)
+    assert len(calls) >= 2 * 2  # the scheme stepped every batch of both epochs
+    assert new["history"] and [{k: v for k, v in h.items() if "seconds" not in k} for h in new["history"]] == [
+        {k: v for k, v in h.items() if "seconds" not in k} for h in old["history"]
+    ]
+    (m_old, o_old, e_old), (m_new, o_new, e_new) = _run_files(tmp_path / "autocast"), _run_files(tmp_path / "master")
+    _assert_same(m_old, m_new, "last.pt model")
+    _assert_same(o_old, o_new, "last.pt Adam state")
+    assert all(v.dtype == torch.float32 for v in m_new.values() if v.is_floating_point())  # today's format
+    assert e_new == e_old and new["selected_epoch"] == old["selected_epoch"]
+    _assert_same(
+        load_checkpoint(tmp_path / "autocast" / "best.pt")["model"],
+        load_checkpoint(tmp_path / "master" / "best.pt")["model"],
+        "best.pt",
+    )
+
+
+def test_master_weight_runs_resume_exactly_and_across_paths(dataset, tmp_path, monkeypatch):
+    """Cut after epoch 1 and resumed == uninterrupted, on the master-weight path, and when the first epoch
+    ran on the autocast path (its checkpoint is resumed by the master-weight path) or the other way round."""
+    from scanet.train import train
+
+    calls = _counting(monkeypatch)
+    preset = synthetic_preset(epochs=3, eval_every=0, positive_pairs=300, negative_pairs=300, precision="bf16")
+    quiet = dict(progress=False, log=lambda s: None)
+    full = train(preset, dataset, tmp_path / "full", **quiet)
+    losses = [h["loss"] for h in full["history"]]
+    m_full, o_full, e_full = _run_files(tmp_path / "full")
+    for first, then in ((True, True), (False, True), (True, False)):
+        out = tmp_path / f"cut_{first}_{then}"
+        train(preset, dataset, out, stop_after_epoch=1, master_weights=first, **quiet)
+        n = len(calls)
+        resumed = train(preset, dataset, out, resume=True, master_weights=then, **quiet)
+        assert (len(calls) > n) == then
+        assert [h["loss"] for h in resumed["history"]] == losses, (first, then)
+        m, o, e = _run_files(out)
+        _assert_same(m_full, m, f"resumed model {first, then}")
+        _assert_same(o_full, o, f"resumed Adam state {first, then}")
+        assert e == e_full
+
+
+def test_train_says_why_master_weights_are_off(tmp_path):
+    """bf16 with the CNN-5 image encoder: the plain autocast path, and the log says why."""
+    from scanet.data.synthetic import generate
+    from scanet.train import train
+
+    tiny = generate(n_train=40, n_test=20, vocab_size=30, text_len=10, pixel_size=32)
+    preset = apply_overrides(
+        get_preset("synthetic"),
+        ["image_encoder=cnn5", "common_dim=16", "epochs=1", "eval_every=0", "validation_fraction=0"]
+        + ["positive_pairs=32", "negative_pairs=32", "batch_size=32", "precision=bf16"],
+    )
+    lines: list = []
+    out = train(preset, tiny, tmp_path, progress=False, log=lines.append)
+    assert any("master weights off: image_encoder='cnn5'" in s for s in lines), lines
+    assert out["history"][0]["loss"] > 0
