@@ -16,6 +16,12 @@ import torch
 
 from helpers import synthetic_preset
 from scanet import native
+
+# Triton reads TRITON_INTERPRET when it is first imported (an optimizer's first step imports it, via
+# torch._dynamo): import it here, under the conftest's "1", not inside a test below that sets "0" for the
+# native backend (the interpreted kernels of later test modules would then fail).
+with contextlib.suppress(ImportError):
+    import triton.language  # noqa: F401
 from scanet.checkpoint import load_checkpoint
 from scanet.config import ModelConfig, apply_overrides, get_preset
 from scanet.data.graph import random_graph_laplacian
