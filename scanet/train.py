@@ -114,7 +114,7 @@ def train(
     ``compile`` runs the model under torch.compile; ``cuda_graphs`` captures the whole step in a CUDA graph
     (CUDA only; each epoch then drops its last partial batch, see GraphedStep). ``master_weights``: CPU bf16
     runs keep bf16 copies of the FC weights for the forward and step float32 masters (scanet.master_weights:
-    the same numbers, fewer casts); False keeps autocast's per-step casts (for comparisons).
+    the same numbers, no per-step allocations); False keeps autocast's per-step casts (for comparisons).
     """
     out = Path(out_dir)
     # Writable, locked, leftovers removed, saved work never overwritten silently (scanet.run_folder).
@@ -170,7 +170,8 @@ def train(
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
 
     # CPU bf16: the forward's FC weights are bf16 copies, refreshed from the float32 masters after every step
-    # (the model and the checkpoints hold the masters; the same numbers as autocast's casts, without them).
+    # (the model and the checkpoints hold the masters; the same numbers as autocast's casts, into tensors
+    # allocated once instead of every step).
     weights = None
     if master_weights and tc.precision == "bf16":
         ok, why = use_master_weights(
