@@ -45,7 +45,9 @@ does less of it: its SpMMs ran once per text, outside the step). All pairs: 2 mo
 (layer 2's GEMMs). gemm_share =
 (the op's FLOP/s) / (the gemm rate of the same precision at that op's shape, measured in this run).
 train_step rows also count minor_faults_per_step (getrusage, 3 steps after the timed rounds): fresh pages the
-kernel zero-fills for the step's new large tensors, a cost that the machine's load does not change.
+kernel zero-fills for the step's new large tensors, a cost that the machine's load does not change; and
+speedup_vs_fused_bf16_per_round, the median over rounds of (fused_bf16's time / this provider's) in the same
+round (``--rounds 40 --pair-rounds 0`` for a steadier figure on a loaded machine: the step alone, ~2 s a round).
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--pair-rounds", type=int, default=3)
+    ap.add_argument("--pair-rounds", type=int, default=3, help="0: the training step alone")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
@@ -309,6 +311,8 @@ def main(argv=None) -> None:
             "eager",
         ),
     ):
+        if rounds < 1:
+            continue
         steps = {p: make(p) for p in providers}
         steps.update({f"gemm_{p}": gemm_step(op, p) for p in ("fp32", "bf16")})
         times = interleaved(steps, rounds)
@@ -336,6 +340,10 @@ def main(argv=None) -> None:
                 if op == "train_step":
                     row["epoch_s"] = med[p] * math.ceil(PAIRS_PER_EPOCH / B)
                     row["minor_faults_per_step"] = faults[p]
+                    # the median of the per-round ratios: a slow spell hits both steps of a round alike
+                    row["speedup_vs_fused_bf16_per_round"] = statistics.median(
+                        a / b for a, b in zip(times["fused_bf16"], t, strict=True)
+                    )
             rows.append(row)
             extra = (
                 ""

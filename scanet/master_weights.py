@@ -41,13 +41,14 @@ torch.compile (its guards see the layers' parameters change dtype and identity a
 untested); not with image_encoder="cnn5" (it converts pixels to the FC weight's dtype: bf16 copies would change
 its arithmetic). Each refusal says why, and the run trains on the plain autocast path.
 
-Measured (bench/bench_train_step.py, fused_bf16_master against fused_bf16, providers interleaved on the shared
-2-core VM): the Wiki-shaped step's minor page faults fall from ~9,900 to ~2,900, but its time does not change
-beyond the noise (0.99-1.05x). Inside a step the two in-place casts still stream the 18.7 M FC weights from
-DRAM (~11 ms widening + ~12 ms refreshing, against ~1.3 ms for one 10 M-weight cast timed alone, where source
-and destination stay in this CPU's 480 MB L3): that traffic, not the allocation, is most of what autocast's
-casts cost. Fusing the casts into the optimizer (one pass: bf16 grad in, bf16 copy out) would remove it; torch's
-fused AdamW takes only same-dtype grads.
+Measured on the shared 2-core VM (bench/results/2026-12-01-cpu-2core-{train-step,wiki-epoch}-master-weights.json):
+the same speed. A Wiki bf16 epoch's page faults fall from 3.0-3.5 M to 0.5-0.9 M and its system time from 8-9 s
+to 4-5 s, but the epoch takes as long (79.9 / 79.4 s against 76.1 / 81.1 s), and the Wiki-shaped step of
+bench/bench_train_step.py runs at 0.98-1.05x fused_bf16 (interleaved rounds). Inside a step the two in-place
+casts still stream the 18.7 M FC weights from DRAM (~11 ms widening + ~12 ms refreshing, against ~1.3 ms for
+one 10 M-weight cast timed alone, where source and destination stay in this CPU's 480 MB L3): that traffic, not
+the allocation, is what autocast's casts cost. Fusing the casts into the optimizer's pass (bf16 grad in, bf16
+copy out) would remove it; torch's fused AdamW takes only gradients of its parameters' dtype.
 
 Memory (Wiki, N = 1024: 10.3 M text FC + 4.2 M image FC + 4.2 M co-attention weights): the bf16 copies
 2 B x 18.7 M = 37 MB and the float32 gradient buffers 4 B x 18.7 M = 75 MB, held for the run; autocast's path
