@@ -270,3 +270,26 @@ def test_train_says_why_master_weights_are_off(tmp_path):
     out = train(preset, tiny, tmp_path, progress=False, log=lines.append)
     assert any("master weights off: image_encoder='cnn5'" in s for s in lines), lines
     assert out["history"][0]["loss"] > 0
+
+
+@pytest.mark.parametrize("text_encoder", ["lstm", "cnn"])
+def test_the_lstm_and_cnn_text_encoders_train_the_same_with_master_weights(tmp_path, monkeypatch, text_encoder):
+    """Their output FC is an nn.Linear too (embeddings, LSTM and convolutions stay float32, cast by autocast)."""
+    from scanet.data.synthetic import generate
+    from scanet.train import train
+
+    calls = _counting(monkeypatch)
+    tiny = generate(n_train=60, n_test=30, vocab_size=40, text_len=12)
+    preset = apply_overrides(
+        get_preset("synthetic"),
+        [f"text_encoder={text_encoder}", "common_dim=16", "lstm_hidden=8", "cnn_filters=4", "max_tokens=12"]
+        + ["epochs=2", "eval_every=0", "positive_pairs=64", "negative_pairs=64", "batch_size=32", "precision=bf16"],
+    )
+    quiet = dict(progress=False, log=lambda s: None)
+    old = train(preset, tiny, tmp_path / "autocast", master_weights=False, **quiet)
+    new = train(preset, tiny, tmp_path / "master", **quiet)
+    assert calls and [h["loss"] for h in new["history"]] == [h["loss"] for h in old["history"]]
+    (m_old, o_old, e_old), (m_new, o_new, e_new) = _run_files(tmp_path / "autocast"), _run_files(tmp_path / "master")
+    _assert_same(m_old, m_new, f"{text_encoder} model")
+    _assert_same(o_old, o_new, f"{text_encoder} Adam state")
+    assert e_new == e_old
