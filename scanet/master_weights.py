@@ -62,6 +62,8 @@ import contextlib
 import torch
 from torch import nn
 
+from scanet.adam_bf16 import native_unsupported, step_with_bf16_grads
+
 
 def use_master_weights(
     model: nn.Module,
@@ -101,7 +103,14 @@ class MasterWeights:
     the masters' values at construction (and after every ``step``).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dtype: torch.dtype = torch.bfloat16,
+        *,
+        native: bool = True,
+    ):
         self.optimizer, self.dtype = optimizer, dtype
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.slots: list[tuple[nn.Module, str]] = []  # (layer, "weight" | "bias"), one per swapped parameter
@@ -126,6 +135,13 @@ class MasterWeights:
         self._slot_master = [module._parameters[name] for module, name in self.slots]
         # float32 gradient buffers, allocated once: master.grad points at one of them after each backward
         self.grad_buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self.masters]
+        # The one-pass native step (scanet.adam_bf16) when it can stand in for this optimizer; else why not.
+        self.native_off_reason: str | None = (
+            "native=False" if not native else ("bf16 only" if dtype != torch.bfloat16 else native_unsupported(optimizer))
+        )
+        if self.native_off_reason is None and not all(p.is_contiguous() and p.device.type == "cpu" for p in self.masters):
+            self.native_off_reason = "a master weight is not a contiguous CPU tensor"
+        self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
 
     @contextlib.contextmanager
     def in_forward(self):
@@ -145,8 +161,39 @@ class MasterWeights:
         for c in self.copies:
             c.grad = None
 
+    @property
+    def native(self) -> bool:
+        """Whether ``step`` runs the one-pass native optimizer step (``native_off_reason`` says why not)."""
+        return self.native_off_reason is None
+
     @torch.no_grad()
     def step(self) -> None:
+        """The native one-pass step when available (``_step_native``), else ``_step_unfused``."""
+        if self.native_off_reason is None:
+            self._step_native()
+        else:
+            self._step_unfused()
+
+    @torch.no_grad()
+    def _step_native(self) -> None:
+        """Masters with a bf16 grad: one native pass each (bf16 grad + any float32 grad already on the master,
+        e.g. the L2 term, in; master, moments and bf16 copy out), their .grad left None. The optimizer's own
+        step runs on the other parameters (those with a grad: the Chebyshev filters, ...), masters with only a
+        float32 grad included, whose copies are then refreshed."""
+        work, refresh = [], []
+        for master, copy in zip(self.masters, self.copies, strict=True):
+            if copy.grad is not None:
+                work.append((master, copy.grad, master.grad, copy))
+                master.grad = copy.grad = None  # torch's step skips a parameter without a grad
+            elif master.grad is not None:
+                refresh.append((master, copy))
+        self.optimizer.step()
+        step_with_bf16_grads(self.optimizer, work, self._groups)
+        for master, copy in refresh:
+            copy.copy_(master)
+
+    @torch.no_grad()
+    def _step_unfused(self) -> None:
         """Widen each copy's bf16 grad into the master's float32 buffer (or add it to a grad the master already
         has), step the optimizer on the masters, then round the masters into the copies (in place)."""
         for master, copy, buf in zip(self.masters, self.copies, self.grad_buffers, strict=True):
