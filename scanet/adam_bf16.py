@@ -24,6 +24,7 @@ torch's kernel computes in its scalar remainder loop, whose exp_avg_sq may diffe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -65,7 +66,7 @@ def _state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
 @torch.no_grad()
 def step_with_bf16_grads(
     optimizer: torch.optim.Optimizer,
-    work: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]],
+    work: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]],
     groups: dict[int, dict],
 ) -> None:
     """Step each master of ``work`` = [(master, bf16 grad, extra float32 grad or None, bf16 copy), ...] as

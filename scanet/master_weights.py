@@ -137,9 +137,13 @@ class MasterWeights:
         self.grad_buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self.masters]
         # The one-pass native step (scanet.adam_bf16) when it can stand in for this optimizer; else why not.
         self.native_off_reason: str | None = (
-            "native=False" if not native else ("bf16 only" if dtype != torch.bfloat16 else native_unsupported(optimizer))
+            "native=False"
+            if not native
+            else ("bf16 only" if dtype != torch.bfloat16 else native_unsupported(optimizer))
         )
-        if self.native_off_reason is None and not all(p.is_contiguous() and p.device.type == "cpu" for p in self.masters):
+        if self.native_off_reason is None and not all(
+            p.is_contiguous() and p.device.type == "cpu" for p in self.masters
+        ):
             self.native_off_reason = "a master weight is not a contiguous CPU tensor"
         self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
 
