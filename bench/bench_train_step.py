@@ -28,9 +28,12 @@ Providers:
                fused_bf16        fused_fp32 under autocast_context("cpu", "bf16"): the GEMMs bf16 on AMX (oneDNN),
                                  the recursion, softmax statistics, the loss and AdamW in float32
                fused_bf16_master fused_bf16 with scanet.master_weights (as scanet.train runs CPU bf16): the FC
-                                 layers hold bf16 copies for the forward, AdamW steps the float32 masters, the
-                                 bf16 grads are widened into persistent buffers and the copies refreshed in
-                                 place (no per-step casts into fresh 20/41 MB tensors); the same numbers
+                                 layers hold bf16 copies for the forward; one native pass per FC master
+                                 (scanet.adam_bf16: bf16 grad in, master, AdamW moments and bf16 copy out)
+               fused_bf16_master_unfused  the same with MasterWeights(native=False): the bf16 grads widened
+                                 into persistent buffers, torch's fused AdamW on the masters, the copies
+                                 refreshed in place (no per-step casts into fresh 20/41 MB tensors); the
+                                 same numbers as fused_bf16, bit for bit
   pair_scores: fp32_today  the chunk loop as it was before this change (gathered f[ti], a1[ii] copies, the
                            last layer's scale applied to both factors; fp32), kept here as the baseline
                eager       scanet.reference.pair_logits now, fp32 (layer 1 by broadcasting, scale folded into
@@ -68,7 +71,15 @@ B = 256
 N_TEST = 693
 CHUNK = 64
 PAIRS_PER_EPOCH = 80_000
-STEP_PROVIDERS = ("eager", "fused_fp32_today", "fused_fp32", "fused_bf16_gather", "fused_bf16", "fused_bf16_master")
+STEP_PROVIDERS = (
+    "eager",
+    "fused_fp32_today",
+    "fused_fp32",
+    "fused_bf16_gather",
+    "fused_bf16",
+    "fused_bf16_master",
+    "fused_bf16_master_unfused",
+)
 PAIR_PROVIDERS = ("fp32_today", "eager", "bf16")
 GEMM_SHAPES = {"train_step": (B, V_WIKI, N_COMMON), "pair_scores": (16_384, N_COMMON, N_COMMON)}
 
@@ -138,7 +149,9 @@ def train_step(provider: str):
     if today:  # the step before the dropout moved into the epilogue: nn.Dropout after the GCN
         model.text_encoder.convs[-1].fuses_dropout = lambda x: False
     assert not fused or isinstance(model.text_encoder.convs[-1], fused_modules.ChebConv)
-    weights = MasterWeights(model, opt) if provider.endswith("_master") else None
+    weights = MasterWeights(model, opt, native=not provider.endswith("_unfused")) if "_master" in provider else None
+    if weights is not None and provider.endswith("_master") and not weights.native:
+        raise RuntimeError(f"{provider}: the native optimizer step is off: {weights.native_off_reason}")
     stepper = weights or opt  # zero_grad() and step(), as in scanet.train
     forward_weights = weights.in_forward if weights is not None else contextlib.nullcontext
 

@@ -72,6 +72,8 @@ def step_with_bf16_grads(
     """Step each master of ``work`` = [(master, bf16 grad, extra float32 grad or None, bf16 copy), ...] as
     ``optimizer`` would with grad = widened bf16 grad (+ extra), and write the master rounded to bf16 into the
     copy. ``groups`` maps id(master) to its param group (hyperparameters are read at every call: schedulers)."""
+    if not native.available():  # loads the library once (cached)
+        raise RuntimeError(f"scanet.adam_bf16 needs the native extension: {native.unavailable_reason()}")
     for master, grad, extra, copy in work:
         group = groups[id(master)]
         state = _state(optimizer, master)
