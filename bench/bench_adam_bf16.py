@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     providers = ("unfused", "native", "torch_adamw_only")
+    load_before = os.getloadavg()
     fns = {p: make(p) for p in providers}
     for fn in fns.values():  # warm-up: the optimizer state, page faults of first touch
         fn(), fn()
@@ -93,9 +96,15 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "rows": rows}, f, indent=1
-            )
+            record = {
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "torch": torch.__version__,
+                "command": "OMP_WAIT_POLICY=passive python " + " ".join(sys.argv),
+                "note": "providers interleaved round by round on a shared 2-core machine: read the ratios; load "
+                f"average at the start {load_before}, at the end {os.getloadavg()}",
+                "rows": rows,
+            }
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

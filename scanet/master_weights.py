@@ -15,18 +15,29 @@ each FC weight and bias, made once. Per step:
     loss = ...
     weights.zero_grad(set_to_none=True)     # the optimizer's (float32) grads and the copies' (bf16) grads
     loss.backward()                         # bf16 weight gradients land on the copies
-    weights.step()                          # master.grad <- bf16 grad widened into a persistent float32
+    weights.step()                          # native (scanet.adam_bf16): one pass per FC master, bf16 grad
+                                            # in, master, AdamW moments and bf16 copy out; unfused:
+                                            # master.grad <- bf16 grad widened into a persistent float32
                                             # buffer; optimizer.step() on the masters; copies <- masters
 
 ``in_forward`` swaps the copies in for the forward only (two dict entries per layer: no copy), so everything
 outside it (state_dict and checkpoints, evaluation, load_state_dict on resume, the L2 term of
 l2_mode="loss_fc_only") sees the float32 masters, exactly as without this class.
 
-Numerics: the same as autocast's step, bit for bit (tests/test_master_weights.py). Autocast rounds the float32
-weight to bf16 with ``.to(bfloat16)`` (round to nearest even); ``copy_`` into the bf16 copy is the same
-conversion. The GEMMs then see the same bf16 operands, so they produce the same bf16 gradient, and widening
-bf16 -> float32 is exact either way. A second gradient term on a master (the L2 term) is added to it in float32
-as autograd would (a + b == b + a).
+The step. Native (the default when the extension is built and the optimizer is torch's fused Adam / AdamW with
+amsgrad, maximize, capturable off and a float lr; ``native_off_reason`` says why not): the FC masters that got a
+bf16 grad are stepped by ``scanet_native::adam_bf16_step`` (28 B a weight in one pass, the optimizer's own
+state tensors, so state_dict and checkpoints are unchanged; a float32 grad already on the master, the L2 term,
+is added in the same pass), and ``optimizer.step()`` steps the other parameters. Unfused (``native=False``):
+widen, ``optimizer.step()``, refresh, three passes.
+
+Numerics, unfused: the same as autocast's step, bit for bit (tests/test_master_weights.py). Native: torch's
+fused AdamW bit for bit but for one rounding of exp_avg_sq in a tensor's last numel % 16 elements
+(scanet/adam_bf16.py), so within float32 noise of autocast's run, and resume is exact on either path.
+Why the unfused step is bitwise: autocast rounds the float32 weight to bf16 with ``.to(bfloat16)`` (round to
+nearest even); ``copy_`` into the bf16 copy is the same conversion. The GEMMs then see the same bf16 operands, so
+they produce the same bf16 gradient, and widening bf16 -> float32 is exact either way. A second gradient term on
+a master (the L2 term) is added to it in float32 as autograd would (a + b == b + a).
 
 Which layers: every ``nn.Linear`` of the model (text/image encoder FCs, the co-attention FCs, the head; the
 lstm/cnn text encoders' output FC too). Not the Chebyshev filters: the recursion's weights stay float32 by
@@ -41,18 +52,20 @@ torch.compile (its guards see the layers' parameters change dtype and identity a
 untested); not with image_encoder="cnn5" (it converts pixels to the FC weight's dtype: bf16 copies would change
 its arithmetic). Each refusal says why, and the run trains on the plain autocast path.
 
-Measured on the shared 2-core VM (bench/results/2026-12-01-cpu-2core-{train-step,wiki-epoch}-master-weights.json):
-the same speed. A Wiki bf16 epoch's page faults fall from 3.0-3.5 M to 0.5-0.9 M and its system time from 8-9 s
-to 4-5 s, but the epoch takes as long (79.9 / 79.4 s against 76.1 / 81.1 s), and the Wiki-shaped step of
-bench/bench_train_step.py runs at 0.98-1.05x fused_bf16 (interleaved rounds). Inside a step the two in-place
-casts still stream the 18.7 M FC weights from DRAM (~11 ms widening + ~12 ms refreshing, against ~1.3 ms for
-one 10 M-weight cast timed alone, where source and destination stay in this CPU's 480 MB L3): that traffic, not
-the allocation, is what autocast's casts cost. Fusing the casts into the optimizer's pass (bf16 grad in, bf16
-copy out) would remove it; torch's fused AdamW takes only gradients of its parameters' dtype.
+Measured on the shared 2-core VM. Unfused (bench/results/2026-12-01-cpu-2core-{train-step,wiki-epoch}-master-
+weights.json): the same speed as autocast. A Wiki bf16 epoch's page faults fall from 3.0-3.5 M to 0.5-0.9 M and its
+system time from 8-9 s to 4-5 s, but the epoch takes as long (79.9 / 79.4 s against 76.1 / 81.1 s); inside a step
+the two in-place casts stream the 18.7 M FC weights from DRAM (~11 ms widening + ~12 ms refreshing): that
+traffic, not the allocation, is what autocast's casts cost. Native (bench/results/2026-12-01-cpu-2core-adam-bf16-
+optimizer-step.json, bench/bench_adam_bf16.py): the optimizer step of the Wiki FCs alone 38-39 ms against
+71-82 ms unfused (1.89-1.97x per round), about as long as torch's fused AdamW pass alone with float32 grads ready
+(34-44 ms: the same 28 B a weight); the Wiki-shaped step of bench/bench_train_step.py (bench/results/2026-12-01-
+cpu-2core-train-step-adam-bf16.json, 15 interleaved rounds): fused_bf16_master 1.135x fused_bf16 and 2.03x
+fused_fp32_today (fused_bf16_master_unfused 1.006x fused_bf16). No Wiki epoch was timed on the native step.
 
 Memory (Wiki, N = 1024: 10.3 M text FC + 4.2 M image FC + 4.2 M co-attention weights): the bf16 copies
-2 B x 18.7 M = 37 MB and the float32 gradient buffers 4 B x 18.7 M = 75 MB, held for the run; autocast's path
-allocated the same amounts afresh every step.
+2 B x 18.7 M = 37 MB, and for the unfused step only the float32 gradient buffers 4 B x 18.7 M = 75 MB, held for
+the run; autocast's path allocated the same amounts afresh every step.
 """
 
 from __future__ import annotations
@@ -133,8 +146,6 @@ class MasterWeights:
                 self.slots.append((module, name))
         self._slot_copy = [by_master[id(module._parameters[name])] for module, name in self.slots]
         self._slot_master = [module._parameters[name] for module, name in self.slots]
-        # float32 gradient buffers, allocated once: master.grad points at one of them after each backward
-        self.grad_buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self.masters]
         # The one-pass native step (scanet.adam_bf16) when it can stand in for this optimizer; else why not.
         self.native_off_reason: str | None = (
             "native=False"
@@ -145,6 +156,12 @@ class MasterWeights:
             p.is_contiguous() and p.device.type == "cpu" for p in self.masters
         ):
             self.native_off_reason = "a master weight is not a contiguous CPU tensor"
+        # unfused step: float32 gradient buffers, allocated once: master.grad points at one of them after backward
+        self.grad_buffers = (
+            []
+            if self.native_off_reason is None
+            else [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self.masters]
+        )
         self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
 
     @contextlib.contextmanager
