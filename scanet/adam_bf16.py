@@ -81,8 +81,8 @@ def step_with_bf16_grads(
         beta1, beta2 = group["betas"]
         torch.ops.scanet_native.adam_bf16_step(
             master,
-            grad,
-            extra,
+            grad.contiguous(),  # no copy: autograd lays a leaf's grad out as the (contiguous) parameter
+            extra.contiguous() if extra is not None else None,
             state["exp_avg"],
             state["exp_avg_sq"],
             copy,

@@ -180,6 +180,8 @@ def train(
         weights = MasterWeights(model, opt) if ok else None
         if not ok:
             log(f"bf16 master weights off: {why}; autocast casts the FC weights every step")
+        elif weights is not None and not weights.native:
+            log(f"bf16 master weights: the unfused optimizer step ({weights.native_off_reason})")
     stepper: Any = weights or opt  # zero_grad() and step(): the optimizer's, or the scheme's around it
     forward_weights = weights.in_forward if weights is not None else contextlib.nullcontext
 
