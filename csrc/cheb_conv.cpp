@@ -32,8 +32,9 @@
 // 10,055 x 128 B = 1.3 MB, and each of its SpMMs gathers nnz x 128 B = 21 MB from the core's 2 MiB L2 (the
 // CSR, 1.9 MB, is streamed once per tile: 8 x 1.9 MB per SpMM). One SpMM over all 8 tiles measured 2.6 ms
 // against 7 ms for the whole-row loop, one thread. The tiles' scratch is per thread and kept between calls
-// (thread_scratch): the backward allocates nothing of size V x B but its dx (the old one allocated 5 such
-// 10 MB buffers per call, and fresh pages fault on first touch, ~1.6 us per 4 KB page here).
+// (thread_scratch): the backward allocates nothing of size V x B but its dx (the whole-row version allocated
+// 5 such 10 MB buffers per call, and fresh pages fault on first touch, ~1.6 us per 4 KB page here), and the
+// big outputs themselves are recycled once free (pooled_empty).
 //
 // Determinism. Every output element is computed by exactly one thread in a fixed order (an SpMM sums a
 // row's non-zeros in index order, whatever tile it is in). dW / db: one partial per chunk of 16 batch
@@ -52,6 +53,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #ifdef _OPENMP
@@ -451,8 +453,51 @@ void validate_csr(const Tensor& crow, const Tensor& col, int64_t V, const char* 
 // Is a (B, V, F) tensor stored as (V, B, F) row-major (the layout the kernels read)?
 inline bool is_vb(const Tensor& x) { return x.permute({1, 0, 2}).is_contiguous(); }
 
+// Recycled output buffers. A training step asks for the same big outputs every time (Wiki: y and the saved
+// basis of the forward, dx of the backward, the cached-basis layer's y: 45 MB), and the previous step's have
+// just been freed; but glibc serves such sizes by a fresh mmap each time, whose pages fault on first touch
+// (~1.6 us per 4 KB page on these VMs: ~18 ms a step for 45 MB). So the ops keep the storages of their last
+// kPoolSize big outputs and hand one out again once nobody else holds it (use_count() == 1: every tensor or
+// view of it holds a reference), wrapped in a new tensor. At most kPoolSize x the largest output stays
+// allocated between steps; outputs below kPoolMinBytes are left to the allocator.
+constexpr size_t kPoolSize = 8;
+constexpr size_t kPoolMinBytes = size_t(1) << 22;
+
+inline Tensor pooled_empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& opt) {
+  int64_t span = 1;  // elements the strides reach (dense layouts: the numel)
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] == 0) return at::empty_strided(sizes, strides, opt);
+    span += (sizes[i] - 1) * strides[i];
+  }
+  const size_t bytes = size_t(span) * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
+  if (bytes < kPoolMinBytes || !opt.device().is_cpu()) return at::empty_strided(sizes, strides, opt);
+  static std::mutex mu;
+  static std::vector<c10::Storage> pool;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const c10::Storage& st : pool)
+      if (st.use_count() == 1 && st.nbytes() == bytes) {
+        Tensor t = at::empty({0}, opt);
+        t.set_(st, 0, sizes, strides);
+        return t;
+      }
+  }
+  Tensor t = at::empty_strided(sizes, strides, opt);
+  std::lock_guard<std::mutex> lock(mu);
+  if (pool.size() < kPoolSize) {
+    pool.push_back(t.storage());
+  } else {  // replace an idle entry, if any (a busy one is someone's live tensor)
+    for (c10::Storage& st : pool)
+      if (st.use_count() == 1) {
+        st = t.storage();
+        break;
+      }
+  }
+  return t;
+}
+
 inline Tensor empty_vb(int64_t B, int64_t V, int64_t F, const at::TensorOptions& opt) {
-  return at::empty_strided({B, V, F}, {F, B * F, 1}, opt);
+  return pooled_empty({B, V, F}, {F, B * F, 1}, opt);
 }
 
 // (B, V, F) -> the same values stored as (V, B, F): a view when x has that layout, else a copy (into `out`
@@ -617,7 +662,7 @@ std::tuple<Tensor, Tensor> cheb_conv_forward(const Tensor& crow, const Tensor& c
   const int64_t nsaved = save_basis ? K - 1 + t0 : 0;
   // Without save_basis the buffer holds T_0's copy only (the recursion runs in per-thread tile scratch).
   const int64_t nbuf = save_basis ? nsaved : t0;
-  Tensor buf = at::empty({nbuf, V, C}, x.options().dtype(acc));
+  Tensor buf = pooled_empty({nbuf, V, C}, {V * C, C, 1}, x.options().dtype(acc));
   Tensor X;
   if (x_direct) {
     X = vb_layout(x);
@@ -710,13 +755,18 @@ void reduce_and_mask(const T* gy, const Ty* yv, bool relu, const Dropout& drop, 
 // Each tile runs the mask, its dW / db partials and the whole recurrence in its own compact (V, n F)
 // scratch, so the gradient is read in whatever layout and dtype it comes (the text FC hands back bf16 (B, V)
 // rows: no transposed, widened copy of it) and no (V, B F) intermediate is allocated. Per tile and block of
-// kReduceRows vertices the gradient is first transposed into a small scratch (read along V when V is its
-// contiguous dimension). b_k overwrites b_{k+2} in place: row v of b_{k+2} is read only where row v of b_k
+// kGradRows vertices the gradient is first transposed into a small scratch (read along V when V is its
+// contiguous dimension, see kGradRows). b_k overwrites b_{k+2} in place: row v of b_{k+2} is read only where row v of b_k
 // is written. dW / db: one partial per chunk of kLanes batch entries (lane = entry), summed over all V in
 // vertex order by the one tile holding the chunk, then over chunks in order: bitwise the same for any thread
 // count. gy[b gs0 + v gs1 + fo gs2] is element (b, v, fo) of grad_y in its own dtype Tg; yv the output as
 // (V, B, F_out) rows; X is T_0 as (V, B F_in) rows and saved holds T_1 .. T_{K-1} tile by tile (as
 // forward_impl wrote them); dx is written as (V, B F_in) rows.
+// Vertices per block of the gradient's transposition: a (B, V) gradient is read as runs of kGradRows along V
+// (512 B of bf16 per batch entry: whole lines the next block's prefetch fetches ahead, where 64-vertex runs
+// left the loads waiting on memory), into a kGradRows x n F_out scratch that stays in L1 (32 KB at n = 32).
+constexpr int64_t kGradRows = 256;
+
 template <typename T, typename Ty, typename Tg>
 void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* yv, bool relu, const Dropout& drop,
                     const T* X, const T* saved, int64_t V, int64_t B, int64_t Fin, int64_t Fout, int64_t K,
@@ -735,7 +785,7 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
   const int64_t ndz = clenshaw ? V * co_max : round16(co_max);
   const int64_t nbt = clenshaw ? (K >= 3 ? 2 : 1) * V * ci_max : 0;
   const size_t scratch =
-      size_t(ndz + nbt + kReduceRows * co_max + round16(ci_max) * 2 + round16(co_max)) * sizeof(T);
+      size_t(ndz + nbt + kGradRows * co_max + round16(ci_max) * 2 + round16(co_max)) * sizeof(T);
 #pragma omp parallel for num_threads(int(std::min<int64_t>(nt, ntiles))) schedule(dynamic, 1)
   for (int64_t tile = 0; tile < ntiles; ++tile) {
     const int64_t b0 = tile * nb, n = std::min(nb, B - b0), ci = n * Fin, co = n * Fout;
@@ -743,7 +793,7 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
     T* dz = s;
     T* bt = dz + ndz;
     T* gblk = bt + nbt;
-    T* acc = gblk + kReduceRows * co_max;
+    T* acc = gblk + kGradRows * co_max;
     T* g = acc + round16(ci_max);
     T* zrow = g + round16(ci_max);
     T* b_hi = clenshaw ? bt : nullptr;
@@ -755,15 +805,18 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
     const bool one = Fin == 1 && Fout == 1;
     std::vector<double> tacc_buf(one ? nout * nb : 0, 0.0);
     double* tacc = tacc_buf.data();
-    for (int64_t v0 = 0; v0 < V; v0 += kReduceRows) {
-      const int64_t nv = std::min(V, v0 + kReduceRows) - v0;
-      if (gs[1] == 1) {  // V contiguous (the FC's (B, V) gradient): read runs along V
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t fo = 0; fo < Fout; ++fo) {
-            const Tg* src = gy + (b0 + j) * gs[0] + fo * gs[2] + v0;
-            T* dst = gblk + j * Fout + fo;
-            for (int64_t r = 0; r < nv; ++r) dst[r * co] = load_as<T>(src[r]);
-          }
+    for (int64_t v0 = 0; v0 < V; v0 += kGradRows) {
+      const int64_t nv = std::min(V, v0 + kGradRows) - v0;
+      if (gs[1] == 1) {  // V contiguous (the FC's (B, V) gradient): runs along V, the next block's prefetched
+        if (v0 + 2 * kGradRows <= V)
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t fo = 0; fo < Fout; ++fo)
+              prefetch_span(gy + (b0 + j) * gs[0] + fo * gs[2] + v0 + kGradRows, kGradRows * sizeof(Tg), false);
+        // gblk row by row: its stores contiguous, the loads from the n F_out runs' lines, which stay in L1
+        const Tg* src = gy + b0 * gs[0] + v0;
+        for (int64_t r = 0; r < nv; ++r)
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t fo = 0; fo < Fout; ++fo) gblk[r * co + j * Fout + fo] = load_as<T>(src[j * gs[0] + fo * gs[2] + r]);
       } else {
         for (int64_t r = 0; r < nv; ++r)
           for (int64_t j = 0; j < n; ++j)
