@@ -753,10 +753,11 @@ void reduce_and_mask(const T* gy, const Ty* yv, bool relu, const Dropout& drop, 
 // G_k = dz W_k^T, by Clenshaw (K-1 SpMMs, as many as the forward):
 //   b_{K-1} = G_{K-1};  b_k = G_k + 2 A b_{k+1} - b_{k+2} (k = K-2..1);  dx = G_0 + A b_1 - b_2.
 // Each tile runs the mask, its dW / db partials and the whole recurrence in its own compact (V, n F)
-// scratch, so the gradient is read in whatever layout and dtype it comes (the text FC hands back bf16 (B, V)
-// rows: no transposed, widened copy of it) and no (V, B F) intermediate is allocated. Per tile and block of
-// kGradRows vertices the gradient is first transposed into a small scratch (read along V when V is its
-// contiguous dimension, see kGradRows). b_k overwrites b_{k+2} in place: row v of b_{k+2} is read only where row v of b_k
+// scratch, so the gradient is read in whatever layout and dtype it comes (no transposed, widened copy of
+// it) and no (V, B F) intermediate is allocated: as (V, B, F_out) rows (the bf16 text FC's gradient in the
+// Wiki step) each tile's piece of a row is read in place; otherwise, per tile and block of kGradRows
+// vertices, it is first transposed into a small scratch (read along V when V is its contiguous dimension,
+// see kGradRows). b_k overwrites b_{k+2} in place: row v of b_{k+2} is read only where row v of b_k
 // is written. dW / db: one partial per chunk of kLanes batch entries (lane = entry), summed over all V in
 // vertex order by the one tile holding the chunk, then over chunks in order: bitwise the same for any thread
 // count. gy[b gs0 + v gs1 + fo gs2] is element (b, v, fo) of grad_y in its own dtype Tg; yv the output as
@@ -780,6 +781,9 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
   std::vector<double> part(std::max<int64_t>(1, nchunks * nout * kLanes), 0.0);
   const bool clenshaw = need_x && K >= 2;
   const int64_t ci_max = nb * Fin, co_max = nb * Fout;
+  // The gradient as (V, B, F_out) rows (what the bf16 text FC hands back in the Wiki step: strides (1, B, B)
+  // for F_out = 1): each tile's piece of a row is contiguous and read in place, no transposition.
+  const bool grad_rows = (gs[0] == Fout || B == 1) && (gs[2] == 1 || Fout == 1) && (gs[1] == Co || V == 1);
   // Scratch per thread: dz (V x n F_out; a row without the recurrence), b_{k+1} and b_{k+2} tiles (V x n F_in),
   // the transposed gradient block, and two rows.
   const int64_t ndz = clenshaw ? V * co_max : round16(co_max);
@@ -807,7 +811,9 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
     double* tacc = tacc_buf.data();
     for (int64_t v0 = 0; v0 < V; v0 += kGradRows) {
       const int64_t nv = std::min(V, v0 + kGradRows) - v0;
-      if (gs[1] == 1) {  // V contiguous (the FC's (B, V) gradient): runs along V, the next block's prefetched
+      if (grad_rows) {
+        // read in place in the mask loop below
+      } else if (gs[1] == 1) {  // V contiguous (the FC's (B, V) gradient): runs along V, the next block's prefetched
         if (v0 + 2 * kGradRows <= V)
           for (int64_t j = 0; j < n; ++j)
             for (int64_t fo = 0; fo < Fout; ++fo)
@@ -817,7 +823,7 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
         for (int64_t r = 0; r < nv; ++r)
           for (int64_t j = 0; j < n; ++j)
             for (int64_t fo = 0; fo < Fout; ++fo) gblk[r * co + j * Fout + fo] = load_as<T>(src[j * gs[0] + fo * gs[2] + r]);
-      } else {
+      } else if (!grad_rows) {
         for (int64_t r = 0; r < nv; ++r)
           for (int64_t j = 0; j < n; ++j)
             for (int64_t fo = 0; fo < Fout; ++fo)
@@ -825,18 +831,30 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
       }
       for (int64_t r = 0; r < nv; ++r) {
         const int64_t v = v0 + r;
-        const T* gr = gblk + r * co;
         T* z = clenshaw ? dz + v * co : zrow;
         const Ty* yr = yv + v * Co + b0 * Fout;
         if (v + kRowsAhead < V) {
           if (relu) prefetch_span(yr + kRowsAhead * Co, co * sizeof(Ty), false);
           if (need_w) prefetch_span(tk[0] + (v + kRowsAhead) * C, ci * sizeof(T), false);
+          if (grad_rows) prefetch_span(gy + (v + kRowsAhead) * gs[1] + b0 * Fout, co * sizeof(Tg), false);
         }
-        if (relu) {
+        if (grad_rows) {  // the gradient as (V, B, F_out) rows: the tile's piece of row v, widened on the way
+          const Tg* gr = gy + v * gs[1] + b0 * Fout;
+          if (relu) {
 #pragma omp simd
-          for (int64_t c = 0; c < co; ++c) z[c] = load_as<T>(yr[c]) > T(0) ? gr[c] : T(0);
+            for (int64_t c = 0; c < co; ++c) z[c] = load_as<T>(yr[c]) > T(0) ? load_as<T>(gr[c]) : T(0);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < co; ++c) z[c] = load_as<T>(gr[c]);
+          }
         } else {
-          copy_row(gr, co, z);
+          const T* gr = gblk + (r * co);
+          if (relu) {
+#pragma omp simd
+            for (int64_t c = 0; c < co; ++c) z[c] = load_as<T>(yr[c]) > T(0) ? gr[c] : T(0);
+          } else {
+            copy_row(gr, co, z);
+          }
         }
         if (drop.on) apply_dropout_row(z, b0, n, Fout, v, V, drop);
         if (one) {  // one channel: lane (chunk q, l) is entry j = q kLanes + l, a plain loop over the row
