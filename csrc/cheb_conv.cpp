@@ -33,8 +33,7 @@
 // CSR, 1.9 MB, is streamed once per tile: 8 x 1.9 MB per SpMM). One SpMM over all 8 tiles measured 2.6 ms
 // against 7 ms for the whole-row loop, one thread. The tiles' scratch is per thread and kept between calls
 // (thread_scratch): the backward allocates nothing of size V x B but its dx (the whole-row version allocated
-// 5 such 10 MB buffers per call, and fresh pages fault on first touch, ~1.6 us per 4 KB page here), and the
-// big outputs themselves are recycled once free (pooled_empty).
+// 5 such 10 MB buffers per call; fresh pages fault on first touch, ~1.6 us per 4 KB page here).
 //
 // Determinism. Every output element is computed by exactly one thread in a fixed order (an SpMM sums a
 // row's non-zeros in index order, whatever tile it is in). dW / db: one partial per chunk of 16 batch
@@ -53,7 +52,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 #ifdef _OPENMP
@@ -453,51 +451,8 @@ void validate_csr(const Tensor& crow, const Tensor& col, int64_t V, const char* 
 // Is a (B, V, F) tensor stored as (V, B, F) row-major (the layout the kernels read)?
 inline bool is_vb(const Tensor& x) { return x.permute({1, 0, 2}).is_contiguous(); }
 
-// Recycled output buffers. A training step asks for the same big outputs every time (Wiki: y and the saved
-// basis of the forward, dx of the backward, the cached-basis layer's y: 45 MB), and the previous step's have
-// just been freed; but glibc serves such sizes by a fresh mmap each time, whose pages fault on first touch
-// (~1.6 us per 4 KB page on these VMs: ~18 ms a step for 45 MB). So the ops keep the storages of their last
-// kPoolSize big outputs and hand one out again once nobody else holds it (use_count() == 1: every tensor or
-// view of it holds a reference), wrapped in a new tensor. At most kPoolSize x the largest output stays
-// allocated between steps; outputs below kPoolMinBytes are left to the allocator.
-constexpr size_t kPoolSize = 8;
-constexpr size_t kPoolMinBytes = size_t(1) << 22;
-
-inline Tensor pooled_empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& opt) {
-  int64_t span = 1;  // elements the strides reach (dense layouts: the numel)
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (sizes[i] == 0) return at::empty_strided(sizes, strides, opt);
-    span += (sizes[i] - 1) * strides[i];
-  }
-  const size_t bytes = size_t(span) * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
-  if (bytes < kPoolMinBytes || !opt.device().is_cpu()) return at::empty_strided(sizes, strides, opt);
-  static std::mutex mu;
-  static std::vector<c10::Storage> pool;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (const c10::Storage& st : pool)
-      if (st.use_count() == 1 && st.nbytes() == bytes) {
-        Tensor t = at::empty({0}, opt);
-        t.set_(st, 0, sizes, strides);
-        return t;
-      }
-  }
-  Tensor t = at::empty_strided(sizes, strides, opt);
-  std::lock_guard<std::mutex> lock(mu);
-  if (pool.size() < kPoolSize) {
-    pool.push_back(t.storage());
-  } else {  // replace an idle entry, if any (a busy one is someone's live tensor)
-    for (c10::Storage& st : pool)
-      if (st.use_count() == 1) {
-        st = t.storage();
-        break;
-      }
-  }
-  return t;
-}
-
 inline Tensor empty_vb(int64_t B, int64_t V, int64_t F, const at::TensorOptions& opt) {
-  return pooled_empty({B, V, F}, {F, B * F, 1}, opt);
+  return at::empty_strided({B, V, F}, {F, B * F, 1}, opt);
 }
 
 // (B, V, F) -> the same values stored as (V, B, F): a view when x has that layout, else a copy (into `out`
@@ -662,7 +617,7 @@ std::tuple<Tensor, Tensor> cheb_conv_forward(const Tensor& crow, const Tensor& c
   const int64_t nsaved = save_basis ? K - 1 + t0 : 0;
   // Without save_basis the buffer holds T_0's copy only (the recursion runs in per-thread tile scratch).
   const int64_t nbuf = save_basis ? nsaved : t0;
-  Tensor buf = pooled_empty({nbuf, V, C}, {V * C, C, 1}, x.options().dtype(acc));
+  Tensor buf = at::empty({nbuf, V, C}, x.options().dtype(acc));
   Tensor X;
   if (x_direct) {
     X = vb_layout(x);
