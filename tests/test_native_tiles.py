@@ -114,3 +114,32 @@ def test_gradient_of_another_dtype_and_zero_strides():
         (want,) = torch.autograd.grad(y_ref, (y_ref_x,), grad.double(), retain_graph=True)
         # relu masks from a bf16 y may differ where y rounds to 0; compare where the float64 y is clearly away
         torch.testing.assert_close(dx.double(), want, rtol=2e-5, atol=2e-5)
+
+
+@needs_native
+def test_dx_comes_out_contiguous_and_feeds_the_cached_basis_layer():
+    """cheb_conv's dx is (B, V, F_in) contiguous whatever x's layout (the cached-basis layer below reads it
+    as runs in place), and the two-layer gradient through it equals the float64 one."""
+    B, V, K = 37, 300, 3
+    L = knn_laplacian(V)
+    g = torch.Generator().manual_seed(8)
+    texts = torch.rand(B, V, generator=g)
+    # a per-text cache (K, N, V, 1) with V contiguous, read by index: the "runs" layout of the Wiki step
+    cache = native.chebyshev_basis(L, texts.unsqueeze(-1), K).squeeze(-1).contiguous().unsqueeze(-1)
+    index = torch.randperm(B, generator=g)
+    w1, b1 = (torch.randn(K, 1, 1, generator=g) / K).requires_grad_(), torch.randn(1, generator=g).requires_grad_()
+    w2, b2 = (torch.randn(K, 1, 1, generator=g) / K).requires_grad_(), torch.randn(1, generator=g).requires_grad_()
+    h = native.cheb_conv_from_basis(cache, w1, b1, "relu", index=index)
+    assert h.permute(1, 0, 2).is_contiguous()  # (V, B) rows: layer 2 reads it in place
+    seen = {}
+    h.register_hook(lambda grad: seen.setdefault("dx", grad))
+    y = native.cheb_conv(L, h, w2, b2, "relu")
+    go = torch.randn(y.shape, generator=g)
+    got = torch.autograd.grad(y, (w1, b1, w2, b2), go)
+    assert seen["dx"].is_contiguous()
+    L64, t64 = L.to(torch.float64), texts[index].double().unsqueeze(-1)
+    p64 = [p.detach().double().requires_grad_() for p in (w1, b1, w2, b2)]
+    y64 = reference.cheb_conv(L64, reference.cheb_conv(L64, t64, p64[0], p64[1], "relu"), p64[2], p64[3], "relu")
+    want = torch.autograd.grad(y64, p64, go.double())
+    for a, c in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-4)
