@@ -18,12 +18,30 @@
 // contributes are one contiguous, vectorizable run. The ops return (B, V, F) tensors whose storage IS that
 // layout (strides (F, B*F, 1)); an input that already has it is read without a copy, so two stacked layers
 // and the FC after them (flatten(1) is a view, and GEMM takes a transposed operand for free) never transpose.
+// The basis cheb_conv_forward saves for backward (T_1..T_{K-1}) is internal: each T_k is stored tile by tile
+// (below), tile t's (V, n_t F_in) block contiguous. cheb_conv's dx comes out (B, V, F_in) contiguous: the
+// layer below (the cached-basis op, whose basis is V-contiguous) reads it as runs in place, 2-3x faster
+// than the (V, B) rows it got before, which it had to transpose block by block.
 //
-// Work. Each SpMM computes one output row per task (OpenMP over rows) into a row buffer that stays in L1,
-// then an epilogue finishes the row: 2*acc - T_{k-2}, the weight combination, bias and ReLU for the last step
-// of the forward; the Clenshaw recurrence for the backward. Every output element is computed by exactly one
-// thread in a fixed order, and the dW / db reductions use fixed row blocks (their number depends on V only)
-// whose partials are summed in block order, so the results are bitwise identical for any thread count.
+// Work (cheb_conv, K >= 2). The batch is cut into column tiles of nb entries (tile_batch: a multiple of 16,
+// from the shapes only), and each tile runs the WHOLE recursion on one thread: T_0's columns copied once into
+// a compact (V, nb F_in) tile, then T_1 = L~ T_0, T_k = 2 L~ T_{k-1} - T_{k-2}, each SpMM gathering its
+// neighbour rows from the previous compact tile; the last step's epilogue (weights, bias, ReLU, dropout,
+// narrowing) writes the tile's part of y. Backward does the same per tile: the mask, the dW / db partials
+// and b_{K-1} in one pass, then the Clenshaw recurrence with compact b tiles, ending in the tile's columns
+// of dx. Bytes, Wiki (V = 10,055, B = 256, F = 1, nnz = 160,770 with the diagonal): an SpMM over whole
+// rows gathers nnz x 1 KB = 165 MB from a 10 MB array that only L3 holds; with nb = 32 a tile is
+// 10,055 x 128 B = 1.3 MB, and each of its SpMMs gathers nnz x 128 B = 21 MB from the core's 2 MiB L2 (the
+// CSR, 1.9 MB, is streamed once per tile: 8 x 1.9 MB per SpMM). One SpMM over all 8 tiles measured 2.6 ms
+// against 7 ms for the whole-row loop, one thread. The tiles' scratch is per thread and kept between calls
+// (thread_scratch): the backward allocates nothing of size V x B but its dx (the whole-row version allocated
+// 5 such 10 MB buffers per call; fresh pages fault on first touch, ~1.6 us per 4 KB page here).
+//
+// Determinism. Every output element is computed by exactly one thread in a fixed order (an SpMM sums a
+// row's non-zeros in index order, whatever tile it is in). dW / db: one partial per chunk of 16 batch
+// entries (lane = entry), summed over all V in vertex order by the tile that holds the chunk, then the
+// chunks in order; the cached-basis ops use fixed row blocks summed in block order. So the results are
+// bitwise identical for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,6 +52,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -69,6 +88,58 @@ constexpr int kLanes = 16;
 constexpr int64_t kSerialWork = 1 << 15;
 inline int num_threads(int64_t work) { return work < kSerialWork ? 1 : std::max(1, at::get_num_threads()); }
 
+// Per-thread scratch that outlives the call: OpenMP's pool threads persist between calls, so the tiles'
+// buffers are allocated and first touched once per thread, not once per step (a fresh 5 MB allocation
+// measured 20 ms of page faults on these VMs against 0.6 ms to refill touched memory). One buffer per
+// thread, carved by its user; it only grows (to the largest call's need: for the Wiki shapes about 4 MB).
+struct ThreadScratch {
+  void* p = nullptr;
+  size_t bytes = 0;
+  ~ThreadScratch() { std::free(p); }
+};
+
+inline void* thread_scratch(size_t bytes) {
+  thread_local ThreadScratch s;
+  if (s.bytes < bytes) {
+    std::free(s.p);
+    const size_t rounded = (bytes + 4095) & ~size_t(4095);
+    s.p = std::aligned_alloc(64, rounded);
+    TORCH_CHECK(s.p != nullptr, "cheb_conv: cannot allocate ", rounded, " bytes of scratch");
+    s.bytes = rounded;
+  }
+  return s.p;
+}
+
+// Rounds n up to a multiple of 16 floats (64 bytes), so that every compact tile row starts on a cache line.
+inline int64_t round16(int64_t n) { return (n + 15) & ~int64_t(15); }
+
+// Batch entries per column tile of the SpMM kernels. A tile of nb entries owns columns [b0 F, (b0 + nb) F)
+// for the WHOLE recursion, so the array each SpMM gathers from is one compact (V, nb F) tile of at most
+// kTileBytes, which stays in the core's L2 (2 MiB per core on these Xeons) instead of nnz random rows of a
+// 10 MB array in L3 (Wiki: nb = 32, a 1.3 MB tile; a standalone SpMM over all 8 tiles measured 2.6 ms against
+// 7 ms for whole 1 KB rows, one thread). A multiple of kLanes (the dW / db lanes are chunks of kLanes batch
+// entries), at least kLanes, and small enough for kMinTiles tiles when B allows (work for every thread).
+// It depends on the shapes only: the saved basis is stored tile by tile, and backward must find the same tiles.
+constexpr int64_t kTileBytes = int64_t(3) << 19;  // 1.5 MiB
+constexpr int64_t kMinTiles = 8;
+inline int64_t tile_batch(int64_t B, int64_t V, int64_t F, int64_t elem) {
+  int64_t nb = kTileBytes / std::max<int64_t>(1, V * F * elem);
+  nb = std::max<int64_t>(kLanes, nb / kLanes * kLanes);
+  const int64_t share = std::max<int64_t>(kLanes, round16((B + kMinTiles - 1) / kMinTiles));
+  return std::max<int64_t>(1, std::min({nb, share, B}));
+}
+
+// Prefetch the cache lines of [p, p + bytes): a tile row a few rows ahead (the strided rows of a (V, B F)
+// array, one or two lines each, which the hardware prefetcher follows poorly). for_write asks for ownership.
+inline void prefetch_span(const void* p, int64_t bytes, bool for_write) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (for_write) __builtin_prefetch(c + off, 1);
+    else __builtin_prefetch(c + off, 0);
+  }
+}
+constexpr int64_t kRowsAhead = 8;
+
 template <typename T>
 struct Csr {
   const int64_t* crow;
@@ -88,6 +159,9 @@ struct Vec64 {
 // and the hardware prefetcher cannot guess it (a standalone SpMM on the 10k-word kNN graph at B=256 ran
 // about 1.3x faster with it; timings on the shared machines are noisy).
 constexpr int64_t kPrefetchAhead = 4;
+
+// The Chebyshev order the kernels take (K terms T_0 .. T_{K-1}): row pointers live in fixed arrays.
+constexpr int64_t kMaxK = 64;
 
 // out[c0 : c0 + NV*kLen] = (A X)[v, same columns], the accumulators held in NV vector registers.
 template <typename T, int NV>
@@ -134,6 +208,13 @@ inline void spmm_row(const Csr<T>& A, const T* X, int64_t C, int64_t v, int64_t 
     }
     for (int64_t t = 0; t < n; ++t) out[c0 + t] = acc[t];
   }
+}
+
+// dst[0:n] = src[0:n] for a tile row (a few cache lines): inline, a libc memcpy call costs more than the copy.
+template <typename T>
+inline void copy_row(const T* src, int64_t n, T* dst) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) dst[c] = src[c];
 }
 
 template <typename T>
@@ -199,34 +280,37 @@ struct Dropout {
   }
 };
 
-// s[b * Fout + fo] *= keep(element (b, v, fo) of the (B, V, F_out) output) / (1 - p), for one vertex v.
+// s[j * Fout + fo] *= keep(element (b0 + j, v, fo) of the (B, V, F_out) output) / (1 - p), for one vertex v
+// and the nb batch entries b0 .. b0 + nb - 1 (a whole row, or one column tile's part of it).
 // One channel (SCANet's text GCN): element b*V + v, a loop the compiler vectorizes (64-bit multiplies).
 template <typename T>
-inline void apply_dropout_row(T* s, int64_t B, int64_t Fout, int64_t v, int64_t V, const Dropout& drop) {
+inline void apply_dropout_row(T* s, int64_t b0, int64_t nb, int64_t Fout, int64_t v, int64_t V,
+                              const Dropout& drop) {
   const T scale = T(drop.scale);
   const uint64_t seed = drop.seed, thr = drop.threshold;
   if (Fout == 1) {
 #pragma omp simd
-    for (int64_t b = 0; b < B; ++b) {
-      const uint64_t i = uint64_t(b) * uint64_t(V) + uint64_t(v);
+    for (int64_t j = 0; j < nb; ++j) {
+      const uint64_t i = uint64_t(b0 + j) * uint64_t(V) + uint64_t(v);
       const bool keep = (splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull) >> 32) >= thr;
-      s[b] = keep ? s[b] * scale : T(0);
+      s[j] = keep ? s[j] * scale : T(0);
     }
     return;
   }
-  for (int64_t b = 0; b < B; ++b) {
-    const uint64_t base = uint64_t(b) * uint64_t(V * Fout) + uint64_t(v * Fout);
+  for (int64_t j = 0; j < nb; ++j) {
+    const uint64_t base = uint64_t(b0 + j) * uint64_t(V * Fout) + uint64_t(v * Fout);
     for (int64_t fo = 0; fo < Fout; ++fo)
-      s[b * Fout + fo] = drop.keep(base + fo) ? s[b * Fout + fo] * scale : T(0);
+      s[j * Fout + fo] = drop.keep(base + fo) ? s[j * Fout + fo] * scale : T(0);
   }
 }
 
-// Write one vertex's finished row: s[b * Fout + fo] (Acc, activation applied) -> dst (Ty), times the dropout
-// mask of element (b, v, fo) of the (B, V, F_out) output.
+// Write one vertex's finished row part: s[j * Fout + fo] (Acc, activation applied) -> dst (Ty), times the
+// dropout mask of element (b0 + j, v, fo) of the (B, V, F_out) output.
 template <typename T, typename Ty>
-inline void finish_row(T* s, int64_t B, int64_t Fout, int64_t v, int64_t V, const Dropout& drop, Ty* dst) {
-  const int64_t Co = B * Fout;
-  if (drop.on) apply_dropout_row(s, B, Fout, v, V, drop);
+inline void finish_row(T* s, int64_t b0, int64_t nb, int64_t Fout, int64_t v, int64_t V, const Dropout& drop,
+                       Ty* dst) {
+  const int64_t Co = nb * Fout;
+  if (drop.on) apply_dropout_row(s, b0, nb, Fout, v, V, drop);
 #pragma omp simd
   for (int64_t c = 0; c < Co; ++c) dst[c] = store_as<Ty, T>(s[c]);
 }
@@ -405,7 +489,6 @@ void forward_impl(const Csr<T>& A, const T* X, int64_t V, int64_t B, int64_t Fin
                   const T* W, const T* bias, bool relu, const Dropout& drop, T* basis, bool keep_last, Ty* y) {
   const int64_t C = B * Fin, Co = B * Fout;
   const int nt = num_threads((V + A.nnz) * (C + Co));
-  auto Tk = [&](int64_t k) -> T* { return k == 0 ? const_cast<T*>(X) : basis + (k - 1) * V * C; };
   if (K == 1) {
 #pragma omp parallel num_threads(nt)
     {
@@ -414,35 +497,57 @@ void forward_impl(const Csr<T>& A, const T* X, int64_t V, int64_t B, int64_t Fin
       for (int64_t v = 0; v < V; ++v) {
         const T* rows[1] = {X + v * C};
         combine_row(rows, Fin, 1, W, bias, B, Fin, Fout, relu, ys.data(), Fout);
-        finish_row(ys.data(), B, Fout, v, V, drop, y + v * Co);
+        finish_row(ys.data(), 0, B, Fout, v, V, drop, y + v * Co);
       }
     }
     return;
   }
-  for (int64_t k = 1; k < K - 1; ++k)  // the unfused steps (K >= 3): T_k = 2 L T_{k-1} - T_{k-2}
-    cheb_step(A, Tk(k - 1), k >= 2 ? Tk(k - 2) : nullptr, V, C, nt, Tk(k));
-  // The last step, fused: the T_{K-1} row (kept only for backward), then the weight combination, bias,
-  // activation and dropout of all K rows of the vertex, written straight into y (in its storage dtype).
-  const int64_t k = K - 1;
-  const T* prev = Tk(k - 1);
-  const T* prev2 = k >= 2 ? Tk(k - 2) : nullptr;
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<T> buf(keep_last ? 0 : C), ys(Co);
-    std::vector<const T*> rows(K);
-#pragma omp for schedule(dynamic, 16)
+  // K >= 2: column tiles, each run through the whole recursion by one thread (see the header's "Work").
+  // saved (keep_last): T_1 .. T_{K-1}, each stored tile by tile, tile t's (V, n_t F_in) block contiguous at
+  // b0 F_in V: exactly the compact tile the next step gathers from, so T_k is written once and never copied.
+  const int64_t nb = tile_batch(B, V, Fin, sizeof(T));
+  const int64_t ntiles = (B + nb - 1) / nb;
+  const int64_t ci_max = nb * Fin;
+  // Scratch per thread: the compact T_0 tile, T_1 .. T_{K-2} when not saved, the last row, the output row.
+  const int64_t nc = keep_last ? 1 : K - 1;
+  const size_t scratch = size_t(nc * V * ci_max + round16(ci_max) + round16(nb * Fout)) * sizeof(T);
+#pragma omp parallel for num_threads(int(std::min<int64_t>(nt, ntiles))) schedule(dynamic, 1)
+  for (int64_t tile = 0; tile < ntiles; ++tile) {
+    const int64_t b0 = tile * nb, n = std::min(nb, B - b0), ci = n * Fin, co = n * Fout;
+    T* s = static_cast<T*>(thread_scratch(scratch));
+    T* row = s + nc * V * ci;
+    T* ys = row + round16(ci);
+    auto Tc = [&](int64_t j) -> T* {  // the compact T_j of this tile: rows of ci numbers
+      return j == 0 || !keep_last ? s + j * V * ci : basis + (j - 1) * V * C + b0 * Fin * V;
+    };
+    const T* rows[kMaxK];
+    T* t0 = Tc(0);
     for (int64_t v = 0; v < V; ++v) {
-      T* o = keep_last ? Tk(k) + v * C : buf.data();
-      spmm_row(A, prev, C, v, A.nnz, o);
-      if (prev2) {
-        const T* p2 = prev2 + v * C;
+      if (v + kRowsAhead < V) prefetch_span(X + (v + kRowsAhead) * C + b0 * Fin, ci * sizeof(T), false);
+      copy_row(X + v * C + b0 * Fin, ci, t0 + v * ci);
+    }
+    for (int64_t k = 1; k < K; ++k) {
+      const T* prev = Tc(k - 1);
+      const T* prev2 = k >= 2 ? Tc(k - 2) : nullptr;
+      const bool final_step = k == K - 1;
+      T* out = (!final_step || keep_last) ? Tc(k) : nullptr;
+      for (int64_t v = 0; v < V; ++v) {
+        T* o = out ? out + v * ci : row;
+        spmm_row(A, prev, ci, v, A.nnz, o);
+        if (prev2) {
+          const T* p2 = prev2 + v * ci;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = T(2) * o[c] - p2[c];
+          for (int64_t c = 0; c < ci; ++c) o[c] = T(2) * o[c] - p2[c];
+        }
+        if (final_step) {  // fused: weights, bias, activation, dropout, stored in y's dtype
+          Ty* yr = y + v * Co + b0 * Fout;
+          if (v + kRowsAhead < V) prefetch_span(yr + kRowsAhead * Co, co * sizeof(Ty), true);
+          for (int64_t j = 0; j < K - 1; ++j) rows[j] = Tc(j) + v * ci;
+          rows[K - 1] = o;
+          combine_row(rows, Fin, K, W, bias, n, Fin, Fout, relu, ys, Fout);
+          finish_row(ys, b0, n, Fout, v, V, drop, yr);
+        }
       }
-      for (int64_t j = 0; j < K - 1; ++j) rows[j] = Tk(j) + v * C;
-      rows[K - 1] = o;
-      combine_row(rows.data(), Fin, K, W, bias, B, Fin, Fout, relu, ys.data(), Fout);
-      finish_row(ys.data(), B, Fout, v, V, drop, y + v * Co);
     }
   }
 }
@@ -492,6 +597,7 @@ std::tuple<Tensor, Tensor> cheb_conv_forward(const Tensor& crow, const Tensor& c
   const int64_t B = x.size(0), V = x.size(1), Fin = x.size(2);
   const int64_t K = weight.size(0), Fout = weight.size(2);
   TORCH_CHECK(K >= 1 && weight.size(1) == Fin, "cheb_conv_forward: weight must be (K >= 1, F_in, F_out)");
+  TORCH_CHECK(K <= kMaxK, "cheb_conv_forward: K = ", K, " is above the supported ", kMaxK);
   check_csr(crow, col, values, V, "cheb_conv_forward");
   validate_csr(crow, col, V, "cheb_conv_forward");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "cheb_conv_forward: CPU tensors only");
@@ -511,8 +617,8 @@ std::tuple<Tensor, Tensor> cheb_conv_forward(const Tensor& crow, const Tensor& c
   const bool x_direct = is_vb(x) && x.scalar_type() == acc;  // T_0 read in place
   const int64_t t0 = x_direct ? 0 : 1;  // T_0 copy at the front of the buffer
   const int64_t nsaved = save_basis ? K - 1 + t0 : 0;
-  // Without save_basis the buffer is scratch: T_0's copy and T_1..T_{K-2} (the last step stays in registers).
-  const int64_t nbuf = save_basis ? nsaved : t0 + std::max<int64_t>(K - 2, 0);
+  // Without save_basis the buffer holds T_0's copy only (the recursion runs in per-thread tile scratch).
+  const int64_t nbuf = save_basis ? nsaved : t0;
   Tensor buf = at::empty({nbuf, V, C}, x.options().dtype(acc));
   Tensor X;
   if (x_direct) {
@@ -575,7 +681,7 @@ void reduce_and_mask(const T* gy, const Ty* yv, bool relu, const Dropout& drop, 
 #pragma omp simd
             for (int64_t c = 0; c < Co; ++c) zw[c] = g[c];
           }
-          if (drop.on) apply_dropout_row(zw, B, Fout, v, V, drop);
+          if (drop.on) apply_dropout_row(zw, 0, B, Fout, v, V, drop);
           z = zw;
         }
         if (need_w) {
@@ -600,41 +706,207 @@ void reduce_and_mask(const T* gy, const Ty* yv, bool relu, const Dropout& drop, 
   }
 }
 
-// dx = sum_k T_k(A) G_k with A = L~^T and G_k = dz W_k^T, by Clenshaw (K-1 SpMMs, as many as the forward):
+// cheb_conv's backward, by the column tiles of the forward. dx = sum_k T_k(A) G_k with A = L~^T and
+// G_k = dz W_k^T, by Clenshaw (K-1 SpMMs, as many as the forward):
 //   b_{K-1} = G_{K-1};  b_k = G_k + 2 A b_{k+1} - b_{k+2} (k = K-2..1);  dx = G_0 + A b_1 - b_2.
-// b_k overwrites b_{k+2} in place: row v of b_{k+2} is read only by the task that writes row v of b_k.
-template <typename T>
-void clenshaw_dx(const Csr<T>& A, const T* dZ, int64_t V, int64_t B, int64_t Fin, int64_t Fout, int64_t K,
-                 const T* W, T* b_hi /* b_{K-1}, filled */, T* b_lo /* scratch */, T* dx) {
+// Each tile runs the mask, its dW / db partials and the whole recurrence in its own compact (V, n F)
+// scratch, so the gradient is read in whatever layout and dtype it comes (no transposed, widened copy of
+// it) and no (V, B F) intermediate is allocated: as (V, B, F_out) rows (the bf16 text FC's gradient in the
+// Wiki step) each tile's piece of a row is read in place; otherwise, per tile and block of kGradRows
+// vertices, it is first transposed into a small scratch (read along V when V is its contiguous dimension,
+// see kGradRows). b_k overwrites b_{k+2} in place: row v of b_{k+2} is read only where row v of b_k
+// is written. dW / db: one partial per chunk of kLanes batch entries (lane = entry), summed over all V in
+// vertex order by the one tile holding the chunk, then over chunks in order: bitwise the same for any thread
+// count. gy[b gs0 + v gs1 + fo gs2] is element (b, v, fo) of grad_y in its own dtype Tg; yv the output as
+// (V, B, F_out) rows; X is T_0 as (V, B F_in) rows and saved holds T_1 .. T_{K-1} tile by tile (as
+// forward_impl wrote them); dx is written (B, V, F_in) contiguous.
+// Vertices per block of the gradient's transposition: a (B, V) gradient is read as runs of kGradRows along V
+// (512 B of bf16 per batch entry: whole lines the next block's prefetch fetches ahead, where 64-vertex runs
+// left the loads waiting on memory), into a kGradRows x n F_out scratch that stays in L1 (32 KB at n = 32).
+constexpr int64_t kGradRows = 256;
+// Rows of dx finished per block before they are stored as (B, V, F_in) runs of kDxRows numbers per entry
+// (scattered single stores, one line per entry and row, measured slower in the step).
+constexpr int64_t kDxRows = 64;
+
+template <typename T, typename Ty, typename Tg>
+void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* yv, bool relu, const Dropout& drop,
+                    const T* X, const T* saved, int64_t V, int64_t B, int64_t Fin, int64_t Fout, int64_t K,
+                    const T* W, bool need_x, bool need_w, bool need_b, T* dx, double* dW, double* db) {
   const int64_t C = B * Fin, Co = B * Fout;
-  const int nt = num_threads((V + A.nnz) * C);
-  T* b1 = b_hi;  // b_{k+1}
-  T* b2 = nullptr;  // b_{k+2} (zero when null)
-  for (int64_t k = K - 2; k >= 0; --k) {
-    T* out = k == 0 ? dx : (b2 ? b2 : b_lo);
-    const T* Wk = W + k * Fin * Fout;
-    const T twice = k == 0 ? T(1) : T(2);
-#pragma omp parallel num_threads(nt)
-    {
-      std::vector<T> acc(C), g(C);
-#pragma omp for schedule(dynamic, 16)
-      for (int64_t v = 0; v < V; ++v) {
-        spmm_row(A, b1, C, v, A.nnz, acc.data());
-        pullback_row(dZ + v * Co, Wk, B, Fin, Fout, g.data());
-        T* o = out + v * C;
-        if (b2) {
-          const T* p2 = b2 + v * C;
+  const int nt = num_threads((V + A.nnz) * (C + Co));
+  const int64_t nb = tile_batch(B, V, Fin, sizeof(T));
+  const int64_t ntiles = (B + nb - 1) / nb;
+  const int64_t nw = need_w ? K * Fin * Fout : 0, nbias = need_b ? Fout : 0, nout = nw + nbias;
+  const int64_t nchunks = (B + kLanes - 1) / kLanes;
+  std::vector<double> part(std::max<int64_t>(1, nchunks * nout * kLanes), 0.0);
+  const bool clenshaw = need_x && K >= 2;
+  const int64_t ci_max = nb * Fin, co_max = nb * Fout;
+  // The gradient as (V, B, F_out) rows (what the bf16 text FC hands back in the Wiki step: strides (1, B, B)
+  // for F_out = 1): each tile's piece of a row is contiguous and read in place, no transposition.
+  const bool grad_rows = (gs[0] == Fout || B == 1) && (gs[2] == 1 || Fout == 1) && (gs[1] == Co || V == 1);
+  // Scratch per thread: dz (V x n F_out; a row without the recurrence), b_{k+1} and b_{k+2} tiles (V x n F_in),
+  // the transposed gradient block, and two rows.
+  const int64_t ndz = clenshaw ? V * co_max : round16(co_max);
+  const int64_t nbt = clenshaw ? (K >= 3 ? 2 : 1) * V * ci_max : 0;
+  const size_t scratch =
+      size_t(ndz + nbt + kGradRows * co_max + round16(ci_max) * 2 + round16(co_max) + kDxRows * ci_max) * sizeof(T);
+#pragma omp parallel for num_threads(int(std::min<int64_t>(nt, ntiles))) schedule(dynamic, 1)
+  for (int64_t tile = 0; tile < ntiles; ++tile) {
+    const int64_t b0 = tile * nb, n = std::min(nb, B - b0), ci = n * Fin, co = n * Fout;
+    T* s = static_cast<T*>(thread_scratch(scratch));
+    T* dz = s;
+    T* bt = dz + ndz;
+    T* gblk = bt + nbt;
+    T* acc = gblk + kGradRows * co_max;
+    T* g = acc + round16(ci_max);
+    T* zrow = g + round16(ci_max);
+    T* dxblk = zrow + round16(co_max);
+    T* b_hi = clenshaw ? bt : nullptr;
+    const T* tk[kMaxK];
+    for (int64_t k = 0; k < K; ++k)  // T_k of this tile: T_0 strided rows of X, T_k >= 1 its compact saved block
+      tk[k] = !need_w ? nullptr : k == 0 ? X + b0 * Fin : saved + (k - 1) * V * C + b0 * Fin * V;
+    // dx as (B, V, F_in) contiguous: entry j's row v at (b0 + j) V F_in + v F_in, one run per entry along V
+    // (the layout the cached-basis backward reads in place: measured 2-3x faster there than (V, B) rows).
+    auto store_dx = [&](const T* row, int64_t v) {
+      T* d = dx + b0 * V * Fin + v * Fin;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t fi = 0; fi < Fin; ++fi) d[j * V * Fin + fi] = row[j * Fin + fi];
+    };
+    const int64_t c0 = b0 / kLanes;  // this tile's first chunk (b0 is a multiple of kLanes, or 0)
+    // One channel: the tile's lane sums as nout rows of n doubles, folded into `part` after the tile.
+    const bool one = Fin == 1 && Fout == 1;
+    std::vector<double> tacc_buf(one ? nout * nb : 0, 0.0);
+    double* tacc = tacc_buf.data();
+    for (int64_t v0 = 0; v0 < V; v0 += kGradRows) {
+      const int64_t nv = std::min(V, v0 + kGradRows) - v0;
+      if (grad_rows) {
+        // read in place in the mask loop below
+      } else if (gs[1] == 1) {  // V contiguous (the FC's (B, V) gradient): runs along V, the next block's prefetched
+        if (v0 + 2 * kGradRows <= V)
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t fo = 0; fo < Fout; ++fo)
+              prefetch_span(gy + (b0 + j) * gs[0] + fo * gs[2] + v0 + kGradRows, kGradRows * sizeof(Tg), false);
+        // gblk row by row: its stores contiguous, the loads from the n F_out runs' lines, which stay in L1
+        const Tg* src = gy + b0 * gs[0] + v0;
+        for (int64_t r = 0; r < nv; ++r)
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t fo = 0; fo < Fout; ++fo) gblk[r * co + j * Fout + fo] = load_as<T>(src[j * gs[0] + fo * gs[2] + r]);
+      } else if (!grad_rows) {
+        for (int64_t r = 0; r < nv; ++r)
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t fo = 0; fo < Fout; ++fo)
+              gblk[r * co + j * Fout + fo] = load_as<T>(gy[(b0 + j) * gs[0] + (v0 + r) * gs[1] + fo * gs[2]]);
+      }
+      for (int64_t r = 0; r < nv; ++r) {
+        const int64_t v = v0 + r;
+        T* z = clenshaw ? dz + v * co : zrow;
+        const Ty* yr = yv + v * Co + b0 * Fout;
+        if (v + kRowsAhead < V) {
+          if (relu) prefetch_span(yr + kRowsAhead * Co, co * sizeof(Ty), false);
+          if (need_w) prefetch_span(tk[0] + (v + kRowsAhead) * C, ci * sizeof(T), false);
+          if (grad_rows) prefetch_span(gy + (v + kRowsAhead) * gs[1] + b0 * Fout, co * sizeof(Tg), false);
+        }
+        if (grad_rows) {  // the gradient as (V, B, F_out) rows: the tile's piece of row v, widened on the way
+          const Tg* gr = gy + v * gs[1] + b0 * Fout;
+          if (relu) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] = g[c] + twice * acc[c] - p2[c];
+            for (int64_t c = 0; c < co; ++c) z[c] = load_as<T>(yr[c]) > T(0) ? load_as<T>(gr[c]) : T(0);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < co; ++c) z[c] = load_as<T>(gr[c]);
+          }
         } else {
+          const T* gr = gblk + (r * co);
+          if (relu) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] = g[c] + twice * acc[c];
+            for (int64_t c = 0; c < co; ++c) z[c] = load_as<T>(yr[c]) > T(0) ? gr[c] : T(0);
+          } else {
+            copy_row(gr, co, z);
+          }
+        }
+        if (drop.on) apply_dropout_row(z, b0, n, Fout, v, V, drop);
+        if (one) {  // one channel: lane (chunk q, l) is entry j = q kLanes + l, a plain loop over the row
+          for (int64_t k = 0; k < K && need_w; ++k) {
+            const T* t = k == 0 ? tk[0] + v * C : tk[k] + v * ci;
+            double* a = tacc + k * nb;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) a[j] += double(t[j]) * double(z[j]);
+          }
+          if (need_b) {
+            double* a = tacc + nw * nb;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) a[j] += double(z[j]);
+          }
+        } else {
+          for (int64_t j0 = 0; j0 < n; j0 += kLanes) {  // one chunk of kLanes batch entries
+            const int64_t len = std::min<int64_t>(kLanes, n - j0);
+            double* p = part.data() + (c0 + j0 / kLanes) * nout * kLanes;
+            if (need_w)
+              for (int64_t k = 0; k < K; ++k) {
+                const T* t = k == 0 ? tk[0] + v * C : tk[k] + v * ci;
+                for (int64_t fi = 0; fi < Fin; ++fi)
+                  for (int64_t fo = 0; fo < Fout; ++fo)
+                    dot_lanes(t + j0 * Fin + fi, Fin, z + j0 * Fout + fo, Fout, len,
+                              p + ((k * Fin + fi) * Fout + fo) * kLanes);
+              }
+            if (need_b)
+              for (int64_t fo = 0; fo < Fout; ++fo) sum_lanes(z + j0 * Fout + fo, Fout, len, p + (nw + fo) * kLanes);
+          }
+        }
+        if (clenshaw) {
+          pullback_row(z, W + (K - 1) * Fin * Fout, n, Fin, Fout, b_hi + v * ci);  // b_{K-1} = G_{K-1}
+        } else if (need_x) {  // K == 1: dx = dz W_0^T
+          pullback_row(z, W, n, Fin, Fout, g);
+          store_dx(g, v);
         }
       }
     }
-    b2 = b1;
-    b1 = out;
+    if (one)
+      for (int64_t i = 0; i < nout; ++i)
+        for (int64_t j = 0; j < n; ++j) part[((c0 + j / kLanes) * nout + i) * kLanes + j % kLanes] = tacc[i * nb + j];
+    if (!clenshaw) continue;
+    // Clenshaw, in the tile: b_k = G_k + 2 A b_{k+1} - b_{k+2} (k = K-2 .. 1), dx = G_0 + A b_1 - b_2.
+    T* b1 = b_hi;
+    T* b2 = nullptr;
+    T* spare = K >= 3 ? bt + V * ci : nullptr;
+    for (int64_t k = K - 2; k >= 0; --k) {
+      T* out = k == 0 ? nullptr : (b2 ? b2 : spare);  // b_k overwrites b_{k+2} row by row
+      const T* Wk = W + k * Fin * Fout;
+      const T twice = k == 0 ? T(1) : T(2);
+      for (int64_t v = 0; v < V; ++v) {
+        spmm_row(A, b1, ci, v, A.nnz, acc);
+        pullback_row(dz + v * co, Wk, n, Fin, Fout, g);
+        T* o = out ? out + v * ci : dxblk + (v % kDxRows) * ci;  // dx: a block of rows, then stored as runs
+        if (b2) {
+          const T* p2 = b2 + v * ci;
+#pragma omp simd
+          for (int64_t c = 0; c < ci; ++c) o[c] = g[c] + twice * acc[c] - p2[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < ci; ++c) o[c] = g[c] + twice * acc[c];
+        }
+        if (!out && (v % kDxRows == kDxRows - 1 || v == V - 1)) {  // entry j's run of the block, contiguous
+          const int64_t r0 = v - v % kDxRows, nr = v - r0 + 1;
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t fi = 0; fi < Fin; ++fi) {
+              T* d = dx + (b0 + j) * V * Fin + r0 * Fin + fi;
+              const T* src = dxblk + j * Fin + fi;
+              for (int64_t r = 0; r < nr; ++r) d[r * Fin] = src[r * ci];
+            }
+        }
+      }
+      b2 = b1;
+      b1 = out;
+    }
   }
+  for (int64_t q = 0; q < nchunks; ++q)  // dW, db: zeroed by the caller; chunks in order
+    for (int64_t i = 0; i < nout; ++i) {
+      const double* p = part.data() + (q * nout + i) * kLanes;
+      double sum = 0.0;
+      for (int l = 0; l < kLanes; ++l) sum += p[l];
+      if (i < nw) dW[i] += sum;
+      else db[i - nw] += sum;
+    }
 }
 
 std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
@@ -671,24 +943,20 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
     validate_csr(*crow_t, *col_t, V, "cheb_conv_backward (transpose)");
   }
   need_b = need_b && has_bias;
-  const int64_t C = B * Fin, Co = B * Fout;
   const Tensor Sc = saved.contiguous();
-  const Tensor X = (need_w && x_direct) ? vb_layout(x) : Tensor();  // T_0 (a view), when not in saved
-  // The text FC hands back a (B, V) gradient: one transposing (and, for bf16, widening) copy.
-  const Tensor Gy = vb_layout_as(grad_y, acc);
+  // T_0: x itself when stored as (V, B, F_in) in Acc (a view), else its copy at the front of saved.
+  const Tensor X = (need_w && x_direct) ? vb_layout(x) : Tensor();
+  // The gradient is read in place, in its own strides, as Acc or as y's dtype (the text FC hands back a bf16
+  // (B, V) gradient: no transposed, widened copy); another dtype is converted first.
+  const Tensor G = (grad_y.scalar_type() == ydt || grad_y.scalar_type() == acc) ? grad_y : grad_y.to(acc);
+  const int64_t gs[3] = {G.stride(0), G.stride(1), G.stride(2)};
   const Tensor Y = vb_layout(y);
   const Tensor Wc = weight.contiguous();
   // dx is computed in Acc; for a low-precision x it is narrowed once at the end.
-  Tensor dx = need_x ? empty_vb(B, V, Fin, x.options().dtype(acc)) : Tensor();
+  // dx comes out (B, V, F_in) contiguous (see backward_tiled's store_dx), whatever x's layout.
+  Tensor dx = need_x ? at::empty({B, V, Fin}, x.options().dtype(acc)) : Tensor();
   Tensor dW = need_w ? at::empty_like(weight, at::MemoryFormat::Contiguous) : Tensor();
   Tensor db = need_b ? at::empty({Fout}, weight.options()) : Tensor();
-  // The Clenshaw steps (K >= 2) re-read dz: it gets its own buffer when the ReLU or the dropout makes it
-  // differ from grad_y. b_{K-1} starts the recurrence.
-  const bool clenshaw = need_x && K >= 2;
-  const bool masked = relu || drop.on;
-  Tensor dZ = (clenshaw && masked) ? at::empty({V, Co}, x.options().dtype(acc)) : Tensor();
-  Tensor b_hi = clenshaw ? at::empty({V, C}, x.options().dtype(acc)) : Tensor();
-  Tensor b_lo = (clenshaw && K >= 3) ? at::empty({V, C}, x.options().dtype(acc)) : Tensor();
   const Tensor crow_u = (transposed ? *crow_t : crow).contiguous();
   const Tensor col_u = (transposed ? *col_t : col).contiguous();
   const Tensor val_u = (transposed ? *values_t : values).contiguous();
@@ -696,25 +964,19 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
     using T = scalar_t;
     dispatch_storage(ydt, "cheb_conv_backward", [&](auto tag) {
       using Ty = decltype(tag);
-      const T* Wp = Wc.data_ptr<T>();
-      std::vector<const T*> Trows(K, nullptr);
-      if (need_w) {
-        T* sp = Sc.data_ptr<T>();
-        Trows[0] = x_direct ? X.data_ptr<T>() : sp;
-        for (int64_t k = 1; k < K; ++k) Trows[k] = sp + (k - 1 + t0) * V * C;
-      }
+      Csr<T> A{crow_u.data_ptr<int64_t>(), col_u.data_ptr<int64_t>(), val_u.data_ptr<T>(), col_u.numel()};
+      const T* sp = need_w ? Sc.data_ptr<T>() : nullptr;
+      const T* X0 = !need_w ? nullptr : x_direct ? X.data_ptr<T>() : sp;
+      const T* basis = need_w ? sp + t0 * V * B * Fin : nullptr;
       std::vector<double> dWd(need_w ? K * Fin * Fout : 0), dbd(need_b ? Fout : 0);
-      // With K == 1 there is no recurrence: dx = dz W_0^T is written by the first pass directly.
-      T* dz_p = dZ.defined() ? dZ.data_ptr<T>() : nullptr;
-      T* bstart = clenshaw ? b_hi.data_ptr<T>() : ((need_x && K == 1) ? dx.data_ptr<T>() : nullptr);
-      reduce_and_mask<T, Ty>(Gy.data_ptr<T>(), static_cast<const Ty*>(Y.data_ptr()), relu, drop, Trows.data(), V,
-                             B, Fin, Fout, K, Wp, need_w, need_b, dz_p, bstart, dWd.data(), dbd.data());
-      if (clenshaw) {
-        Csr<T> A{crow_u.data_ptr<int64_t>(), col_u.data_ptr<int64_t>(), val_u.data_ptr<T>(), col_u.numel()};
-        const T* dzr = dz_p ? dz_p : Gy.data_ptr<T>();
-        clenshaw_dx<T>(A, dzr, V, B, Fin, Fout, K, Wp, b_hi.data_ptr<T>(),
-                       b_lo.defined() ? b_lo.data_ptr<T>() : nullptr, dx.data_ptr<T>());
-      }
+      auto run = [&](auto gtag) {
+        using Tg = decltype(gtag);
+        backward_tiled<T, Ty, Tg>(A, static_cast<const Tg*>(G.data_ptr()), gs, static_cast<const Ty*>(Y.data_ptr()),
+                                  relu, drop, X0, basis, V, B, Fin, Fout, K, Wc.data_ptr<T>(), need_x, need_w, need_b,
+                                  need_x ? dx.data_ptr<T>() : nullptr, dWd.data(), dbd.data());
+      };
+      if (G.scalar_type() == ydt) run(Ty{});
+      else run(T{});
       if (need_w) {
         T* o = dW.data_ptr<T>();
         for (size_t i = 0; i < dWd.size(); ++i) o[i] = T(dWd[i]);
@@ -726,7 +988,7 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
     });
   });
   if (need_x && x.scalar_type() != acc) {
-    Tensor narrow = empty_vb(B, V, Fin, x.options());
+    Tensor narrow = at::empty({B, V, Fin}, x.options());
     narrow.copy_(dx);
     dx = narrow;
   }

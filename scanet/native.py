@@ -182,7 +182,7 @@ def _register_python_side() -> None:
         seed=0,
     ):
         B, V, F_in = x.shape
-        dx = x.new_empty_strided((B, V, F_in), (F_in, B * F_in, 1)) if need_x else None
+        dx = x.new_empty((B, V, F_in)) if need_x else None  # contiguous, whatever x's layout
         dw = weight.new_empty(weight.shape) if need_w else None
         db = weight.new_empty((weight.shape[2],)) if (need_b and has_bias) else None
         return dx, dw, db
