@@ -574,16 +574,6 @@ inline at::ScalarType acc_dtype(const Tensor& x, const char* what) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// (B, V, F) -> the same values stored as (V, B, F) in `dtype`: a view when x has that layout and dtype, else
-// one copy (ATen's copy_ transposes and converts in one pass).
-inline Tensor vb_layout_as(const Tensor& x, at::ScalarType dtype) {
-  if (x.scalar_type() == dtype) return vb_layout(x);
-  const int64_t B = x.size(0), V = x.size(1), F = x.size(2);
-  Tensor out = at::empty({V, B, F}, x.options().dtype(dtype));
-  out.copy_(x.permute({1, 0, 2}));
-  return out;
-}
-
 // Returns (y, saved). saved is what backward needs for dW, in Acc: T_1..T_{K-1}, preceded by T_0 when x is not
 // stored as (V, B, F) in Acc (its tiled, converted copy, so that backward need not transpose x again):
 // (K-1 or K, V, B*F_in), or (0, V, B*F_in) without save_basis. y is written in out_dtype (default x's dtype).

@@ -4,7 +4,9 @@ autocast's per-step weight casts into fresh tensors.
 Under ``torch.autocast`` with float32 parameters every step pays two casts per FC weight, each into a tensor
 allocated afresh: autocast rounds the weight to bf16 for the GEMM (forward), and autograd's ToCopyBackward0
 widens the bf16 weight gradient to float32 (backward). For the Wiki text FC (1024 x 10,055: 41 MB float32,
-20 MB bf16) the fresh 41 MB gradient page-faults every step. Here both casts go into tensors allocated once.
+20 MB bf16) the fresh 41 MB gradient page-faults every step. Here the native step (below) replaces both casts
+with one pass that reads the bf16 gradient and writes the bf16 copy; the unfused step casts into tensors
+allocated once.
 
 ``MasterWeights(model, optimizer)`` keeps the ORIGINAL float32 Parameter objects where they are (in the
 model, and in the optimizer, which was built on them: its state_dict is unchanged) and holds one bf16 copy of
@@ -61,7 +63,9 @@ optimizer-step.json, bench/bench_adam_bf16.py): the optimizer step of the Wiki F
 71-82 ms unfused (1.89-1.97x per round), about as long as torch's fused AdamW pass alone with float32 grads ready
 (34-44 ms: the same 28 B a weight); the Wiki-shaped step of bench/bench_train_step.py (bench/results/2026-12-01-
 cpu-2core-train-step-adam-bf16.json, 15 interleaved rounds): fused_bf16_master 1.135x fused_bf16 and 2.03x
-fused_fp32_today (fused_bf16_master_unfused 1.006x fused_bf16). No Wiki epoch was timed on the native step.
+fused_fp32_today (fused_bf16_master_unfused 1.006x fused_bf16); on a quiet machine
+(bench/results/2026-12-01-cpu-2core-train-step-final.json) 88.2 ms, 1.13x fused_bf16. One Eng-Wiki epoch on the
+native step: 26.4 s in bf16 against 47.2 s in fp32 (docs/results/wiki-epoch-bf16-native-adam-2026-12-01-cpu.json).
 
 Memory (Wiki, N = 1024: 10.3 M text FC + 4.2 M image FC + 4.2 M co-attention weights): the bf16 copies
 2 B x 18.7 M = 37 MB, and for the unfused step only the float32 gradient buffers 4 B x 18.7 M = 75 MB, held for

@@ -17,9 +17,9 @@ What runs in low precision under autocast, and what stays float32 (every op's do
   * the master weights (the model's parameters: what the optimizer steps, checkpoints save and evaluation
     reads), their gradients and the optimizer state (Adam's moments) stay float32: an update of lr * g ~ 1e-4
     relative would vanish in a bf16 weight (eps 2^-8). The forward's GEMMs read bf16 weights: autocast casts
-    a copy per op, or, in CPU bf16 training (scanet.master_weights), the FC layers hold bf16 copies refreshed
-    from the masters after each step and the bf16 weight gradients are widened into float32 buffers (the
-    same numbers, without the per-step casts into fresh tensors);
+    a copy per op, or, in CPU bf16 training (scanet.master_weights), the FC layers hold bf16 copies that each
+    optimizer step writes from the masters (the native Adam pass reads the bf16 gradients directly; within
+    float32 rounding of autocast's step, bitwise on the unfused path);
   * all-pairs logits are float32 (a bf16 logit has 8 bits: rankings would tie).
 
 fp16 on CUDA is accepted but trains without loss scaling (no GradScaler in the loop): prefer bf16, whose

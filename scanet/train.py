@@ -114,7 +114,8 @@ def train(
     ``compile`` runs the model under torch.compile; ``cuda_graphs`` captures the whole step in a CUDA graph
     (CUDA only; each epoch then drops its last partial batch, see GraphedStep). ``master_weights``: CPU bf16
     runs keep bf16 copies of the FC weights for the forward and step float32 masters (scanet.master_weights:
-    the same numbers, no per-step allocations); False keeps autocast's per-step casts (for comparisons).
+    within float32 rounding of autocast's step, bitwise with its unfused step); False keeps autocast's per-step
+    casts (for comparisons).
     """
     out = Path(out_dir)
     # Writable, locked, leftovers removed, saved work never overwritten silently (scanet.run_folder).
@@ -169,19 +170,19 @@ def train(
         best = state.get("best", best)
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
 
-    # CPU bf16: the forward's FC weights are bf16 copies, refreshed from the float32 masters after every step
-    # (the model and the checkpoints hold the masters; the same numbers as autocast's casts, into tensors
-    # allocated once instead of every step).
+    # CPU bf16: the forward's FC weights are bf16 copies, written from the float32 masters by every step (the
+    # native one-pass Adam step, else widen / step / refresh); the model and the checkpoints hold the masters.
     weights = None
     if master_weights and tc.precision == "bf16":
         ok, why = use_master_weights(
             model, device, tc.precision, distributed=info.distributed, cuda_graphs=cuda_graphs, compile=compile
         )
-        weights = MasterWeights(model, opt) if ok else None
         if not ok:
             log(f"bf16 master weights off: {why}; autocast casts the FC weights every step")
-        elif weights is not None and not weights.native:
-            log(f"bf16 master weights: the unfused optimizer step ({weights.native_off_reason})")
+        else:
+            weights = MasterWeights(model, opt)
+            if not weights.native:
+                log(f"bf16 master weights: the unfused optimizer step ({weights.native_off_reason})")
     stepper: Any = weights or opt  # zero_grad() and step(): the optimizer's, or the scheme's around it
     forward_weights = weights.in_forward if weights is not None else contextlib.nullcontext
 
