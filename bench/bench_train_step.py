@@ -19,10 +19,13 @@ Ops (one name per table block; ratios to the "eager" provider of the same op and
 Providers:
   train_step:  eager             SCANet(fused=False), float32: torch.sparse.mm Chebyshev, nn.Dropout
                fused_fp32_today  SCANet(fused=True) as before this change: native Chebyshev, then nn.Dropout's
-                                 separate mask pass (``fuses_dropout`` switched off)
+                                 separate mask pass (``fuses_dropout`` switched off), the eager co-attention
+                                 elementwise ops and head (``native = False`` on both)
                fused_fp32        SCANet(fused=True) as scanet.train runs it: layer 1 from the per-text cache of
                                  its Chebyshev basis (scanet.fused._basis_cache, built once outside the
-                                 timing; no SpMM), layer 2 native with the dropout in its epilogue
+                                 timing; no SpMM), layer 2 native with the dropout in its epilogue, the
+                                 co-attention's relu-softmax-Hadamard and the head (dropout, Hadamard, FC to
+                                 a logit) one native pass each way (scanet.native_dense)
                fused_bf16_gather fused_bf16 with layer 1 by SpMMs on the gathered batch (the bf16 step before
                                  the cache)
                fused_bf16        fused_fp32 under autocast_context("cpu", "bf16"): the GEMMs bf16 on AMX (oneDNN),
@@ -146,8 +149,11 @@ def train_step(provider: str):
     # cache on the native backend); "_today" and "_gather" hand over the gathered batch (layer 1 by SpMMs).
     cached = not (today or provider.endswith("_gather"))
 
-    if today:  # the step before the dropout moved into the epilogue: nn.Dropout after the GCN
+    if today:  # the step before the dropout moved into the epilogue (nn.Dropout after the GCN) and before the
+        # native co-attention epilogue and head (scanet.native_dense): eager elementwise ops there
         model.text_encoder.convs[-1].fuses_dropout = lambda x: False
+        model.coattention.native = False
+        model.head.native = False
     assert not fused or isinstance(model.text_encoder.convs[-1], fused_modules.ChebConv)
     weights = MasterWeights(model, opt, native=not provider.endswith("_unfused")) if "_master" in provider else None
     if weights is not None and provider.endswith("_master") and not weights.native:

@@ -56,6 +56,8 @@
 #include <cstring>
 #include <vector>
 
+#include "native_common.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -222,64 +224,6 @@ inline T activate(T s, bool relu) {
   return (relu && s < T(0)) ? T(0) : s;  // s < 0 keeps NaN, as F.relu does
 }
 
-// ----------------------------------------------------------------------------- storage dtypes <-> Acc
-// bf16 <-> float by bit operations (plain integer code that the compiler vectorizes; c10's scalar
-// conversion does not vectorize): widening is a 16-bit shift, narrowing rounds to nearest even, NaN stays NaN.
-using c10::BFloat16;
-using c10::Half;
-
-template <typename Acc, typename S>
-inline Acc load_as(S v) { return static_cast<Acc>(v); }
-template <>
-inline float load_as<float, BFloat16>(BFloat16 v) {
-  const uint32_t u = uint32_t(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <typename D, typename Acc>
-inline D store_as(Acc v) { return static_cast<D>(v); }
-template <>
-inline BFloat16 store_as<BFloat16, float>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint16_t bits = (v != v) ? uint16_t(0x7FC0) : uint16_t(rounded);
-  return BFloat16(bits, BFloat16::from_bits());
-}
-
-// -------------------------------------------------------------------------------------- dropout mask
-// keep(i) = splitmix64(seed + (i + 1) * golden) >> 32 >= p * 2^32: SplitMix64's output function on a counter,
-// so element i's bit needs no state (backward and any thread recompute it) and P(keep) = 1 - p to 2^-32.
-// The seed is drawn per call from torch's default generator by scanet/native.py (torch.manual_seed and a
-// saved RNG state reproduce it). Two 64-bit multiplies per element: far less than a stored bernoulli_ mask.
-inline uint64_t splitmix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-struct Dropout {
-  bool on = false;
-  uint64_t seed = 0;
-  uint64_t threshold = 0;  // keep iff hash >> 32 >= threshold; 2^32 keeps nothing (p = 1)
-  double scale = 1.0;      // 1 / (1 - p); 0 for p = 1
-
-  static Dropout make(double p, int64_t seed) {
-    TORCH_CHECK(p >= 0.0 && p <= 1.0, "cheb_conv: dropout_p must be in [0, 1], got ", p);
-    Dropout d;
-    d.on = p > 0.0;
-    d.seed = uint64_t(seed);
-    d.threshold = p >= 1.0 ? (uint64_t(1) << 32) : uint64_t(p * 4294967296.0);
-    d.scale = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
-    return d;
-  }
-  inline bool keep(uint64_t i) const {
-    return (splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull) >> 32) >= threshold;
-  }
-};
-
 // s[j * Fout + fo] *= keep(element (b0 + j, v, fo) of the (B, V, F_out) output) / (1 - p), for one vertex v
 // and the nb batch entries b0 .. b0 + nb - 1 (a whole row, or one column tile's part of it).
 // One channel (SCANet's text GCN): element b*V + v, a loop the compiler vectorizes (64-bit multiplies).
@@ -292,7 +236,7 @@ inline void apply_dropout_row(T* s, int64_t b0, int64_t nb, int64_t Fout, int64_
 #pragma omp simd
     for (int64_t j = 0; j < nb; ++j) {
       const uint64_t i = uint64_t(b0 + j) * uint64_t(V) + uint64_t(v);
-      const bool keep = (splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull) >> 32) >= thr;
+      const bool keep = keep_bit(seed, thr, i);
       s[j] = keep ? s[j] * scale : T(0);
     }
     return;
@@ -552,20 +496,6 @@ void forward_impl(const Csr<T>& A, const T* X, int64_t V, int64_t B, int64_t Fin
   }
 }
 
-// Call f(Ty{}) with Ty the C++ type of a storage dtype (float, double, bfloat16, half).
-template <typename F>
-inline void dispatch_storage(at::ScalarType st, const char* what, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kBFloat16: f(BFloat16{}); break;
-    case at::kHalf: f(Half{}); break;
-    default: TORCH_CHECK(false, what, ": unsupported dtype ", st);
-  }
-}
-
-inline bool is_low(at::ScalarType st) { return st == at::kBFloat16 || st == at::kHalf; }
-
 // The compute dtype of a call: float64 for float64 x, else float32 (x float32, bfloat16 or float16).
 inline at::ScalarType acc_dtype(const Tensor& x, const char* what) {
   const at::ScalarType st = x.scalar_type();
@@ -602,7 +532,7 @@ std::tuple<Tensor, Tensor> cheb_conv_forward(const Tensor& crow, const Tensor& c
   const at::ScalarType ydt = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(acc == at::kDouble ? ydt == at::kDouble : (ydt == at::kFloat || is_low(ydt)),
               "cheb_conv_forward: out_dtype ", ydt, " does not go with x of dtype ", x.scalar_type());
-  const Dropout drop = Dropout::make(dropout_p, seed);
+  const Dropout drop = Dropout::make(dropout_p, seed, "cheb_conv");
   const int64_t C = B * Fin;
   const bool x_direct = is_vb(x) && x.scalar_type() == acc;  // T_0 read in place
   const int64_t t0 = x_direct ? 0 : 1;  // T_0 copy at the front of the buffer
@@ -918,7 +848,7 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
   TORCH_CHECK(acc == at::kDouble ? ydt == at::kDouble : (ydt == at::kFloat || is_low(ydt)),
               "cheb_conv_backward: y of dtype ", ydt, " does not go with x of dtype ", x.scalar_type());
   TORCH_CHECK(grad_y.is_floating_point(), "cheb_conv_backward: grad_y must be floating point");
-  const Dropout drop = Dropout::make(dropout_p, seed);
+  const Dropout drop = Dropout::make(dropout_p, seed, "cheb_conv");
   const bool x_direct = is_vb(x) && x.scalar_type() == acc;
   const int64_t t0 = x_direct ? 0 : 1;
   TORCH_CHECK(saved.dim() == 3 && saved.size(1) == V && saved.size(2) == B * Fin &&
@@ -989,7 +919,7 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
 // flattened in row-major order: for tests and for anyone who needs to see it.
 Tensor dropout_keep_mask(int64_t seed, int64_t n, double p) {
   TORCH_CHECK(n >= 0, "dropout_keep_mask: n must be >= 0");
-  const Dropout drop = Dropout::make(p, seed);
+  const Dropout drop = Dropout::make(p, seed, "dropout_keep_mask");
   Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kBool));
   bool* o = out.data_ptr<bool>();
   const int nt = num_threads(n);

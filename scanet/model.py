@@ -71,11 +71,12 @@ class SCANet(nn.Module):
         super().__init__()
         self.config = config = config or ModelConfig()
         self.fused = fused
-        conv_cls, coatt_cls = ChebConv, StackedCoAttention
+        conv_cls, coatt_cls, head_cls = ChebConv, StackedCoAttention, SimilarityHead
         if fused:
             from scanet import fused as fused_modules
 
             conv_cls, coatt_cls = fused_modules.ChebConv, fused_modules.StackedCoAttention
+            head_cls = fused_modules.SimilarityHead
         # A Laplacian given is owned as is (not copied, not re-checked): it moves with the model's .to(device).
         self.laplacian = Laplacian.of(laplacian)
         if self.laplacian.size != vocab_size:
@@ -116,7 +117,7 @@ class SCANet(nn.Module):
         else:
             raise ValueError(f"image_encoder must be 'fixed' or 'cnn5', got {config.image_encoder!r}")
         self.coattention = coatt_cls(N, config.coattention_layers, scale)
-        self.head = SimilarityHead(N, config.dropout)
+        self.head = head_cls(N, config.dropout)
         self._register_load_state_dict_pre_hook(_rename_old_laplacian_keys)
 
     # -- parts ------------------------------------------------------------------------------------------------

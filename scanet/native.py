@@ -308,19 +308,11 @@ def _register_autocast() -> None:
     key excluded), but with a per-argument policy: register_autocast casts every float input to one dtype,
     which would round the Laplacian values and the weights of the recursion.
     """
-    key = torch._C.DispatchKey.AutocastCPU
     impl = torch.library.Library("scanet_native", "IMPL")
     _STATE["autocast_lib"] = impl  # registrations live as long as this object
 
     def register(name, policy):
-        op = getattr(torch.ops.scanet_native, name).default
-
-        def run(*args, **kwargs):  # the dispatcher leaves out trailing arguments that equal their defaults
-            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-                return op(*policy(*args, **kwargs))
-
-        op.py_impl(key)(run)  # for the Python dispatcher (torch.compile's tracing)
-        impl.impl(name, lambda _keyset, *args, **kwargs: run(*args, **kwargs), "AutocastCPU", with_keyset=True)
+        register_autocast_cpu(impl, name, policy)
 
     def forward_policy(
         crow, col, values, x, weight, bias, relu, save_basis, symmetric=False, dropout_p=0.0, seed=0, out_dtype=None
@@ -337,6 +329,21 @@ def _register_autocast() -> None:
     register("cheb_conv_forward", forward_policy)
     register("chebyshev_basis", fp32_policy)
     register("cheb_conv_from_basis_forward", fp32_policy)
+
+
+def register_autocast_cpu(impl: torch.library.Library, name: str, policy) -> None:
+    """An AutocastCPU kernel for ``scanet_native::<name>`` on ``impl`` (a Library("scanet_native", "IMPL") the
+    caller keeps alive): ``policy(*args, **kwargs)`` returns the arguments to call the op with (its own casts),
+    then the op runs with the autocast key excluded. Also registered for the Python dispatcher (torch.compile)."""
+    key = torch._C.DispatchKey.AutocastCPU
+    op = getattr(torch.ops.scanet_native, name).default
+
+    def run(*args, **kwargs):  # the dispatcher leaves out trailing arguments that equal their defaults
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*policy(*args, **kwargs))
+
+    op.py_impl(key)(run)
+    impl.impl(name, lambda _keyset, *args, **kwargs: run(*args, **kwargs), "AutocastCPU", with_keyset=True)
 
 
 # ------------------------------------------------------------------------------- per-Laplacian facts

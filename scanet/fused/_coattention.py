@@ -5,7 +5,10 @@ scanet.reference.coattention. It checks its inputs with reference.check_coattent
 
   * float32 CUDA tensors               -> the Triton kernels (scanet.kernels.coattention);
   * float32 CPU tensors, TRITON_INTERPRET=1 -> the same kernels, interpreted (slow; for tests);
-  * anything else (CPU without the interpreter, float64/float16/bfloat16) -> the eager reference.
+  * CPU without the interpreter, float32/bf16/fp16 (autocast included), the native extension built
+    -> torch's GEMM z = f W^T + b, then scanet.native_dense's one-pass epilogue softmax(relu(z)) * g * scale
+    (forward and backward; csrc/dense_epilogues.cpp); ``native=False`` keeps the eager reference;
+  * anything else (float64, CPU without the native extension) -> the eager reference.
 
 Non-contiguous inputs are accepted as they are: the kernels take strides, so nothing is copied.
 
@@ -32,6 +35,7 @@ bf16 ~4e-3 expected, unmeasured: no GPU here). On CPU the interpreter computes i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from scanet import layers, reference
 from scanet.fused._dispatch import PRECISIONS, default_precision, kernels, kernels_can_run  # noqa: F401
@@ -141,7 +145,19 @@ def kernel_precision(dtype: torch.dtype, precision: str = "fp32") -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
-def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str | None = None) -> torch.Tensor:
+def uses_native_epilogue(f: torch.Tensor) -> bool:
+    """True when ``coattention`` on CPU tensors like ``f`` (not under the interpreter) runs the native epilogue:
+    float32, bfloat16 or float16 (autocast included; float64 keeps the reference) and the extension built."""
+    if f.device.type != "cpu" or kernels_can_run(f.device) or f.dtype == torch.float64 or f.numel() == 0:
+        return False
+    from scanet import native_dense
+
+    return native_dense.available()
+
+
+def coattention(
+    f, g, weight, bias, *, scale: float = 1.0, precision: str | None = None, native: bool = True
+) -> torch.Tensor:
     """softmax(relu(f @ weight.T + bias), dim=-1) * g * scale, fused (see the module docstring).
 
     f, g: (M, N); weight: (N, N); bias: (N,); one device; float64 alone or any mix of float32/bf16/fp16 (the
@@ -149,6 +165,7 @@ def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str | None
     precision: None picks the device's default (``scanet.fused.default_precision``: tf32 on sm_80+, else fp32),
     or under autocast the autocast dtype's; an explicit tf32/bf16/fp16 on a GPU without those tensor cores
     (V100) raises a ValueError.
+    native: on CPU, the native epilogue where ``uses_native_epilogue`` (False: the eager reference there).
     """
     reference.check_coattention_inputs(f, g, weight, bias)
     explicit = precision is not None
@@ -156,6 +173,13 @@ def coattention(f, g, weight, bias, *, scale: float = 1.0, precision: str | None
         precision = default_precision(f.device)
     _check_precision(precision, f.device)
     if not uses_kernels(f):
+        if native and uses_native_epilogue(f):
+            from scanet import native_dense
+
+            dtype = reference.compute_dtype(f.device, f, g, weight, bias)
+            if dtype != torch.float64:
+                z = F.linear(f.to(dtype), weight.to(dtype), bias.to(dtype))  # the reference's GEMM (oneDNN)
+                return native_dense.coattention_epilogue(z, g, scale, out_dtype=dtype)
         return reference.coattention(f, g, weight, bias, scale=scale)
     dtype = reference.compute_dtype(f.device, f, g, weight, bias)
     if dtype != torch.float32 or any(t.dtype != torch.float32 for t in (g, weight, bias)):
@@ -177,27 +201,34 @@ class StackedCoAttention(layers.StackedCoAttention):
     """scanet.layers.StackedCoAttention with the fused op: same constructor, parameters and state_dict.
 
     ``precision`` (constructor keyword or attribute; None: the device's default, or "fp32", "tf32", "bf16",
-    "fp16") is passed to every step.
+    "fp16") is passed to every step; so is ``native`` (the native CPU epilogue where it applies).
     ``attention()`` (used by SCANet.score_all) stays the eager computation of the maps.
     """
 
     op = staticmethod(coattention)
 
-    def __init__(self, dim: int, num_layers: int = 2, scale: float = 1.0, *, precision: str | None = None):
+    def __init__(
+        self, dim: int, num_layers: int = 2, scale: float = 1.0, *, precision: str | None = None, native: bool = True
+    ):
         super().__init__(dim, num_layers, scale)
         if precision is not None:
             _check_precision(precision)
         self.precision = precision
+        self.native = native  # the native CPU epilogue where it applies (False: eager on CPU)
 
     def layer(self, k: int, f_t: torch.Tensor, f_i: torch.Tensor):
         op = type(self).op
+        scale, precision, native = self.scale, self.precision, self.native
         new_i = op(
-            f_t, f_i, self.text_fc[k].weight, self.text_fc[k].bias, scale=self.scale, precision=self.precision
+            f_t, f_i, self.text_fc[k].weight, self.text_fc[k].bias, scale=scale, precision=precision, native=native
         )  # p_T * f_I
         new_t = op(
-            f_i, f_t, self.image_fc[k].weight, self.image_fc[k].bias, scale=self.scale, precision=self.precision
+            f_i, f_t, self.image_fc[k].weight, self.image_fc[k].bias, scale=scale, precision=precision, native=native
         )  # p_I * f_T
         return new_t, new_i
 
     def extra_repr(self):
-        return f"dim={self.dim}, num_layers={self.num_layers}, scale={self.scale}, precision={self.precision!r}"
+        return (
+            f"dim={self.dim}, num_layers={self.num_layers}, scale={self.scale}, precision={self.precision!r}, "
+            f"native={self.native}"
+        )

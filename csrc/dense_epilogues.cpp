@@ -1,0 +1,427 @@
+// The elementwise work around SCANet's dense GEMMs on CPU, one pass each way (scanet/native_dense.py drives it).
+//
+// Co-attention epilogue (eqs. 4-9 after the GEMM z = f W^T + b, which torch/oneDNN runs):
+//     forward   p = softmax(relu(z)) per row,  out = p * g * scale
+//     backward  dg = dout * p * scale,  dz = [z > 0] * p * (dp - sum_n dp p),  dp = dout * g * scale
+// Eager torch runs this as relu, softmax, two multiplies forward and five kernels backward, each a pass over
+// the (M, N) map: for the Wiki step (M = 256, N = 1024, four maps a step) those passes measured 1.3 ms per map
+// against 2.3 ms for its GEMMs. Here one pass reads z and g and writes out (and p, float32, for backward);
+// backward reads dout, p, z, g and writes dz, dg. Bytes per map at bf16 z, g, out: forward 2+2+2+4 = 10 B an
+// element, backward 2+4+2+2+2+2 = 14 B (2.6 MB and 3.7 MB at 256 x 1024: L2-resident).
+//
+// Similarity head (scanet.layers.SimilarityHead: dropout, then FC(f_T * f_I) to one logit):
+//     forward   logit_m = b + s * sum_n w_n keep_mn f_T,mn f_I,mn         (s = 1 / (1 - p))
+//     backward  df_T = dl_m s keep w_n f_I,  df_I = dl_m s keep w_n f_T,  dw_n = s sum_m dl_m keep f_T f_I,
+//               db = sum_m dl_m
+// with keep_mn the counter-based dropout bit of element m * N + n (native_common.h: the hash of the Chebyshev
+// epilogue's dropout), regenerated in backward instead of a stored mask. Eager torch: a multiply, bernoulli_
+// (scalar, ~1.8 ms for 256 x 1024 here), a multiply, a GEMV, and their backward: 3.6 ms a step measured; here
+// one pass each way over f_T, f_I.
+//
+// Precision. Everything is computed in float32 from inputs in float32, bfloat16 or float16 (as torch.autocast
+// hands them over); outputs are rounded once. The softmax's row max and sum of exponentials, the head's dot
+// products and the weight-gradient sums are float32/float64, never bf16 (the softmax's sums in double). exp is a float32 polynomial (below),
+// within 2 ulp of the correctly rounded value on the softmax's range (x <= 0).
+//
+// Determinism. Each row of the co-attention maps and each logit is computed by one thread in a fixed order; the
+// head's dw is summed in double over fixed blocks of rows (rows in order within a block, blocks in order), db in
+// row order: bitwise the same results for any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "native_common.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace scanet_native {
+namespace {
+
+using at::Tensor;
+
+// A parallel region costs more than it saves below this many elements (and can wait at its barrier on a busy
+// machine); results do not depend on the thread count either way.
+constexpr int64_t kSerialElems = 1 << 15;
+inline int threads_for(int64_t elems) { return elems < kSerialElems ? 1 : std::max(1, at::get_num_threads()); }
+
+// exp(x) for x <= 0 in float32, written so that a loop of it vectorizes (no libm call): x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by its Taylor polynomial to r^7 (truncation < 6e-9 relative), times 2^n built in the
+// exponent bits. x below -87 is clamped there (exp(-87) = 1.6e-38: against a softmax row's largest term, 1,
+// it is 0 in float32 anyway); NaN stays NaN.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // n = round(x / ln2) by the 1.5 * 2^23 trick (std::floor does not vectorize in GCC 12 without -ffast-math);
+  // this file is not compiled with -ffast-math, so the compiler keeps the add and subtract as written.
+  constexpr float kRound = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+
+// sum of x[0:n] in double, over kLanes fixed lanes (element i in lane i % kLanes), then the lanes in order: a
+// float32 sum of 1,024 softmax terms measured 4e-6 relative error (median); a plain double reduction stayed
+// scalar in GCC's output. Fixed order: the same result for any thread count.
+constexpr int kLanes = 16;
+inline double sum_lanes(const float* x, int64_t n) {
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) lanes[l] += double(x[i + l]);
+  }
+  for (int l = 0; i + l < n; ++l) lanes[l] += double(x[i + l]);
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+void check_2d(const Tensor& t, const char* name, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 2, what, ": ", name, " must be 2-D (M, N), got shape ", t.sizes());
+}
+
+// ------------------------------------------------------------------------------- co-attention epilogue
+template <typename Tz, typename Tg, typename To>
+void coattention_forward_impl(const Tz* z, const Tg* g, int64_t M, int64_t N, float scale, float* p, To* out) {
+#pragma omp parallel num_threads(threads_for(M * N))
+  {
+    std::vector<float> e_buf(N);
+    float* e = e_buf.data();  // a plain pointer: stores through e[n] cannot alias the vector's own fields
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      const Tz* zr = z + m * N;
+      const Tg* gr = g + m * N;
+      float mx = 0.0f;  // relu(z) >= 0: the row max is at least 0
+#pragma omp simd reduction(max : mx)
+      for (int64_t n = 0; n < N; ++n) {
+        const float zn = load_as<float>(zr[n]);
+        const float a = zn < 0.0f ? 0.0f : zn;  // zn < 0 keeps NaN, as F.relu does
+        e[n] = a;
+        mx = a > mx ? a : mx;
+      }
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) e[n] = exp_nonpositive(e[n] - mx);
+      const float inv = float(1.0 / sum_lanes(e, N));
+      float* pr = p ? p + m * N : nullptr;
+      To* orow = out + m * N;
+      if (pr) {
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) {
+          const float pn = e[n] * inv;
+          pr[n] = pn;
+          orow[n] = store_as<To, float>(pn * load_as<float>(gr[n]) * scale);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) orow[n] = store_as<To, float>(e[n] * inv * load_as<float>(gr[n]) * scale);
+      }
+    }
+  }
+}
+
+// Returns (out, p): out in out_dtype (default z's), p = the attention map (M, N) float32 when save_p, else (0,).
+std::tuple<Tensor, Tensor> coattention_epilogue_forward(const Tensor& z_in, const Tensor& g_in, double scale,
+                                                        bool save_p, c10::optional<at::ScalarType> out_dtype) {
+  const char* what = "coattention_epilogue_forward";
+  check_2d(z_in, "z", what);
+  check_2d(g_in, "g", what);
+  TORCH_CHECK(z_in.sizes() == g_in.sizes(), what, ": z and g must have one shape, got ", z_in.sizes(), " and ",
+              g_in.sizes());
+  const Tensor z = z_in.contiguous(), g = g_in.contiguous();
+  const int64_t M = z.size(0), N = z.size(1);
+  const at::ScalarType odt = out_dtype.value_or(z.scalar_type());
+  Tensor out = at::empty({M, N}, z.options().dtype(odt));
+  Tensor p = save_p ? at::empty({M, N}, z.options().dtype(at::kFloat)) : at::empty({0}, z.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return {out, p};
+  dispatch_float_storage(z.scalar_type(), what, [&](auto tz) {
+    dispatch_float_storage(g.scalar_type(), what, [&](auto tg) {
+      dispatch_float_storage(odt, what, [&](auto to) {
+        using Tz = decltype(tz);
+        using Tg = decltype(tg);
+        using To = decltype(to);
+        coattention_forward_impl<Tz, Tg, To>(static_cast<const Tz*>(z.data_ptr()), static_cast<const Tg*>(g.data_ptr()),
+                                             M, N, float(scale), save_p ? p.data_ptr<float>() : nullptr,
+                                             static_cast<To*>(out.data_ptr()));
+      });
+    });
+  });
+  return {out, p};
+}
+
+template <typename Td, typename Tz, typename Tg>
+void coattention_backward_impl(const Td* dout, const float* p, const Tz* z, const Tg* g, int64_t M, int64_t N,
+                               float scale, Tz* dz, Tg* dg) {
+#pragma omp parallel num_threads(threads_for(M * N))
+  {
+  std::vector<float> t_buf(N);
+  float* t = t_buf.data();
+#pragma omp for schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const Td* dr = dout + m * N;
+    const float* pr = p + m * N;
+    const Tg* gr = g + m * N;
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) t[n] = load_as<float>(dr[n]) * scale * load_as<float>(gr[n]) * pr[n];
+    const float c = float(sum_lanes(t, N));  // sum_n dp_n p_n, dp = dout * g * scale
+    if (dz) {
+      const Tz* zr = z + m * N;
+      Tz* dzr = dz + m * N;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) {
+        const float dp = load_as<float>(dr[n]) * scale * load_as<float>(gr[n]);
+        dzr[n] = store_as<Tz, float>(load_as<float>(zr[n]) > 0.0f ? pr[n] * (dp - c) : 0.0f);
+      }
+    }
+    if (dg) {
+      Tg* dgr = dg + m * N;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) dgr[n] = store_as<Tg, float>(load_as<float>(dr[n]) * scale * pr[n]);
+    }
+  }
+  }
+}
+
+// Returns (dz, dg) in z's and g's dtypes; either is (0,) when not needed.
+std::tuple<Tensor, Tensor> coattention_epilogue_backward(const Tensor& dout_in, const Tensor& p_in,
+                                                         const Tensor& z_in, const Tensor& g_in, double scale,
+                                                         bool need_z, bool need_g) {
+  const char* what = "coattention_epilogue_backward";
+  for (auto [t, name] : {std::pair<const Tensor&, const char*>{dout_in, "dout"}, {p_in, "p"}, {z_in, "z"},
+                         {g_in, "g"}}) {
+    check_2d(t, name, what);
+    TORCH_CHECK(t.sizes() == z_in.sizes(), what, ": ", name, " must have z's shape ", z_in.sizes(), ", got ",
+                t.sizes());
+  }
+  TORCH_CHECK(p_in.scalar_type() == at::kFloat, what, ": p must be float32 (the forward's saved map)");
+  const Tensor dout = dout_in.contiguous(), p = p_in.contiguous(), z = z_in.contiguous(), g = g_in.contiguous();
+  const int64_t M = z.size(0), N = z.size(1);
+  Tensor dz = need_z ? at::empty({M, N}, z.options()) : at::empty({0}, z.options());
+  Tensor dg = need_g ? at::empty({M, N}, g.options()) : at::empty({0}, g.options());
+  if (M == 0 || N == 0 || !(need_z || need_g)) return {dz, dg};
+  dispatch_float_storage(dout.scalar_type(), what, [&](auto td) {
+    dispatch_float_storage(z.scalar_type(), what, [&](auto tz) {
+      dispatch_float_storage(g.scalar_type(), what, [&](auto tg) {
+        using Td = decltype(td);
+        using Tz = decltype(tz);
+        using Tg = decltype(tg);
+        coattention_backward_impl<Td, Tz, Tg>(
+            static_cast<const Td*>(dout.data_ptr()), p.data_ptr<float>(), static_cast<const Tz*>(z.data_ptr()),
+            static_cast<const Tg*>(g.data_ptr()), M, N, float(scale),
+            need_z ? static_cast<Tz*>(dz.data_ptr()) : nullptr, need_g ? static_cast<Tg*>(dg.data_ptr()) : nullptr);
+      });
+    });
+  });
+  return {dz, dg};
+}
+
+// ------------------------------------------------------------------------------------------ similarity head
+// keep bits of row m, columns [n0, n1), into k (1.0 kept, 0.0 dropped): vectorizable (64-bit multiplies).
+inline void keep_row(const Dropout& drop, int64_t m, int64_t N, int64_t n0, int64_t n1, float* k) {
+  const uint64_t seed = drop.seed, thr = drop.threshold, base = uint64_t(m) * uint64_t(N);
+#pragma omp simd
+  for (int64_t n = n0; n < n1; ++n) k[n - n0] = keep_bit(seed, thr, base + uint64_t(n)) ? 1.0f : 0.0f;
+}
+
+template <typename Tf, typename Ti, typename Tw>
+void head_forward_impl(const Tf* ft, const Ti* fi, const Tw* w, float bias, const Dropout& drop, int64_t M,
+                       int64_t N, float* logit) {
+  const float s = float(drop.scale);
+#pragma omp parallel num_threads(threads_for(M * N))
+  {
+    std::vector<float> k(drop.on ? N : 0);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      const Tf* a = ft + m * N;
+      const Ti* b = fi + m * N;
+      float acc = 0.0f;
+      if (drop.on) {
+        keep_row(drop, m, N, 0, N, k.data());
+#pragma omp simd reduction(+ : acc)
+        for (int64_t n = 0; n < N; ++n) acc += k[n] * load_as<float>(w[n]) * load_as<float>(a[n]) * load_as<float>(b[n]);
+        acc *= s;
+      } else {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t n = 0; n < N; ++n) acc += load_as<float>(w[n]) * load_as<float>(a[n]) * load_as<float>(b[n]);
+      }
+      logit[m] = bias + acc;
+    }
+  }
+}
+
+void check_head(const Tensor& ft, const Tensor& fi, const Tensor& w, const char* what) {
+  check_2d(ft, "f_t", what);
+  check_2d(fi, "f_i", what);
+  TORCH_CHECK(ft.sizes() == fi.sizes(), what, ": f_t and f_i must have one shape, got ", ft.sizes(), " and ",
+              fi.sizes());
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == ft.size(1), what,
+              ": weight must be a CPU tensor of shape (N,) = (", ft.size(1), ",), got ", w.sizes());
+}
+
+// logits (M,) float32 = b + FC(dropout(f_t * f_i)).
+Tensor similarity_head_forward(const Tensor& ft_in, const Tensor& fi_in, const Tensor& w_in,
+                               const c10::optional<Tensor>& b, double dropout_p, int64_t seed) {
+  const char* what = "similarity_head_forward";
+  check_head(ft_in, fi_in, w_in, what);
+  const Tensor ft = ft_in.contiguous(), fi = fi_in.contiguous(), w = w_in.contiguous();
+  const int64_t M = ft.size(0), N = ft.size(1);
+  float bias = 0.0f;
+  if (b.has_value()) {
+    TORCH_CHECK(b->numel() == 1, what, ": bias must have one element, got shape ", b->sizes());
+    bias = b->to(at::kFloat).item<float>();
+  }
+  const Dropout drop = Dropout::make(dropout_p, seed, what);
+  Tensor logit = at::empty({M}, ft.options().dtype(at::kFloat));
+  if (M == 0) return logit;
+  dispatch_float_storage(ft.scalar_type(), what, [&](auto tf) {
+    dispatch_float_storage(fi.scalar_type(), what, [&](auto ti) {
+      dispatch_float_storage(w.scalar_type(), what, [&](auto tw) {
+        using Tf = decltype(tf);
+        using Ti = decltype(ti);
+        using Tw = decltype(tw);
+        head_forward_impl<Tf, Ti, Tw>(static_cast<const Tf*>(ft.data_ptr()), static_cast<const Ti*>(fi.data_ptr()),
+                                      static_cast<const Tw*>(w.data_ptr()), bias, drop, M, N,
+                                      logit.data_ptr<float>());
+      });
+    });
+  });
+  return logit;
+}
+
+// Rows per block of the head's backward: dw's partial sums are kept per block of kHeadRows rows (each summed in
+// row order, in double) and the blocks are added in block order, whatever thread ran them: a fixed order.
+constexpr int64_t kHeadRows = 16;
+
+template <typename Tf, typename Ti, typename Tw>
+void head_backward_impl(const float* dl, const Tf* ft, const Ti* fi, const Tw* w, const Dropout& drop, int64_t M,
+                        int64_t N, Tf* dft, Ti* dfi, double* dw) {
+  const float s = float(drop.scale);
+  const int64_t nblocks = (M + kHeadRows - 1) / kHeadRows;
+  std::vector<double> part(dw ? nblocks * N : 0, 0.0);
+  std::vector<float> wv(N);
+  for (int64_t n = 0; n < N; ++n) wv[n] = load_as<float>(w[n]);
+  const float* wp = wv.data();
+#pragma omp parallel num_threads(threads_for(M * N))
+  {
+    std::vector<float> k_buf(N, 1.0f);
+    float* k = k_buf.data();
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      double* acc = dw ? part.data() + blk * N : nullptr;
+      for (int64_t m = blk * kHeadRows; m < std::min(M, (blk + 1) * kHeadRows); ++m) {
+        if (drop.on) keep_row(drop, m, N, 0, N, k);
+        const float g = dl[m] * s;
+        const Tf* a = ft + m * N;
+        const Ti* b = fi + m * N;
+        if (dft) {
+          Tf* da = dft + m * N;
+          Ti* db = dfi + m * N;
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) {
+            const float gw = g * k[n] * wp[n];
+            da[n] = store_as<Tf, float>(gw * load_as<float>(b[n]));
+            db[n] = store_as<Ti, float>(gw * load_as<float>(a[n]));
+          }
+        }
+        if (acc) {
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n)
+            acc[n] += double(g * k[n]) * double(load_as<float>(a[n])) * double(load_as<float>(b[n]));
+        }
+      }
+    }
+  }
+  if (dw) {
+    for (int64_t n = 0; n < N; ++n) dw[n] = 0.0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const double* pb = part.data() + blk * N;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) dw[n] += pb[n];
+    }
+  }
+}
+
+// Returns (df_t, df_i, dw, db): df_t, df_i in f_t's and f_i's dtypes ((0,) unless need_f); dw (N,) in w's dtype
+// and db (1,) float32 ((0,) unless need_w).
+std::tuple<Tensor, Tensor, Tensor, Tensor> similarity_head_backward(const Tensor& dl_in, const Tensor& ft_in,
+                                                                    const Tensor& fi_in, const Tensor& w_in,
+                                                                    double dropout_p, int64_t seed, bool need_f,
+                                                                    bool need_w) {
+  const char* what = "similarity_head_backward";
+  check_head(ft_in, fi_in, w_in, what);
+  TORCH_CHECK(dl_in.dim() == 1 && dl_in.size(0) == ft_in.size(0), what, ": grad must be (M,) = (", ft_in.size(0),
+              ",), got ", dl_in.sizes());
+  const Tensor dl = dl_in.to(at::kFloat).contiguous();
+  const Tensor ft = ft_in.contiguous(), fi = fi_in.contiguous(), w = w_in.contiguous();
+  const int64_t M = ft.size(0), N = ft.size(1);
+  const Dropout drop = Dropout::make(dropout_p, seed, what);
+  Tensor dft = need_f ? at::empty({M, N}, ft.options()) : at::empty({0}, ft.options());
+  Tensor dfi = need_f ? at::empty({M, N}, fi.options()) : at::empty({0}, fi.options());
+  Tensor dw64 = need_w ? at::empty({N}, w.options().dtype(at::kDouble)) : at::empty({0}, w.options().dtype(at::kDouble));
+  Tensor db = at::empty({need_w ? 1 : 0}, w.options().dtype(at::kFloat));
+  if (need_w) {  // db = sum_m dl_m in row order, in double
+    const float* d = dl.data_ptr<float>();
+    double t = 0.0;
+    for (int64_t m = 0; m < M; ++m) t += double(d[m]);
+    db.fill_(t);
+  }
+  if ((need_f || need_w) && M > 0 && N > 0) {
+    dispatch_float_storage(ft.scalar_type(), what, [&](auto tf) {
+      dispatch_float_storage(fi.scalar_type(), what, [&](auto ti) {
+        dispatch_float_storage(w.scalar_type(), what, [&](auto tw) {
+          using Tf = decltype(tf);
+          using Ti = decltype(ti);
+          using Tw = decltype(tw);
+          head_backward_impl<Tf, Ti, Tw>(
+              dl.data_ptr<float>(), static_cast<const Tf*>(ft.data_ptr()), static_cast<const Ti*>(fi.data_ptr()),
+              static_cast<const Tw*>(w.data_ptr()), drop, M, N, need_f ? static_cast<Tf*>(dft.data_ptr()) : nullptr,
+              need_f ? static_cast<Ti*>(dfi.data_ptr()) : nullptr, need_w ? dw64.data_ptr<double>() : nullptr);
+        });
+      });
+    });
+  } else if (need_w) {
+    dw64.zero_();
+  }
+  return {dft, dfi, need_w ? dw64.to(w.scalar_type()) : at::empty({0}, w.options()), db};
+}
+
+}  // namespace
+
+// A fragment: the library itself (and its other ops) is defined in csrc/cheb_conv.cpp.
+TORCH_LIBRARY_FRAGMENT(scanet_native, m) {
+  m.def("coattention_epilogue_forward(Tensor z, Tensor g, float scale, bool save_p, ScalarType? out_dtype=None) "
+        "-> (Tensor, Tensor)");
+  m.def("coattention_epilogue_backward(Tensor dout, Tensor p, Tensor z, Tensor g, float scale, bool need_z, "
+        "bool need_g) -> (Tensor, Tensor)");
+  m.def("similarity_head_forward(Tensor f_t, Tensor f_i, Tensor weight, Tensor? bias, float dropout_p, int seed) "
+        "-> Tensor");
+  m.def("similarity_head_backward(Tensor grad, Tensor f_t, Tensor f_i, Tensor weight, float dropout_p, int seed, "
+        "bool need_f, bool need_w) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(scanet_native, CPU, m) {
+  m.impl("coattention_epilogue_forward", &coattention_epilogue_forward);
+  m.impl("coattention_epilogue_backward", &coattention_epilogue_backward);
+  m.impl("similarity_head_forward", &similarity_head_forward);
+  m.impl("similarity_head_backward", &similarity_head_backward);
+}
+
+}  // namespace scanet_native
