@@ -35,6 +35,16 @@ def write_summary(path: str | Path, script: str, argv: list[str] | None, rows: l
     print(f"-> {path}")
 
 
+def parse_and_start(ap, argv=None):
+    """Add the scripts' shared options (--threads, default 2; --json, required) to ``ap``, parse ``argv``, set
+    torch's thread count, and return (args, the load average at the start as a string for write_summary)."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args, " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def interleaved(steps: dict, rounds: int) -> dict:
     """Time every fn of ``steps`` once per round, round-robin, after one warm-up call each (allocator, oneDNN
     primitives, the Laplacian checks, Adam's state), so that a busy machine's slow spells hit all providers alike

@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _script import interleaved, write_summary
+from _script import interleaved, parse_and_start, write_summary
 
 M, N = 256, 1024
 OPS = ("coattention", "head")
@@ -113,16 +113,11 @@ def test_native_dense(benchmark, measure, op, provider, precision):
 def main(argv=None) -> None:
     """``python bench/bench_native_dense.py --rounds 50 --json PATH``: every op's providers interleaved."""
     import argparse
-    import os
     import statistics
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--rounds", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", required=True)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    load_at_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    args, load_at_start = parse_and_start(ap, argv)
     rows = []
     for op in OPS:
         for precision in PRECISIONS:

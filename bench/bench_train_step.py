@@ -63,7 +63,7 @@ import math
 import pytest
 import torch
 
-from _script import interleaved, write_summary
+from _script import interleaved, parse_and_start, write_summary
 from scanet.config import ModelConfig
 
 V_WIKI = 10_055
@@ -298,17 +298,12 @@ def main(argv=None) -> None:
     """``python bench/bench_train_step.py --rounds 7 --json PATH``: the training step and all-pairs scoring,
     fp32 against bf16, each op's providers (and its GEMM rate rows) interleaved round by round, as JSON."""
     import argparse
-    import os
     import statistics
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--pair-rounds", type=int, default=3, help="0: the training step alone")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", required=True)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    load_at_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    args, load_at_start = parse_and_start(ap, argv)
     rows = []
     for op, case, make, providers, flops, rounds, base in (
         (

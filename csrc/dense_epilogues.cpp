@@ -94,6 +94,14 @@ inline double sum_lanes(const float* x, int64_t n) {
   return s;
 }
 
+// f(A{}, B{}, C{}) with A, B, C the C++ types of three float32 / bfloat16 / float16 storage dtypes.
+template <typename F>
+void dispatch3(at::ScalarType a, at::ScalarType b, at::ScalarType c, const char* what, F&& f) {
+  dispatch_float_storage(a, what, [&](auto ta) {
+    dispatch_float_storage(b, what, [&](auto tb) { dispatch_float_storage(c, what, [&](auto tc) { f(ta, tb, tc); }); });
+  });
+}
+
 void check_2d(const Tensor& t, const char* name, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), what, ": ", name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == 2, what, ": ", name, " must be 2-D (M, N), got shape ", t.sizes());
@@ -152,17 +160,13 @@ std::tuple<Tensor, Tensor> coattention_epilogue_forward(const Tensor& z_in, cons
   Tensor out = at::empty({M, N}, z.options().dtype(odt));
   Tensor p = save_p ? at::empty({M, N}, z.options().dtype(at::kFloat)) : at::empty({0}, z.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return {out, p};
-  dispatch_float_storage(z.scalar_type(), what, [&](auto tz) {
-    dispatch_float_storage(g.scalar_type(), what, [&](auto tg) {
-      dispatch_float_storage(odt, what, [&](auto to) {
+  dispatch3(z.scalar_type(), g.scalar_type(), odt, what, [&](auto tz, auto tg, auto to) {
         using Tz = decltype(tz);
         using Tg = decltype(tg);
         using To = decltype(to);
         coattention_forward_impl<Tz, Tg, To>(static_cast<const Tz*>(z.data_ptr()), static_cast<const Tg*>(g.data_ptr()),
                                              M, N, float(scale), save_p ? p.data_ptr<float>() : nullptr,
                                              static_cast<To*>(out.data_ptr()));
-      });
-    });
   });
   return {out, p};
 }
@@ -217,9 +221,7 @@ std::tuple<Tensor, Tensor> coattention_epilogue_backward(const Tensor& dout_in, 
   Tensor dz = need_z ? at::empty({M, N}, z.options()) : at::empty({0}, z.options());
   Tensor dg = need_g ? at::empty({M, N}, g.options()) : at::empty({0}, g.options());
   if (M == 0 || N == 0 || !(need_z || need_g)) return {dz, dg};
-  dispatch_float_storage(dout.scalar_type(), what, [&](auto td) {
-    dispatch_float_storage(z.scalar_type(), what, [&](auto tz) {
-      dispatch_float_storage(g.scalar_type(), what, [&](auto tg) {
+  dispatch3(dout.scalar_type(), z.scalar_type(), g.scalar_type(), what, [&](auto td, auto tz, auto tg) {
         using Td = decltype(td);
         using Tz = decltype(tz);
         using Tg = decltype(tg);
@@ -227,8 +229,6 @@ std::tuple<Tensor, Tensor> coattention_epilogue_backward(const Tensor& dout_in, 
             static_cast<const Td*>(dout.data_ptr()), p.data_ptr<float>(), static_cast<const Tz*>(z.data_ptr()),
             static_cast<const Tg*>(g.data_ptr()), M, N, float(scale),
             need_z ? static_cast<Tz*>(dz.data_ptr()) : nullptr, need_g ? static_cast<Tg*>(dg.data_ptr()) : nullptr);
-      });
-    });
   });
   return {dz, dg};
 }
@@ -291,17 +291,13 @@ Tensor similarity_head_forward(const Tensor& ft_in, const Tensor& fi_in, const T
   const Dropout drop = Dropout::make(dropout_p, seed, what);
   Tensor logit = at::empty({M}, ft.options().dtype(at::kFloat));
   if (M == 0) return logit;
-  dispatch_float_storage(ft.scalar_type(), what, [&](auto tf) {
-    dispatch_float_storage(fi.scalar_type(), what, [&](auto ti) {
-      dispatch_float_storage(w.scalar_type(), what, [&](auto tw) {
+  dispatch3(ft.scalar_type(), fi.scalar_type(), w.scalar_type(), what, [&](auto tf, auto ti, auto tw) {
         using Tf = decltype(tf);
         using Ti = decltype(ti);
         using Tw = decltype(tw);
         head_forward_impl<Tf, Ti, Tw>(static_cast<const Tf*>(ft.data_ptr()), static_cast<const Ti*>(fi.data_ptr()),
                                       static_cast<const Tw*>(w.data_ptr()), bias, drop, M, N,
                                       logit.data_ptr<float>());
-      });
-    });
   });
   return logit;
 }
@@ -384,9 +380,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> similarity_head_backward(const Tensor
     db.fill_(t);
   }
   if ((need_f || need_w) && M > 0 && N > 0) {
-    dispatch_float_storage(ft.scalar_type(), what, [&](auto tf) {
-      dispatch_float_storage(fi.scalar_type(), what, [&](auto ti) {
-        dispatch_float_storage(w.scalar_type(), what, [&](auto tw) {
+    dispatch3(ft.scalar_type(), fi.scalar_type(), w.scalar_type(), what, [&](auto tf, auto ti, auto tw) {
           using Tf = decltype(tf);
           using Ti = decltype(ti);
           using Tw = decltype(tw);
@@ -394,8 +388,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> similarity_head_backward(const Tensor
               dl.data_ptr<float>(), static_cast<const Tf*>(ft.data_ptr()), static_cast<const Ti*>(fi.data_ptr()),
               static_cast<const Tw*>(w.data_ptr()), drop, M, N, need_f ? static_cast<Tf*>(dft.data_ptr()) : nullptr,
               need_f ? static_cast<Ti*>(dfi.data_ptr()) : nullptr, need_w ? dw64.data_ptr<double>() : nullptr);
-        });
-      });
     });
   } else if (need_w) {
     dw64.zero_();

@@ -98,21 +98,30 @@ def test_epilogue_edge_rows():
     assert torch.isnan(native_dense.coattention_epilogue(nan, torch.ones(1, 3), 1.0)).all()  # as torch.softmax
 
 
-def test_epilogue_thread_count_does_not_change_the_bits():
-    gen = torch.Generator().manual_seed(2)
-    z, g, d = (torch.randn(300, 1024, generator=gen) for _ in range(3))
+def _same_bits_for_1_and_2_threads(run) -> None:
+    """run() -> tensors; they must be bitwise equal with 1 and with 2 threads."""
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            zl, gl = z.clone().requires_grad_(), g.clone().requires_grad_()
-            out = native_dense.coattention_epilogue(zl, gl, 1024.0)
-            results.append((out, *torch.autograd.grad(out, (zl, gl), d)))
+            results.append(run())
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_epilogue_thread_count_does_not_change_the_bits():
+    gen = torch.Generator().manual_seed(2)
+    z, g, d = (torch.randn(300, 1024, generator=gen) for _ in range(3))
+
+    def run():
+        zl, gl = z.clone().requires_grad_(), g.clone().requires_grad_()
+        out = native_dense.coattention_epilogue(zl, gl, 1024.0)
+        return (out, *torch.autograd.grad(out, (zl, gl), d))
+
+    _same_bits_for_1_and_2_threads(run)
 
 
 def test_epilogue_registration_opcheck():
@@ -172,18 +181,13 @@ def test_head_thread_count_does_not_change_the_bits():
     f_t, f_i = (torch.randn(300, 1000, generator=gen) for _ in range(2))
     w, b = torch.randn(1, 1000, generator=gen), torch.randn(1, generator=gen)
     dl = torch.randn(300, generator=gen)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            leaves = [t.clone().requires_grad_() for t in (f_t, f_i, w, b)]
-            logit = native_dense.similarity_head(*leaves, 0.25, seed=99)
-            results.append((logit, *torch.autograd.grad(logit, leaves, dl)))
-    finally:
-        torch.set_num_threads(before)
-    for x, y in zip(*results, strict=True):
-        assert torch.equal(x, y)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (f_t, f_i, w, b)]
+        logit = native_dense.similarity_head(*leaves, 0.25, seed=99)
+        return (logit, *torch.autograd.grad(logit, leaves, dl))
+
+    _same_bits_for_1_and_2_threads(run)
 
 
 def test_head_registration_opcheck():
