@@ -159,8 +159,9 @@ struct Vec64 {
 
 // How many neighbours ahead the gathers prefetch: a neighbour's row is a random, usually L2-missing address,
 // and the hardware prefetcher cannot guess it (a standalone SpMM on the 10k-word kNN graph at B=256 ran
-// about 1.3x faster with it; timings on the shared machines are noisy).
-constexpr int64_t kPrefetchAhead = 4;
+// about 1.3x faster with it; timings on the shared machines are noisy). 8 rather than 4: half a row of the
+// k-NN graph ahead, ~1 ms less a bf16 Wiki step (three alternated builds; 16 measured no better).
+constexpr int64_t kPrefetchAhead = 8;
 
 // The Chebyshev order the kernels take (K terms T_0 .. T_{K-1}): row pointers live in fixed arrays.
 constexpr int64_t kMaxK = 64;
@@ -1074,6 +1075,11 @@ inline void preact_run(const T* basis, const int64_t* bs, const int64_t* boff, i
 // "runs": s[(b, fo), r] for a block of kRunRows vertices, r innermost like the basis runs, then written out
 // as y rows: a transpose through a small scratch (kRunRows x B numbers).
 constexpr int64_t kRunRows = 64;
+// Vertices per block of the runs backward: each (text, block) pair costs a mask recomputation, K dot products and
+// their loop overheads, so longer runs pay (1 KB of float32 per run and term; the Wiki step's layer-1 backward,
+// operands from DRAM as in a step: 4.4 ms at 256 against 6.5 ms at 64; 512 measured the same as 256). Fixed:
+// dW's partial sums are per block, summed in block order, so the result does not depend on the thread count.
+constexpr int64_t kBasisGradRows = 256;
 
 template <typename T>
 void from_basis_runs_forward(const T* basis, const int64_t* bs, const int64_t* boff, int64_t K, int64_t B,
@@ -1151,35 +1157,35 @@ Tensor cheb_conv_from_basis_forward(const Tensor& basis_in, const Tensor& weight
 
 // "runs" backward: element (b, v, fo) of the gradient is gy[b * gs[0] + v * gs[1] + fo * gs[2]]. With V
 // contiguous (gs[1] == 1) a block's dz is runs read in place; otherwise (the next layer's dx comes as (V, B,
-// F_out) rows) each block's kReduceRows x B x F_out numbers are first transposed into a small scratch that
+// F_out) rows) each block's kBasisGradRows x B x F_out numbers are first transposed into a small scratch that
 // stays in cache: no transposed copy of the whole gradient (a 10 MB copy per Wiki step, as slow as the
 // kernel). The ReLU mask is recomputed from the basis runs (read anyway for dW) rather than gathered from y.
 template <typename T>
 void from_basis_runs_backward(const T* basis, const int64_t* bs, const int64_t* boff, const T* gy,
                               const int64_t* gs, int64_t K, int64_t B, int64_t V, int64_t Fout, const T* W,
                               const T* bias, bool relu, bool need_w, bool need_b, double* dW, double* db) {
-  const int64_t nblocks = (V + kReduceRows - 1) / kReduceRows;
+  const int64_t nblocks = (V + kBasisGradRows - 1) / kBasisGradRows;
   const int64_t nw = need_w ? K * Fout : 0, nb = need_b ? Fout : 0, nout = nw + nb;
   std::vector<double> part(std::max<int64_t>(1, nblocks * nout * kLanes), 0.0);
   const int nt = num_threads(V * B * Fout * (K + 1));
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<T> pre(kReduceRows), z(kReduceRows);
+    std::vector<T> pre(kBasisGradRows), z(kBasisGradRows);
     const bool runs = gs[1] == 1;
-    std::vector<T> gblk(runs ? 0 : B * Fout * kReduceRows);
+    std::vector<T> gblk(runs ? 0 : B * Fout * kBasisGradRows);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t v0 = blk * kReduceRows, nv = std::min(V, v0 + kReduceRows) - v0;
+      const int64_t v0 = blk * kBasisGradRows, nv = std::min(V, v0 + kBasisGradRows) - v0;
       double* p = part.data() + blk * nout * kLanes;
       if (!runs)
         for (int64_t r = 0; r < nv; ++r) {
           const T* row = gy + (v0 + r) * gs[1];
           for (int64_t b = 0; b < B; ++b)
-            for (int64_t fo = 0; fo < Fout; ++fo) gblk[(b * Fout + fo) * kReduceRows + r] = row[b * gs[0] + fo * gs[2]];
+            for (int64_t fo = 0; fo < Fout; ++fo) gblk[(b * Fout + fo) * kBasisGradRows + r] = row[b * gs[0] + fo * gs[2]];
         }
       for (int64_t b = 0; b < B; ++b)
         for (int64_t fo = 0; fo < Fout; ++fo) {
-          const T* g = runs ? gy + b * gs[0] + fo * gs[2] + v0 : gblk.data() + (b * Fout + fo) * kReduceRows;
+          const T* g = runs ? gy + b * gs[0] + fo * gs[2] + v0 : gblk.data() + (b * Fout + fo) * kBasisGradRows;
           const T* zr = g;
           if (relu) {
             prefetch_next_run(g, nv);
