@@ -54,6 +54,9 @@ train_step rows also count minor_faults_per_step (getrusage, 3 steps after the t
 kernel zero-fills for the step's new large tensors, a cost that the machine's load does not change; and
 speedup_vs_fused_bf16_per_round, the median over rounds of (fused_bf16's time / this provider's) in the same
 round (``--rounds 40 --pair-rounds 0`` for a steadier figure on a loaded machine: the step alone, ~2 s a round).
+``--baseline-rev REV`` adds the provider fused_fp32_at_REV: the fused fp32 step of the code at revision REV itself
+(bench/step_at_revision.py: a git worktree, its own native library, a child process on the same data), timed in
+the same rounds, with every train_step row's ratio to it (speedup_vs_fused_fp32_at_REV).
 """
 
 from __future__ import annotations
@@ -303,7 +306,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--pair-rounds", type=int, default=3, help="0: the training step alone")
+    ap.add_argument(
+        "--baseline-rev",
+        default=None,
+        help="also time the fused fp32 step of this older revision, in a child process, round by round with the "
+        "others (bench/step_at_revision.py; e.g. a2adf9b, the code when the bf16 issue was filed)",
+    )
     args, load_at_start = parse_and_start(ap, argv)
+    revision = None
+    if args.baseline_rev:
+        from step_at_revision import RevisionStep
+
+        revision = RevisionStep(args.baseline_rev, args.threads)
+    at_rev = f"fused_fp32_at_{args.baseline_rev}"
     rows = []
     for op, case, make, providers, flops, rounds, base in (
         (
@@ -328,9 +343,17 @@ def main(argv=None) -> None:
         if rounds < 1:
             continue
         steps = {p: make(p) for p in providers}
+        if op == "train_step" and revision is not None:
+            providers = (*providers, at_rev)
+            steps[at_rev] = revision  # timed here around the round trip to the child (~0.1 ms of ~180)
         steps.update({f"gemm_{p}": gemm_step(op, p) for p in ("fp32", "bf16")})
         times = interleaved(steps, rounds)
-        faults = {p: minor_faults_per_call(steps[p]) for p in providers} if op == "train_step" else {}
+        # faults of this process: the revision's step runs in its child, so it has none to count here
+        faults = (
+            {p: minor_faults_per_call(steps[p]) if p != at_rev else None for p in providers}
+            if op == "train_step"
+            else {}
+        )
         med = {p: statistics.median(t) for p, t in times.items()}
         gemm_rate = {p: gemm_flops(GEMM_SHAPES[op]) / med[f"gemm_{p}"] for p in ("fp32", "bf16")}
         for p, t in times.items():
@@ -350,6 +373,8 @@ def main(argv=None) -> None:
             if not is_gemm:
                 row["speedup_vs_eager"] = med["eager"] / med[p]
                 row[f"speedup_vs_{base}"] = med[base] / med[p]
+                if op == "train_step" and at_rev in med:
+                    row[f"speedup_vs_{at_rev}"] = med[at_rev] / med[p]
                 row["gemm_share"] = (f / med[p]) / gemm_rate[prec]
                 if op == "train_step":
                     row["epoch_s"] = med[p] * math.ceil(PAIRS_PER_EPOCH / B)
@@ -370,7 +395,10 @@ def main(argv=None) -> None:
             print(
                 f"{op:<12} {p:<18} median {med[p] * 1e3:9.1f} ms  min {min(t) * 1e3:9.1f} ms  "
                 f"{f / med[p] / 1e12:.3f} TFLOP/s{extra}"
+                + (f"  x{at_rev} {row[f'speedup_vs_{at_rev}']:.2f}" if f"speedup_vs_{at_rev}" in row else "")
             )
+    if revision is not None:
+        revision.close()
     write_summary(args.json, "bench/bench_train_step.py", argv, rows, load_at_start)
 
 
