@@ -44,7 +44,7 @@ _OPS = (
     "similarity_head_backward",
 )
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_STATE: dict = {"done": False, "lib": None}
+_STATE: dict = {"done": False, "lib": None, "reason": None}
 _LOCK = threading.Lock()
 
 
@@ -61,9 +61,12 @@ def unavailable_reason() -> str | None:
     if not _STATE["done"]:
         with _LOCK:
             if not _STATE["done"]:
-                _register()
+                try:
+                    _register()
+                except Exception as e:  # noqa: BLE001 - e.g. a torch without these torch.library APIs: eager
+                    _STATE["reason"] = f"registering the Python side of the native epilogues failed: {e!r}"
                 _STATE["done"] = True
-    return None
+    return _STATE["reason"]
 
 
 def available() -> bool:
