@@ -176,6 +176,24 @@ def test_head_dropout_is_reproducible_by_seed_and_keeps_one_minus_p():
     assert torch.equal(native_dense.similarity_head(f, f, w, None, 0.2, training=False), torch.full((512,), 1024.0))
 
 
+def test_head_under_autocast_rounds_its_fc_like_autocast_and_matches_float64():
+    gen = torch.Generator().manual_seed(9)
+    f_t, f_i = (_leaf(torch.randn(33, 200, generator=gen), torch.bfloat16) for _ in range(2))
+    w = torch.randn(1, 200, generator=gen).requires_grad_()  # float32 parameters, as nn.Linear's
+    b = torch.randn(1, generator=gen).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logit = native_dense.similarity_head(f_t, f_i, w, b, 0.0)
+    assert logit.dtype == torch.float32
+    # autocast hands an FC bf16 weights: the oracle uses w and b rounded to bf16, as the op's autocast kernel does
+    w16, b16 = w.detach().bfloat16().double(), b.detach().bfloat16().double()
+    want = head64(f_t.detach().double(), f_i.detach().double(), w16, b16, 1.0, 0.0)
+    assert _err(logit, want) < 1e-5
+    dw, db = torch.autograd.grad(logit.sum(), (w, b))
+    assert dw.dtype == torch.float32 and db.dtype == torch.float32  # widened back, as autocast's cast does
+    assert torch.allclose(dw.double(), (f_t.detach().double() * f_i.detach().double()).sum(0, keepdim=True), rtol=2e-2)
+    assert db.item() == 33.0
+
+
 def test_head_thread_count_does_not_change_the_bits():
     gen = torch.Generator().manual_seed(4)
     f_t, f_i = (torch.randn(300, 1000, generator=gen) for _ in range(2))
