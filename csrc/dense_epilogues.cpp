@@ -1,8 +1,9 @@
 // The elementwise work around SCANet's dense GEMMs on CPU, one pass each way (scanet/native_dense.py drives it).
 //
-// Co-attention epilogue (eqs. 4-9 after the GEMM z = f W^T + b, which torch/oneDNN runs):
-//     forward   p = softmax(relu(z)) per row,  out = p * g * scale
-//     backward  dg = dout * p * scale,  dz = [z > 0] * p * (dp - sum_n dp p),  dp = dout * g * scale
+// Co-attention epilogue (eqs. 4-9 after the GEMM z = f W^T, which torch/oneDNN runs; the bias b is added here):
+//     forward   p = softmax(relu(z + b)) per row,  out = p * g * scale
+//     backward  dg = dout * p * scale,  dz = [z + b > 0] * p * (dp - sum_n dp p),  dp = dout * g * scale,
+//               db = sum over rows of dz
 // Eager torch runs this as relu, softmax, two multiplies forward and five kernels backward, each a pass over
 // the (M, N) map: for the Wiki step (M = 256, N = 1024, four maps a step) those passes measured 1.3 ms per map
 // against 2.3 ms for its GEMMs. Here one pass reads z and g and writes out (and p, float32, for backward);
@@ -109,7 +110,8 @@ void check_2d(const Tensor& t, const char* name, const char* what) {
 
 // ------------------------------------------------------------------------------- co-attention epilogue
 template <typename Tz, typename Tg, typename To>
-void coattention_forward_impl(const Tz* z, const Tg* g, int64_t M, int64_t N, float scale, float* p, To* out) {
+void coattention_forward_impl(const Tz* z, const Tg* g, const float* bias, int64_t M, int64_t N, float scale,
+                              float* p, To* out) {
 #pragma omp parallel num_threads(threads_for(M * N))
   {
     std::vector<float> e_buf(N);
@@ -121,7 +123,7 @@ void coattention_forward_impl(const Tz* z, const Tg* g, int64_t M, int64_t N, fl
       float mx = 0.0f;  // relu(z) >= 0: the row max is at least 0
 #pragma omp simd reduction(max : mx)
       for (int64_t n = 0; n < N; ++n) {
-        const float zn = load_as<float>(zr[n]);
+        const float zn = load_as<float>(zr[n]) + (bias ? bias[n] : 0.0f);
         const float a = zn < 0.0f ? 0.0f : zn;  // zn < 0 keeps NaN, as F.relu does
         e[n] = a;
         mx = a > mx ? a : mx;
@@ -146,9 +148,21 @@ void coattention_forward_impl(const Tz* z, const Tg* g, int64_t M, int64_t N, fl
   }
 }
 
+// The bias (N,) in float32, contiguous (a no-op for a float32 one), or an undefined tensor.
+Tensor bias_f32(const c10::optional<Tensor>& bias, int64_t N, const char* what) {
+  if (!bias.has_value()) return Tensor();
+  TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N, what,
+              ": bias must be a CPU tensor of shape (N,) = (", N, ",), got ", bias->sizes());
+  TORCH_CHECK(bias->is_floating_point(), what, ": bias must be floating point, got ", bias->scalar_type());
+  return bias->to(at::kFloat).contiguous();
+}
+
 // Returns (out, p): out in out_dtype (default z's), p = the attention map (M, N) float32 when save_p, else (0,).
+// With a bias the map is softmax(relu(z + bias)): the GEMM before it runs without its bias (no bias copy
+// into its output), and backward returns the bias's gradient (no separate sum over rows).
 std::tuple<Tensor, Tensor> coattention_epilogue_forward(const Tensor& z_in, const Tensor& g_in, double scale,
-                                                        bool save_p, c10::optional<at::ScalarType> out_dtype) {
+                                                        bool save_p, c10::optional<at::ScalarType> out_dtype,
+                                                        const c10::optional<Tensor>& bias) {
   const char* what = "coattention_epilogue_forward";
   check_2d(z_in, "z", what);
   check_2d(g_in, "g", what);
@@ -156,6 +170,7 @@ std::tuple<Tensor, Tensor> coattention_epilogue_forward(const Tensor& z_in, cons
               g_in.sizes());
   const Tensor z = z_in.contiguous(), g = g_in.contiguous();
   const int64_t M = z.size(0), N = z.size(1);
+  const Tensor b = bias_f32(bias, N, what);
   const at::ScalarType odt = out_dtype.value_or(z.scalar_type());
   Tensor out = at::empty({M, N}, z.options().dtype(odt));
   Tensor p = save_p ? at::empty({M, N}, z.options().dtype(at::kFloat)) : at::empty({0}, z.options().dtype(at::kFloat));
@@ -165,49 +180,77 @@ std::tuple<Tensor, Tensor> coattention_epilogue_forward(const Tensor& z_in, cons
         using Tg = decltype(tg);
         using To = decltype(to);
         coattention_forward_impl<Tz, Tg, To>(static_cast<const Tz*>(z.data_ptr()), static_cast<const Tg*>(g.data_ptr()),
-                                             M, N, float(scale), save_p ? p.data_ptr<float>() : nullptr,
-                                             static_cast<To*>(out.data_ptr()));
+                                             b.defined() ? b.data_ptr<float>() : nullptr, M, N, float(scale),
+                                             save_p ? p.data_ptr<float>() : nullptr, static_cast<To*>(out.data_ptr()));
   });
   return {out, p};
 }
 
+// Rows per block of the bias gradient's partial sums (rows in order within a block, blocks in order).
+constexpr int64_t kBiasRows = 16;
+
 template <typename Td, typename Tz, typename Tg>
-void coattention_backward_impl(const Td* dout, const float* p, const Tz* z, const Tg* g, int64_t M, int64_t N,
-                               float scale, Tz* dz, Tg* dg) {
+void coattention_backward_impl(const Td* dout, const float* p, const Tz* z, const Tg* g, const float* bias,
+                               int64_t M, int64_t N, float scale, Tz* dz, Tg* dg, double* db) {
+  const int64_t nblocks = (M + kBiasRows - 1) / kBiasRows;
+  std::vector<double> part(db ? nblocks * N : 0, 0.0);
 #pragma omp parallel num_threads(threads_for(M * N))
   {
-  std::vector<float> t_buf(N);
-  float* t = t_buf.data();
+    std::vector<float> t_buf(N), d_buf(N);
+    float* t = t_buf.data();
+    float* d = d_buf.data();
 #pragma omp for schedule(static)
-  for (int64_t m = 0; m < M; ++m) {
-    const Td* dr = dout + m * N;
-    const float* pr = p + m * N;
-    const Tg* gr = g + m * N;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      double* acc = db ? part.data() + blk * N : nullptr;
+      for (int64_t m = blk * kBiasRows; m < std::min(M, (blk + 1) * kBiasRows); ++m) {
+        const Td* dr = dout + m * N;
+        const float* pr = p + m * N;
+        const Tg* gr = g + m * N;
 #pragma omp simd
-    for (int64_t n = 0; n < N; ++n) t[n] = load_as<float>(dr[n]) * scale * load_as<float>(gr[n]) * pr[n];
-    const float c = float(sum_lanes(t, N));  // sum_n dp_n p_n, dp = dout * g * scale
-    if (dz) {
-      const Tz* zr = z + m * N;
-      Tz* dzr = dz + m * N;
+        for (int64_t n = 0; n < N; ++n) t[n] = load_as<float>(dr[n]) * scale * load_as<float>(gr[n]) * pr[n];
+        const float c = float(sum_lanes(t, N));  // sum_n dp_n p_n, dp = dout * g * scale
+        if (dz || acc) {
+          const Tz* zr = z + m * N;
 #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) {
-        const float dp = load_as<float>(dr[n]) * scale * load_as<float>(gr[n]);
-        dzr[n] = store_as<Tz, float>(load_as<float>(zr[n]) > 0.0f ? pr[n] * (dp - c) : 0.0f);
+          for (int64_t n = 0; n < N; ++n) {
+            const float dp = load_as<float>(dr[n]) * scale * load_as<float>(gr[n]);
+            const float zn = load_as<float>(zr[n]) + (bias ? bias[n] : 0.0f);
+            d[n] = zn > 0.0f ? pr[n] * (dp - c) : 0.0f;
+          }
+          if (dz) {
+            Tz* dzr = dz + m * N;
+#pragma omp simd
+            for (int64_t n = 0; n < N; ++n) dzr[n] = store_as<Tz, float>(d[n]);
+          }
+          if (acc) {
+#pragma omp simd
+            for (int64_t n = 0; n < N; ++n) acc[n] += double(d[n]);
+          }
+        }
+        if (dg) {
+          Tg* dgr = dg + m * N;
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) dgr[n] = store_as<Tg, float>(load_as<float>(dr[n]) * scale * pr[n]);
+        }
       }
     }
-    if (dg) {
-      Tg* dgr = dg + m * N;
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n) dgr[n] = store_as<Tg, float>(load_as<float>(dr[n]) * scale * pr[n]);
-    }
   }
+  if (db) {
+    for (int64_t n = 0; n < N; ++n) db[n] = 0.0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const double* pb = part.data() + blk * N;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) db[n] += pb[n];
+    }
   }
 }
 
-// Returns (dz, dg) in z's and g's dtypes; either is (0,) when not needed.
-std::tuple<Tensor, Tensor> coattention_epilogue_backward(const Tensor& dout_in, const Tensor& p_in,
-                                                         const Tensor& z_in, const Tensor& g_in, double scale,
-                                                         bool need_z, bool need_g) {
+// Returns (dz, dg, dbias): dz, dg in z's and g's dtypes, dbias (N,) float32 (the sum of dz over rows, in
+// double, in a fixed order); each is (0,) when not needed (dbias: without a bias or need_bias).
+std::tuple<Tensor, Tensor, Tensor> coattention_epilogue_backward(const Tensor& dout_in, const Tensor& p_in,
+                                                                 const Tensor& z_in, const Tensor& g_in, double scale,
+                                                                 bool need_z, bool need_g,
+                                                                 const c10::optional<Tensor>& bias, bool need_bias) {
   const char* what = "coattention_epilogue_backward";
   for (auto [t, name] : {std::pair<const Tensor&, const char*>{dout_in, "dout"}, {p_in, "p"}, {z_in, "z"},
                          {g_in, "g"}}) {
@@ -218,19 +261,23 @@ std::tuple<Tensor, Tensor> coattention_epilogue_backward(const Tensor& dout_in, 
   TORCH_CHECK(p_in.scalar_type() == at::kFloat, what, ": p must be float32 (the forward's saved map)");
   const Tensor dout = dout_in.contiguous(), p = p_in.contiguous(), z = z_in.contiguous(), g = g_in.contiguous();
   const int64_t M = z.size(0), N = z.size(1);
+  const Tensor b = bias_f32(bias, N, what);
+  need_bias = need_bias && b.defined();
   Tensor dz = need_z ? at::empty({M, N}, z.options()) : at::empty({0}, z.options());
   Tensor dg = need_g ? at::empty({M, N}, g.options()) : at::empty({0}, g.options());
-  if (M == 0 || N == 0 || !(need_z || need_g)) return {dz, dg};
+  Tensor db64 = at::zeros({need_bias ? N : 0}, z.options().dtype(at::kDouble));
+  if (M == 0 || N == 0 || !(need_z || need_g || need_bias)) return {dz, dg, db64.to(at::kFloat)};
   dispatch3(dout.scalar_type(), z.scalar_type(), g.scalar_type(), what, [&](auto td, auto tz, auto tg) {
         using Td = decltype(td);
         using Tz = decltype(tz);
         using Tg = decltype(tg);
         coattention_backward_impl<Td, Tz, Tg>(
             static_cast<const Td*>(dout.data_ptr()), p.data_ptr<float>(), static_cast<const Tz*>(z.data_ptr()),
-            static_cast<const Tg*>(g.data_ptr()), M, N, float(scale),
-            need_z ? static_cast<Tz*>(dz.data_ptr()) : nullptr, need_g ? static_cast<Tg*>(dg.data_ptr()) : nullptr);
+            static_cast<const Tg*>(g.data_ptr()), b.defined() ? b.data_ptr<float>() : nullptr, M, N, float(scale),
+            need_z ? static_cast<Tz*>(dz.data_ptr()) : nullptr, need_g ? static_cast<Tg*>(dg.data_ptr()) : nullptr,
+            need_bias ? db64.data_ptr<double>() : nullptr);
   });
-  return {dz, dg};
+  return {dz, dg, db64.to(at::kFloat)};
 }
 
 // ------------------------------------------------------------------------------------------ similarity head
@@ -399,10 +446,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> similarity_head_backward(const Tensor
 
 // A fragment: the library itself (and its other ops) is defined in csrc/cheb_conv.cpp.
 TORCH_LIBRARY_FRAGMENT(scanet_native, m) {
-  m.def("coattention_epilogue_forward(Tensor z, Tensor g, float scale, bool save_p, ScalarType? out_dtype=None) "
-        "-> (Tensor, Tensor)");
+  m.def("coattention_epilogue_forward(Tensor z, Tensor g, float scale, bool save_p, ScalarType? out_dtype=None, "
+        "Tensor? bias=None) -> (Tensor, Tensor)");
   m.def("coattention_epilogue_backward(Tensor dout, Tensor p, Tensor z, Tensor g, float scale, bool need_z, "
-        "bool need_g) -> (Tensor, Tensor)");
+        "bool need_g, Tensor? bias=None, bool need_bias=False) -> (Tensor, Tensor, Tensor)");
   m.def("similarity_head_forward(Tensor f_t, Tensor f_i, Tensor weight, Tensor? bias, float dropout_p, int seed) "
         "-> Tensor");
   m.def("similarity_head_backward(Tensor grad, Tensor f_t, Tensor f_i, Tensor weight, float dropout_p, int seed, "

@@ -83,15 +83,20 @@ def _register() -> None:
     lib = "scanet_native::"
 
     @torch.library.register_fake(lib + "coattention_epilogue_forward")
-    def _epilogue_fake(z, g, scale, save_p, out_dtype=None):
+    def _epilogue_fake(z, g, scale, save_p, out_dtype=None, bias=None):
         M, N = z.shape
         return z.new_empty((M, N), dtype=out_dtype or z.dtype), z.new_empty(
             (M, N) if save_p else (0,), dtype=torch.float32
         )
 
     @torch.library.register_fake(lib + "coattention_epilogue_backward")
-    def _epilogue_backward_fake(dout, p, z, g, scale, need_z, need_g):
-        return z.new_empty(z.shape if need_z else (0,)), g.new_empty(g.shape if need_g else (0,))
+    def _epilogue_backward_fake(dout, p, z, g, scale, need_z, need_g, bias=None, need_bias=False):
+        with_b = need_bias and bias is not None
+        return (
+            z.new_empty(z.shape if need_z else (0,)),
+            g.new_empty(g.shape if need_g else (0,)),
+            z.new_empty((z.shape[1],) if with_b else (0,), dtype=torch.float32),
+        )
 
     @torch.library.register_fake(lib + "similarity_head_forward")
     def _head_fake(f_t, f_i, weight, bias, dropout_p, seed):
@@ -108,24 +113,36 @@ def _register() -> None:
 
     def _epilogue_setup(ctx, inputs, output):
         z, g, scale = inputs[:3]
+        bias = inputs[5] if len(inputs) > 5 else None
         _, p = output
-        ctx.save_for_backward(p, z, g)
+        ctx.save_for_backward(p, z, g, bias)
         ctx.scale = scale
         ctx.mark_non_differentiable(p)
         ctx.set_materialize_grads(False)
 
     def _epilogue_backward(ctx, dout, _grad_p):
         need_z, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if dout is None or not (need_z or need_g):
-            return None, None, None, None, None
-        p, z, g = ctx.saved_tensors
+        need_b = len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5]
+        nones = (None,) * 4
+        if dout is None or not (need_z or need_g or need_b):
+            return (None, None) + nones
+        p, z, g, bias = ctx.saved_tensors
         if p.numel() != z.numel():
             raise RuntimeError(
                 "scanet_native.coattention_epilogue_forward ran with save_p=False, so it has no gradient; "
                 "call scanet.native_dense.coattention_epilogue instead"
             )
-        dz, dg = torch.ops.scanet_native.coattention_epilogue_backward(dout, p, z, g, ctx.scale, need_z, need_g)
-        return (dz if need_z else None), (dg if need_g else None), None, None, None
+        dz, dg, db = torch.ops.scanet_native.coattention_epilogue_backward(
+            dout, p, z, g, ctx.scale, need_z, need_g, bias, need_b
+        )
+        return (
+            (dz if need_z else None),
+            (dg if need_g else None),
+            None,
+            None,
+            None,
+            (db.to(bias.dtype) if need_b else None),
+        )
 
     torch.library.register_autograd(
         lib + "coattention_epilogue_forward", _epilogue_backward, setup_context=_epilogue_setup
@@ -161,8 +178,10 @@ def _register() -> None:
     impl = torch.library.Library("scanet_native", "IMPL")
     _STATE["lib"] = impl  # registrations live as long as this object
 
-    def epilogue_policy(z, g, scale, save_p, out_dtype=None):
-        return z, g, scale, save_p, out_dtype or torch.get_autocast_dtype("cpu")
+    def epilogue_policy(z, g, scale, save_p, out_dtype=None, bias=None):
+        low = torch.get_autocast_dtype("cpu")
+        # the bias rounded as autocast rounds an FC's bias for its GEMM (the eager path adds it there)
+        return z, g, scale, save_p, out_dtype or low, None if bias is None else bias.to(low)
 
     def head_policy(f_t, f_i, weight, bias, dropout_p, seed):
         low = torch.get_autocast_dtype("cpu")
@@ -185,20 +204,27 @@ def _check(tensors: dict, shape: tuple | None = None) -> None:
 
 
 def coattention_epilogue(
-    z: torch.Tensor, g: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None
+    z: torch.Tensor,
+    g: torch.Tensor,
+    scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(relu(z), dim=-1) * g * scale for z, g (M, N) on CPU, in one pass (see the module docstring).
+    """softmax(relu(z + bias), dim=-1) * g * scale for z, g (M, N) and bias (N,) or None on CPU, in one pass
+    (see the module docstring); differentiable in z, g and bias.
 
     ``out_dtype``: float32, bfloat16 or float16; default the autocast dtype under CPU autocast, else z's dtype.
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"z must be a 2-D (M, N) tensor, got {getattr(z, 'shape', type(z).__name__)}")
     _check({"z": z, "g": g}, tuple(z.shape))
+    if bias is not None:
+        _check({"bias": bias}, (z.shape[1],))
     if out_dtype is not None and out_dtype not in _DTYPES:
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     _require()
-    save = torch.is_grad_enabled() and (z.requires_grad or g.requires_grad)
-    out, _ = torch.ops.scanet_native.coattention_epilogue_forward(z, g, float(scale), save, out_dtype)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, g, bias))
+    out, _ = torch.ops.scanet_native.coattention_epilogue_forward(z, g, float(scale), save, out_dtype, bias)
     return out
 
 

@@ -42,8 +42,8 @@ def _as64(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ co-attention epilogue
-def epilogue64(z, g, scale):
-    return torch.softmax(torch.relu(z), dim=-1) * g * scale
+def epilogue64(z, g, scale, bias=None):
+    return torch.softmax(torch.relu(z if bias is None else z + bias), dim=-1) * g * scale
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -116,19 +116,45 @@ def test_epilogue_thread_count_does_not_change_the_bits():
     gen = torch.Generator().manual_seed(2)
     z, g, d = (torch.randn(300, 1024, generator=gen) for _ in range(3))
 
+    bias = torch.randn(1024, generator=gen)
+
     def run():
-        zl, gl = z.clone().requires_grad_(), g.clone().requires_grad_()
-        out = native_dense.coattention_epilogue(zl, gl, 1024.0)
-        return (out, *torch.autograd.grad(out, (zl, gl), d))
+        zl, gl, bl = z.clone().requires_grad_(), g.clone().requires_grad_(), bias.clone().requires_grad_()
+        out = native_dense.coattention_epilogue(zl, gl, 1024.0, bias=bl)
+        return (out, *torch.autograd.grad(out, (zl, gl, bl), d))
 
     _same_bits_for_1_and_2_threads(run)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (37, 301), (64, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_epilogue_with_bias_matches_float64(shape, dtype):
+    M, N = shape
+    gen = torch.Generator().manual_seed(_seed(M, N, DTYPES.index(dtype), 7))
+    z = _leaf(torch.randn(M, N, generator=gen) * 2, dtype)
+    g = _leaf(torch.randn(M, N, generator=gen), dtype)
+    b = (torch.randn(N, generator=gen)).requires_grad_()  # a float32 parameter beside bf16 activations
+    out = native_dense.coattention_epilogue(z, g, 4.0, bias=b)
+    z64, g64, b64 = _as64(z), _as64(g), _as64(b)
+    want = epilogue64(z64, g64, 4.0, b64)
+    assert _err(out, want) < TOL[dtype]
+    dout = torch.randn(M, N, generator=gen).to(dtype)
+    dz, dg, db = torch.autograd.grad(out, (z, g, b), dout)
+    dz64, dg64, db64 = torch.autograd.grad(want, (z64, g64, b64), dout.double())
+    terms = (torch.softmax(torch.relu(z64 + b64).detach(), -1) * dout.double() * g64.detach() * 4.0).abs()
+    assert db.dtype == torch.float32 and db.shape == (N,)
+    assert _err(dz, dz64, terms.max().item()) < TOL[dtype] * 4
+    assert _err(dg, dg64) < TOL[dtype]
+    assert _err(db, db64, terms.sum(0).max().item()) < TOL[dtype] * 4  # a sum over M rows of dz
 
 
 def test_epilogue_registration_opcheck():
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(5, 33, generator=gen).requires_grad_()
     g = torch.randn(5, 33, generator=gen).requires_grad_()
+    b = torch.randn(33, generator=gen).requires_grad_()
     torch.library.opcheck(torch.ops.scanet_native.coattention_epilogue_forward, (z, g, 3.0, True, None))
+    torch.library.opcheck(torch.ops.scanet_native.coattention_epilogue_forward, (z, g, 3.0, True, None, b))
 
 
 # --------------------------------------------------------------------------------------------- similarity head
@@ -290,6 +316,8 @@ def test_bad_inputs_raise_clear_errors():
         native_dense.coattention_epilogue(z.double(), z.double())
     with pytest.raises(ValueError, match="out_dtype must be"):
         native_dense.coattention_epilogue(z, z, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        native_dense.coattention_epilogue(z, z, bias=torch.randn(4))
     with pytest.raises(ValueError, match=r"weight must have shape \(1, 8\) or \(8,\)"):
         native_dense.similarity_head(z, z, torch.randn(7))
     with pytest.raises(ValueError, match="bias must have one element"):

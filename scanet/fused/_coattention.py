@@ -6,7 +6,7 @@ scanet.reference.coattention. It checks its inputs with reference.check_coattent
   * float32 CUDA tensors               -> the Triton kernels (scanet.kernels.coattention);
   * float32 CPU tensors, TRITON_INTERPRET=1 -> the same kernels, interpreted (slow; for tests);
   * CPU without the interpreter, float32/bf16/fp16 (autocast included), the native extension built
-    -> torch's GEMM z = f W^T + b, then scanet.native_dense's one-pass epilogue softmax(relu(z)) * g * scale
+    -> torch's GEMM z = f W^T, then scanet.native_dense's one-pass epilogue softmax(relu(z + b)) * g * scale
     (forward and backward; csrc/dense_epilogues.cpp); ``native=False`` keeps the eager reference;
   * anything else (float64, CPU without the native extension) -> the eager reference.
 
@@ -178,8 +178,10 @@ def coattention(
 
             dtype = reference.compute_dtype(f.device, f, g, weight, bias)
             if dtype != torch.float64:
-                z = F.linear(f.to(dtype), weight.to(dtype), bias.to(dtype))  # the reference's GEMM (oneDNN)
-                return native_dense.coattention_epilogue(z, g, scale, out_dtype=dtype)
+                # the reference's GEMM (oneDNN) without its bias, which the epilogue adds (no bias copy into
+                # z) and differentiates (no separate sum over rows for its gradient)
+                z = F.linear(f.to(dtype), weight.to(dtype))
+                return native_dense.coattention_epilogue(z, g, scale, out_dtype=dtype, bias=bias)
         return reference.coattention(f, g, weight, bias, scale=scale)
     dtype = reference.compute_dtype(f.device, f, g, weight, bias)
     if dtype != torch.float32 or any(t.dtype != torch.float32 for t in (g, weight, bias)):
