@@ -375,6 +375,9 @@ def main(argv=None) -> None:
                 row[f"speedup_vs_{base}"] = med[base] / med[p]
                 if op == "train_step" and at_rev in med:
                     row[f"speedup_vs_{at_rev}"] = med[at_rev] / med[p]
+                    row[f"speedup_vs_{at_rev}_per_round"] = statistics.median(
+                        a / b for a, b in zip(times[at_rev], t, strict=True)
+                    )
                 row["gemm_share"] = (f / med[p]) / gemm_rate[prec]
                 if op == "train_step":
                     row["epoch_s"] = med[p] * math.ceil(PAIRS_PER_EPOCH / B)
