@@ -20,7 +20,7 @@ Providers:
   train_step:  eager             SCANet(fused=False), float32: torch.sparse.mm Chebyshev, nn.Dropout
                fused_fp32_today  SCANet(fused=True) as before this change: native Chebyshev, then nn.Dropout's
                                  separate mask pass (``fuses_dropout`` switched off), the eager co-attention
-                                 elementwise ops and head (``native = False`` on both)
+                                 elementwise ops, head and image standardization (``native = False``)
                fused_fp32        SCANet(fused=True) as scanet.train runs it: layer 1 from the per-text cache of
                                  its Chebyshev basis (scanet.fused._basis_cache, built once outside the
                                  timing; no SpMM), layer 2 native with the dropout in its epilogue, the
@@ -157,6 +157,7 @@ def train_step(provider: str):
         model.text_encoder.convs[-1].fuses_dropout = lambda x: False
         model.coattention.native = False
         model.head.native = False
+        model.image_encoder.native = False
     assert not fused or isinstance(model.text_encoder.convs[-1], fused_modules.ChebConv)
     weights = MasterWeights(model, opt, native=not provider.endswith("_unfused")) if "_master" in provider else None
     if weights is not None and provider.endswith("_master") and not weights.native:

@@ -442,6 +442,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> similarity_head_backward(const Tensor
   return {dft, dfi, need_w ? dw64.to(w.scalar_type()) : at::empty({0}, w.options()), db};
 }
 
+// ------------------------------------------------------------------------------ image standardization
+// out = (x - mean) / std per column, in float32 as eager torch computes it (a subtraction, an IEEE division),
+// rounded once into out_dtype: the bits of eager torch's sub, div and autocast's cast to bf16 for the image FC,
+// in one pass over x instead of three (each writing a fresh (B, D) tensor; ~1.2 ms a Wiki-shaped step at D = 4096).
+template <typename To>
+void standardize_impl(const float* x, int64_t B, int64_t D, const float* mean, const float* sd, To* out) {
+#pragma omp parallel for num_threads(threads_for(B * D)) schedule(static)
+  for (int64_t r = 0; r < B; ++r) {
+    const float* xr = x + r * D;
+    To* o = out + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] = store_as<To, float>((xr[d] - mean[d]) / sd[d]);
+  }
+}
+
+Tensor standardize_rows(const Tensor& x_in, const Tensor& mean_in, const Tensor& std_in,
+                        c10::optional<at::ScalarType> out_dtype) {
+  const char* what = "standardize_rows";
+  check_2d(x_in, "x", what);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, what, ": x must be float32, got ", x_in.scalar_type());
+  const int64_t B = x_in.size(0), D = x_in.size(1);
+  for (auto [t, name] : {std::pair<const Tensor&, const char*>{mean_in, "mean"}, {std_in, "std"}}) {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == D && t.scalar_type() == at::kFloat, what, ": ",
+                name, " must be a float32 CPU tensor of shape (D,) = (", D, ",), got ", t.sizes(), " ",
+                t.scalar_type());
+  }
+  const Tensor x = x_in.contiguous(), mean = mean_in.contiguous(), sd = std_in.contiguous();
+  const at::ScalarType odt = out_dtype.value_or(at::kFloat);
+  Tensor out = at::empty({B, D}, x.options().dtype(odt));
+  if (B == 0 || D == 0) return out;
+  dispatch_float_storage(odt, what, [&](auto to) {
+    using To = decltype(to);
+    standardize_impl<To>(x.data_ptr<float>(), B, D, mean.data_ptr<float>(), sd.data_ptr<float>(),
+                         static_cast<To*>(out.data_ptr()));
+  });
+  return out;
+}
+
 }  // namespace
 
 // A fragment: the library itself (and its other ops) is defined in csrc/cheb_conv.cpp.
@@ -452,6 +490,7 @@ TORCH_LIBRARY_FRAGMENT(scanet_native, m) {
         "bool need_g, Tensor? bias=None, bool need_bias=False) -> (Tensor, Tensor, Tensor)");
   m.def("similarity_head_forward(Tensor f_t, Tensor f_i, Tensor weight, Tensor? bias, float dropout_p, int seed) "
         "-> Tensor");
+  m.def("standardize_rows(Tensor x, Tensor mean, Tensor std, ScalarType? out_dtype=None) -> Tensor");
   m.def("similarity_head_backward(Tensor grad, Tensor f_t, Tensor f_i, Tensor weight, float dropout_p, int seed, "
         "bool need_f, bool need_w) -> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -461,6 +500,7 @@ TORCH_LIBRARY_IMPL(scanet_native, CPU, m) {
   m.impl("coattention_epilogue_backward", &coattention_epilogue_backward);
   m.impl("similarity_head_forward", &similarity_head_forward);
   m.impl("similarity_head_backward", &similarity_head_backward);
+  m.impl("standardize_rows", &standardize_rows);
 }
 
 }  // namespace scanet_native

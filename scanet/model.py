@@ -71,12 +71,12 @@ class SCANet(nn.Module):
         super().__init__()
         self.config = config = config or ModelConfig()
         self.fused = fused
-        conv_cls, coatt_cls, head_cls = ChebConv, StackedCoAttention, SimilarityHead
+        conv_cls, coatt_cls, head_cls, image_cls = ChebConv, StackedCoAttention, SimilarityHead, ImageEncoder
         if fused:
             from scanet import fused as fused_modules
 
             conv_cls, coatt_cls = fused_modules.ChebConv, fused_modules.StackedCoAttention
-            head_cls = fused_modules.SimilarityHead
+            head_cls, image_cls = fused_modules.SimilarityHead, fused_modules.ImageEncoder
         # A Laplacian given is owned as is (not copied, not re-checked): it moves with the model's .to(device).
         self.laplacian = Laplacian.of(laplacian)
         if self.laplacian.size != vocab_size:
@@ -111,7 +111,7 @@ class SCANet(nn.Module):
         else:
             raise ValueError(f"text_encoder must be 'gcn', 'lstm' or 'cnn', got {config.text_encoder!r}")
         if config.image_encoder == "fixed":
-            self.image_encoder = ImageEncoder(image_dim, N, act)
+            self.image_encoder = image_cls(image_dim, N, act)
         elif config.image_encoder == "cnn5":
             self.image_encoder = ImageCNN5(N, dropout=config.dropout, activation=act)
         else:

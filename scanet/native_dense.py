@@ -8,10 +8,12 @@ torch's chain of elementwise kernels around the co-attention and head GEMMs.
                                             the head's logit b + w . dropout(f_t * f_i), dropout by the
                                             counter-based mask of the Chebyshev epilogue (regenerated in
                                             backward); differentiable in all four
+``standardize_rows(x, mean, std)``           the image encoder's (x - mean) / std of fixed features, one pass,
+                                            written in the dtype the image FC's GEMM reads (not differentiable)
 
-Where they run: scanet.fused's co-attention op and SimilarityHead use them on CPU when this module is available
-(``native=False`` on those modules keeps the eager ops, e.g. for the "as before" benchmark rows); float64 keeps
-the eager reference (the kernels compute in float32).
+Where they run: scanet.fused's co-attention op, SimilarityHead and ImageEncoder use them on CPU when this module
+is available (``native=False`` on those modules keeps the eager ops, e.g. for the "as before" benchmark rows);
+float64 keeps the eager reference (the kernels compute in float32).
 
 Precision. Inputs in float32, bfloat16 or float16 (mixed, as torch.autocast hands them over), every sum and
 statistic in float32 or float64, one rounding on the way out: the epilogue's result in ``out_dtype`` (the
@@ -35,13 +37,21 @@ import torch
 
 from scanet import native
 
-__all__ = ["available", "unavailable_reason", "coattention_epilogue", "similarity_head", "head_keep_mask"]
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "coattention_epilogue",
+    "similarity_head",
+    "head_keep_mask",
+    "standardize_rows",
+]
 
 _OPS = (
     "coattention_epilogue_forward",
     "coattention_epilogue_backward",
     "similarity_head_forward",
     "similarity_head_backward",
+    "standardize_rows",
 )
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE: dict = {"done": False, "lib": None, "reason": None}
@@ -110,6 +120,10 @@ def _register() -> None:
             weight.new_empty(weight.shape if need_w else (0,)),
             weight.new_empty((1,) if need_w else (0,), dtype=torch.float32),
         )
+
+    @torch.library.register_fake(lib + "standardize_rows")
+    def _standardize_fake(x, mean, std, out_dtype=None):
+        return x.new_empty(x.shape, dtype=out_dtype or torch.float32)
 
     def _epilogue_setup(ctx, inputs, output):
         z, g, scale = inputs[:3]
@@ -187,6 +201,10 @@ def _register() -> None:
         low = torch.get_autocast_dtype("cpu")
         return f_t, f_i, weight.to(low), None if bias is None else bias.to(low), dropout_p, seed
 
+    def standardize_policy(x, mean, std, out_dtype=None):  # ready for the image FC's bf16 GEMM
+        return x, mean, std, out_dtype or torch.get_autocast_dtype("cpu")
+
+    native.register_autocast_cpu(impl, "standardize_rows", standardize_policy)
     native.register_autocast_cpu(impl, "coattention_epilogue_forward", epilogue_policy)
     native.register_autocast_cpu(impl, "similarity_head_forward", head_policy)
 
@@ -261,6 +279,28 @@ def similarity_head(
     return torch.ops.scanet_native.similarity_head_forward(
         f_t, f_i, weight.reshape(N), None if bias is None else bias.reshape(1), p, int(seed)
     )
+
+
+def standardize_rows(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """(x - mean) / std for fixed features x (B, D) float32 and per-column mean, std (D,) float32, in one pass,
+    rounded once into ``out_dtype`` (default: the autocast dtype under CPU autocast, else float32): the same bits
+    as eager torch's subtraction, division and autocast's cast. Not differentiable (x is data)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D (B, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    for name, t in (("x", x), ("mean", mean), ("std", std)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 CPU tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.requires_grad:
+            raise ValueError(f"{name} requires grad: standardize_rows is for fixed features (use the eager ops)")
+    for name, t in (("mean", mean), ("std", std)):
+        if tuple(t.shape) != (x.shape[1],):
+            raise ValueError(f"{name} must have shape ({x.shape[1]},), got {tuple(t.shape)}")
+    if out_dtype is not None and out_dtype not in _DTYPES:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    _require()
+    return torch.ops.scanet_native.standardize_rows(x, mean, std, out_dtype)
 
 
 def head_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float) -> torch.Tensor:

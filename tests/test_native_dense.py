@@ -296,13 +296,69 @@ def test_fused_head_is_a_drop_in():
     assert torch.equal(a, native(f_t, f_i))  # training mode: the mask comes from torch's generator
 
 
-def test_fused_model_uses_the_native_head():
+def test_fused_model_uses_the_native_head_and_image_encoder():
     from scanet.data.graph import random_graph_laplacian
     from scanet.model import SCANet
 
     model = SCANet(30, 8, random_graph_laplacian(30, k=3), fused=True)
-    assert isinstance(model.head, fused.SimilarityHead)
-    assert type(SCANet(30, 8, random_graph_laplacian(30, k=3)).head) is layers.SimilarityHead
+    assert isinstance(model.head, fused.SimilarityHead) and isinstance(model.image_encoder, fused.ImageEncoder)
+    eager = SCANet(30, 8, random_graph_laplacian(30, k=3))
+    assert type(eager.head) is layers.SimilarityHead and type(eager.image_encoder) is layers.ImageEncoder
+
+
+# ----------------------------------------------------------------------------------------- standardization
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (256, 4096)])
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float16])
+def test_standardize_rows_is_the_eager_computation_bit_for_bit(shape, out_dtype):
+    B, D = shape
+    gen = torch.Generator().manual_seed(B + D)
+    x = torch.rand(B, D, generator=gen)
+    mean, std = torch.rand(D, generator=gen), torch.rand(D, generator=gen) + 0.01
+    want = (x - mean) / std
+    got = native_dense.standardize_rows(x, mean, std, out_dtype)
+    assert got.dtype == (out_dtype or torch.float32)
+    assert torch.equal(got, want if out_dtype is None else want.to(out_dtype))
+    assert _err(got, (x.double() - mean.double()) / std.double()) < TOL[out_dtype or torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert native_dense.standardize_rows(x, mean, std).dtype == torch.bfloat16
+
+
+def test_standardize_rows_registration_and_errors():
+    x, m, s = torch.rand(3, 5), torch.rand(5), torch.rand(5) + 0.5
+    torch.library.opcheck(torch.ops.scanet_native.standardize_rows, (x, m, s, None))
+    with pytest.raises(ValueError, match=r"mean must have shape \(5,\)"):
+        native_dense.standardize_rows(x, torch.rand(4), s)
+    with pytest.raises(ValueError, match="x must be a float32 CPU tensor"):
+        native_dense.standardize_rows(x.double(), m, s)
+    with pytest.raises(ValueError, match="x requires grad"):
+        native_dense.standardize_rows(x.requires_grad_(), m, s)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_image_encoder_equals_the_eager_one_bitwise(precision):
+    from scanet.precision import autocast_context
+
+    torch.manual_seed(10)
+    eager = layers.ImageEncoder(40, 16)
+    native = fused.ImageEncoder(40, 16)
+    images = torch.rand(50, 40)
+    eager.set_input_statistics(images)
+    native.load_state_dict(eager.state_dict())
+    assert native.state_dict().keys() == eager.state_dict().keys()
+    calls = []
+    real = native_dense.standardize_rows
+    try:
+        native_dense.standardize_rows = lambda *a, **k: calls.append(1) or real(*a, **k)
+        with autocast_context("cpu", precision):
+            a, b = native(images[:9]), eager(images[:9])
+    finally:
+        native_dense.standardize_rows = real
+    assert calls and torch.equal(a, b)  # the same bits into the same GEMM
+    ga = torch.autograd.grad(a.float().sum(), native.fc.weight)[0]
+    gb = torch.autograd.grad(b.float().sum(), eager.fc.weight)[0]
+    assert torch.equal(ga, gb)
+    leaf = images[:4].clone().requires_grad_()  # features that require grad: the eager encoder
+    assert torch.equal(native(leaf), eager(leaf))
 
 
 # ------------------------------------------------------------------------------------------------------ errors

@@ -5,4 +5,5 @@ from scanet.fused._cheb import ChebConv, cheb_conv  # noqa: F401
 from scanet.fused._coattention import StackedCoAttention, coattention  # noqa: F401
 from scanet.fused._dispatch import PRECISIONS, default_precision, kernels_can_run  # noqa: F401
 from scanet.fused._head import SimilarityHead  # noqa: F401
+from scanet.fused._image import ImageEncoder  # noqa: F401
 from scanet.fused._pair_scores import pair_scores  # noqa: F401
