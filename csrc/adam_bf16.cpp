@@ -32,25 +32,12 @@
 #include <cstring>
 #include <optional>
 
+#include "native_common.h"
+
 namespace scanet_native {
 namespace {
 
 using at::Tensor;
-
-inline float widen_bf16(uint16_t bits) {
-  const uint32_t u = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Round to nearest even, NaN stays a (quiet) NaN: the same bits as torch's .to(torch.bfloat16).
-inline uint16_t round_bf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return (v != v) ? uint16_t(0x7FC0) : uint16_t(rounded);
-}
 
 // The float32 constants of one step, derived as torch's fused kernel derives them.
 struct StepConstants {
@@ -68,17 +55,17 @@ enum class Decay { kNone, kDecoupled, kCoupled };
 constexpr int64_t kBlock = 512;
 
 template <Decay kDecay, bool kExtraGrad>
-void adam_chunk(const StepConstants& c, float* __restrict param, const uint16_t* __restrict grad,
+void adam_chunk(const StepConstants& c, float* __restrict param, const BFloat16* __restrict grad,
                 const float* __restrict extra, float* __restrict exp_avg, float* __restrict exp_avg_sq,
-                uint16_t* __restrict copy, int64_t n) {
+                BFloat16* __restrict copy, int64_t n) {
   const float wd = c.weight_decay, decay = c.decay_factor, w = c.lerp_coefficient, b2 = c.beta2;
   const float c2 = c.grad_sq_coefficient, bc2s = c.bias_correction2_sqrt, eps = c.eps, neg_ss = c.neg_step_size;
   const bool small = c.lerp_small;
   alignas(64) float gbuf[kBlock];
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t len = std::min(kBlock, n - b0);
-    const uint16_t* gb = grad + b0;
-    for (int64_t i = 0; i < len; ++i) gbuf[i] = widen_bf16(gb[i]);
+    const BFloat16* gb = grad + b0;
+    for (int64_t i = 0; i < len; ++i) gbuf[i] = load_as<float>(gb[i]);
     if constexpr (kExtraGrad) {
       const float* e = extra + b0;
       for (int64_t i = 0; i < len; ++i) gbuf[i] = gbuf[i] + e[i];  // the unfused path's master.grad.add_(bf16)
@@ -103,8 +90,8 @@ void adam_chunk(const StepConstants& c, float* __restrict param, const uint16_t*
       vv[i] = v;
       pp[i] = p + (neg_ss * m) / denom;
     }
-    uint16_t* out = copy + b0;
-    for (int64_t i = 0; i < len; ++i) out[i] = round_bf16(pp[i]);
+    BFloat16* out = copy + b0;
+    for (int64_t i = 0; i < len; ++i) out[i] = store_as<BFloat16, float>(pp[i]);
   }
 }
 
@@ -145,11 +132,11 @@ void adam_bf16_step(const Tensor& param, const Tensor& grad, const std::optional
   const Decay decay = weight_decay == 0 ? Decay::kNone : (decoupled ? Decay::kDecoupled : Decay::kCoupled);
 
   float* p = param.data_ptr<float>();
-  const auto* g = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
+  const BFloat16* g = grad.data_ptr<at::BFloat16>();
   const float* e = extra_grad.has_value() ? extra_grad->data_ptr<float>() : nullptr;
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
-  auto* out = reinterpret_cast<uint16_t*>(param_bf16.data_ptr<at::BFloat16>());
+  BFloat16* out = param_bf16.data_ptr<at::BFloat16>();
 
   // 32 K elements a task (~0.9 MB of traffic): large enough to amortize the task, small enough to balance.
   constexpr int64_t kGrain = 1 << 15;

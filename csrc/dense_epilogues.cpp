@@ -103,6 +103,20 @@ void dispatch3(at::ScalarType a, at::ScalarType b, at::ScalarType c, const char*
   });
 }
 
+// Column sums over rows in a fixed order: rows are summed in blocks of kSumRows (each block by one thread, rows
+// in order, in double, into part[block][n]), then sum_row_blocks adds the blocks in block order. The result does
+// not depend on the thread count.
+constexpr int64_t kSumRows = 16;
+
+inline void sum_row_blocks(const double* part, int64_t nblocks, int64_t N, double* out) {
+  for (int64_t n = 0; n < N; ++n) out[n] = 0.0;
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const double* pb = part + blk * N;
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) out[n] += pb[n];
+  }
+}
+
 void check_2d(const Tensor& t, const char* name, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), what, ": ", name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == 2, what, ": ", name, " must be 2-D (M, N), got shape ", t.sizes());
@@ -186,13 +200,10 @@ std::tuple<Tensor, Tensor> coattention_epilogue_forward(const Tensor& z_in, cons
   return {out, p};
 }
 
-// Rows per block of the bias gradient's partial sums (rows in order within a block, blocks in order).
-constexpr int64_t kBiasRows = 16;
-
 template <typename Td, typename Tz, typename Tg>
 void coattention_backward_impl(const Td* dout, const float* p, const Tz* z, const Tg* g, const float* bias,
                                int64_t M, int64_t N, float scale, Tz* dz, Tg* dg, double* db) {
-  const int64_t nblocks = (M + kBiasRows - 1) / kBiasRows;
+  const int64_t nblocks = (M + kSumRows - 1) / kSumRows;
   std::vector<double> part(db ? nblocks * N : 0, 0.0);
 #pragma omp parallel num_threads(threads_for(M * N))
   {
@@ -202,7 +213,7 @@ void coattention_backward_impl(const Td* dout, const float* p, const Tz* z, cons
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       double* acc = db ? part.data() + blk * N : nullptr;
-      for (int64_t m = blk * kBiasRows; m < std::min(M, (blk + 1) * kBiasRows); ++m) {
+      for (int64_t m = blk * kSumRows; m < std::min(M, (blk + 1) * kSumRows); ++m) {
         const Td* dr = dout + m * N;
         const float* pr = p + m * N;
         const Tg* gr = g + m * N;
@@ -235,14 +246,7 @@ void coattention_backward_impl(const Td* dout, const float* p, const Tz* z, cons
       }
     }
   }
-  if (db) {
-    for (int64_t n = 0; n < N; ++n) db[n] = 0.0;
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const double* pb = part.data() + blk * N;
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n) db[n] += pb[n];
-    }
-  }
+  if (db) sum_row_blocks(part.data(), nblocks, N, db);
 }
 
 // Returns (dz, dg, dbias): dz, dg in z's and g's dtypes, dbias (N,) float32 (the sum of dz over rows, in
@@ -349,15 +353,11 @@ Tensor similarity_head_forward(const Tensor& ft_in, const Tensor& fi_in, const T
   return logit;
 }
 
-// Rows per block of the head's backward: dw's partial sums are kept per block of kHeadRows rows (each summed in
-// row order, in double) and the blocks are added in block order, whatever thread ran them: a fixed order.
-constexpr int64_t kHeadRows = 16;
-
 template <typename Tf, typename Ti, typename Tw>
 void head_backward_impl(const float* dl, const Tf* ft, const Ti* fi, const Tw* w, const Dropout& drop, int64_t M,
                         int64_t N, Tf* dft, Ti* dfi, double* dw) {
   const float s = float(drop.scale);
-  const int64_t nblocks = (M + kHeadRows - 1) / kHeadRows;
+  const int64_t nblocks = (M + kSumRows - 1) / kSumRows;
   std::vector<double> part(dw ? nblocks * N : 0, 0.0);
   std::vector<float> wv(N);
   for (int64_t n = 0; n < N; ++n) wv[n] = load_as<float>(w[n]);
@@ -369,7 +369,7 @@ void head_backward_impl(const float* dl, const Tf* ft, const Ti* fi, const Tw* w
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       double* acc = dw ? part.data() + blk * N : nullptr;
-      for (int64_t m = blk * kHeadRows; m < std::min(M, (blk + 1) * kHeadRows); ++m) {
+      for (int64_t m = blk * kSumRows; m < std::min(M, (blk + 1) * kSumRows); ++m) {
         if (drop.on) keep_row(drop, m, N, 0, N, k);
         const float g = dl[m] * s;
         const Tf* a = ft + m * N;
@@ -392,14 +392,7 @@ void head_backward_impl(const float* dl, const Tf* ft, const Ti* fi, const Tw* w
       }
     }
   }
-  if (dw) {
-    for (int64_t n = 0; n < N; ++n) dw[n] = 0.0;
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const double* pb = part.data() + blk * N;
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n) dw[n] += pb[n];
-    }
-  }
+  if (dw) sum_row_blocks(part.data(), nblocks, N, dw);
 }
 
 // Returns (df_t, df_i, dw, db): df_t, df_i in f_t's and f_i's dtypes ((0,) unless need_f); dw (N,) in w's dtype
