@@ -83,6 +83,16 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
+def runs_on(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether a drop-in of scanet.fused hands tensors like ``t`` to these ops: a non-empty CPU tensor, of
+    ``dtype`` when given (else anything but float64, which keeps the eager reference), and the ops available."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return False
+    if (t.dtype != dtype) if dtype is not None else (t.dtype == torch.float64):
+        return False
+    return available()
+
+
 def _require() -> None:
     reason = unavailable_reason()
     if reason is not None:

@@ -148,11 +148,11 @@ def kernel_precision(dtype: torch.dtype, precision: str = "fp32") -> str:
 def uses_native_epilogue(f: torch.Tensor) -> bool:
     """True when ``coattention`` on CPU tensors like ``f`` (not under the interpreter) runs the native epilogue:
     float32, bfloat16 or float16 (autocast included; float64 keeps the reference) and the extension built."""
-    if f.device.type != "cpu" or kernels_can_run(f.device) or f.dtype == torch.float64 or f.numel() == 0:
+    if kernels_can_run(f.device):
         return False
     from scanet import native_dense
 
-    return native_dense.available()
+    return native_dense.runs_on(f)
 
 
 def coattention(

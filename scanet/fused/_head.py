@@ -18,11 +18,9 @@ from scanet import layers
 
 def uses_native_head(f_t: torch.Tensor) -> bool:
     """True when the head on tensors like ``f_t`` runs the native op (CPU, not float64, extension built)."""
-    if f_t.device.type != "cpu" or f_t.dtype == torch.float64 or f_t.numel() == 0:
-        return False
     from scanet import native_dense
 
-    return native_dense.available()
+    return native_dense.runs_on(f_t)
 
 
 class SimilarityHead(layers.SimilarityHead):

@@ -31,10 +31,10 @@ class ImageEncoder(layers.ImageEncoder):
         return super().forward(image)
 
     def _native_applies(self, image: torch.Tensor) -> bool:
-        if image.device.type != "cpu" or image.dtype != torch.float32 or image.dim() != 2 or image.requires_grad:
+        if image.dim() != 2 or image.requires_grad:
             return False
         if self.input_mean.dtype != torch.float32 or self.input_mean.requires_grad:
             return False
         from scanet import native_dense
 
-        return native_dense.available()
+        return native_dense.runs_on(image, torch.float32)
