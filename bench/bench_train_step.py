@@ -20,7 +20,8 @@ Providers:
   train_step:  eager             SCANet(fused=False), float32: torch.sparse.mm Chebyshev, nn.Dropout
                fused_fp32_today  SCANet(fused=True) as before this change: native Chebyshev, then nn.Dropout's
                                  separate mask pass (``fuses_dropout`` switched off), the eager co-attention
-                                 elementwise ops, head and image standardization (``native = False``)
+                                 elementwise ops, head and image standardization (``native = False``), layer 2's
+                                 dW from its saved basis (``save_basis = True``)
                fused_fp32        SCANet(fused=True) as scanet.train runs it: layer 1 from the per-text cache of
                                  its Chebyshev basis (scanet.fused._basis_cache, built once outside the
                                  timing; no SpMM), layer 2 native with the dropout in its epilogue, the
@@ -37,6 +38,9 @@ Providers:
                                  into persistent buffers, torch's fused AdamW on the masters, the copies
                                  refreshed in place (no per-step casts into fresh 20/41 MB tensors); the
                                  same numbers as fused_bf16, bit for bit
+               fused_bf16_master_saved_basis  fused_bf16_master with layer 2's forward saving its Chebyshev
+                                 basis for dW (``ChebConv.save_basis = True``, as before the adjoint backward:
+                                 20 MB more written and read a step)
   pair_scores: fp32_today  the chunk loop as it was before this change (gathered f[ti], a1[ii] copies, the
                            last layer's scale applied to both factors; fp32), kept here as the baseline
                eager       scanet.reference.pair_logits now, fp32 (layer 1 by broadcasting, scale folded into
@@ -85,6 +89,7 @@ STEP_PROVIDERS = (
     "fused_bf16",
     "fused_bf16_master",
     "fused_bf16_master_unfused",
+    "fused_bf16_master_saved_basis",
 )
 PAIR_PROVIDERS = ("fp32_today", "eager", "bf16")
 GEMM_SHAPES = {"train_step": (B, V_WIKI, N_COMMON), "pair_scores": (16_384, N_COMMON, N_COMMON)}
@@ -152,6 +157,8 @@ def train_step(provider: str):
     # cache on the native backend); "_today" and "_gather" hand over the gathered batch (layer 1 by SpMMs).
     cached = not (today or provider.endswith("_gather"))
 
+    if today or provider.endswith("_saved_basis"):  # layer 2's dW from its saved basis, as before the adjoint
+        model.text_encoder.convs[-1].save_basis = True
     if today:  # the step before the dropout moved into the epilogue (nn.Dropout after the GCN) and before the
         # native co-attention epilogue and head (scanet.native_dense): eager elementwise ops there
         model.text_encoder.convs[-1].fuses_dropout = lambda x: False
@@ -160,7 +167,7 @@ def train_step(provider: str):
         model.image_encoder.native = False
     assert not fused or isinstance(model.text_encoder.convs[-1], fused_modules.ChebConv)
     weights = MasterWeights(model, opt, native=not provider.endswith("_unfused")) if "_master" in provider else None
-    if weights is not None and provider.endswith("_master") and not weights.native:
+    if weights is not None and not provider.endswith("_unfused") and not weights.native:
         raise RuntimeError(f"{provider}: the native optimizer step is off: {weights.native_off_reason}")
     stepper = weights or opt  # zero_grad() and step(), as in scanet.train
     forward_weights = weights.in_forward if weights is not None else contextlib.nullcontext

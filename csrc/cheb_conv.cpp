@@ -507,7 +507,8 @@ inline at::ScalarType acc_dtype(const Tensor& x, const char* what) {
 
 // Returns (y, saved). saved is what backward needs for dW, in Acc: T_1..T_{K-1}, preceded by T_0 when x is not
 // stored as (V, B, F) in Acc (its tiled, converted copy, so that backward need not transpose x again):
-// (K-1 or K, V, B*F_in), or (0, V, B*F_in) without save_basis. y is written in out_dtype (default x's dtype).
+// (K-1 or K, V, B*F_in), or (0, V, B*F_in) without save_basis (backward then takes dW from the adjoint
+// recursion, see backward_tiled). y is written in out_dtype (default x's dtype).
 std::tuple<Tensor, Tensor> cheb_conv_forward(const Tensor& crow, const Tensor& col, const Tensor& values,
                                              const Tensor& x, const Tensor& weight,
                                              const c10::optional<Tensor>& bias, bool relu, bool save_basis,
@@ -641,6 +642,12 @@ void reduce_and_mask(const T* gy, const Ty* yv, bool relu, const Dropout& drop, 
 // count. gy[b gs0 + v gs1 + fo gs2] is element (b, v, fo) of grad_y in its own dtype Tg; yv the output as
 // (V, B, F_out) rows; X is T_0 as (V, B F_in) rows and saved holds T_1 .. T_{K-1} tile by tile (as
 // forward_impl wrote them); dx is written (B, V, F_in) contiguous.
+// Without a saved basis (saved == nullptr, dW wanted, K >= 2): the adjoint recursion instead of Clenshaw.
+// dW_k = <T_k(L~) x, dz> = <x, T_k(A) dz>, so each tile runs U_0 = dz, U_1 = A U_0, U_k = 2 A U_{k-1} - U_{k-2}
+// (K-1 SpMMs over its n F_out columns, as many as Clenshaw's over n F_in) and sums dW_k = <T_0, U_k> and
+// dx = sum_k U_k W_k^T on the way. The forward then writes no basis: for the Wiki layer 2 (K = 3, F = 1) that
+// is 2 x 10 MB less written a step (~1.7 ms measured) and read back, for T_0's columns copied once per tile.
+// Used where x requires grad and F_out <= F_in (scanet.native.cheb_conv decides what the forward saves).
 // Vertices per block of the gradient's transposition: a (B, V) gradient is read as runs of kGradRows along V
 // (512 B of bf16 per batch entry: whole lines the next block's prefetch fetches ahead, where 64-vertex runs
 // left the loads waiting on memory), into a kGradRows x n F_out scratch that stays in L1 (32 KB at n = 32).
@@ -660,17 +667,22 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
   const int64_t nw = need_w ? K * Fin * Fout : 0, nbias = need_b ? Fout : 0, nout = nw + nbias;
   const int64_t nchunks = (B + kLanes - 1) / kLanes;
   std::vector<double> part(std::max<int64_t>(1, nchunks * nout * kLanes), 0.0);
-  const bool clenshaw = need_x && K >= 2;
-  const int64_t ci_max = nb * Fin, co_max = nb * Fout;
+  // Without a saved basis, dW comes from the adjoint recursion U_k = T_k(A) dz (see the comment above).
+  const bool adjoint = need_w && saved == nullptr && K >= 2;
+  const bool clenshaw = need_x && K >= 2 && !adjoint;
+  const bool recur = clenshaw || adjoint;  // dz kept whole, as a compact (V, n F_out) tile
+  const int64_t ci_max = nb * Fin, co_max = nb * Fout, cm = round16(std::max(ci_max, co_max));
   // The gradient as (V, B, F_out) rows (what the bf16 text FC hands back in the Wiki step: strides (1, B, B)
   // for F_out = 1): each tile's piece of a row is contiguous and read in place, no transposition.
   const bool grad_rows = (gs[0] == Fout || B == 1) && (gs[2] == 1 || Fout == 1) && (gs[1] == Co || V == 1);
   // Scratch per thread: dz (V x n F_out; a row without the recurrence), b_{k+1} and b_{k+2} tiles (V x n F_in),
   // the transposed gradient block, and two rows.
-  const int64_t ndz = clenshaw ? V * co_max : round16(co_max);
-  const int64_t nbt = clenshaw ? (K >= 3 ? 2 : 1) * V * ci_max : 0;
-  const size_t scratch =
-      size_t(ndz + nbt + kGradRows * co_max + round16(ci_max) * 2 + round16(co_max) + kDxRows * ci_max) * sizeof(T);
+  // adjoint: U_1's tile, the tile's T_0 columns (compact) and, for K >= 4 with dx, dx's partial sums.
+  const int64_t ndz = recur ? V * co_max : round16(co_max);
+  const int64_t nbt = clenshaw  ? (K >= 3 ? 2 : 1) * V * ci_max
+                      : adjoint ? V * co_max + V * ci_max + (need_x && K >= 4 ? V * ci_max : 0)
+                                : 0;
+  const size_t scratch = size_t(ndz + nbt + kGradRows * co_max + cm * 2 + round16(co_max) + kDxRows * ci_max) * sizeof(T);
 #pragma omp parallel for num_threads(int(std::min<int64_t>(nt, ntiles))) schedule(dynamic, 1)
   for (int64_t tile = 0; tile < ntiles; ++tile) {
     const int64_t b0 = tile * nb, n = std::min(nb, B - b0), ci = n * Fin, co = n * Fout;
@@ -679,13 +691,14 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
     T* bt = dz + ndz;
     T* gblk = bt + nbt;
     T* acc = gblk + kGradRows * co_max;
-    T* g = acc + round16(ci_max);
-    T* zrow = g + round16(ci_max);
+    T* g = acc + cm;
+    T* zrow = g + cm;
     T* dxblk = zrow + round16(co_max);
     T* b_hi = clenshaw ? bt : nullptr;
     const T* tk[kMaxK];
     for (int64_t k = 0; k < K; ++k)  // T_k of this tile: T_0 strided rows of X, T_k >= 1 its compact saved block
-      tk[k] = !need_w ? nullptr : k == 0 ? X + b0 * Fin : saved + (k - 1) * V * C + b0 * Fin * V;
+      tk[k] = !need_w ? nullptr : k == 0 ? X + b0 * Fin : adjoint ? nullptr : saved + (k - 1) * V * C + b0 * Fin * V;
+    T* xc = adjoint ? bt + V * co_max : nullptr;  // adjoint: T_0's columns of this tile, compact (read K times)
     // dx as (B, V, F_in) contiguous: entry j's row v at (b0 + j) V F_in + v F_in, one run per entry along V
     // (the layout the cached-basis backward reads in place: measured 2-3x faster there than (V, B) rows).
     auto store_dx = [&](const T* row, int64_t v) {
@@ -693,11 +706,26 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
       for (int64_t j = 0; j < n; ++j)
         for (int64_t fi = 0; fi < Fin; ++fi) d[j * V * Fin + fi] = row[j * Fin + fi];
     };
+    // dx rows finished into dxblk (row v at (v % kDxRows) ci) are stored as (B, V, F_in) runs per entry, a block
+    // of kDxRows rows at a time (scattered single stores, one line per entry and row, measured slower).
+    auto dx_row = [&](int64_t v) { return dxblk + (v % kDxRows) * ci; };
+    auto dx_row_done = [&](int64_t v) {
+      if (v % kDxRows != kDxRows - 1 && v != V - 1) return;
+      const int64_t r0 = v - v % kDxRows, nr = v - r0 + 1;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t fi = 0; fi < Fin; ++fi) {
+          T* d = dx + (b0 + j) * V * Fin + r0 * Fin + fi;
+          const T* src = dxblk + j * Fin + fi;
+          for (int64_t r = 0; r < nr; ++r) d[r * Fin] = src[r * ci];
+        }
+    };
+    // dW partials of term k for row v: sum over the row's entries of T0[v] (tile columns, row stride 1) x U[v].
     const int64_t c0 = b0 / kLanes;  // this tile's first chunk (b0 is a multiple of kLanes, or 0)
     // One channel: the tile's lane sums as nout rows of n doubles, folded into `part` after the tile.
     const bool one = Fin == 1 && Fout == 1;
     std::vector<double> tacc_buf(one ? nout * nb : 0, 0.0);
     double* tacc = tacc_buf.data();
+    const int64_t kdots = !need_w ? 0 : adjoint ? 1 : K;  // the terms whose dW the mask pass sums
     for (int64_t v0 = 0; v0 < V; v0 += kGradRows) {
       const int64_t nv = std::min(V, v0 + kGradRows) - v0;
       if (grad_rows) {
@@ -720,7 +748,7 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
       }
       for (int64_t r = 0; r < nv; ++r) {
         const int64_t v = v0 + r;
-        T* z = clenshaw ? dz + v * co : zrow;
+        T* z = recur ? dz + v * co : zrow;
         const Ty* yr = yv + v * Co + b0 * Fout;
         if (v + kRowsAhead < V) {
           if (relu) prefetch_span(yr + kRowsAhead * Co, co * sizeof(Ty), false);
@@ -747,7 +775,7 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
         }
         if (drop.on) apply_dropout_row(z, b0, n, Fout, v, V, drop);
         if (one) {  // one channel: lane (chunk q, l) is entry j = q kLanes + l, a plain loop over the row
-          for (int64_t k = 0; k < K && need_w; ++k) {
+          for (int64_t k = 0; k < kdots; ++k) {
             const T* t = k == 0 ? tk[0] + v * C : tk[k] + v * ci;
             double* a = tacc + k * nb;
 #pragma omp simd
@@ -763,7 +791,7 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
             const int64_t len = std::min<int64_t>(kLanes, n - j0);
             double* p = part.data() + (c0 + j0 / kLanes) * nout * kLanes;
             if (need_w)
-              for (int64_t k = 0; k < K; ++k) {
+              for (int64_t k = 0; k < kdots; ++k) {
                 const T* t = k == 0 ? tk[0] + v * C : tk[k] + v * ci;
                 for (int64_t fi = 0; fi < Fin; ++fi)
                   for (int64_t fo = 0; fo < Fout; ++fo)
@@ -774,12 +802,76 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
               for (int64_t fo = 0; fo < Fout; ++fo) sum_lanes(z + j0 * Fout + fo, Fout, len, p + (nw + fo) * kLanes);
           }
         }
+        if (adjoint) copy_row(tk[0] + v * C, ci, xc + v * ci);
         if (clenshaw) {
           pullback_row(z, W + (K - 1) * Fin * Fout, n, Fin, Fout, b_hi + v * ci);  // b_{K-1} = G_{K-1}
-        } else if (need_x) {  // K == 1: dx = dz W_0^T
+        } else if (need_x && !adjoint) {  // K == 1: dx = dz W_0^T
           pullback_row(z, W, n, Fin, Fout, g);
           store_dx(g, v);
         }
+      }
+    }
+    if (adjoint) {
+      // U_k = T_k(A) dz in the tile (U_0 = dz, U_1 = A dz, U_k = 2 A U_{k-1} - U_{k-2}, each overwriting U_{k-2}
+      // row by row); dW_k = <T_0, U_k> and dx = sum_k U_k W_k^T, U_{k-2}'s share taken before it is overwritten.
+      T* u_prev2 = nullptr;
+      T* u_prev = dz;
+      T* dsum = need_x && K >= 4 ? xc + V * ci_max : nullptr;
+      for (int64_t k = 1; k < K; ++k) {
+        T* out = k == 1 ? bt : u_prev2;
+        const bool last = k == K - 1;
+        for (int64_t v = 0; v < V; ++v) {
+          T* u = out + v * co;
+          spmm_row(A, u_prev, co, v, A.nnz, acc);
+          T* o = nullptr;  // where row v's dx share of this pass goes
+          if (need_x && (last || k >= 2)) {
+            o = last ? dx_row(v) : dsum + v * ci;
+            if (last && dsum) copy_row(dsum + v * ci, ci, o);
+            const bool fresh = last ? !dsum : k == 2;
+            if (k >= 2) {
+              pullback_row(u, W + (k - 2) * Fin * Fout, n, Fin, Fout, g);  // u is still U_{k-2}'s row
+              if (fresh) copy_row(g, ci, o);
+              else {
+#pragma omp simd
+                for (int64_t c = 0; c < ci; ++c) o[c] += g[c];
+              }
+            } else {
+#pragma omp simd
+              for (int64_t c = 0; c < ci; ++c) o[c] = T(0);
+            }
+          }
+          if (k == 1) {
+            copy_row(acc, co, u);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < co; ++c) u[c] = T(2) * acc[c] - u[c];
+          }
+          const T* xr = xc + v * ci;
+          if (one) {
+            double* a = tacc + k * nb;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) a[j] += double(xr[j]) * double(u[j]);
+          } else {
+            for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+              const int64_t len = std::min<int64_t>(kLanes, n - j0);
+              double* p = part.data() + (c0 + j0 / kLanes) * nout * kLanes;
+              for (int64_t fi = 0; fi < Fin; ++fi)
+                for (int64_t fo = 0; fo < Fout; ++fo)
+                  dot_lanes(xr + j0 * Fin + fi, Fin, u + j0 * Fout + fo, Fout, len,
+                            p + ((k * Fin + fi) * Fout + fo) * kLanes);
+            }
+          }
+          if (need_x && last) {
+            for (int64_t kk = k - 1; kk <= k; ++kk) {
+              pullback_row(kk == k ? u : u_prev + v * co, W + kk * Fin * Fout, n, Fin, Fout, g);
+#pragma omp simd
+              for (int64_t c = 0; c < ci; ++c) o[c] += g[c];
+            }
+            dx_row_done(v);
+          }
+        }
+        u_prev2 = u_prev;
+        u_prev = out;
       }
     }
     if (one)
@@ -797,7 +889,7 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
       for (int64_t v = 0; v < V; ++v) {
         spmm_row(A, b1, ci, v, A.nnz, acc);
         pullback_row(dz + v * co, Wk, n, Fin, Fout, g);
-        T* o = out ? out + v * ci : dxblk + (v % kDxRows) * ci;  // dx: a block of rows, then stored as runs
+        T* o = out ? out + v * ci : dx_row(v);  // dx: a block of rows, then stored as runs
         if (b2) {
           const T* p2 = b2 + v * ci;
 #pragma omp simd
@@ -806,15 +898,7 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
 #pragma omp simd
           for (int64_t c = 0; c < ci; ++c) o[c] = g[c] + twice * acc[c];
         }
-        if (!out && (v % kDxRows == kDxRows - 1 || v == V - 1)) {  // entry j's run of the block, contiguous
-          const int64_t r0 = v - v % kDxRows, nr = v - r0 + 1;
-          for (int64_t j = 0; j < n; ++j)
-            for (int64_t fi = 0; fi < Fin; ++fi) {
-              T* d = dx + (b0 + j) * V * Fin + r0 * Fin + fi;
-              const T* src = dxblk + j * Fin + fi;
-              for (int64_t r = 0; r < nr; ++r) d[r * Fin] = src[r * ci];
-            }
-        }
+        if (!out) dx_row_done(v);
       }
       b2 = b1;
       b1 = out;
@@ -853,8 +937,8 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
   const bool x_direct = is_vb(x) && x.scalar_type() == acc;
   const int64_t t0 = x_direct ? 0 : 1;
   TORCH_CHECK(saved.dim() == 3 && saved.size(1) == V && saved.size(2) == B * Fin &&
-                  (saved.size(0) == K - 1 + t0 || (!need_w && saved.size(0) == 0)),
-              "cheb_conv_backward: the saved basis must be what cheb_conv_forward returned with save_basis=True");
+                  (saved.size(0) == K - 1 + t0 || saved.size(0) == 0),
+              "cheb_conv_backward: the saved basis must be what cheb_conv_forward returned");
   check_csr(crow, col, values, V, "cheb_conv_backward");
   const bool transposed = crow_t.has_value();
   validate_csr(crow, col, V, "cheb_conv_backward");
@@ -865,8 +949,18 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
   }
   need_b = need_b && has_bias;
   const Tensor Sc = saved.contiguous();
-  // T_0: x itself when stored as (V, B, F_in) in Acc (a view), else its copy at the front of saved.
-  const Tensor X = (need_w && x_direct) ? vb_layout(x) : Tensor();
+  // Without a saved basis (save_basis=False) dW comes from the adjoint recursion (backward_tiled), which reads
+  // T_0 only: x itself.
+  const bool from_x = need_w && saved.size(0) == 0;
+  // T_0: x itself when stored as (V, B, F_in) in Acc (a view), else its copy at the front of saved, or, without
+  // one, x transposed and converted here.
+  Tensor X;
+  if (need_w && x_direct) {
+    X = vb_layout(x);
+  } else if (from_x) {
+    X = at::empty({V, B, Fin}, x.options().dtype(acc));
+    X.copy_(x.permute({1, 0, 2}));
+  }
   // The gradient is read in place, in its own strides, as Acc or as y's dtype (the text FC hands back a bf16
   // (B, V) gradient: no transposed, widened copy); another dtype is converted first.
   const Tensor G = (grad_y.scalar_type() == ydt || grad_y.scalar_type() == acc) ? grad_y : grad_y.to(acc);
@@ -886,9 +980,9 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
     dispatch_storage(ydt, "cheb_conv_backward", [&](auto tag) {
       using Ty = decltype(tag);
       Csr<T> A{crow_u.data_ptr<int64_t>(), col_u.data_ptr<int64_t>(), val_u.data_ptr<T>(), col_u.numel()};
-      const T* sp = need_w ? Sc.data_ptr<T>() : nullptr;
-      const T* X0 = !need_w ? nullptr : x_direct ? X.data_ptr<T>() : sp;
-      const T* basis = need_w ? sp + t0 * V * B * Fin : nullptr;
+      const T* sp = need_w && !from_x ? Sc.data_ptr<T>() : nullptr;
+      const T* X0 = !need_w ? nullptr : X.defined() ? X.data_ptr<T>() : sp;
+      const T* basis = sp ? sp + t0 * V * B * Fin : nullptr;
       std::vector<double> dWd(need_w ? K * Fin * Fout : 0), dbd(need_b ? Fout : 0);
       auto run = [&](auto gtag) {
         using Tg = decltype(gtag);

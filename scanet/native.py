@@ -227,15 +227,11 @@ def _register_python_side() -> None:
         nones = (None,) * 12
         if grad_y is None or not (need_x or need_w or need_b):
             return nones
-        direct = _is_vb(x) and x.dtype == _acc_dtype(x.dtype)
-        if need_w and saved.shape[0] != weight.shape[0] - 1 + (0 if direct else 1):
-            raise RuntimeError(
-                "scanet_native.cheb_conv_forward ran with save_basis=False, so the weight "
-                "gradient cannot be computed; call scanet.native.cheb_conv instead"
-            )
-        # dx propagates with L~^T: L~ itself when symmetric, else the transpose (built once, cached).
+        # dx, and dW without a saved basis (the adjoint recursion), propagate with L~^T: L~ itself when
+        # symmetric, else the transpose (built once, cached).
+        adjoint = need_w and saved.shape[0] == 0 and weight.shape[0] >= 2
         transposed = (None, None, None)
-        if need_x and not ctx.symmetric:
+        if (need_x or adjoint) and not ctx.symmetric:
             transposed = (
                 _laplacian_info(crow, col, values).transpose()
                 if _has_storage(crow, col, values)
@@ -492,6 +488,7 @@ def cheb_conv(
     dropout_p: float = 0.0,
     training: bool = True,
     out_dtype: torch.dtype | None = None,
+    save_basis: bool | None = None,
 ) -> torch.Tensor:
     """One Chebyshev graph convolution, the contract of ``scanet.reference.cheb_conv``, fused on CPU.
 
@@ -513,6 +510,12 @@ def cheb_conv(
     dropout_p, training: with ``training`` and ``dropout_p > 0`` the result is ``y * keep / (1 - dropout_p)``
     (``nn.Dropout`` on the output, fused into the epilogue; see the module docstring); the seed is drawn from
     torch's default generator.
+    save_basis: how backward gets the weight gradient. True: the forward saves T_1 x .. T_{K-1} x and backward
+    reads them (dW_k = <T_k x, dz>); False: nothing is saved and backward runs the adjoint recursion
+    U_k = T_k(L~^T) dz (dW_k = <x, U_k>; K-1 SpMMs over F_out channels, which it runs anyway when dx is wanted);
+    None (default): True where x does not require grad (the first layer: backward then needs no SpMM at all) or
+    F_out > F_in, else False (the Wiki layer 2: 20 MB a step less written and read). Same result either way, up to
+    the order of float32 sums.
     """
     if isinstance(laplacian_csr, Laplacian):
         # The prepared operator knows whether it is symmetric (computed once); its values stay float32 for
@@ -545,6 +548,8 @@ def cheb_conv(
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if symmetric not in (None, True, False):
         raise ValueError(f"symmetric must be True, False or None, got {symmetric!r}")
+    if save_basis not in (None, True, False):
+        raise ValueError(f"save_basis must be True, False or None, got {save_basis!r}")
     if out_dtype is not None and (
         out_dtype not in _CHEB_DTYPES or (out_dtype == torch.float64) != (x.dtype == torch.float64)
     ):
@@ -572,7 +577,13 @@ def cheb_conv(
         )
     p = float(dropout_p) if training else 0.0
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
-    save_basis = torch.is_grad_enabled() and weight.requires_grad
+    # The basis T_1 x .. T_{K-1} x is saved for dW only where backward would not run the recursion anyway: when
+    # dx is wanted too (x requires grad), backward's K-1 SpMMs give dW from U_k = T_k(L~^T) dz instead (the
+    # adjoint recursion, csrc/cheb_conv.cpp), which costs no more there while F_out <= F_in; the forward then
+    # writes no basis (Wiki layer 2: 20 MB a step).
+    if save_basis is None:
+        save_basis = not (x.requires_grad and weight.shape[-1] <= weight.shape[-2])
+    save_basis = bool(save_basis) and torch.is_grad_enabled() and weight.requires_grad
     y, _ = _run(
         torch.ops.scanet_native.cheb_conv_forward,
         crow,

@@ -312,6 +312,7 @@ def test_cpu_dispatch_without_interpreter(monkeypatch):
         "dropout_p": 0.3,
         "training": False,
         "out_dtype": torch.float32,
+        "save_basis": None,
     }
     calls.clear()
     fake.available = lambda: False

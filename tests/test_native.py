@@ -129,6 +129,99 @@ def test_cheb_conv_matches_reference_float64(kind, shape, K):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def _raw_forward(L, x, w, b, save_basis, dropout_p=0.0, seed=0, out_dtype=None):
+    """scanet_native::cheb_conv_forward itself (through its registered autograd), save_basis as given."""
+    crow, col, values = L.crow_indices(), L.col_indices(), L.values()
+    y, _ = torch.ops.scanet_native.cheb_conv_forward(
+        crow, col, values.to(w.dtype), x, w, b, True, save_basis, False, dropout_p, seed, out_dtype
+    )
+    return y
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["symmetric", "nonsymmetric", "empty_rows"])
+@pytest.mark.parametrize("shape", [(3, 7, 1, 1), (17, 70, 1, 1), (2, 13, 3, 2), (5, 33, 2, 3)], ids=str)
+@pytest.mark.parametrize("K", [2, 3, 4, 5])
+@pytest.mark.parametrize("want", ["w", "x+w"])
+def test_backward_with_and_without_saved_basis(kind, shape, K, want):
+    """dW from the saved basis (<T_k x, dz>) and from the adjoint recursion (<x, T_k(L~^T) dz>, no basis saved)
+    both match the float64 reference, with and without dx, with dropout and F_out above or below F_in."""
+    B, V, F_in, F_out = shape
+    L = awkward_laplacian(V, kind)
+    x, w, b = _inputs(B, V, F_in, F_out, K, seed=K + 11)
+    go = torch.randn(B, V, F_out, dtype=torch.float64)
+    got = {}
+    for save in (True, False):
+        xr = x.clone().requires_grad_(want == "x+w")
+        wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
+        leaves = [xr, wr, br] if want == "x+w" else [wr, br]
+        y = _raw_forward(L, xr, wr, br, save)
+        got[save] = torch.autograd.grad(y, leaves, go)
+        yd = _raw_forward(L, xr, wr, br, save, dropout_p=0.3, seed=7)
+        got[save, "dropout"] = torch.autograd.grad(yd, leaves, go)
+    xr, wr, br = x.clone().requires_grad_(want == "x+w"), w.clone().requires_grad_(), b.clone().requires_grad_()
+    y_ref = reference.cheb_conv(L, xr, wr, br, "relu")
+    want_grads = torch.autograd.grad(y_ref, [xr, wr, br] if want == "x+w" else [wr, br], go)
+    for save in (True, False):
+        for a, c in zip(got[save], want_grads, strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+        for a, c in zip(got[save, "dropout"], got[True, "dropout"], strict=True):  # same mask either way
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+    assert any(g.abs().sum() > 0 for g in got[False, "dropout"])
+
+
+@needs_native
+def test_backward_without_saved_basis_low_precision_x():
+    """bf16 / fp16 x (not stored as the kernels read it: converted in backward) and a bf16 output, the adjoint
+    path against the saved-basis path (same float32 arithmetic but the order of dW's sums)."""
+    B, V, K = 21, 90, 3
+    L = knn_laplacian(V)
+    x64, w64, b64 = _inputs(B, V, 1, 1, K, seed=4)
+    go = torch.randn(B, V, 1)
+    for dtype in (torch.bfloat16, torch.float16):
+        res = []
+        for save in (True, False):
+            xr = x64.to(dtype).requires_grad_()
+            wr, br = w64.float().requires_grad_(), b64.float().requires_grad_()
+            y = _raw_forward(L, xr, wr, br, save, dropout_p=0.2, seed=3, out_dtype=dtype)
+            res.append(torch.autograd.grad(y, [xr, wr, br], go.to(dtype)))
+        for a, c in zip(*res, strict=True):
+            assert a.dtype == c.dtype
+            torch.testing.assert_close(a.float(), c.float(), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_native_cheb_conv_saves_the_basis_only_where_backward_needs_it(monkeypatch):
+    """cheb_conv saves T_1..T_{K-1} for dW only when x does not require grad or F_out > F_in (else the adjoint)."""
+    L = knn_laplacian(40)
+    forward = torch.ops.scanet_native.cheb_conv_forward
+    seen = []
+    real_run = native._run
+
+    def spy(op, *args):
+        if op is forward:
+            seen.append(args[7])  # save_basis
+        return real_run(op, *args)
+
+    monkeypatch.setattr(native, "_run", spy)
+    for x_grad, F_out, expect in [(False, 1, True), (True, 1, False), (True, 3, True), (True, 2, False)]:
+        F_in = 2 if F_out == 2 else 1
+        g = torch.Generator().manual_seed(F_out)
+        x = torch.rand(4, 40, F_in, generator=g).requires_grad_(x_grad)
+        w = (torch.rand(3, F_in, F_out, generator=g) + 0.5).requires_grad_()  # y > 0 somewhere: w.grad != 0
+        native.cheb_conv(L, x, w, None, "relu").sum().backward()
+        assert seen[-1] is expect, (x_grad, F_in, F_out)
+        assert w.grad is not None and w.grad.abs().sum() > 0
+        for forced in (True, False):  # save_basis= overrides the choice; the gradients agree
+            w2 = w.detach().clone().requires_grad_()
+            native.cheb_conv(L, x, w2, None, "relu", save_basis=forced).sum().backward()
+            assert seen[-1] is forced
+            torch.testing.assert_close(w2.grad, w.grad, rtol=1e-5, atol=1e-6)
+        w.grad = None
+    with pytest.raises(ValueError, match="save_basis must be True, False or None"):
+        native.cheb_conv(L, x, w, None, "relu", save_basis="yes")
+
+
 @needs_native
 @pytest.mark.parametrize("K", [1, 3])
 def test_cheb_conv_float32_against_float64_reference(K):

@@ -91,6 +91,7 @@ def cheb_conv(
     dropout_p: float = 0.0,
     training: bool = True,
     out_dtype: torch.dtype | None = None,
+    save_basis: bool | None = None,
     **tiles,
 ) -> torch.Tensor:
     """One Chebyshev graph convolution dropout(act(sum_k T_k(L~) x W_k + b)); see ``scanet.reference.cheb_conv``.
@@ -99,8 +100,9 @@ def cheb_conv(
     (F_out,) or None; activation: "relu" or None. dropout_p, training: dropout on the result (fused into the
     native epilogue on CPU). ``out_dtype``: the result's dtype (default: ``reference.compute_dtype``); under
     autocast, float32 keeps a hidden layer's output float32 (the next layer reads it in place, and its dx is
-    not narrowed to bf16). ``tiles`` (block_rows=, block_batch=) override the kernels' tile heuristic on the
-    Triton path (tests use it to run many programs on tiny inputs).
+    not narrowed to bf16). ``save_basis``: what the native CPU op keeps for the weight gradient
+    (``scanet.native.cheb_conv``; None picks). ``tiles`` (block_rows=, block_batch=) override the kernels'
+    tile heuristic on the Triton path (tests use it to run many programs on tiny inputs).
     """
     given = laplacian
     if isinstance(laplacian, Laplacian):
@@ -128,6 +130,7 @@ def cheb_conv(
             dropout_p=dropout_p,
             training=training,
             out_dtype=out_dtype,
+            save_basis=save_basis,
         )
     if x.numel() == 0 or weight.shape[2] == 0:
         y = reference.cheb_conv(csr, x, weight, bias, activation)
@@ -150,9 +153,13 @@ class ChebConv(_EagerChebConv):
     ``forward(x, laplacian, dropout_p=0.0, training=True, out_dtype=None)``: the dropout after this layer, in
     the native epilogue where ``fuses_dropout(x)`` (scanet.layers.TextEncoder asks before handing it over),
     and the output dtype (TextEncoder keeps hidden layers float32 under autocast).
+
+    ``save_basis`` (attribute, not state; default None): passed to the native op, which then picks how backward
+    gets the weight gradient (``scanet.native.cheb_conv``); True keeps the saved-basis backward everywhere.
     """
 
     op = staticmethod(cheb_conv)
+    save_basis: bool | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -193,7 +200,7 @@ class ChebConv(_EagerChebConv):
         training: bool = True,
         out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        if dropout_p == 0.0 and out_dtype is None:
+        if dropout_p == 0.0 and out_dtype is None and self.save_basis is None:
             return type(self).op(laplacian, x, self.weight, self.bias, self.activation)
         return type(self).op(
             laplacian,
@@ -204,4 +211,5 @@ class ChebConv(_EagerChebConv):
             dropout_p=dropout_p,
             training=training,
             out_dtype=out_dtype,
+            save_basis=self.save_basis,
         )
