@@ -1012,6 +1012,12 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
 
 // The keep mask (bool, n elements) that a call with (dropout_p, seed) applies to its (B, V, F_out) output,
 // flattened in row-major order: for tests and for anyone who needs to see it.
+// The revision of these sources that the Python side was written against (scanet/native_library.py's
+// CSRC_REVISION): bumped when an op's behaviour changes under an unchanged schema, so that a library built from
+// older csrc/ is refused with a reason instead of failing inside a call. 1: cheb_conv_backward takes dW from the
+// adjoint recursion when no basis was saved (before, that was an error).
+int64_t csrc_revision() { return 1; }
+
 Tensor dropout_keep_mask(int64_t seed, int64_t n, double p) {
   TORCH_CHECK(n >= 0, "dropout_keep_mask: n must be >= 0");
   const Dropout drop = Dropout::make(p, seed, "dropout_keep_mask");
@@ -1374,6 +1380,7 @@ TORCH_LIBRARY(scanet_native, m) {
         "bool has_bias, bool need_x, bool need_w, bool need_b, float dropout_p=0.0, int seed=0) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("dropout_keep_mask(int seed, int n, float p) -> Tensor", &dropout_keep_mask);
+  m.def("csrc_revision() -> int", &csrc_revision);
   m.def("csr_transpose(Tensor crow, Tensor col, Tensor values) -> (Tensor, Tensor, Tensor)");
   m.def("chebyshev_basis(Tensor crow, Tensor col, Tensor values, Tensor x, int K) -> Tensor");
   m.def("cheb_conv_from_basis_forward(Tensor basis, Tensor weight, Tensor? bias, bool relu, Tensor? index=None) "

@@ -127,7 +127,10 @@ _REQUIRED_SCHEMA = {
     "cheb_conv_forward": ("symmetric", "dropout_p", "seed", "out_dtype"),
     "cheb_conv_backward": ("dropout_p", "seed"),
     "dropout_keep_mask": (),
+    "csrc_revision": (),
 }
+# What csrc_revision() must return: csrc/cheb_conv.cpp says when it is bumped (behaviour changed, schema not).
+CSRC_REVISION = 1
 
 
 def _stale_schema() -> list[str]:
@@ -141,4 +144,8 @@ def _stale_schema() -> list[str]:
             continue
         have = {a.name for a in schema.arguments}
         missing += [f"{name}({a}=)" for a in args if a not in have]
+    if "csrc_revision" not in missing:
+        revision = int(torch.ops.scanet_native.csrc_revision())
+        if revision != CSRC_REVISION:
+            missing.append(f"csrc revision {CSRC_REVISION} (it is revision {revision})")
     return missing

@@ -537,3 +537,17 @@ def test_unavailable_reason_is_consistent():
     if not native.available():
         with pytest.raises(RuntimeError, match="not available"):
             native.cheb_conv(knn_laplacian(5), torch.rand(1, 5, 1), torch.rand(3, 1, 1))
+
+
+@needs_native
+def test_a_library_of_another_csrc_revision_is_reported_stale(monkeypatch):
+    """csrc_revision() guards behaviour changes that keep the schema (the adjoint backward): a library built
+    from older sources is named stale, with a rebuild hint, instead of failing inside backward."""
+    from scanet import native_library
+
+    assert native_library._stale_schema() == []
+    assert torch.ops.scanet_native.csrc_revision() == native_library.CSRC_REVISION
+    monkeypatch.setattr(native_library, "CSRC_REVISION", native_library.CSRC_REVISION + 1)
+    assert native_library._stale_schema() == [
+        f"csrc revision {native_library.CSRC_REVISION} (it is revision {native_library.CSRC_REVISION - 1})"
+    ]
