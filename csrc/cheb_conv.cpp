@@ -730,6 +730,24 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
     std::vector<double> tacc_buf(one ? nout * nb : 0, 0.0);
     double* tacc = tacc_buf.data();
     const int64_t kdots = !need_w ? 0 : adjoint ? 1 : K;  // the terms whose dW the mask pass sums
+    // dW_k's partials for one row: t (the row of T_k, or of T_0 for the adjoint) against z (the row of dz, or of
+    // U_k), entry j's products in lane j of its chunk; each accumulator sums over v in vertex order.
+    auto add_dw_row = [&](int64_t k, const T* t, const T* z) {
+      if (one) {  // one channel: lane (chunk q, l) is entry j = q kLanes + l, a plain loop over the row
+        double* a = tacc + k * nb;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) a[j] += double(t[j]) * double(z[j]);
+        return;
+      }
+      for (int64_t j0 = 0; j0 < n; j0 += kLanes) {  // one chunk of kLanes batch entries
+        const int64_t len = std::min<int64_t>(kLanes, n - j0);
+        double* p = part.data() + (c0 + j0 / kLanes) * nout * kLanes;
+        for (int64_t fi = 0; fi < Fin; ++fi)
+          for (int64_t fo = 0; fo < Fout; ++fo)
+            dot_lanes(t + j0 * Fin + fi, Fin, z + j0 * Fout + fo, Fout, len,
+                      p + ((k * Fin + fi) * Fout + fo) * kLanes);
+      }
+    };
     for (int64_t v0 = 0; v0 < V; v0 += kGradRows) {
       const int64_t nv = std::min(V, v0 + kGradRows) - v0;
       if (grad_rows) {
@@ -778,32 +796,16 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
           }
         }
         if (drop.on) apply_dropout_row(z, b0, n, Fout, v, V, drop);
-        if (one) {  // one channel: lane (chunk q, l) is entry j = q kLanes + l, a plain loop over the row
-          for (int64_t k = 0; k < kdots; ++k) {
-            const T* t = k == 0 ? tk[0] + v * C : tk[k] + v * ci;
-            double* a = tacc + k * nb;
+        for (int64_t k = 0; k < kdots; ++k) add_dw_row(k, k == 0 ? tk[0] + v * C : tk[k] + v * ci, z);
+        if (need_b && one) {
+          double* a = tacc + nw * nb;
 #pragma omp simd
-            for (int64_t j = 0; j < n; ++j) a[j] += double(t[j]) * double(z[j]);
-          }
-          if (need_b) {
-            double* a = tacc + nw * nb;
-#pragma omp simd
-            for (int64_t j = 0; j < n; ++j) a[j] += double(z[j]);
-          }
-        } else {
-          for (int64_t j0 = 0; j0 < n; j0 += kLanes) {  // one chunk of kLanes batch entries
+          for (int64_t j = 0; j < n; ++j) a[j] += double(z[j]);
+        } else if (need_b) {
+          for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
             const int64_t len = std::min<int64_t>(kLanes, n - j0);
             double* p = part.data() + (c0 + j0 / kLanes) * nout * kLanes;
-            if (need_w)
-              for (int64_t k = 0; k < kdots; ++k) {
-                const T* t = k == 0 ? tk[0] + v * C : tk[k] + v * ci;
-                for (int64_t fi = 0; fi < Fin; ++fi)
-                  for (int64_t fo = 0; fo < Fout; ++fo)
-                    dot_lanes(t + j0 * Fin + fi, Fin, z + j0 * Fout + fo, Fout, len,
-                              p + ((k * Fin + fi) * Fout + fo) * kLanes);
-              }
-            if (need_b)
-              for (int64_t fo = 0; fo < Fout; ++fo) sum_lanes(z + j0 * Fout + fo, Fout, len, p + (nw + fo) * kLanes);
+            for (int64_t fo = 0; fo < Fout; ++fo) sum_lanes(z + j0 * Fout + fo, Fout, len, p + (nw + fo) * kLanes);
           }
         }
         if (adjoint) copy_row(tk[0] + v * C, ci, xc + v * ci);
@@ -821,28 +823,23 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
       T* u_prev2 = nullptr;
       T* u_prev = dz;
       T* dsum = need_x && K >= 4 ? xc + V * ci_max : nullptr;
+      // o (a row of dx, or of its partial sums) = (fresh) or += U_kk's row pulled back through W_kk
+      auto add_pullback = [&](T* o, const T* urow, int64_t kk, bool fresh) {
+        pullback_row(urow, W + kk * Fin * Fout, n, Fin, Fout, fresh ? o : g);
+        if (fresh) return;
+#pragma omp simd
+        for (int64_t c = 0; c < ci; ++c) o[c] += g[c];
+      };
       for (int64_t k = 1; k < K; ++k) {
         T* out = k == 1 ? bt : u_prev2;
         const bool last = k == K - 1;
         for (int64_t v = 0; v < V; ++v) {
           T* u = out + v * co;
           spmm_row(A, u_prev, co, v, A.nnz, acc);
-          T* o = nullptr;  // where row v's dx share of this pass goes
-          if (need_x && (last || k >= 2)) {
-            o = last ? dx_row(v) : dsum + v * ci;
+          if (need_x && k >= 2) {  // U_{k-2}'s share of dx, taken before its row is overwritten (u is that row)
+            T* o = last ? dx_row(v) : dsum + v * ci;
             if (last && dsum) copy_row(dsum + v * ci, ci, o);
-            const bool fresh = last ? !dsum : k == 2;
-            if (k >= 2) {
-              pullback_row(u, W + (k - 2) * Fin * Fout, n, Fin, Fout, g);  // u is still U_{k-2}'s row
-              if (fresh) copy_row(g, ci, o);
-              else {
-#pragma omp simd
-                for (int64_t c = 0; c < ci; ++c) o[c] += g[c];
-              }
-            } else {
-#pragma omp simd
-              for (int64_t c = 0; c < ci; ++c) o[c] = T(0);
-            }
+            add_pullback(o, u, k - 2, last ? !dsum : k == 2);
           }
           if (k == 1) {
             copy_row(acc, co, u);
@@ -850,27 +847,10 @@ void backward_tiled(const Csr<T>& A, const Tg* gy, const int64_t* gs, const Ty* 
 #pragma omp simd
             for (int64_t c = 0; c < co; ++c) u[c] = T(2) * acc[c] - u[c];
           }
-          const T* xr = xc + v * ci;
-          if (one) {
-            double* a = tacc + k * nb;
-#pragma omp simd
-            for (int64_t j = 0; j < n; ++j) a[j] += double(xr[j]) * double(u[j]);
-          } else {
-            for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
-              const int64_t len = std::min<int64_t>(kLanes, n - j0);
-              double* p = part.data() + (c0 + j0 / kLanes) * nout * kLanes;
-              for (int64_t fi = 0; fi < Fin; ++fi)
-                for (int64_t fo = 0; fo < Fout; ++fo)
-                  dot_lanes(xr + j0 * Fin + fi, Fin, u + j0 * Fout + fo, Fout, len,
-                            p + ((k * Fin + fi) * Fout + fo) * kLanes);
-            }
-          }
-          if (need_x && last) {
-            for (int64_t kk = k - 1; kk <= k; ++kk) {
-              pullback_row(kk == k ? u : u_prev + v * co, W + kk * Fin * Fout, n, Fin, Fout, g);
-#pragma omp simd
-              for (int64_t c = 0; c < ci; ++c) o[c] += g[c];
-            }
+          add_dw_row(k, xc + v * ci, u);
+          if (need_x && last) {  // the last two terms' shares (with K == 2, U_0's is the first written)
+            add_pullback(dx_row(v), u_prev + v * co, k - 1, k == 1);
+            add_pullback(dx_row(v), u, k, false);
             dx_row_done(v);
           }
         }
