@@ -34,10 +34,14 @@ Providers:
                fused_bf16_master fused_bf16 with scanet.master_weights (as scanet.train runs CPU bf16): the FC
                                  layers hold bf16 copies for the forward; one native pass per FC master
                                  (scanet.adam_bf16: bf16 grad in, master, AdamW moments and bf16 copy out)
+                                 The FC weights stored (in, out) in memory (MasterWeights(transposed=True):
+                                 oneDNN's dW and dX GEMMs about twice as fast so)
+               fused_bf16_master_row_major  the same with the FC weights stored as nn.Linear builds them
+                                 ((out, in) row-major: MasterWeights(transposed=False), as before)
                fused_bf16_master_unfused  the same with MasterWeights(native=False): the bf16 grads widened
                                  into persistent buffers, torch's fused AdamW on the masters, the copies
                                  refreshed in place (no per-step casts into fresh 20/41 MB tensors); the
-                                 same numbers as fused_bf16, bit for bit
+                                 same numbers as fused_bf16 with the weights so laid out, bit for bit
                fused_bf16_master_saved_basis  fused_bf16_master with layer 2's forward saving its Chebyshev
                                  basis for dW (``ChebConv.save_basis = True``, as before the adjoint backward:
                                  20 MB more written and read a step)
@@ -88,6 +92,7 @@ STEP_PROVIDERS = (
     "fused_bf16_gather",
     "fused_bf16",
     "fused_bf16_master",
+    "fused_bf16_master_row_major",
     "fused_bf16_master_unfused",
     "fused_bf16_master_saved_basis",
 )
@@ -166,7 +171,13 @@ def train_step(provider: str):
         model.head.native = False
         model.image_encoder.native = False
     assert not fused or isinstance(model.text_encoder.convs[-1], fused_modules.ChebConv)
-    weights = MasterWeights(model, opt, native=not provider.endswith("_unfused")) if "_master" in provider else None
+    weights = (
+        MasterWeights(
+            model, opt, native=not provider.endswith("_unfused"), transposed=not provider.endswith("_row_major")
+        )
+        if "_master" in provider
+        else None
+    )
     if weights is not None and not provider.endswith("_unfused") and not weights.native:
         raise RuntimeError(f"{provider}: the native optimizer step is off: {weights.native_off_reason}")
     stepper = weights or opt  # zero_grad() and step(), as in scanet.train

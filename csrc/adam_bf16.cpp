@@ -95,11 +95,18 @@ void adam_chunk(const StepConstants& c, float* __restrict param, const BFloat16*
   }
 }
 
-void check(const Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+// Elementwise over raw memory: every tensor must be dense (no gaps, no overlap) and laid out as the master
+// (same sizes and strides), so that memory position i is the same element in all of them. A transposed
+// (column-major) master, as the text FC keeps it (scanet.layers.TextEncoder), qualifies with its moments,
+// copy and grad.
+void check(const Tensor& t, const char* name, at::ScalarType dtype, const Tensor& param) {
   TORCH_CHECK(t.device().is_cpu(), "adam_bf16_step: ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, "adam_bf16_step: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "adam_bf16_step: ", name, " must be contiguous");
-  TORCH_CHECK(t.numel() == numel, "adam_bf16_step: ", name, " has ", t.numel(), " elements, the master ", numel);
+  TORCH_CHECK(t.sizes() == param.sizes(), "adam_bf16_step: ", name, " has shape ", t.sizes(), ", the master ",
+              param.sizes());
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), "adam_bf16_step: ", name, " must be dense (no gaps or overlap)");
+  TORCH_CHECK(t.numel() <= 1 || t.strides() == param.strides(), "adam_bf16_step: ", name, " has strides ",
+              t.strides(), ", the master ", param.strides(), " (the pass is elementwise over memory)");
 }
 
 // One parameter's step, in place on param, exp_avg, exp_avg_sq and param_bf16. `step` is the optimizer's
@@ -108,12 +115,12 @@ void adam_bf16_step(const Tensor& param, const Tensor& grad, const std::optional
                     const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& param_bf16, double step,
                     double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
   const int64_t n = param.numel();
-  check(param, "param", at::kFloat, n);
-  check(grad, "grad", at::kBFloat16, n);
-  if (extra_grad.has_value()) check(*extra_grad, "extra_grad", at::kFloat, n);
-  check(exp_avg, "exp_avg", at::kFloat, n);
-  check(exp_avg_sq, "exp_avg_sq", at::kFloat, n);
-  check(param_bf16, "param_bf16", at::kBFloat16, n);
+  check(param, "param", at::kFloat, param);
+  check(grad, "grad", at::kBFloat16, param);
+  if (extra_grad.has_value()) check(*extra_grad, "extra_grad", at::kFloat, param);
+  check(exp_avg, "exp_avg", at::kFloat, param);
+  check(exp_avg_sq, "exp_avg_sq", at::kFloat, param);
+  check(param_bf16, "param_bf16", at::kBFloat16, param);
   TORCH_CHECK(step >= 1, "adam_bf16_step: step must be >= 1 (the count after this step's increment), got ", step);
 
   const double bias_correction1 = 1 - std::pow(beta1, step);

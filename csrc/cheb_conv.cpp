@@ -999,8 +999,9 @@ std::tuple<Tensor, Tensor, Tensor> cheb_conv_backward(
 // The revision of these sources that the Python side was written against (scanet/native_library.py's
 // CSRC_REVISION): bumped when an op's behaviour changes under an unchanged schema, so that a library built from
 // older csrc/ is refused with a reason instead of failing inside a call. 1: cheb_conv_backward takes dW from the
-// adjoint recursion when no basis was saved (before, that was an error).
-int64_t csrc_revision() { return 1; }
+// adjoint recursion when no basis was saved (before, that was an error). 2: adam_bf16_step takes dense tensors
+// laid out as the master (a transposed FC weight), not only contiguous ones.
+int64_t csrc_revision() { return 2; }
 
 Tensor dropout_keep_mask(int64_t seed, int64_t n, double p) {
   TORCH_CHECK(n >= 0, "dropout_keep_mask: n must be >= 0");

@@ -81,8 +81,8 @@ def step_with_bf16_grads(
         beta1, beta2 = group["betas"]
         torch.ops.scanet_native.adam_bf16_step(
             master,
-            grad.contiguous(),  # no copy: autograd lays a leaf's grad out as the (contiguous) parameter
-            extra.contiguous() if extra is not None else None,
+            _laid_out_as(grad, master),  # no copy: autograd lays a leaf's grad out as its parameter
+            _laid_out_as(extra, master) if extra is not None else None,
             state["exp_avg"],
             state["exp_avg_sq"],
             copy,
@@ -94,6 +94,24 @@ def step_with_bf16_grads(
             float(group["weight_decay"]),
             bool(group["decoupled_weight_decay"]),
         )
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory exactly (no gaps, no overlap) in some order of its dimensions:
+    contiguous or a permutation of contiguous (the transposed text FC weight)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _laid_out_as(t: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``master``'s strides (the op runs elementwise over memory): itself when it has them already."""
+    if t.stride() == master.stride():
+        return t
+    return torch.empty_like(master, dtype=t.dtype).copy_(t)
 
 
 def adam_reference(

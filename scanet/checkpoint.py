@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from scanet.config import ModelConfig, Preset, TrainConfig, validate
 from scanet.data.prepared import PreparedDataset
 from scanet.io import atomic_torch_save, safe_torch_load
@@ -27,8 +29,23 @@ CHECKPOINT_FORMAT = "scanet-checkpoint-v1"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over the old checkpoint."""
-    atomic_torch_save(path, state)
+    """Write atomically: a temporary file in the same folder, fsync, then rename over the old checkpoint.
+    Every tensor is written contiguous, whatever its layout in memory (a bf16 run keeps its FC weights and
+    their Adam moments transposed, scanet.master_weights): a file loads the same into any model, and an
+    optimizer state never arrives laid out unlike its freshly built parameter (torch's fused Adam would mix
+    up its elements)."""
+    atomic_torch_save(path, _contiguous(state))
+
+
+def _contiguous(obj):
+    """``obj`` with every tensor in its dicts, lists and tuples made contiguous (no copy where it is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.contiguous()
+    if isinstance(obj, dict):
+        return {k: _contiguous(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_contiguous(v) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

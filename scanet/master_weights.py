@@ -22,6 +22,16 @@ each FC weight and bias, made once. Per step:
                                             # master.grad <- bf16 grad widened into a persistent float32
                                             # buffer; optimizer.step() on the masters; copies <- masters
 
+Storage order (``transposed``, by default on with the native step): before the copies are made, each FC
+weight (out, in) is stored transposed in memory, strides (1, out), with its optimizer state
+(``store_fc_weights_transposed``; the same Parameter objects, values, shapes and state_dict keys). The copies,
+the bf16 grads (autograd lays a leaf's grad out as the leaf) and the Adam moments follow. oneDNN's bf16 GEMMs
+then run a layer's dW = dY^T X and dX = dY W with both operands in the order they want: on the Wiki text FC
+(1024 x 10,055) 2.5 + 2.5 ms against 5.4 + 5.0 ms with operands from DRAM (the forward 4.8 against 5.2-6.2
+ms). MKL's float32 GEMMs are slower so (the fp32 fused step 140 -> 167 ms), and torch's fused AdamW runs far
+slower on transposed parameters: bf16 with the native step only. Checkpoints are written contiguous
+(scanet.checkpoint), so a file does not depend on the layout.
+
 ``in_forward`` swaps the copies in for the forward only (two dict entries per layer: no copy), so everything
 outside it (state_dict and checkpoints, evaluation, load_state_dict on resume, the L2 term of
 l2_mode="loss_fc_only") sees the float32 masters, exactly as without this class.
@@ -79,7 +89,7 @@ import contextlib
 import torch
 from torch import nn
 
-from scanet.adam_bf16 import native_unsupported, step_with_bf16_grads
+from scanet.adam_bf16 import is_dense, native_unsupported, step_with_bf16_grads
 
 
 def use_master_weights(
@@ -110,6 +120,41 @@ def use_master_weights(
     return True, ""
 
 
+def transposed_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) with the same values stored transposed, strides (1, rows): itself when it is already so."""
+    return t.t().contiguous().t()
+
+
+@torch.no_grad()
+def store_fc_weights_transposed(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Store every ``nn.Linear`` weight of ``model`` (out, in) transposed in memory, strides (1, out), with its
+    grad and its ``optimizer`` state tensors of the same shape (exp_avg, exp_avg_sq): the same Parameter objects,
+    values, shapes and state_dict; only their storage order changes (``p.data`` is replaced). Weights with a
+    dimension of 1 (the head's) are left as they are. Returns how many weights were re-laid.
+
+    Why: oneDNN's bf16 GEMMs on AMX run a layer's weight-gradient and input-gradient GEMMs about twice as fast
+    when the weight is stored (in, out) (bench/results/2026-12-01-cpu-2core-train-step-transposed.json); float32
+    MKL GEMMs run slower so (the fp32 step 140 -> 167 ms): used for CPU bf16 training only (MasterWeights).
+    The optimizer state must be laid out as its parameter: torch's fused Adam silently mixes up elements whose
+    strides differ, so both move together here, and checkpoints are written contiguous (scanet.checkpoint).
+    """
+    done = 0
+    for module in model.modules():
+        w = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
+        if w is None or w.dim() != 2 or 1 in w.shape:
+            continue
+        if w.stride() != transposed_layout(w).stride():
+            w.data = transposed_layout(w.data)
+            done += 1
+        if w.grad is not None:
+            w.grad = transposed_layout(w.grad)
+        state = optimizer.state.get(w, {}) if optimizer is not None else {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == w.shape:
+                state[key] = transposed_layout(value)
+    return done
+
+
 class MasterWeights:
     """bf16 copies of a model's FC weights for the forward; the optimizer steps the float32 originals.
 
@@ -117,7 +162,10 @@ class MasterWeights:
     require grad; others are left alone). ``optimizer``: built on the model's own (float32) parameters.
     ``zero_grad`` and ``step`` stand in for the optimizer's in the training loop; ``in_forward()`` is the
     context the forward runs in. Build it after any ``load_state_dict`` (resume): the copies are made from
-    the masters' values at construction (and after every ``step``).
+    the masters' values at construction (and after every ``step``). ``transposed``: first store the FC weights
+    (in, out) in memory (``store_fc_weights_transposed``: the masters and their optimizer state, so the copies
+    and grads too), for the faster bf16 GEMMs; None (default): when the native step runs; False keeps the
+    layout the model was built with.
     """
 
     def __init__(
@@ -127,13 +175,12 @@ class MasterWeights:
         dtype: torch.dtype = torch.bfloat16,
         *,
         native: bool = True,
+        transposed: bool | None = None,
     ):
         self.optimizer, self.dtype = optimizer, dtype
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.slots: list[tuple[nn.Module, str]] = []  # (layer, "weight" | "bias"), one per swapped parameter
-        self.masters: list[nn.Parameter] = []
-        self.copies: list[nn.Parameter] = []
-        by_master: dict[int, nn.Parameter] = {}  # a parameter shared by two layers gets one copy
+        self.masters: list[nn.Parameter] = []  # a parameter shared by two layers is one master
         for module in model.modules():
             if not isinstance(module, nn.Linear):
                 continue
@@ -143,28 +190,32 @@ class MasterWeights:
                     continue
                 if id(p) not in stepped:
                     raise ValueError(f"MasterWeights: the optimizer does not step {type(module).__name__}.{name}")
-                if id(p) not in by_master:
-                    by_master[id(p)] = nn.Parameter(p.detach().to(dtype))
+                if all(p is not m for m in self.masters):
                     self.masters.append(p)
-                    self.copies.append(by_master[id(p)])
                 self.slots.append((module, name))
-        self._slot_copy = [by_master[id(module._parameters[name])] for module, name in self.slots]
-        self._slot_master = [module._parameters[name] for module, name in self.slots]
         # The one-pass native step (scanet.adam_bf16) when it can stand in for this optimizer; else why not.
         self.native_off_reason: str | None = (
             "native=False"
             if not native
             else ("bf16 only" if dtype != torch.bfloat16 else native_unsupported(optimizer))
         )
-        if self.native_off_reason is None and not all(
-            p.is_contiguous() and p.device.type == "cpu" for p in self.masters
-        ):
-            self.native_off_reason = "a master weight is not a contiguous CPU tensor"
+        if self.native_off_reason is None and not all(is_dense(p) and p.device.type == "cpu" for p in self.masters):
+            self.native_off_reason = "a master weight is not a dense CPU tensor"
+        # Transposed storage only with the native step: torch's fused AdamW runs ~6x slower on a transposed
+        # parameter (measured before the native step existed; README, "Tried and not adopted").
+        self.transposed = self.native_off_reason is None if transposed is None else bool(transposed)
+        if self.transposed:  # before the copies are made: .to(dtype) keeps the masters' strides
+            store_fc_weights_transposed(model, optimizer)
+        self.copies: list[nn.Parameter] = [nn.Parameter(p.detach().to(dtype)) for p in self.masters]
+        copy_of = {id(m): c for m, c in zip(self.masters, self.copies, strict=True)}
+        self._slot_copy = [copy_of[id(module._parameters[name])] for module, name in self.slots]
+        self._slot_master = [module._parameters[name] for module, name in self.slots]
         # unfused step: float32 gradient buffers, allocated once: master.grad points at one of them after backward
         self.grad_buffers = (
             []
             if self.native_off_reason is None
-            else [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self.masters]
+            else [torch.empty_like(p) for p in self.masters]  # laid out as the master: torch's fused AdamW
+            # runs elementwise over memory and silently mixes up elements whose strides differ
         )
         self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
 

@@ -135,6 +135,29 @@ def test_thread_counts_give_the_same_bits():
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
+def test_a_transposed_master_steps_as_the_contiguous_one_bitwise():
+    """The pass is elementwise over memory: a master stored transposed (strides (1, rows), as MasterWeights
+    keeps the FC weights) with its moments, grad and copy laid out alike gives the same numbers, element for
+    element, as the contiguous layout; both against the float64 reference."""
+    g = torch.Generator().manual_seed(11)
+    shape = (37, 53)  # numel % 16 != 0: the scalar tail too
+    p0, m0 = torch.randn(shape, generator=g), torch.randn(shape, generator=g) * 0.1
+    v0 = torch.rand(shape, generator=g) * 0.01
+    grad, extra = torch.randn(shape, generator=g).to(BF16), torch.randn(shape, generator=g) * 0.01
+    results = []
+    for lay in (lambda t: t.clone(), lambda t: t.t().contiguous().t()):
+        p, m, v, gr, ex = (lay(t) for t in (p0, m0, v0, grad, extra))
+        copy = lay(torch.zeros(shape, dtype=BF16))
+        torch.ops.scanet_native.adam_bf16_step(p, gr, ex, m, v, copy, 3.0, 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
+        results.append((p, m, v, copy))
+    assert results[1][0].stride() == (1, 37)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    want_p, want_m, want_v = adam_reference(p0, grad, extra, m0, v0, 3, 1e-2, (0.9, 0.999), 1e-8, 0.01, True)
+    for got, want in zip(results[1][:3], (want_p, want_m, want_v), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(results[1][3], results[1][0].to(BF16))
+
+
 def test_what_the_native_step_refuses():
     p = [torch.nn.Parameter(torch.zeros(3))]
     assert "SGD" in native_unsupported(torch.optim.SGD(p, lr=0.1))
@@ -146,8 +169,13 @@ def test_what_the_native_step_refuses():
     f, b = torch.zeros(4), torch.zeros(4, dtype=BF16)
     with pytest.raises(RuntimeError, match="grad must be BFloat16"):
         op(f, f, None, f.clone(), f.clone(), b, 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, True)
-    with pytest.raises(RuntimeError, match="exp_avg has 3 elements"):
+    with pytest.raises(RuntimeError, match=r"exp_avg has shape \[3\], the master \[4\]"):
         op(f, b, None, torch.zeros(3), f.clone(), b.clone(), 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, True)
+    f2, b2 = torch.zeros(4, 6), torch.zeros(4, 6, dtype=BF16)
+    with pytest.raises(RuntimeError, match=r"exp_avg_sq has strides \[1, 4\], the master \[6, 1\]"):
+        op(f2, b2, None, f2.clone(), f2.t().contiguous().t(), b2.clone(), 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, True)
+    with pytest.raises(RuntimeError, match="param must be dense"):
+        op(f2[:, :3], b2[:, :3], None, f2[:, :3], f2[:, :3], b2[:, :3], 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, True)
     with pytest.raises(RuntimeError, match="step must be >= 1"):
         op(f, b, None, f.clone(), f.clone(), b.clone(), 0.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, True)
     with pytest.raises(ValueError, match="step must be >= 1"):

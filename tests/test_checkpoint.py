@@ -77,3 +77,26 @@ def test_old_checkpoint_with_top_level_laplacian_buffers_loads(trained, tmp_path
     bow = torch.as_tensor(ds.test.text_matrix()[:3])
     img = torch.as_tensor(ds.test.images[:3])
     torch.testing.assert_close(fresh.eval()(bow, img), new_model.eval()(bow, img), rtol=0, atol=0)
+
+
+def test_tensors_are_written_contiguous_whatever_their_layout_in_memory(tmp_path):
+    """A bf16 run keeps its FC weights and their Adam moments transposed in memory (scanet.master_weights):
+    the file holds them contiguous, so an optimizer state never arrives laid out unlike a fresh parameter
+    (torch's fused AdamW would silently mix up its elements), with the same values."""
+    w = torch.arange(12.0).reshape(3, 4)
+    transposed = w.t().contiguous().t()
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {"fc.weight": transposed},
+        "optimizer": {"state": {0: {"exp_avg": transposed * 2, "step": torch.tensor(3.0)}}, "param_groups": []},
+        "history": [{"epoch": 1}],
+        "shapes": (transposed.t(),),
+    }
+    assert not transposed.is_contiguous()
+    save_checkpoint(tmp_path / "c.pt", state)
+    back = load_checkpoint(tmp_path / "c.pt")
+    tensors = [back["model"]["fc.weight"], back["optimizer"]["state"][0]["exp_avg"], back["shapes"][0]]
+    assert all(t.is_contiguous() for t in tensors)
+    assert torch.equal(tensors[0], w) and torch.equal(tensors[1], 2 * w) and torch.equal(tensors[2], w.t())
+    assert back["history"] == [{"epoch": 1}] and float(back["optimizer"]["state"][0]["step"]) == 3.0
+    assert not state["model"]["fc.weight"].is_contiguous()  # the caller's objects are left as they were

@@ -30,7 +30,7 @@ from scanet.checkpoint import load_checkpoint
 from scanet.config import ModelConfig, apply_overrides, get_preset
 from scanet.data.graph import random_graph_laplacian
 from scanet.loss import scanet_loss
-from scanet.master_weights import MasterWeights, use_master_weights
+from scanet.master_weights import MasterWeights, store_fc_weights_transposed, transposed_layout, use_master_weights
 from scanet.model import SCANet
 from scanet.precision import autocast_context
 
@@ -77,6 +77,9 @@ def test_master_weight_steps_equal_autocast_steps_bitwise(fused, native_step, l2
     the unfused step; the native step: to a few float32 roundings, see the module docstring)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # fused on CPU: the native GCN (cached layer 1, fused dropout)
     plain = _model(fused)
+    # The same storage order on both sides (MasterWeights stores the FC weights transposed; autocast's casts
+    # keep the strides): oneDNN's GEMMs may round differently for another order.
+    assert store_fc_weights_transposed(plain) == 2 + 2 * 2  # text, image, co-attention FCs; not the head (1, N)
     ours = copy.deepcopy(plain)
     opts = [torch.optim.AdamW(m.parameters(), lr=3e-2, weight_decay=0.01, fused=True) for m in (plain, ours)]
     weights = MasterWeights(ours, opts[1], native=native_step)
@@ -116,6 +119,72 @@ def test_master_weight_steps_equal_autocast_steps_bitwise(fused, native_step, l2
     moved = [k for k, v in plain.state_dict().items() if k.startswith(FC_NAMES) and not torch.equal(v, start[k])]
     assert len(moved) == len(weights.masters)  # every FC weight and bias was trained
     assert all(v.dtype == torch.float32 for v in ours.state_dict().values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("native_step", [False, pytest.param(True, marks=needs_native)])
+def test_fc_weights_are_stored_transposed_with_their_state_and_train_as_the_plain_layout(native_step):
+    """MasterWeights stores each FC weight (in, out) in memory: the same Parameter objects and values, its
+    copy, grad and Adam moments (also those that existed before, as on resume) laid out alike; the run follows
+    the plain layout's to bf16 GEMM rounding; ``transposed=False`` keeps the layout."""
+    plain = _model(False)
+    ours = copy.deepcopy(plain)
+    g = torch.Generator().manual_seed(3)
+    texts = torch.rand(40, 37, generator=g) * (torch.rand(40, 37, generator=g) < 0.3)
+    images = torch.randn(40, 11, generator=g).relu()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (plain, ours)]
+    for model, opt in zip((plain, ours), opts, strict=True):  # one plain fp32 step: state exists, row-major
+        torch.manual_seed(5)  # the same dropout masks
+        loss, _ = scanet_loss(model(texts[:8], images[:8]), (torch.arange(8) % 2).float(), 0.6, 0.35)
+        loss.backward()
+        opt.step()
+    params = dict(ours.named_parameters())
+    values = {n: p.detach().clone() for n, p in params.items()}
+    as_is = MasterWeights(plain, opts[0], native=native_step, transposed=False)
+    weights = MasterWeights(ours, opts[1], native=native_step, transposed=True)
+    assert weights.transposed and not as_is.transposed
+    assert all(p is params[n] and torch.equal(p, values[n]) for n, p in ours.named_parameters())
+    transposed = [m for m in weights.masters if m.dim() == 2 and 1 not in m.shape]
+    assert len(transposed) == 2 + 2 * 2 and all(m.stride() == (1, m.shape[0]) for m in transposed)
+    assert all(m.is_contiguous() for m in as_is.masters)
+    for master, low in zip(weights.masters, weights.copies, strict=True):
+        assert low.stride() == master.stride() and torch.equal(low, master.to(BF16))
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opts[1].state[master][key].stride() == master.stride(), key
+    for step in range(4):
+        ti, ii = torch.randint(0, 40, (12,), generator=g), torch.randint(0, 40, (12,), generator=g)
+        target = (torch.rand(12, generator=g) < 0.5).float()
+        losses = []
+        for model, stepper in ((plain, as_is), (ours, weights)):
+            torch.manual_seed(7 + step)
+            with autocast_context("cpu", "bf16"), stepper.in_forward():
+                sim = model(texts, images[ii], text_index=ti)
+            loss, _ = scanet_loss(sim, target, 0.6, 0.35)
+            stepper.zero_grad(set_to_none=True)
+            loss.backward()
+            if step == 0:
+                grads = [c.grad for c in stepper.copies]
+                assert all(gr.stride() == c.stride() for gr, c in zip(grads, stepper.copies, strict=True))
+            stepper.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=1e-3)
+    for k, v in plain.state_dict().items():  # a few steps of bf16 GEMMs rounded in another order: the two
+        # trajectories stay far closer to each other than to where they started
+        if k in values:
+            apart, moved = (ours.state_dict()[k] - v).norm(), (v - values[k]).norm()
+            assert apart <= 0.1 * moved, (k, float(apart), float(moved))
+    for master in transposed:
+        assert master.stride() == (1, master.shape[0]) and opts[1].state[master]["exp_avg"].stride() == master.stride()
+    assert transposed_layout(transposed[0]) is not None and store_fc_weights_transposed(ours, opts[1]) == 0
+
+
+@pytest.mark.parametrize("native_step", [False, pytest.param(True, marks=needs_native)])
+def test_transposed_storage_by_default_only_with_the_native_step(native_step):
+    """torch's fused AdamW runs far slower on transposed parameters: the unfused step keeps the layout."""
+    model = _model(False)
+    weights = MasterWeights(model, torch.optim.AdamW(model.parameters(), fused=True), native=native_step)
+    assert weights.transposed == native_step
+    fc = model.text_encoder.fc.weight
+    assert fc.stride() == ((1, fc.shape[0]) if native_step else (fc.shape[1], 1))
 
 
 def test_in_forward_swaps_the_fc_layers_only_and_always_restores():
