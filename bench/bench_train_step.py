@@ -173,7 +173,10 @@ def train_step(provider: str):
     assert not fused or isinstance(model.text_encoder.convs[-1], fused_modules.ChebConv)
     weights = (
         MasterWeights(
-            model, opt, native=not provider.endswith("_unfused"), transposed=not provider.endswith("_row_major")
+            model,
+            opt,
+            native=not provider.endswith("_unfused"),
+            transposed=False if provider.endswith("_row_major") else None,
         )
         if "_master" in provider
         else None

@@ -25,12 +25,13 @@ each FC weight and bias, made once. Per step:
 Storage order (``transposed``, by default on with the native step): before the copies are made, each FC
 weight (out, in) is stored transposed in memory, strides (1, out), with its optimizer state
 (``store_fc_weights_transposed``; the same Parameter objects, values, shapes and state_dict keys). The copies,
-the bf16 grads (autograd lays a leaf's grad out as the leaf) and the Adam moments follow. oneDNN's bf16 GEMMs
-then run a layer's dW = dY^T X and dX = dY W with both operands in the order they want: on the Wiki text FC
-(1024 x 10,055) 2.5 + 2.5 ms against 5.4 + 5.0 ms with operands from DRAM (the forward 4.8 against 5.2-6.2
-ms). MKL's float32 GEMMs are slower so (the fp32 fused step 140 -> 167 ms), and torch's fused AdamW runs far
-slower on transposed parameters: bf16 with the native step only. Checkpoints are written contiguous
-(scanet.checkpoint), so a file does not depend on the layout.
+the bf16 grads (autograd lays a leaf's grad out as the leaf) and the Adam moments follow. Autograd's backward of
+F.linear then hands oneDNN dX^T = W^T dY^T and dW^T = X^T dY with the large operand row-major on the left, the
+forms its bf16 AMX kernels run fastest (measured in the whole Wiki step: bench_train_step.py's fused_bf16_master
+against fused_bf16_master_row_major, 71.6 against 79.1 ms in the same rounds; the text FC's backward alone 1.23-
+1.29x, bench/bench_fc_layout.py). Not for float32 or the unfused step: torch's fused AdamW runs 4-5x slower on a
+transposed parameter (35 against 7.7 ms for the text FC, same file), while the native pass runs at the same
+speed on either layout. Checkpoints are written contiguous (scanet.checkpoint): a file does not depend on it.
 
 ``in_forward`` swaps the copies in for the forward only (two dict entries per layer: no copy), so everything
 outside it (state_dict and checkpoints, evaluation, load_state_dict on resume, the L2 term of
@@ -132,11 +133,9 @@ def store_fc_weights_transposed(model: nn.Module, optimizer: torch.optim.Optimiz
     values, shapes and state_dict; only their storage order changes (``p.data`` is replaced). Weights with a
     dimension of 1 (the head's) are left as they are. Returns how many weights were re-laid.
 
-    Why: oneDNN's bf16 GEMMs on AMX run a layer's weight-gradient and input-gradient GEMMs about twice as fast
-    when the weight is stored (in, out) (bench/results/2026-12-01-cpu-2core-train-step-transposed.json); float32
-    MKL GEMMs run slower so (the fp32 step 140 -> 167 ms): used for CPU bf16 training only (MasterWeights).
-    The optimizer state must be laid out as its parameter: torch's fused Adam silently mixes up elements whose
-    strides differ, so both move together here, and checkpoints are written contiguous (scanet.checkpoint).
+    Why, and where it pays (bf16 with the native Adam step only): the module docstring. The optimizer state must
+    be laid out as its parameter: torch's fused Adam silently mixes up elements whose strides differ, so both
+    move together here, and checkpoints are written contiguous (scanet.checkpoint).
     """
     done = 0
     for module in model.modules():
@@ -201,8 +200,8 @@ class MasterWeights:
         )
         if self.native_off_reason is None and not all(is_dense(p) and p.device.type == "cpu" for p in self.masters):
             self.native_off_reason = "a master weight is not a dense CPU tensor"
-        # Transposed storage only with the native step: torch's fused AdamW runs ~6x slower on a transposed
-        # parameter (measured before the native step existed; README, "Tried and not adopted").
+        # Transposed storage only with the native step: torch's fused AdamW runs 4-5x slower on a transposed
+        # parameter (bench/bench_fc_layout.py); the native pass does not care.
         self.transposed = self.native_off_reason is None if transposed is None else bool(transposed)
         if self.transposed:  # before the copies are made: .to(dtype) keeps the masters' strides
             store_fc_weights_transposed(model, optimizer)
