@@ -95,17 +95,25 @@ void adam_chunk(const StepConstants& c, float* __restrict param, const BFloat16*
   }
 }
 
+// Whether a and b (same sizes) put every element at the same memory offset: equal strides in every dimension
+// of size > 1 (a size-1 dimension's stride is never used).
+bool same_layout(const Tensor& a, const Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
 // Elementwise over raw memory: every tensor must be dense (no gaps, no overlap) and laid out as the master
 // (same sizes and strides), so that memory position i is the same element in all of them. A transposed
-// (column-major) master, as the text FC keeps it (scanet.layers.TextEncoder), qualifies with its moments,
-// copy and grad.
+// (column-major) master, as scanet.master_weights stores the FC weights for bf16 training, qualifies with its
+// moments, copy and grad.
 void check(const Tensor& t, const char* name, at::ScalarType dtype, const Tensor& param) {
   TORCH_CHECK(t.device().is_cpu(), "adam_bf16_step: ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, "adam_bf16_step: ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == param.sizes(), "adam_bf16_step: ", name, " has shape ", t.sizes(), ", the master ",
               param.sizes());
   TORCH_CHECK(t.is_non_overlapping_and_dense(), "adam_bf16_step: ", name, " must be dense (no gaps or overlap)");
-  TORCH_CHECK(t.numel() <= 1 || t.strides() == param.strides(), "adam_bf16_step: ", name, " has strides ",
+  TORCH_CHECK(same_layout(t, param), "adam_bf16_step: ", name, " has strides ",
               t.strides(), ", the master ", param.strides(), " (the pass is elementwise over memory)");
 }
 

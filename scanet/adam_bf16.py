@@ -108,8 +108,9 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def _laid_out_as(t: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
-    """``t`` with ``master``'s strides (the op runs elementwise over memory): itself when it has them already."""
-    if t.stride() == master.stride():
+    """``t`` with ``master``'s strides (the op runs elementwise over memory): itself when it has them already
+    (a size-1 dimension's stride is never used, so it may differ)."""
+    if all(size == 1 or a == b for size, a, b in zip(master.shape, t.stride(), master.stride(), strict=True)):
         return t
     return torch.empty_like(master, dtype=t.dtype).copy_(t)
 

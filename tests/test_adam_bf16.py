@@ -156,6 +156,13 @@ def test_a_transposed_master_steps_as_the_contiguous_one_bitwise():
     for got, want in zip(results[1][:3], (want_p, want_m, want_v), strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     assert torch.equal(results[1][3], results[1][0].to(BF16))
+    # a size-1 dimension's stride is never used: a (1, n) grad with strides (1, 1) steps a (1, n) master as is
+    row, grad_row = p0[:1].clone(), torch.empty(53, 1, dtype=BF16).t().copy_(grad[:1])
+    assert grad_row.stride() != row.stride()
+    m1, v1, c1 = m0[:1].clone(), v0[:1].clone(), torch.zeros(row.shape, dtype=BF16)
+    torch.ops.scanet_native.adam_bf16_step(row, grad_row, None, m1, v1, c1, 3.0, 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
+    want_row = adam_reference(p0[:1], grad[:1], None, m0[:1], v0[:1], 3, 1e-2, (0.9, 0.999), 1e-8, 0.01, True)[0]
+    torch.testing.assert_close(row.double(), want_row, rtol=1e-5, atol=1e-6)
 
 
 def test_what_the_native_step_refuses():
