@@ -33,6 +33,9 @@ against fused_bf16_master_row_major, same rounds): 67.4 against 74.6 ms
 (bench/bench_fc_layout.py). Not for float32 or the unfused step: torch's fused AdamW runs 4-5x slower on a
 transposed parameter (35 against 7.7 ms for the text FC, same file), while the native pass runs at the same
 speed on either layout. Checkpoints are written contiguous (scanet.checkpoint): a file does not depend on it.
+A loop of your own that saves ``optimizer.state_dict()`` with torch.save directly keeps the moments transposed:
+load that into an optimizer whose parameters are transposed too (build MasterWeights after loading: it lays the
+state out with the masters), or make the tensors contiguous before saving, as scanet.checkpoint does.
 
 ``in_forward`` swaps the copies in for the forward only (two dict entries per layer: no copy), so everything
 outside it (state_dict and checkpoints, evaluation, load_state_dict on resume, the L2 term of
