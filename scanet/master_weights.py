@@ -29,7 +29,7 @@ the bf16 grads (autograd lays a leaf's grad out as the leaf) and the Adam moment
 F.linear then hands oneDNN dX^T = W^T dY^T and dW^T = X^T dY with the large operand row-major on the left, the
 forms its bf16 AMX kernels run fastest. Measured in the whole Wiki step (bench_train_step.py's fused_bf16_master
 against fused_bf16_master_row_major, same rounds): 67.4 against 74.6 ms
-(bench/results/2026-12-01-cpu-2core-train-step-transposed-quiet.json); the text FC's backward alone 1.23-1.29x
+(bench/results/2026-12-01-cpu-2core-train-step-transposed-quiet.json); the text FC's backward alone 1.23x
 (bench/bench_fc_layout.py). Not for float32 or the unfused step: torch's fused AdamW runs 4-5x slower on a
 transposed parameter (35 against 7.7 ms for the text FC, same file), while the native pass runs at the same
 speed on either layout. Checkpoints are written contiguous (scanet.checkpoint): a file does not depend on it.
