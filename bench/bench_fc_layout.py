@@ -1,7 +1,9 @@
 """The FC layers' GEMMs and optimizer pass with the weight stored (out, in) as nn.Linear builds it ("row_major")
 or transposed in memory, strides (1, out) ("transposed", what scanet.master_weights does for CPU bf16 training).
 
-    OMP_WAIT_POLICY=passive python bench/bench_fc_layout.py --rounds 15 --json PATH
+    OMP_WAIT_POLICY=passive python bench/bench_fc_layout.py --rounds 15 --json PATH     (interleaved, DRAM-cold)
+    OMP_WAIT_POLICY=passive pytest bench/bench_fc_layout.py --benchmark    (pytest-benchmark: forward + backward
+        in bf16 per case and layout, sequential, operands as the previous call left them in the caches)
 
 Ops, at the Wiki step's shapes (B = 256, N = 1024), each call with its operands evicted to DRAM first (an 800 MB
 pass in between, as inside a training step, where the other layers' data pass through the caches):
@@ -23,6 +25,7 @@ import argparse
 import statistics
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +77,29 @@ def make(case: str, layout: str, dtype: torch.dtype):
         torch_opt = torch.optim.AdamW([torch_master], lr=1e-4, weight_decay=0.005, fused=True)
         adams["torch"] = torch_opt.step
     return forward, backward, adams
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fc_layout(benchmark, measure, case, layout):
+    """One Wiki FC's forward and backward in bf16 with its weight stored ``layout``."""
+    if torch.cuda.is_available():
+        pytest.skip("a CPU benchmark (oneDNN's bf16 GEMMs on AMX)")
+    in_dim, _, x_grad = CASES[case]
+    forward, backward, _ = make(case, layout, torch.bfloat16)
+
+    def run():
+        forward()
+        backward()
+
+    measure(
+        benchmark,
+        run,
+        op="fc_layout",
+        case=f"{case} W {N}x{in_dim} B={B} bf16",
+        provider=layout,
+        flops=(3 if x_grad else 2) * 2 * B * in_dim * N,
+    )
 
 
 def main(argv=None) -> None:
