@@ -174,7 +174,9 @@ def test_fc_weights_are_stored_transposed_with_their_state_and_train_as_the_plai
             assert apart <= 0.1 * moved, (k, float(apart), float(moved))
     for master in transposed:
         assert master.stride() == (1, master.shape[0]) and opts[1].state[master]["exp_avg"].stride() == master.stride()
-    assert transposed_layout(transposed[0]) is not None and store_fc_weights_transposed(ours, opts[1]) == 0
+    again = transposed_layout(transposed[0])  # already so: no copy, and nothing left to re-lay
+    assert again.data_ptr() == transposed[0].data_ptr() and again.stride() == transposed[0].stride()
+    assert store_fc_weights_transposed(ours, opts[1]) == 0
 
 
 @pytest.mark.parametrize("native_step", [False, pytest.param(True, marks=needs_native)])
