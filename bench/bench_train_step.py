@@ -34,8 +34,9 @@ Providers:
                fused_bf16_master fused_bf16 with scanet.master_weights (as scanet.train runs CPU bf16): the FC
                                  layers hold bf16 copies for the forward; one native pass per FC master
                                  (scanet.adam_bf16: bf16 grad in, master, AdamW moments and bf16 copy out)
-                                 The FC weights stored (in, out) in memory (MasterWeights(transposed=True):
-                                 oneDNN's dW and dX GEMMs about twice as fast so)
+                                 The FC weights stored (in, out) in memory (MasterWeights' default with the
+                                 native step: autograd then hands oneDNN its faster dW and dX GEMM forms,
+                                 bench/bench_fc_layout.py)
                fused_bf16_master_row_major  the same with the FC weights stored as nn.Linear builds them
                                  ((out, in) row-major: MasterWeights(transposed=False), as before)
                fused_bf16_master_unfused  the same with MasterWeights(native=False): the bf16 grads widened

@@ -144,10 +144,11 @@ def store_fc_weights_transposed(model: nn.Module, optimizer: torch.optim.Optimiz
     done = 0
     for module in model.modules():
         w = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
-        if w is None or w.dim() != 2 or 1 in w.shape:
+        if w is None or 1 in w.shape:
             continue
-        if w.stride() != transposed_layout(w).stride():
-            w.data = transposed_layout(w.data)
+        relaid = transposed_layout(w.data)  # w.data itself (a view) when it is stored so already
+        if relaid.data_ptr() != w.data_ptr():
+            w.data = relaid
             done += 1
         if w.grad is not None:
             w.grad = transposed_layout(w.grad)
