@@ -151,3 +151,36 @@ def test_real_wiki_prepares_with_glove(wiki_root, tmp_path):
     assert 100_000 < L.nnz < 200_000
     assert 1.0 < ds.lmax <= 2.0
     assert (np.asarray(ds.train.bow.sum(1)).ravel() > 0).all()
+
+
+def test_sift_sqrt_is_the_hellinger_map_of_the_histograms(tmp_path, vectors_file):
+    root = tmp_path / "wiki"
+    _write_fixture(root)
+    kw = dict(vocab_size=100, knn=3, embeddings=str(vectors_file), progress=lambda s: None)
+    plain = wiki.prepare(root, tmp_path / "plain", **kw)
+    root_sqrt = wiki.prepare(root, tmp_path / "sqrt", image_features="sift-sqrt", **kw)
+    mat = scipy.io.loadmat(root / "raw_features.mat")
+    np.testing.assert_allclose(root_sqrt.train.images, np.sqrt(mat["I_tr"]), rtol=1e-6)
+    np.testing.assert_allclose(root_sqrt.test.images, np.sqrt(mat["I_te"]), rtol=1e-6)
+    np.testing.assert_allclose(plain.train.images, mat["I_tr"], rtol=1e-6)
+    assert root_sqrt.train.images.dtype == np.float32
+    # the text side is the same; the cache key is not, so one folder never serves the other
+    np.testing.assert_array_equal(root_sqrt.train.bow.toarray(), plain.train.bow.toarray())
+    assert root_sqrt.fingerprint != plain.fingerprint
+    msgs = []
+    wiki.prepare(root, tmp_path / "plain", **dict(kw, progress=msgs.append), image_features="sift-sqrt")
+    assert any("stale" in m for m in msgs)
+
+
+def test_sift_sqrt_and_unknown_feature_names_are_refused_clearly(tmp_path, vectors_file):
+    root = tmp_path / "wiki"
+    _write_fixture(root)
+    kw = dict(vocab_size=100, knn=3, embeddings=str(vectors_file), progress=lambda s: None)
+    with pytest.raises(ValueError, match=r"image_features must be 'sift', 'sift-sqrt'.*'sift_sqrt'"):
+        wiki.prepare(root, tmp_path / "p", image_features="sift_sqrt", **kw)
+    feats = {k: np.abs(np.random.default_rng(2).random(s)) for k, s in (("I_tr", (8, 128)), ("I_te", (4, 128)))}
+    feats["I_te"][1, 5] = -0.25
+    scipy.io.savemat(root / "raw_features.mat", {**feats, "T_tr": np.zeros((8, 10)), "T_te": np.zeros((4, 10))})
+    with pytest.raises(ValueError, match=r"raw_features.mat: I_te has a negative bin \(-0.25\)"):
+        wiki.prepare(root, tmp_path / "p", image_features="sift-sqrt", **kw)
+    wiki.prepare(root, tmp_path / "p", **kw)  # the histograms as they are still load

@@ -63,6 +63,8 @@ def test_wikidata_mat_without_list_files(tmp_path, label_form):
     assert report["text_dim"] == 6 and report["source"].endswith("wikiData.mat")
     logs = []
     assert wiki.prepare(root, out, knn=3, progress=logs.append).fingerprint == ds.fingerprint and logs == []
+    with pytest.raises(ValueError, match=r"labelled .mat release.*image_features='sift-sqrt' does not apply"):
+        wiki.prepare(root, out, knn=3, image_features="sift-sqrt", progress=_quiet)
 
     from scanet.train import train
 

@@ -64,7 +64,9 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--lmax", help="'exact' (eigsh) or a number such as 2 (default: the dataset's, 'exact')")
     p.add_argument(
-        "--image-features", help="wiki: 'sift' (default), 'cnn' (EfficientNet-Lite0 on ROOT/images) or an .npy matrix"
+        "--image-features",
+        help="wiki: 'sift' (default), 'sift-sqrt' (the SIFT histograms' square roots: Hellinger-mapped BoVW), "
+        "'cnn' (EfficientNet-Lite0 on ROOT/images) or an .npy matrix",
     )
     p.add_argument(
         "--option",

@@ -70,6 +70,20 @@ def read_raw_features(path: Path, n_train: int, n_test: int) -> dict[str, np.nda
     return out
 
 
+# The image features read from raw_features.mat: the histograms as they are, or their Hellinger map.
+SIFT_FEATURES = ("sift", "sift-sqrt")
+
+
+def hellinger(histograms: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """Each bin's square root (BoVW counts or frequencies must be non-negative: a negative bin is refused)."""
+    low = float(histograms.min()) if histograms.size else 0.0
+    if low < 0:
+        raise ValueError(
+            f"{path}: {key} has a negative bin ({low:g}); image_features='sift-sqrt' needs non-negative histograms"
+        )
+    return np.sqrt(histograms).astype(np.float32)
+
+
 def _check_root(root: Path) -> None:
     if not root.is_dir():
         raise FileNotFoundError(f"Wiki data directory not found: {root}")
@@ -106,9 +120,11 @@ def prepare(
 ) -> PreparedDataset:
     """Prepare Eng-Wiki (cached in ``out_dir``, default ``prepared/wiki``).
 
-    image_features: "sift" (raw_features.mat, 128-d), "cnn" (EfficientNet-Lite0 features of ROOT/images, see
-    scanet.features; cached beside out_dir; entries without a readable image are excluded and reported), or a
-    path to an .npy matrix (train rows then test rows, in list order).
+    image_features: "sift" (raw_features.mat, 128-d), "sift-sqrt" (the same histograms, each bin's square root:
+    the Hellinger map of a BoVW histogram, under which the dot product of two rows is their Bhattacharyya
+    coefficient; rows that sum to 1 come out with unit L2 norm), "cnn" (EfficientNet-Lite0 features of
+    ROOT/images, see scanet.features; cached beside out_dir; entries without a readable image are excluded and
+    reported), or a path to an .npy matrix (train rows then test rows, in list order).
 
     The word graph, two readings side by side (scanet.data.graph has the details):
         default        embeddings="glove-6b-50d", graph="symmetric": GloVe 6B-50d vectors, a kNN graph with
@@ -134,6 +150,12 @@ def prepare(
         from scanet.data import wiki_mat  # the labelled .mat release (wikiData.mat)
 
         if wiki_mat.find_labelled_mat(root) is not None:
+            if image_features != "sift":
+                raise ValueError(
+                    f"{root} is the labelled .mat release (no list files): its images are the .mat's I features, "
+                    f"so image_features={image_features!r} does not apply (it needs raw_features.mat and the "
+                    "*_txt_img_cat.list files)"
+                )
             if graph != "symmetric" or str(embeddings) == "word2vec":
                 raise ValueError(
                     f"{root} is the labelled .mat release (no list files): its text graph is over the text-feature "
@@ -145,7 +167,11 @@ def prepare(
     out_dir = Path(out_dir or Path("prepared") / "wiki")
     lists = [root / "trainset_txt_img_cat.list", root / "testset_txt_img_cat.list"]
     text_files = sorted((root / "texts").glob("*.xml"))
-    feature_file = root / "raw_features.mat" if image_features == "sift" else Path(image_features)
+    if image_features not in (*SIFT_FEATURES, "cnn") and not str(image_features).endswith(".npy"):
+        raise ValueError(
+            f"image_features must be 'sift', 'sift-sqrt', 'cnn' or the path of an .npy matrix, got {image_features!r}"
+        )
+    feature_file = root / "raw_features.mat" if image_features in SIFT_FEATURES else Path(image_features)
     inputs = {
         "lists": hash_files(lists),
         "texts": hash_files(text_files),
@@ -192,9 +218,11 @@ def prepare(
         test_tok = [tok(t) for t in load_texts(root, test_e)]
         if image_features == "cnn":
             pass  # computed above, entries without an image left out
-        elif image_features == "sift":
+        elif image_features in SIFT_FEATURES:
             feats = read_raw_features(feature_file, len(train_e), len(test_e))
             img_tr, img_te = feats["I_tr"], feats["I_te"]
+            if image_features == "sift-sqrt":
+                img_tr, img_te = hellinger(img_tr, feature_file, "I_tr"), hellinger(img_te, feature_file, "I_te")
         else:
             if not feature_file.is_file():
                 raise FileNotFoundError(f"image feature matrix not found: {feature_file}")
