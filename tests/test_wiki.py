@@ -170,6 +170,11 @@ def test_sift_sqrt_is_the_hellinger_map_of_the_histograms(tmp_path, vectors_file
     msgs = []
     wiki.prepare(root, tmp_path / "plain", **dict(kw, progress=msgs.append), image_features="sift-sqrt")
     assert any("stale" in m for m in msgs)
+    # the classic-features CCA row names the image features it was given
+    from scanet.cli.train import _baseline_scorers
+
+    assert "CCA (LDA-10 + sift-sqrt images)" in _baseline_scorers(root_sqrt, root)
+    assert "CCA (LDA-10 + SIFT-128, classic features)" in _baseline_scorers(plain, root)
 
 
 def test_sift_sqrt_and_unknown_feature_names_are_refused_clearly(tmp_path, vectors_file):

@@ -25,7 +25,10 @@ def _baseline_scorers(dataset, root) -> dict:
         from scanet.data.wiki import read_raw_features
 
         f = read_raw_features(Path(root) / "raw_features.mat", len(dataset.train), len(dataset.test))
-        rows["CCA (LDA-10 + SIFT-128, classic features)"] = cca_split_scorer(dataset, "lda", lda=(f["T_tr"], f["T_te"]))
+        # The image side is the prepared one: the classic SIFT-128 unless prepared otherwise (e.g. sift-sqrt).
+        images = (dataset.manifest or {}).get("params", {}).get("image_features", "sift")
+        name = "CCA (LDA-10 + SIFT-128, classic features)" if images == "sift" else f"CCA (LDA-10 + {images} images)"
+        rows[name] = cca_split_scorer(dataset, "lda", lda=(f["T_tr"], f["T_te"]))
     return rows
 
 
