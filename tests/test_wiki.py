@@ -158,22 +158,22 @@ def test_sift_sqrt_is_the_hellinger_map_of_the_histograms(tmp_path, vectors_file
     _write_fixture(root)
     kw = dict(vocab_size=100, knn=3, embeddings=str(vectors_file), progress=lambda s: None)
     plain = wiki.prepare(root, tmp_path / "plain", **kw)
-    root_sqrt = wiki.prepare(root, tmp_path / "sqrt", image_features="sift-sqrt", **kw)
+    sqrt_ds = wiki.prepare(root, tmp_path / "sqrt", image_features="sift-sqrt", **kw)
     mat = scipy.io.loadmat(root / "raw_features.mat")
-    np.testing.assert_allclose(root_sqrt.train.images, np.sqrt(mat["I_tr"]), rtol=1e-6)
-    np.testing.assert_allclose(root_sqrt.test.images, np.sqrt(mat["I_te"]), rtol=1e-6)
+    np.testing.assert_allclose(sqrt_ds.train.images, np.sqrt(mat["I_tr"]), rtol=1e-6)
+    np.testing.assert_allclose(sqrt_ds.test.images, np.sqrt(mat["I_te"]), rtol=1e-6)
     np.testing.assert_allclose(plain.train.images, mat["I_tr"], rtol=1e-6)
-    assert root_sqrt.train.images.dtype == np.float32
+    assert sqrt_ds.train.images.dtype == np.float32
     # the text side is the same; the cache key is not, so one folder never serves the other
-    np.testing.assert_array_equal(root_sqrt.train.bow.toarray(), plain.train.bow.toarray())
-    assert root_sqrt.fingerprint != plain.fingerprint
+    np.testing.assert_array_equal(sqrt_ds.train.bow.toarray(), plain.train.bow.toarray())
+    assert sqrt_ds.fingerprint != plain.fingerprint
     msgs = []
     wiki.prepare(root, tmp_path / "plain", **dict(kw, progress=msgs.append), image_features="sift-sqrt")
     assert any("stale" in m for m in msgs)
     # the classic-features CCA row names the image features it was given
     from scanet.cli.train import _baseline_scorers
 
-    assert "CCA (LDA-10 + sift-sqrt images)" in _baseline_scorers(root_sqrt, root)
+    assert "CCA (LDA-10 + sift-sqrt images)" in _baseline_scorers(sqrt_ds, root)
     assert "CCA (LDA-10 + SIFT-128, classic features)" in _baseline_scorers(plain, root)
 
 
@@ -189,3 +189,7 @@ def test_sift_sqrt_and_unknown_feature_names_are_refused_clearly(tmp_path, vecto
     with pytest.raises(ValueError, match=r"raw_features.mat: I_te has a negative bin \(-0.25\)"):
         wiki.prepare(root, tmp_path / "p", image_features="sift-sqrt", **kw)
     wiki.prepare(root, tmp_path / "p", **kw)  # the histograms as they are still load
+    matrix = tmp_path / "features.bin"  # an existing matrix file loads whatever its suffix
+    with open(matrix, "wb") as f:
+        np.save(f, np.ones((12, 5), np.float32))
+    assert wiki.prepare(root, tmp_path / "m", image_features=str(matrix), **kw).train.images.shape == (8, 5)

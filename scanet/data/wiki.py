@@ -72,6 +72,7 @@ def read_raw_features(path: Path, n_train: int, n_test: int) -> dict[str, np.nda
 
 # The image features read from raw_features.mat: the histograms as they are, or their Hellinger map.
 SIFT_FEATURES = ("sift", "sift-sqrt")
+IMAGE_FEATURE_NAMES = (*SIFT_FEATURES, "cnn")  # anything else is the path of an .npy matrix
 
 
 def hellinger(histograms: np.ndarray, path: Path, key: str) -> np.ndarray:
@@ -167,10 +168,12 @@ def prepare(
     out_dir = Path(out_dir or Path("prepared") / "wiki")
     lists = [root / "trainset_txt_img_cat.list", root / "testset_txt_img_cat.list"]
     text_files = sorted((root / "texts").glob("*.xml"))
-    if image_features not in (*SIFT_FEATURES, "cnn") and not str(image_features).endswith(".npy"):
-        raise ValueError(
-            f"image_features must be 'sift', 'sift-sqrt', 'cnn' or the path of an .npy matrix, got {image_features!r}"
-        )
+    # A name that is neither known nor a matrix file (a typo such as 'sift_sqrt') is refused here, not reported
+    # later as a missing file; an existing matrix keeps loading whatever its suffix, as before the check.
+    path_like = str(image_features).endswith(".npy") or Path(image_features).is_file()
+    if image_features not in IMAGE_FEATURE_NAMES and not path_like:
+        names = ", ".join(repr(n) for n in IMAGE_FEATURE_NAMES)
+        raise ValueError(f"image_features must be {names} or the path of an .npy matrix, got {image_features!r}")
     feature_file = root / "raw_features.mat" if image_features in SIFT_FEATURES else Path(image_features)
     inputs = {
         "lists": hash_files(lists),
