@@ -177,6 +177,30 @@ def test_sift_sqrt_is_the_hellinger_map_of_the_histograms(tmp_path, vectors_file
     assert "CCA (LDA-10 + SIFT-128, classic features)" in _baseline_scorers(plain, root)
 
 
+def test_sift_sqrt_rbf_is_the_kernel_map_of_the_square_roots_fitted_on_training_images(tmp_path, vectors_file):
+    from scanet.data.kernel_map import rbf_kernel_map
+
+    root = tmp_path / "wiki"
+    _write_fixture(root)
+    kw = dict(vocab_size=100, knn=3, embeddings=str(vectors_file), progress=lambda s: None)
+    rbf = wiki.prepare(root, tmp_path / "rbf", image_features="sift-sqrt-rbf", **kw)
+    mat = scipy.io.loadmat(root / "raw_features.mat")
+    sq_tr, sq_te = np.sqrt(mat["I_tr"]), np.sqrt(mat["I_te"])
+    assert rbf.train.images.dtype == np.float32 and rbf.train.images.shape == (8, 8)  # rank of 8 training rows
+    # its dot products are the RBF kernel of the standardized square roots (gamma = 1/128), float64 here
+    z = lambda a: (a - sq_tr.mean(0)) / sq_tr.std(0)  # noqa: E731
+    kernel = np.exp(-((z(sq_te)[:, None, :] - z(sq_tr)[None, :, :]) ** 2).sum(-1) / 128)
+    np.testing.assert_allclose(rbf.test.images.astype(np.float64) @ rbf.train.images.T, kernel, atol=1e-5)
+    expected = rbf_kernel_map(sq_tr, [sq_te])
+    np.testing.assert_allclose(rbf.train.images, expected[0], atol=1e-6)
+    sqrt_ds = wiki.prepare(root, tmp_path / "sqrt", image_features="sift-sqrt", **kw)
+    np.testing.assert_array_equal(rbf.train.bow.toarray(), sqrt_ds.train.bow.toarray())
+    assert rbf.fingerprint != sqrt_ds.fingerprint
+    from scanet.cli.train import _baseline_scorers
+
+    assert "CCA (LDA-10 + sift-sqrt-rbf images)" in _baseline_scorers(rbf, root)
+
+
 def test_sift_sqrt_and_unknown_feature_names_are_refused_clearly(tmp_path, vectors_file):
     root = tmp_path / "wiki"
     _write_fixture(root)

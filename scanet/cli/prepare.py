@@ -66,6 +66,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--image-features",
         help="wiki: 'sift' (default), 'sift-sqrt' (the SIFT histograms' square roots: Hellinger-mapped BoVW), "
+        "'sift-sqrt-rbf' (those through an RBF kernel map fitted on the training images), "
         "'cnn' (EfficientNet-Lite0 on ROOT/images) or an .npy matrix",
     )
     p.add_argument(

@@ -23,6 +23,7 @@ import numpy as np
 from scanet.data.assemble import assemble
 from scanet.data.embeddings import WordVectors, load_word_vectors
 from scanet.data.graph import check_graph
+from scanet.data.kernel_map import rbf_kernel_map
 from scanet.data.languages import check_word2vec_options, embeddings_for
 from scanet.data.lists import ListEntry, read_list  # scanet.data.wiki.read_list: public here
 from scanet.data.prepared import PreparedDataset, cached, hash_files
@@ -70,8 +71,9 @@ def read_raw_features(path: Path, n_train: int, n_test: int) -> dict[str, np.nda
     return out
 
 
-# The image features read from raw_features.mat: the histograms as they are, or their Hellinger map.
-SIFT_FEATURES = ("sift", "sift-sqrt")
+# The image features read from raw_features.mat: the histograms as they are, their Hellinger map, or the
+# Hellinger map through an RBF kernel map fitted on the training split (scanet.data.kernel_map).
+SIFT_FEATURES = ("sift", "sift-sqrt", "sift-sqrt-rbf")
 IMAGE_FEATURE_NAMES = (*SIFT_FEATURES, "cnn")  # anything else is the path of an .npy matrix
 
 
@@ -123,7 +125,9 @@ def prepare(
 
     image_features: "sift" (raw_features.mat, 128-d), "sift-sqrt" (the same histograms, each bin's square root:
     the Hellinger map of a BoVW histogram, under which the dot product of two rows is their Bhattacharyya
-    coefficient; rows that sum to 1 come out with unit L2 norm), "cnn" (EfficientNet-Lite0 features of
+    coefficient; rows that sum to 1 come out with unit L2 norm), "sift-sqrt-rbf" (the square roots through an
+    RBF kernel map fitted on the training images only, scanet.data.kernel_map: 2,173 columns on Eng-Wiki, so
+    that the linear layers of every model see the kernel), "cnn" (EfficientNet-Lite0 features of
     ROOT/images, see scanet.features; cached beside out_dir; entries without a readable image are excluded and
     reported), or a path to an .npy matrix (train rows then test rows, in list order).
 
@@ -224,8 +228,11 @@ def prepare(
         elif image_features in SIFT_FEATURES:
             feats = read_raw_features(feature_file, len(train_e), len(test_e))
             img_tr, img_te = feats["I_tr"], feats["I_te"]
-            if image_features == "sift-sqrt":
+            if image_features in ("sift-sqrt", "sift-sqrt-rbf"):
                 img_tr, img_te = hellinger(img_tr, feature_file, "I_tr"), hellinger(img_te, feature_file, "I_te")
+            if image_features == "sift-sqrt-rbf":
+                progress(f"RBF kernel map of {len(img_tr)} training images (landmarks: the training rows)")
+                img_tr, img_te = rbf_kernel_map(img_tr, [img_te], what=f"{feature_file} (I_tr, I_te)")
         else:
             if not feature_file.is_file():
                 raise FileNotFoundError(f"image feature matrix not found: {feature_file}")
