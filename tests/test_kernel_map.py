@@ -16,17 +16,16 @@ def _rbf(a, b, mean, std):
     return out
 
 
-@pytest.mark.parametrize("n, n_test, d", [(37, 11, 5), (3, 1, 128), (64, 9, 1)])
-def test_dot_products_are_the_kernel_where_the_landmarks_are_all_training_rows(n, n_test, d):
+@pytest.mark.parametrize("n, n_test, d, tol", [(37, 11, 5, 2e-5), (3, 1, 128, 2e-5), (64, 9, 1, 1e-3)])
+def test_dot_products_are_the_kernel_where_the_landmarks_are_all_training_rows(n, n_test, d, tol):
     rng = np.random.default_rng(n * 1000 + d)
     train, test = rng.random((n, d)) * 3.0, rng.random((n_test, d)) * 3.0 - 0.5
     phi_train, phi_test = rbf_kernel_map(train, [test])
     assert phi_train.dtype == np.float32 and phi_test.dtype == np.float32
-    assert phi_train.shape[0] == n and phi_test.shape == (n_test, phi_train.shape[1]) and phi_train.shape[1] <= n
+    assert phi_train.shape == (n, n) and phi_test.shape == (n_test, n)  # one column per landmark
     mean, std = train.mean(0), train.std(0)
     # Nystroem is exact when one side of the pair is a landmark (here every training row is one), up to the
     # eigenvalues dropped: 64 points on a line keep rank 10, and a row off the landmarks then differs by ~2e-4.
-    tol = 2e-5 if phi_train.shape[1] == n else 1e-3
     np.testing.assert_allclose(phi_train.astype(np.float64) @ phi_train.T, _rbf(train, train, mean, std), atol=2e-5)
     np.testing.assert_allclose(phi_test.astype(np.float64) @ phi_train.T, _rbf(test, train, mean, std), atol=tol)
 
@@ -55,7 +54,7 @@ def test_duplicate_rows_and_constant_columns_keep_the_map_finite():
     train[:, 2] = 0.25  # a constant column
     (phi,) = rbf_kernel_map(train)
     assert np.isfinite(phi).all()
-    assert phi.shape == (15, 10)
+    assert phi.shape == (15, 15) and np.linalg.matrix_rank(phi.astype(np.float64), tol=1e-4) == 10
     np.testing.assert_allclose(phi[10:], phi[:5], atol=1e-5)
 
 
@@ -81,3 +80,14 @@ def test_bad_input_is_refused_with_what_and_where():
         rbf_kernel_map(np.where(good > 0.5, np.inf, good))
     with pytest.raises(ValueError, match=r"max_landmarks must be >= 2, got 1"):
         rbf_kernel_map(good, max_landmarks=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_column_turns_into_a_fingerprint_of_the_training_rows(seed):
+    # Standardized per column against the training rows (as SCANet's image encoder does), new rows stay in range:
+    # 200 rows in 4-D keep many eigenvalues near the floor, and columns along those principal directions (the
+    # shorter diag(s)^(-1/2) U^T form) reach 33-86 standard deviations here; one column per landmark, 8-11.
+    rng = np.random.default_rng(seed)
+    phi_train, phi_test = rbf_kernel_map(rng.random((200, 4)), [rng.random((50, 4))])
+    z = (phi_test - phi_train.mean(0)) / phi_train.std(0)
+    assert np.abs(z).max() < 20
