@@ -11,8 +11,8 @@ which part of a trained SCANet (its run folder's ``best.pt``) falls short of it:
 * the pair score's ranking: test-vs-test MAP of the direct scores (the paper's retrieval) beside the MAP of
   class profiles, each test item represented by those per-class mean scores (z-scored) and matched by cosine.
 
-With the run folders, the prepared features' own headroom: the test accuracy of the baseline's linear logistic
-regression on the standardized image features and of an RBF-kernel SVM (both C = 1, sklearn defaults).
+Beside the runs, the prepared image features' headroom: the test accuracy of the baseline's linear logistic
+regression on the standardized features and of an RBF-kernel SVM (both C = 1, sklearn defaults).
 """
 
 from __future__ import annotations
