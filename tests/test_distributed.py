@@ -4,6 +4,7 @@ The workers join the group through scanet.distributed.init_from_env with the var
 write what they computed to files that the test compares with the one-process reference.
 """
 
+import gc
 import os
 import socket
 
@@ -97,6 +98,11 @@ def _ddp_worker(rank: int, port: int, out_dir: str, B: int, steps: int):
     if sd.is_main():
         torch.save(model.state_dict(), os.path.join(out_dir, "ddp.pt"))
     sd.barrier()
+    # Drop the DDP wrapper (its reducer holds gloo work and tensors) while the interpreter is fully alive: freed
+    # at interpreter teardown instead, gloo's threads can abort the process ("terminate called without an active
+    # exception", SIGABRT), which a CI run of 2026-12-02 hit once in rank 1 after the steps were done.
+    del ddp, opt
+    gc.collect()
     sd.destroy()
 
 
