@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from scanet.baselines import semantic_matching_split_scorer
+from scanet.baselines import _unit_rows, semantic_matching_split_scorer
 from scanet.checkpoint import load_model
 from scanet.data.prepared import PreparedDataset
 from scanet.evaluate import model_scorer, retrieval_report
@@ -36,10 +36,6 @@ from scanet.evaluate import model_scorer, retrieval_report
 def class_profiles(scores: np.ndarray, candidate_labels: np.ndarray, n_classes: int) -> np.ndarray:
     """(queries, classes): each query's mean score against the candidates of each class."""
     return np.stack([scores[:, candidate_labels == c].mean(1) for c in range(n_classes)], 1)
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
 def _z(a: np.ndarray) -> np.ndarray:
@@ -53,7 +49,7 @@ def diagnose(score, ds: PreparedDataset) -> dict:
     image_profiles = class_profiles(score(tr, te).T, tr.labels, n_classes)  # test images vs training texts
     text_profiles = class_profiles(score(te, tr), tr.labels, n_classes)  # test texts vs training images
     direct = retrieval_report(score(te, te), te.labels, te.labels)
-    profiles = retrieval_report(_unit(_z(text_profiles)) @ _unit(_z(image_profiles)).T, te.labels, te.labels)
+    profiles = retrieval_report(_unit_rows(_z(text_profiles)) @ _unit_rows(_z(image_profiles)).T, te.labels, te.labels)
 
     def maps(report: dict) -> dict:
         return {

@@ -186,7 +186,7 @@ def test_sift_sqrt_rbf_is_the_kernel_map_of_the_square_roots_fitted_on_training_
     rbf = wiki.prepare(root, tmp_path / "rbf", image_features="sift-sqrt-rbf", **kw)
     mat = scipy.io.loadmat(root / "raw_features.mat")
     sq_tr, sq_te = np.sqrt(mat["I_tr"]), np.sqrt(mat["I_te"])
-    assert rbf.train.images.dtype == np.float32 and rbf.train.images.shape == (8, 8)  # rank of 8 training rows
+    assert rbf.train.images.dtype == np.float32 and rbf.train.images.shape == (8, 8)  # one column per training row
     # its dot products are the RBF kernel of the standardized square roots (gamma = 1/128), float64 here
     z = lambda a: (a - sq_tr.mean(0)) / sq_tr.std(0)  # noqa: E731
     kernel = np.exp(-((z(sq_te)[:, None, :] - z(sq_tr)[None, :, :]) ** 2).sum(-1) / 128)
