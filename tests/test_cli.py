@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from scanet.cli import main
@@ -76,6 +77,47 @@ def test_evaluate_reproduces_training_map(trained, capsys):
     trained_map = json.loads((run / "evaluation.json").read_text())["mean_map"]
     again = json.loads((trained / "eval" / "evaluate_results.json").read_text())["map"]["SCANet"]["mean"]
     assert again == pytest.approx(trained_map, abs=1e-9)
+
+
+def test_evaluate_ensemble_is_the_mean_of_the_checkpoints_logits(trained, tmp_path, capsys):
+    import torch
+
+    from scanet.checkpoint import load_model
+    from scanet.data.prepared import PreparedDataset
+    from scanet.evaluate import model_scorer, retrieval_report
+
+    other = trained / "run-seed1"  # a second seed, so the members disagree
+    argv = ["--prepared-dir", str(trained / "prepared"), "--eager"]
+    rc = main(["train", *argv, "--out", str(other), "--no-baseline", "--set", "seed=1", "--set", "epochs=1"])
+    assert rc == 0
+    members = [trained / "run" / "best.pt", other / "last.pt"]
+    assert main(["evaluate", *argv, "--out", str(tmp_path / "ens"), *[f"--checkpoint={m}" for m in members]]) == 0
+    results = json.loads((tmp_path / "ens" / "evaluate_results.json").read_text())
+    assert results["checkpoints"] == [str(m) for m in members] and len(results["epochs"]) == 2
+    (row,) = results["map"].values()
+    ds = PreparedDataset.load(trained / "prepared" / "synthetic")
+    singles = []
+    for m in members:
+        model, _ = load_model(m, ds)
+        singles.append(model_scorer(model)(ds.test, ds.test).astype(np.float64))
+    assert not np.allclose(singles[0], singles[1])
+    expected = retrieval_report(np.mean(singles, 0), ds.test.labels, ds.test.labels)
+    assert row["mean"] == pytest.approx(expected["mean_map"], abs=1e-6)
+    assert set(results["protocols"]) == {"standard", "paper"}
+
+    # several checkpoints need --out; a member trained on other data is named
+    capsys.readouterr()
+    assert main(["evaluate", *argv, *[f"--checkpoint={m}" for m in members]]) == 2
+    assert "2 checkpoints given: name the output folder with --out" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.pt"
+    state = torch.load(members[1], weights_only=True)
+    state["dataset_fingerprint"] = "0" * 16
+    torch.save(state, foreign)
+    out = tmp_path / "ens2"
+    assert main(["evaluate", *argv, "--out", str(out), f"--checkpoint={members[0]}", f"--checkpoint={foreign}"]) == 2
+    err = capsys.readouterr().err
+    assert str(foreign) in err and "trained on prepared data" in err
+    assert not (out / "evaluate_results.json").exists()
 
 
 def test_errors_are_clear(trained, tmp_path, capsys):

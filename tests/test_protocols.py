@@ -107,3 +107,28 @@ def test_known_score_matrices_are_not_computed_again():
     seeded = evaluate_protocols(score_fn, ds, "both", known={("test", "test"): score_fn(test, test)})
     assert calls.count((False, False)) == 1  # only the call that built `known`
     assert seeded == fresh
+
+
+def test_ensemble_scorer_is_the_mean_of_its_members():
+    from scanet.evaluate import ensemble_scorer
+
+    rng = np.random.default_rng()
+    mats = [rng.standard_normal((5, 7)).astype(np.float32) for _ in range(3)]
+    calls = []
+
+    def member(m):
+        def score(text_split, image_split):
+            calls.append((text_split, image_split))
+            return m
+
+        return score
+
+    score = ensemble_scorer([member(m) for m in mats])
+    got = score("texts", "images")
+    np.testing.assert_allclose(got, np.mean(np.stack(mats).astype(np.float64), 0), rtol=1e-6)
+    assert got.shape == (5, 7) and calls == [("texts", "images")] * 3  # each member asked for the same splits
+    # a ranking the members disagree on: the mean decides (member 1 puts image 0 first, the others image 1)
+    two = ensemble_scorer([lambda t, i: np.array([[3.0, 0.0]]), lambda t, i: np.array([[0.0, 1.0]])])
+    assert two(None, None).argmax() == 0
+    with pytest.raises(ValueError, match="at least one scorer"):
+        ensemble_scorer([])

@@ -56,13 +56,14 @@ def load_dataset(args, preset, fingerprint: str | None = None):
     )
 
 
-def load_trained(args, preset_name: str | None = None, fused: bool = False):
-    """--checkpoint, then its dataset (the checkpoint's preset, or ``preset_name``), then the model on it:
-    (model, checkpoint state, dataset). The model refuses a dataset other than the one it was trained on."""
+def load_trained(args, preset_name: str | None = None, fused: bool = False, checkpoint=None):
+    """--checkpoint (or ``checkpoint``), then its dataset (the checkpoint's preset, or ``preset_name``), then the
+    model on it: (model, checkpoint state, dataset). The model refuses a dataset other than the one it was
+    trained on."""
     from scanet.checkpoint import load_checkpoint, load_model, preset_from_dict
     from scanet.config import get_preset
 
-    state = load_checkpoint(args.checkpoint)
+    state = load_checkpoint(args.checkpoint if checkpoint is None else checkpoint)
     preset = get_preset(preset_name) if preset_name else preset_from_dict(state["preset"])
     dataset = load_dataset(args, preset, fingerprint=None if preset_name else state.get("dataset_fingerprint"))
     model, _ = load_model(state, dataset, device=args.device, fused=fused)

@@ -153,42 +153,54 @@ EVALUATE_STEM = "evaluate_"  # scanet evaluate writes evaluate_results.json: nev
 
 
 def cmd_evaluate(args) -> None:
-    from scanet.evaluate import evaluate_model, evaluate_protocols, model_scorer
+    from scanet.checkpoint import load_checkpoint, load_model
+    from scanet.evaluate import ensemble_scorer, evaluate_protocols, model_scorer, retrieval_report
     from scanet.io import check_writable
 
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    checkpoints = [Path(c) for c in args.checkpoint]
+    for c in checkpoints:
+        if not c.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {c}")
+    if len(checkpoints) > 1 and not args.out:
+        raise ValueError(
+            f"{len(checkpoints)} checkpoints given: name the output folder with --out (an ensemble's results "
+            "belong to none of the run folders)"
+        )
     # Where the results go, checked before any work: writable, and nothing there overwritten without --force.
-    out = check_writable(args.out or Path(args.checkpoint).parent, "output folder")
+    out = check_writable(args.out or checkpoints[0].parent, "output folder")
     targets = [out / f"{EVALUATE_STEM}results.json", out / f"{EVALUATE_STEM}pr_curves.png"]
     if not args.force and any(t.exists() for t in targets):
         raise ValueError(
             f"{targets[0]} already exists (an earlier evaluation); --force overwrites it, or choose another --out"
         )
-    model, state, dataset = load_trained(args, fused=use_fused(args))
-    report, test_scores = evaluate_model(
-        model, dataset, "test", args.chunk_size, progress=True, precision=args.precision
-    )
-    report["protocols"] = evaluate_protocols(
-        model_scorer(model, args.chunk_size, precision=args.precision),
-        dataset,
-        args.protocol,
-        known={("test", "test"): test_scores},
-    )
-    reports = {"SCANet": report}
+    fused = use_fused(args)
+    model, state, dataset = load_trained(args, fused=fused, checkpoint=checkpoints[0])
+    dataset.require_inputs(model.config)
+    scorers = [model_scorer(model, args.chunk_size, progress=True, precision=args.precision)]
+    epochs = [state["epoch"]]
+    for c in checkpoints[1:]:  # every member on the first one's prepared data (load_model checks the fingerprint)
+        member_state = load_checkpoint(c)
+        try:
+            member, _ = load_model(member_state, dataset, device=args.device, fused=fused)
+        except ValueError as e:
+            raise ValueError(f"{c}: {e} (an ensemble's checkpoints must share the first one's data)") from e
+        dataset.require_inputs(member.config)
+        scorers.append(model_scorer(member, args.chunk_size, progress=True, precision=args.precision))
+        epochs.append(member_state["epoch"])
+    score = ensemble_scorer(scorers) if len(scorers) > 1 else scorers[0]
+    test_scores = score(dataset.test, dataset.test)
+    report = retrieval_report(test_scores, dataset.test.labels, dataset.test.labels)
+    report["protocols"] = evaluate_protocols(score, dataset, args.protocol, known={("test", "test"): test_scores})
+    name = "SCANet" if len(scorers) == 1 else f"SCANet, mean logits of {len(scorers)} checkpoints"
+    reports = {name: report}
     if args.baseline:
         reports.update(_baseline_rows(dataset, args.root, args.protocol))
-    _write_results(
-        out,
-        reports,
-        {
-            "dataset": dataset.name,
-            "checkpoint": str(args.checkpoint),
-            "epoch": state["epoch"],
-            "precision": args.precision,
-        },
-        stem=EVALUATE_STEM,
+    what: dict = (
+        {"checkpoint": str(checkpoints[0]), "epoch": epochs[0]}
+        if len(checkpoints) == 1
+        else {"checkpoints": [str(c) for c in checkpoints], "epochs": epochs}
     )
+    _write_results(out, reports, {"dataset": dataset.name, **what, "precision": args.precision}, stem=EVALUATE_STEM)
 
 
 def add_commands(sub) -> None:
@@ -224,8 +236,13 @@ def add_commands(sub) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the CCA baseline")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="MAP of a checkpoint on the test split (JSON + PR-curve PNG)")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("evaluate", help="MAP of a checkpoint (or an ensemble) on the test split (JSON + PR-curve PNG)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="a checkpoint; given more than once, the ensemble of them (the mean of their logits; needs --out)",
+    )
     dataset_options(p)
     p.add_argument(
         "--out",
