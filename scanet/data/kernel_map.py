@@ -73,7 +73,8 @@ def rbf_kernel_map(
     else:
         landmarks = z_train
     gamma = 1.0 / train.shape[1]
-    values, vectors = np.linalg.eigh(np.exp(-gamma * _squared_distances(landmarks, landmarks)))
+    k_ll = np.exp(-gamma * _squared_distances(landmarks, landmarks))
+    values, vectors = np.linalg.eigh(k_ll)
     keep = values > EIGENVALUE_FLOOR * values.max()
     # Row form of U diag(s)^(-1/2) U^T k(x), K_ll^(-1/2) symmetric: one column per landmark (the docstring says why).
     kept = vectors[:, keep]
@@ -82,4 +83,6 @@ def rbf_kernel_map(
     def phi(z: np.ndarray) -> np.ndarray:
         return (np.exp(-gamma * _squared_distances(z, landmarks)) @ projection).astype(np.float32)
 
-    return [phi(z_train)] + [phi((a - mean) / std) for a in arrays]
+    # every training row a landmark: the training rows' kernel is K_ll itself, not computed a second time
+    train_map = (k_ll @ projection).astype(np.float32) if landmarks is z_train else phi(z_train)
+    return [train_map] + [phi((a - mean) / std) for a in arrays]
