@@ -17,6 +17,7 @@ the runs are equal in distribution, without it equal to rounding.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -109,6 +110,10 @@ def barrier() -> None:
 
 def destroy() -> None:
     if is_initialized():
+        # A DistributedDataParallel wrapper kept alive by a reference cycle (or by a traceback's frames) would
+        # outlive its group and be torn down at interpreter exit, where gloo aborted once (tests/test_distributed.py
+        # frees its wrapper explicitly): collect it while the group still exists.
+        gc.collect()
         dist.destroy_process_group()
 
 
