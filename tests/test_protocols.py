@@ -127,7 +127,7 @@ def test_ensemble_scorer_is_the_mean_of_its_members():
     got = score("texts", "images")
     np.testing.assert_allclose(got, np.mean(np.stack(mats).astype(np.float64), 0), rtol=1e-6)
     assert got.shape == (5, 7) and calls == [("texts", "images")] * 3  # each member asked for the same splits
-    # a ranking the members disagree on: the mean decides (member 1 puts image 0 first, the others image 1)
+    # a ranking the members disagree on: the mean decides (the first member puts image 0 first, the second image 1)
     two = ensemble_scorer([lambda t, i: np.array([[3.0, 0.0]]), lambda t, i: np.array([[0.0, 1.0]])])
     assert two(None, None).argmax() == 0
     with pytest.raises(ValueError, match="at least one scorer"):
