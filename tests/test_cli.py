@@ -147,3 +147,17 @@ def test_prepare_passes_dataset_options_and_names_unknown_ones(tmp_path, capsys)
     assert "has no option 'n_train'" in err and "vocab_size" in err
     assert main(["prepare", "synthetic", "--option", "oops"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_map_table_columns_line_up_for_long_method_names():
+    from scanet.cli.train import _map_table_text
+
+    long_name = "semantic matching (logistic regression per modality, same features)"  # 68 characters
+    rows = {
+        "SCANet": {"text2image": 0.25, "image2text": 0.3, "mean": 0.275},
+        long_name: {"text2image": 0.2707, "image2text": 0.3672, "mean": 0.3189},
+    }
+    lines = _map_table_text(rows).splitlines()
+    assert len(lines) == 3 and lines[0].startswith("method ")
+    assert len({len(line) for line in lines}) == 1  # every column ends where the header's does
+    assert lines[2].startswith(long_name + " ") and lines[2].split()[-3:] == ["0.2707", "0.3672", "0.3189"]

@@ -45,6 +45,15 @@ def _baseline_rows(dataset, root, protocols) -> dict:
     return rows
 
 
+def _map_table_text(rows: dict) -> str:
+    """One protocol's MAP table as aligned text: a header line, then one line per method."""
+    width = max([len("method"), *map(len, rows)])  # the longest method name, so the columns line up
+    lines = [f"{'method':<{width}} {'text->image':>12} {'image->text':>12} {'mean':>8}"]
+    for name, row in rows.items():
+        lines.append(f"{name:<{width}} {row['text2image']:>12.4f} {row['image2text']:>12.4f} {row['mean']:>8.4f}")
+    return "\n".join(lines)
+
+
 def _write_results(out: Path, reports: dict, extra: dict, stem: str = "") -> None:
     """``{stem}results.json`` (a MAP table per protocol, labelled, plus the full reports) and
     ``{stem}pr_curves.png`` in ``out``, each written atomically."""
@@ -76,10 +85,7 @@ def _write_results(out: Path, reports: dict, extra: dict, stem: str = "") -> Non
     atomic_write(out / f"{stem}results.json", lambda fh: fh.write(text.encode()))
     plot_pr_curves(reports, out / f"{stem}pr_curves.png", title=extra.get("dataset", ""))
     for t in tables.values():
-        print(f"\n{t['label']}")
-        print(f"{'method':<60} {'text->image':>12} {'image->text':>12} {'mean':>8}")
-        for name, row in t["rows"].items():
-            print(f"{name:<60} {row['text2image']:>12.4f} {row['image2text']:>12.4f} {row['mean']:>8.4f}")
+        print(f"\n{t['label']}\n{_map_table_text(t['rows'])}")
     print(f"\nwritten: {out / f'{stem}results.json'}, {out / f'{stem}pr_curves.png'}")
 
 
