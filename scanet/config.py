@@ -304,10 +304,14 @@ def check_setting(key: str, value, kind: type, where: str = "", **bounds):
 
 def _typed(obj, name: str, key: str, raw: str, value):
     """``value`` checked against the field's declared type and bounds (nanoGPT's configurator: an override must
-    have the type of the field it replaces); ints are accepted for floats, lists for tuples, raw text for strings."""
+    have the type of the field it replaces); ints are accepted for floats, lists for tuples, raw text for strings,
+    and ``true``/``false`` in any case for booleans (what a shell user types; 1 / yes stay errors)."""
     field_type = {f.name: f.type for f in dataclasses.fields(obj)}[name]
-    if _TYPES.get(str(field_type).split("|")[0].strip()) is str and not isinstance(value, str):
+    kind = _TYPES.get(str(field_type).split("|")[0].strip())
+    if kind is str and not isinstance(value, str):
         value = raw
+    elif kind is bool and raw.strip().lower() in ("true", "false"):
+        value = raw.strip().lower() == "true"
     return check_field(obj, name, value, key, where="override ")
 
 

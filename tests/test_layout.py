@@ -150,3 +150,8 @@ def test_set_accepts_the_field_types():
     assert p.train.lr == 1.0 and isinstance(p.train.lr, float) and p.model.gcn_channels == (2, 1)
     assert p.model.attention_scale == "1" and p.train.decoupled_weight_decay is False and p.train.epochs == 3
     assert apply_overrides(get_preset("custom"), ["vocab_size=500"]).vocab_size == 500
+    # booleans as a shell user types them (a run once failed on ground_truth_pairs=true); 1 / yes stay errors
+    p = apply_overrides(get_preset("wiki"), ["ground_truth_pairs=true", "decoupled_weight_decay=FALSE"])
+    assert p.train.ground_truth_pairs is True and p.train.decoupled_weight_decay is False
+    with pytest.raises(ValueError, match="must be True or False"):
+        apply_overrides(get_preset("wiki"), ["ground_truth_pairs=yes"])
