@@ -278,18 +278,27 @@ def arg_type(section, name: str, flag: str | None = None):
     return flag_type(**dict(_field_rule(f), optional=False), name=flag or name)
 
 
+def parse_value(text: str):
+    """A command-line value (``--set``, ``--option``, a typed flag): a Python literal where it is one (8, 2.0,
+    (2, 1)), ``true``/``false`` in any case as a bool (what a shell user types; 1 and yes stay what they are),
+    else the plain word as a string (paper, word2vec). The field's or option's checker decides what is allowed."""
+    import ast
+
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def flag_type(kind: type, name: str = "value", **bounds):
     """An argparse ``type=`` checked by ``check_value`` (for flags that are no dataclass field: --top-k)."""
     import argparse
-    import ast
 
     def parse(text: str):
         try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        try:
-            return check_value(name, value, kind, **bounds)
+            return check_value(name, parse_value(text), kind, **bounds)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -304,26 +313,20 @@ def check_setting(key: str, value, kind: type, where: str = "", **bounds):
 
 def _typed(obj, name: str, key: str, raw: str, value):
     """``value`` checked against the field's declared type and bounds (nanoGPT's configurator: an override must
-    have the type of the field it replaces); ints are accepted for floats, lists for tuples, raw text for strings,
-    and ``true``/``false`` in any case for booleans (what a shell user types; 1 / yes stay errors)."""
+    have the type of the field it replaces); ints are accepted for floats, lists for tuples, raw text for strings."""
     field_type = {f.name: f.type for f in dataclasses.fields(obj)}[name]
-    kind = _TYPES.get(str(field_type).split("|")[0].strip())
-    if kind is str and not isinstance(value, str):
+    if _TYPES.get(str(field_type).split("|")[0].strip()) is str and not isinstance(value, str):
         value = raw
-    elif kind is bool and raw.strip().lower() in ("true", "false"):
-        value = raw.strip().lower() == "true"
     return check_field(obj, name, value, key, where="override ")
 
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     """Apply ``key=value`` overrides; keys are fields of the preset, ``model.x`` or ``train.x`` (or bare x).
 
-    Values are Python literals (``epochs=10``, ``gcn_channels=(2,1)``, ``decoupled_weight_decay=False``; text
-    needs no quotes) and must have the field's type and lie in its declared bounds: a ValueError names the key,
-    the value and what is allowed.
+    Values are read by ``parse_value`` (``epochs=10``, ``gcn_channels=(2,1)``, ``decoupled_weight_decay=false``;
+    text needs no quotes) and must have the field's type and lie in its declared bounds: a ValueError names the
+    key, the value and what is allowed.
     """
-    import ast
-
     preset = dataclasses.replace(
         preset, model=dataclasses.replace(preset.model), train=dataclasses.replace(preset.train)
     )
@@ -331,10 +334,7 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
+        value = parse_value(raw)
         targets = []
         if "." in key:
             section, name = key.split(".", 1)

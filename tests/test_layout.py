@@ -155,3 +155,11 @@ def test_set_accepts_the_field_types():
     assert p.train.ground_truth_pairs is True and p.train.decoupled_weight_decay is False
     with pytest.raises(ValueError, match="must be True or False"):
         apply_overrides(get_preset("wiki"), ["ground_truth_pairs=yes"])
+
+
+def test_option_values_are_read_as_set_values():
+    # one reader for --set and --option: a preparer's bool option given as false is False, not the truthy "false"
+    from scanet.cli._common import parse_options
+
+    opts = parse_options(["single_object=false", "exactly_one=TRUE", "knn=3", "graph=paper", "tags=(1, 2)", "x=yes"])
+    assert opts == {"single_object": False, "exactly_one": True, "knn": 3, "graph": "paper", "tags": (1, 2), "x": "yes"}

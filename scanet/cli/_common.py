@@ -7,21 +7,19 @@ __init__ imports them.)
 from __future__ import annotations
 
 import argparse
-import ast
 
 
 def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
-    """``KEY=VALUE`` strings -> {key: value}: a Python literal where the value is one (8, 2.0, False), else the
-    plain word as a string (paper, word2vec)."""
+    """``KEY=VALUE`` strings -> {key: value}, each value read as ``--set`` reads it (``scanet.config.parse_value``:
+    8, 2.0, false, or the plain word paper): ``--option single_object=false`` is False, not the truthy "false"."""
+    from scanet.config import parse_value
+
     opts: dict = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{flag} {item!r} is not of the form KEY=VALUE")
-        try:
-            opts[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            opts[key] = raw  # a plain word: a string
+        opts[key] = parse_value(raw)
     return opts
 
 
