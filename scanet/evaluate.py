@@ -211,6 +211,21 @@ def get_protocols(names: str | Sequence[str]) -> list[Protocol]:
     return [PROTOCOLS[n] for n in names]
 
 
+def _directions(
+    t2i: ArrayLike,
+    text_query_labels: ArrayLike,
+    image_candidate_labels: ArrayLike,
+    i2t: ArrayLike,
+    image_query_labels: ArrayLike,
+    text_candidate_labels: ArrayLike,
+) -> tuple:
+    """(direction, scores, query labels, candidate labels) of both retrieval directions."""
+    return (
+        ("text2image", t2i, text_query_labels, image_candidate_labels),
+        ("image2text", i2t, image_query_labels, text_candidate_labels),
+    )
+
+
 def protocol_report(
     protocol: Protocol,
     text2image_scores: ArrayLike,
@@ -226,9 +241,13 @@ def protocol_report(
     Returns {"protocol", "label", "text2image": {metric: ...}, "image2text": {...}, "mean": headline mean}.
     """
     out: dict[str, Any] = {"protocol": protocol.name, "label": protocol.label, "metric": protocol.metric}
-    for direction, s, ql, cl in (
-        ("text2image", text2image_scores, text_query_labels, image_candidate_labels),
-        ("image2text", image2text_scores, image_query_labels, text_candidate_labels),
+    for direction, s, ql, cl in _directions(
+        text2image_scores,
+        text_query_labels,
+        image_candidate_labels,
+        image2text_scores,
+        image_query_labels,
+        text_candidate_labels,
     ):
         row = {protocol.metric: mean_average_precision(s, ql, cl, protocol.k, protocol.k_normalization)}
         for k in protocol.extra_ks:
@@ -243,6 +262,7 @@ def evaluate_protocols(
     dataset: PreparedDataset,
     protocols: str | Sequence[str] = "both",
     known: dict[tuple[str, str], ArrayLike | None] | None = None,
+    scores_out: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> dict:
     """Evaluate a scorer under each protocol. ``score_fn(text_split, image_split)`` returns the
     (texts of text_split, images of image_split) score matrix; higher = more similar.
@@ -250,10 +270,12 @@ def evaluate_protocols(
     The standard protocol needs one test x test matrix; the paper protocol two more (test texts x training
     images, training texts x test images). ``known`` maps (text split, image split) names to score matrices
     already computed (e.g. {("test", "test"): the scores evaluate_model returned}), so they are not computed again.
+    ``scores_out``, a dict, receives every matrix used, keyed the same way (for ``compare_protocols``).
     Returns {protocol name: protocol_report}.
     """
     reports = {}
-    cache: dict[tuple[str, str], np.ndarray] = {k: _np(v) for k, v in (known or {}).items() if v is not None}
+    cache = scores_out if scores_out is not None else {}
+    cache.update({k: _np(v) for k, v in (known or {}).items() if v is not None})
 
     def scores(text_split: str, image_split: str) -> np.ndarray:
         if (text_split, image_split) not in cache:
@@ -273,6 +295,120 @@ def evaluate_protocols(
             cand.labels,
         )
     return reports
+
+
+# -------------------------------------------------------------------------------------- paired comparison
+def paired_bootstrap(
+    ap_a: ArrayLike, ap_b: ArrayLike, n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95
+) -> dict:
+    """How sure "method a is above method b" is: the paired bootstrap over test queries of the MAP difference.
+
+    ap_a, ap_b: the per-query APs (``average_precisions``) of two methods on the same queries and candidates,
+    shape (n,) or (n, d). With d columns, row i of every column belongs to the same test item (a paired
+    dataset's text i and image i), one resample draws items, and the statistic is the mean over the columns of
+    each column's MAP difference: two columns (text->image, image->text) give the difference of "mean MAP".
+    NaN (a query without a relevant candidate) is left out of its column's mean, as in
+    ``mean_average_precision``, and must sit at the same places in both.
+
+    Why resample queries, paired: the candidates are fixed and both methods rank them for the same queries, so
+    the per-query differences carry the comparison (a query that is hard for one is usually hard for the other,
+    which a comparison of two separate intervals would ignore). What it does not cover: the spread between
+    training seeds; one model's interval says nothing about another seed's run (README, "Is it above?").
+
+    Returns {"difference": MAP(a) - MAP(b) on the queries as they are, "ci": [lo, hi], the percentile interval
+    at ``confidence``, "fraction_above": the share of resamples in which a's MAP is higher, "queries": n,
+    "n_resamples", "seed", "confidence"}. Deterministic for a seed.
+    """
+    a, b = np.asarray(_np(ap_a), dtype=np.float64), np.asarray(_np(ap_b), dtype=np.float64)
+    if a.shape != b.shape or a.ndim not in (1, 2) or a.shape[0] == 0:
+        raise ValueError(
+            f"paired_bootstrap needs two per-query AP arrays of one shape (n,) or (n, d), n > 0; got {a.shape} "
+            f"and {b.shape}"
+        )
+    if not np.array_equal(np.isnan(a), np.isnan(b)):
+        raise ValueError("the two AP arrays have NaN (queries without a relevant candidate) at different places")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    a2, b2 = (a[:, None], b[:, None]) if a.ndim == 1 else (a, b)
+    valid = ~np.isnan(a2)
+    if not valid.any(axis=0).all():
+        raise ValueError("a column of the AP arrays has no query with a relevant candidate: MAP is undefined")
+    diff = np.where(valid, a2 - b2, 0.0)
+    n = diff.shape[0]
+
+    def statistic(d: np.ndarray, v: np.ndarray) -> np.ndarray:  # (..., n, cols) -> (...,)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (d.sum(axis=-2) / v.sum(axis=-2)).mean(axis=-1)
+
+    rng = np.random.default_rng(seed)
+    block = max(1, 4_000_000 // (n * diff.shape[1]))  # resamples per draw: a bounded index array
+    stats = []
+    for start in range(0, n_resamples, block):
+        idx = rng.integers(0, n, size=(min(block, n_resamples - start), n))
+        stats.append(statistic(diff[idx], valid[idx]))
+    boot = np.concatenate(stats)
+    boot = boot[np.isfinite(boot)]  # a resample that drew no valid query of a column has no MAP
+    tail = (1.0 - confidence) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return {
+        "difference": float(statistic(diff, valid)),
+        "ci": [float(lo), float(hi)],
+        "confidence": confidence,
+        "fraction_above": float((boot > 0).mean()),
+        "queries": int(n),
+        "n_resamples": int(n_resamples),
+        "seed": int(seed),
+    }
+
+
+def protocol_average_precisions(
+    protocol: Protocol, scores: dict[tuple[str, str], ArrayLike], dataset: PreparedDataset
+) -> dict[str, np.ndarray]:
+    """Each test query's AP under ``protocol``, both directions, from the score matrices ``evaluate_protocols``
+    used (its ``scores_out``: {(text split, image split): matrix}). Returns {"text2image": (n,), "image2text": (n,)}."""
+    c = protocol.candidates
+    missing = [k for k in (("test", c), (c, "test")) if k not in scores]
+    if missing:
+        raise ValueError(f"no {missing[0][0]} x {missing[0][1]} score matrix for the {protocol.name} protocol")
+    test, cand = dataset.test, getattr(dataset, c)
+    return {
+        direction: average_precisions(s, ql, cl, protocol.k, protocol.k_normalization)
+        for direction, s, ql, cl in _directions(
+            scores["test", c], test.labels, cand.labels, _np(scores[c, "test"]).T, test.labels, cand.labels
+        )
+    }
+
+
+def compare_protocols(
+    scores_a: dict[tuple[str, str], ArrayLike],
+    scores_b: dict[tuple[str, str], ArrayLike],
+    dataset: PreparedDataset,
+    protocols: str | Sequence[str] = "both",
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> dict:
+    """Method a minus method b under each protocol, with ``paired_bootstrap`` intervals, from the two methods'
+    score matrices (``evaluate_protocols(..., scores_out=...)`` of each). Returns {protocol name:
+    {"metric", "text2image": bootstrap, "image2text": bootstrap, "mean": bootstrap of the two directions' mean}}."""
+    out: dict[str, Any] = {}
+    for p in get_protocols(protocols):
+        ap_a, ap_b = (
+            protocol_average_precisions(p, scores_a, dataset),
+            protocol_average_precisions(p, scores_b, dataset),
+        )
+        out[p.name] = {
+            "metric": p.metric,
+            **{d: paired_bootstrap(ap_a[d], ap_b[d], n_resamples, seed) for d in ("text2image", "image2text")},
+            "mean": paired_bootstrap(
+                np.stack([ap_a["text2image"], ap_a["image2text"]], axis=1),
+                np.stack([ap_b["text2image"], ap_b["image2text"]], axis=1),
+                n_resamples,
+                seed,
+            ),
+        }
+    return out
 
 
 def model_scorer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -32,8 +33,9 @@ def _baseline_scorers(dataset, root) -> dict:
     return rows
 
 
-def _baseline_rows(dataset, root, protocols) -> dict:
-    """Each baseline's standard retrieval report, with its protocol reports under "protocols"."""
+def _baseline_rows(dataset, root, protocols, scores_out: dict | None = None) -> dict:
+    """Each baseline's standard retrieval report, with its protocol reports under "protocols". ``scores_out``
+    receives each baseline's score matrices under its name (for the paired comparison)."""
     from scanet.evaluate import evaluate_protocols, retrieval_report
 
     rows = {}
@@ -41,8 +43,28 @@ def _baseline_rows(dataset, root, protocols) -> dict:
         test_scores = score(dataset.test, dataset.test)
         report = retrieval_report(test_scores, dataset.test.labels, dataset.test.labels)
         known = {("test", "test"): test_scores}
-        rows[name] = {**report, "protocols": evaluate_protocols(score, dataset, protocols, known=known)}
+        matrices: dict = {}
+        rows[name] = {**report, "protocols": evaluate_protocols(score, dataset, protocols, known, matrices)}
+        if scores_out is not None:
+            scores_out[name] = matrices
     return rows
+
+
+def _comparison_text(name: str, baseline: str, comparison: dict) -> str:
+    """The paired comparisons of one baseline as text: a line per protocol and direction."""
+    first = next(iter(comparison.values()))["mean"]
+    lines = [
+        f"{name} minus {baseline} (paired bootstrap over the {first['queries']} test items, "
+        f"{first['n_resamples']} resamples, {first['confidence']:.0%} interval):"
+    ]
+    for pname, c in comparison.items():
+        for direction in ("text2image", "image2text", "mean"):
+            b = c[direction]
+            lines.append(
+                f"  {pname:<8} {direction:<10} {b['difference']:+.4f}  [{b['ci'][0]:+.4f}, {b['ci'][1]:+.4f}]  "
+                f"above in {b['fraction_above']:.1%} of resamples"
+            )
+    return "\n".join(lines)
 
 
 def _map_table_text(rows: dict) -> str:
@@ -160,7 +182,7 @@ EVALUATE_STEM = "evaluate_"  # scanet evaluate writes evaluate_results.json: nev
 
 def cmd_evaluate(args) -> None:
     from scanet.checkpoint import load_checkpoint, load_model
-    from scanet.evaluate import ensemble_scorer, evaluate_protocols, model_scorer, retrieval_report
+    from scanet.evaluate import compare_protocols, ensemble_scorer, evaluate_protocols, model_scorer, retrieval_report
     from scanet.io import check_writable
 
     checkpoints = [Path(c) for c in args.checkpoint]
@@ -196,17 +218,38 @@ def cmd_evaluate(args) -> None:
     score = ensemble_scorer(scorers) if len(scorers) > 1 else scorers[0]
     test_scores = score(dataset.test, dataset.test)
     report = retrieval_report(test_scores, dataset.test.labels, dataset.test.labels)
-    report["protocols"] = evaluate_protocols(score, dataset, args.protocol, known={("test", "test"): test_scores})
+    matrices: dict = {}
+    report["protocols"] = evaluate_protocols(score, dataset, args.protocol, {("test", "test"): test_scores}, matrices)
     name = "SCANet" if len(scorers) == 1 else f"SCANet, mean logits of {len(scorers)} checkpoints"
     reports = {name: report}
+    comparisons: dict = {}
     if args.baseline:
-        reports.update(_baseline_rows(dataset, args.root, args.protocol))
+        baseline_matrices: dict = {}
+        reports.update(_baseline_rows(dataset, args.root, args.protocol, baseline_matrices))
+        if args.bootstrap:  # is the model above each baseline, beyond the luck of the test queries?
+            for baseline, m in baseline_matrices.items():
+                comparisons[baseline] = compare_protocols(matrices, m, dataset, args.protocol, args.bootstrap)
     what: dict = (
         {"checkpoint": str(checkpoints[0]), "epoch": epochs[0]}
         if len(checkpoints) == 1
         else {"checkpoints": [str(c) for c in checkpoints], "epochs": epochs}
     )
-    _write_results(out, reports, {"dataset": dataset.name, **what, "precision": args.precision}, stem=EVALUATE_STEM)
+    extra = {"dataset": dataset.name, **what, "precision": args.precision}
+    if comparisons:
+        extra["comparisons"] = {"method": name, "minus": comparisons}
+    _write_results(out, reports, extra, stem=EVALUATE_STEM)
+    for baseline, c in comparisons.items():
+        print(f"\n{_comparison_text(name, baseline, c)}")
+
+
+def _resamples(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--bootstrap takes a whole number of resamples >= 0, got {text!r}")
+    return n
 
 
 def add_commands(sub) -> None:
@@ -269,7 +312,19 @@ def add_commands(sub) -> None:
         default="fp32",
         help="score under torch.autocast in bf16/fp16 (the logits stay fp32; default fp32)",
     )
-    p.add_argument("--baseline", action="store_true", help="also run the CCA baseline")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run the baselines (CCA; semantic matching on single-label data) and compare the model with each",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=_resamples,
+        default=10_000,
+        metavar="N",
+        help="with --baseline: resamples of the paired bootstrap over test items that gives each difference "
+        "(model minus baseline) an interval (default 10000; 0: no comparison)",
+    )
     p.add_argument(
         "--protocol",
         choices=("standard", "paper", "both"),
