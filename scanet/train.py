@@ -106,6 +106,7 @@ def train(
     log=print,
     force: bool = False,
     master_weights: bool = True,
+    scores_out: dict | None = None,
 ) -> dict:
     """Train, evaluate on the test split, checkpoint every epoch. Returns the last metrics row.
 
@@ -115,7 +116,8 @@ def train(
     (CUDA only; each epoch then drops its last partial batch, see GraphedStep). ``master_weights``: CPU bf16
     runs keep bf16 copies of the FC weights for the forward and step float32 masters (scanet.master_weights:
     within float32 rounding of autocast's step, bitwise with its unfused step); False keeps autocast's per-step
-    casts (for comparisons).
+    casts (for comparisons). ``scores_out``, a dict, receives the selected model's score matrices of the final
+    evaluation ({(text split, image split): matrix}, see evaluate_protocols), for paired comparisons.
     """
     out = Path(out_dir)
     # Writable, locked, leftovers removed, saved work never overwritten silently (scanet.run_folder).
@@ -338,6 +340,7 @@ def train(
         dataset,
         "both",
         known={("test", "test"): test_scores},
+        scores_out=scores_out,
     )
     report = {
         **report,

@@ -56,6 +56,16 @@ def test_train_writes_results_and_checkpoint(trained, capsys):
     assert set(results["protocols"]) == {"standard", "paper"}
     assert "train candidates" in results["protocols"]["paper"]["label"]
     assert set(results["protocols"]["paper"]["rows"]) == set(results["map"])
+    # SCANet minus each baseline, per protocol and direction, with its paired-bootstrap interval
+    comp = results["comparisons"]
+    assert comp["method"] == "SCANet" and set(comp["minus"]) == set(results["map"]) - {"SCANet"}
+    for baseline, by_protocol in comp["minus"].items():
+        assert set(by_protocol) == {"standard", "paper"}
+        for p, c in by_protocol.items():
+            rows = results["protocols"][p]["rows"]
+            for d in ("text2image", "image2text", "mean"):
+                assert c[d]["difference"] == pytest.approx(rows["SCANet"][d] - rows[baseline][d], abs=1e-12)
+                assert c[d]["ci"][0] <= c[d]["ci"][1] and c[d]["n_resamples"] == 10_000
 
 
 def test_evaluate_reproduces_training_map(trained, capsys):

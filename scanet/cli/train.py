@@ -144,6 +144,7 @@ def _train_run(args) -> None:
             f"modules: {'fused (scanet.fused)' if fused else 'eager (scanet.model)'} on {args.device}, "
             f"precision {preset.train.precision}"
         )
+    matrices: dict = {}
     result = train(
         preset,
         dataset,
@@ -154,27 +155,48 @@ def _train_run(args) -> None:
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
         force=args.force,
+        scores_out=matrices,
     )
     wall = time.perf_counter() - t0
     if not sd.is_main():  # under torchrun rank 0 alone writes the results
         return
     reports = {"SCANet": result["report"]}
+    extra = {
+        "dataset": dataset.name,
+        "preset": preset.name,
+        "epochs": preset.train.epochs,
+        "selected_epoch": result["selected_epoch"],
+        "selected_by": result["report"]["selected_by"],
+        "precision": preset.train.precision,
+        "train_wall_seconds": wall,
+        "seconds_per_epoch": [h["epoch_seconds"] for h in result["history"]],
+    }
+    comparisons: dict = {}
     if not args.no_baseline:
-        reports.update(_baseline_rows(dataset, args.root, "both"))
-    _write_results(
-        out,
-        reports,
-        {
-            "dataset": dataset.name,
-            "preset": preset.name,
-            "epochs": preset.train.epochs,
-            "selected_epoch": result["selected_epoch"],
-            "selected_by": result["report"]["selected_by"],
-            "precision": preset.train.precision,
-            "train_wall_seconds": wall,
-            "seconds_per_epoch": [h["epoch_seconds"] for h in result["history"]],
-        },
-    )
+        baseline_matrices: dict = {}
+        reports.update(_baseline_rows(dataset, args.root, "both", baseline_matrices))
+        comparisons = _compare(matrices, baseline_matrices, dataset, "both", args.bootstrap)
+    _write_results(out, reports, _with_comparisons(extra, "SCANet", comparisons))
+    _print_comparisons("SCANet", comparisons)
+
+
+def _compare(matrices: dict, baseline_matrices: dict, dataset, protocols, resamples: int) -> dict:
+    """{baseline: compare_protocols(model, baseline)}: is the model above each baseline, beyond the luck of the
+    test queries? Empty with resamples = 0."""
+    from scanet.evaluate import compare_protocols
+
+    if not resamples:
+        return {}
+    return {b: compare_protocols(matrices, m, dataset, protocols, resamples) for b, m in baseline_matrices.items()}
+
+
+def _with_comparisons(extra: dict, name: str, comparisons: dict) -> dict:
+    return {**extra, "comparisons": {"method": name, "minus": comparisons}} if comparisons else extra
+
+
+def _print_comparisons(name: str, comparisons: dict) -> None:
+    for baseline, c in comparisons.items():
+        print(f"\n{_comparison_text(name, baseline, c)}")
 
 
 EVALUATE_STEM = "evaluate_"  # scanet evaluate writes evaluate_results.json: never the run's results.json
@@ -182,7 +204,7 @@ EVALUATE_STEM = "evaluate_"  # scanet evaluate writes evaluate_results.json: nev
 
 def cmd_evaluate(args) -> None:
     from scanet.checkpoint import load_checkpoint, load_model
-    from scanet.evaluate import compare_protocols, ensemble_scorer, evaluate_protocols, model_scorer, retrieval_report
+    from scanet.evaluate import ensemble_scorer, evaluate_protocols, model_scorer, retrieval_report
     from scanet.io import check_writable
 
     checkpoints = [Path(c) for c in args.checkpoint]
@@ -226,20 +248,15 @@ def cmd_evaluate(args) -> None:
     if args.baseline:
         baseline_matrices: dict = {}
         reports.update(_baseline_rows(dataset, args.root, args.protocol, baseline_matrices))
-        if args.bootstrap:  # is the model above each baseline, beyond the luck of the test queries?
-            for baseline, m in baseline_matrices.items():
-                comparisons[baseline] = compare_protocols(matrices, m, dataset, args.protocol, args.bootstrap)
+        comparisons = _compare(matrices, baseline_matrices, dataset, args.protocol, args.bootstrap)
     what: dict = (
         {"checkpoint": str(checkpoints[0]), "epoch": epochs[0]}
         if len(checkpoints) == 1
         else {"checkpoints": [str(c) for c in checkpoints], "epochs": epochs}
     )
     extra = {"dataset": dataset.name, **what, "precision": args.precision}
-    if comparisons:
-        extra["comparisons"] = {"method": name, "minus": comparisons}
-    _write_results(out, reports, extra, stem=EVALUATE_STEM)
-    for baseline, c in comparisons.items():
-        print(f"\n{_comparison_text(name, baseline, c)}")
+    _write_results(out, reports, _with_comparisons(extra, name, comparisons), stem=EVALUATE_STEM)
+    _print_comparisons(name, comparisons)
 
 
 def _resamples(text: str) -> int:
@@ -250,6 +267,17 @@ def _resamples(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"--bootstrap takes a whole number of resamples >= 0, got {text!r}")
     return n
+
+
+def _bootstrap_option(p, when: str) -> None:
+    p.add_argument(
+        "--bootstrap",
+        type=_resamples,
+        default=10_000,
+        metavar="N",
+        help=f"{when}: resamples of the paired bootstrap over test items that gives each difference (model minus "
+        "baseline) an interval, in the results JSON and printed (default 10000; 0: no comparison)",
+    )
 
 
 def add_commands(sub) -> None:
@@ -282,7 +310,8 @@ def add_commands(sub) -> None:
         help="forward passes under torch.autocast in bf16/fp16 (sets train.precision; default: the "
         "preset's, fp32); parameters, optimizer state, softmax statistics and the loss stay fp32",
     )
-    p.add_argument("--no-baseline", action="store_true", help="skip the CCA baseline")
+    p.add_argument("--no-baseline", action="store_true", help="skip the baselines (CCA, semantic matching)")
+    _bootstrap_option(p, "unless --no-baseline")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="MAP of a checkpoint (or an ensemble) on the test split (JSON + PR-curve PNG)")
@@ -317,14 +346,7 @@ def add_commands(sub) -> None:
         action="store_true",
         help="also run the baselines (CCA; semantic matching on single-label data) and compare the model with each",
     )
-    p.add_argument(
-        "--bootstrap",
-        type=_resamples,
-        default=10_000,
-        metavar="N",
-        help="with --baseline: resamples of the paired bootstrap over test items that gives each difference "
-        "(model minus baseline) an interval (default 10000; 0: no comparison)",
-    )
+    _bootstrap_option(p, "with --baseline")
     p.add_argument(
         "--protocol",
         choices=("standard", "paper", "both"),
