@@ -319,6 +319,14 @@ def paired_bootstrap(
     at ``confidence``, "fraction_above": the share of resamples in which a's MAP is higher, "queries": n,
     "n_resamples", "seed", "confidence"}. Deterministic for a seed.
     """
+    return _paired_bootstrap(ap_a, ap_b, n_resamples, seed, confidence)["mean"]
+
+
+def _paired_bootstrap(
+    ap_a: ArrayLike, ap_b: ArrayLike, n_resamples: int, seed: int, confidence: float = 0.95
+) -> dict[str, Any]:
+    """paired_bootstrap's work: {"mean": its result, "columns": the same summary of each column alone}, all
+    from one set of resamples (what compare_protocols reports per direction and for their mean)."""
     a, b = np.asarray(_np(ap_a), dtype=np.float64), np.asarray(_np(ap_b), dtype=np.float64)
     if a.shape != b.shape or a.ndim not in (1, 2) or a.shape[0] == 0:
         raise ValueError(
@@ -338,28 +346,36 @@ def paired_bootstrap(
     diff = np.where(valid, a2 - b2, 0.0)
     n = diff.shape[0]
 
-    def statistic(d: np.ndarray, v: np.ndarray) -> np.ndarray:  # (..., n, cols) -> (...,)
+    def column_differences(d: np.ndarray, v: np.ndarray) -> np.ndarray:  # (..., n, cols) -> (..., cols)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return (d.sum(axis=-2) / v.sum(axis=-2)).mean(axis=-1)
+            return d.sum(axis=-2) / v.sum(axis=-2)
 
     rng = np.random.default_rng(seed)
     block = max(1, 4_000_000 // (n * diff.shape[1]))  # resamples per draw: a bounded index array
     stats = []
     for start in range(0, n_resamples, block):
         idx = rng.integers(0, n, size=(min(block, n_resamples - start), n))
-        stats.append(statistic(diff[idx], valid[idx]))
-    boot = np.concatenate(stats)
-    boot = boot[np.isfinite(boot)]  # a resample that drew no valid query of a column has no MAP
+        stats.append(column_differences(diff[idx], valid[idx]))
+    boot = np.concatenate(stats)  # (n_resamples, cols)
+    point = column_differences(diff, valid)
     tail = (1.0 - confidence) / 2 * 100
-    lo, hi = np.percentile(boot, [tail, 100 - tail])
+
+    def summary(value: float, resampled: np.ndarray) -> dict[str, Any]:
+        resampled = resampled[np.isfinite(resampled)]  # a resample that drew no valid query of a column: no MAP
+        lo, hi = np.percentile(resampled, [tail, 100 - tail])
+        return {
+            "difference": float(value),
+            "ci": [float(lo), float(hi)],
+            "confidence": confidence,
+            "fraction_above": float((resampled > 0).mean()),
+            "queries": int(n),
+            "n_resamples": int(n_resamples),
+            "seed": int(seed),
+        }
+
     return {
-        "difference": float(statistic(diff, valid)),
-        "ci": [float(lo), float(hi)],
-        "confidence": confidence,
-        "fraction_above": float((boot > 0).mean()),
-        "queries": int(n),
-        "n_resamples": int(n_resamples),
-        "seed": int(seed),
+        "mean": summary(point.mean(), boot.mean(axis=1)),
+        "columns": [summary(point[c], boot[:, c]) for c in range(boot.shape[1])],
     }
 
 
@@ -398,16 +414,14 @@ def compare_protocols(
             protocol_average_precisions(p, scores_a, dataset),
             protocol_average_precisions(p, scores_b, dataset),
         )
-        out[p.name] = {
-            "metric": p.metric,
-            **{d: paired_bootstrap(ap_a[d], ap_b[d], n_resamples, seed) for d in ("text2image", "image2text")},
-            "mean": paired_bootstrap(
-                np.stack([ap_a["text2image"], ap_a["image2text"]], axis=1),
-                np.stack([ap_b["text2image"], ap_b["image2text"]], axis=1),
-                n_resamples,
-                seed,
-            ),
-        }
+        directions = ("text2image", "image2text")
+        both = _paired_bootstrap(
+            np.stack([ap_a[d] for d in directions], axis=1),
+            np.stack([ap_b[d] for d in directions], axis=1),
+            n_resamples,
+            seed,
+        )
+        out[p.name] = {"metric": p.metric, **dict(zip(directions, both["columns"], strict=True)), "mean": both["mean"]}
     return out
 
 

@@ -85,6 +85,13 @@ def _split(labels, offset):
     return SimpleNamespace(labels=labels, key=offset + np.arange(len(labels)))
 
 
+def _same(x, y):  # equal up to the summation order's last bits
+    assert x["ci"] == pytest.approx(y["ci"], rel=1e-12) and x["difference"] == pytest.approx(y["difference"], rel=1e-12)
+    assert {k: v for k, v in x.items() if k not in ("ci", "difference")} == {
+        k: v for k, v in y.items() if k not in ("ci", "difference")
+    }
+
+
 def test_compare_protocols_differences_are_the_protocol_reports_differences():
     rng = np.random.default_rng(4)
     ds = SimpleNamespace(train=_split(rng.integers(0, 3, 40), 100), test=_split(rng.integers(0, 3, 25), 0))
@@ -112,6 +119,16 @@ def test_compare_protocols_differences_are_the_protocol_reports_differences():
             assert c[p][d]["difference"] == pytest.approx(ra[p][d][metric] - rb[p][d][metric])
         assert c[p]["mean"]["difference"] == pytest.approx(ra[p]["mean"] - rb[p]["mean"])
         assert c[p]["mean"]["queries"] == 25
+        # one set of resamples serves both directions and their mean: each direction's entry is that direction's
+        # own paired_bootstrap (same seed), the mean's is that of the two columns
+        ap_a, ap_b = (
+            protocol_average_precisions(PROTOCOLS[p], ma, ds),
+            protocol_average_precisions(PROTOCOLS[p], mb, ds),
+        )
+        for d in ("text2image", "image2text"):
+            _same(c[p][d], paired_bootstrap(ap_a[d], ap_b[d], 300))
+        stack = lambda ap: np.stack([ap["text2image"], ap["image2text"]], axis=1)  # noqa: E731
+        _same(c[p]["mean"], paired_bootstrap(stack(ap_a), stack(ap_b), 300))
     with pytest.raises(ValueError, match="no test x train score matrix for the paper protocol"):
         protocol_average_precisions(PROTOCOLS["paper"], {("test", "test"): ma["test", "test"]}, ds)
 
