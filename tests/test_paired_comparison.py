@@ -1,4 +1,4 @@
-"""The paired bootstrap of a MAP difference (scanet.evaluate.paired_bootstrap / compare_protocols) and
+"""The paired bootstrap of a MAP difference (scanet.comparison.paired_bootstrap / compare_protocols) and
 ``scanet evaluate --baseline``'s comparisons."""
 
 import json
@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 
 from scanet.cli import main
-from scanet.evaluate import (
-    PROTOCOLS,
-    compare_protocols,
-    evaluate_protocols,
-    paired_bootstrap,
-    protocol_average_precisions,
-)
+from scanet.comparison import compare_protocols, paired_bootstrap, protocol_average_precisions
+from scanet.evaluate import PROTOCOLS, evaluate_protocols
 
 
 def test_identical_methods_differ_by_exactly_zero():

@@ -183,7 +183,7 @@ def _train_run(args) -> None:
 def _compare(matrices: dict, baseline_matrices: dict, dataset, protocols, resamples: int) -> dict:
     """{baseline: compare_protocols(model, baseline)}: is the model above each baseline, beyond the luck of the
     test queries? Empty with resamples = 0."""
-    from scanet.evaluate import compare_protocols
+    from scanet.comparison import compare_protocols
 
     if not resamples:
         return {}
