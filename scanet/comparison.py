@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scanet.evaluate import ArrayLike, Protocol, _directions, _np, average_precisions, get_protocols
+from scanet.evaluate import ArrayLike, Protocol, _np, average_precisions, get_protocols, protocol_inputs
 
 if TYPE_CHECKING:
     from scanet.data.prepared import PreparedDataset
@@ -104,16 +104,19 @@ def protocol_average_precisions(
 ) -> dict[str, np.ndarray]:
     """Each test query's AP under ``protocol``, both directions, from the score matrices ``evaluate_protocols``
     used (its ``scores_out``: {(text split, image split): matrix}). Returns {"text2image": (n,), "image2text": (n,)}."""
-    c = protocol.candidates
-    missing = [k for k in (("test", c), (c, "test")) if k not in scores]
-    if missing:
-        raise ValueError(f"no {missing[0][0]} x {missing[0][1]} score matrix for the {protocol.name} protocol")
-    test, cand = dataset.test, getattr(dataset, c)
+
+    def matrix(text_split: str, image_split: str) -> ArrayLike:
+        if (text_split, image_split) not in scores:
+            raise ValueError(f"no {text_split} x {image_split} score matrix for the {protocol.name} protocol")
+        return scores[text_split, image_split]
+
+    t2i, text_queries, image_candidates, i2t, image_queries, text_candidates = protocol_inputs(
+        protocol, matrix, dataset
+    )
+    k, normalization = protocol.k, protocol.k_normalization
     return {
-        direction: average_precisions(s, ql, cl, protocol.k, protocol.k_normalization)
-        for direction, s, ql, cl in _directions(
-            scores["test", c], test.labels, cand.labels, _np(scores[c, "test"]).T, test.labels, cand.labels
-        )
+        "text2image": average_precisions(t2i, text_queries, image_candidates, k, normalization),
+        "image2text": average_precisions(i2t, image_queries, text_candidates, k, normalization),
     }
 
 

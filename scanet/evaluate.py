@@ -211,19 +211,16 @@ def get_protocols(names: str | Sequence[str]) -> list[Protocol]:
     return [PROTOCOLS[n] for n in names]
 
 
-def _directions(
-    t2i: ArrayLike,
-    text_query_labels: ArrayLike,
-    image_candidate_labels: ArrayLike,
-    i2t: ArrayLike,
-    image_query_labels: ArrayLike,
-    text_candidate_labels: ArrayLike,
-) -> tuple:
-    """(direction, scores, query labels, candidate labels) of both retrieval directions."""
-    return (
-        ("text2image", t2i, text_query_labels, image_candidate_labels),
-        ("image2text", i2t, image_query_labels, text_candidate_labels),
-    )
+def protocol_inputs(
+    protocol: Protocol, scores: Callable[[str, str], ArrayLike], dataset: PreparedDataset
+) -> tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike, ArrayLike, ArrayLike]:
+    """``protocol_report``'s six arrays under ``protocol``: test texts x candidate images, test labels, candidate
+    labels, test images x candidate texts, test labels, candidate labels. ``scores(text split, image split)``
+    ("test" / "train") gives a (texts, images) matrix; the image->text one is the (candidate texts, test images)
+    matrix transposed. The one place that says which matrix serves which direction."""
+    c, test = protocol.candidates, dataset.test
+    cand = getattr(dataset, c)
+    return scores("test", c), test.labels, cand.labels, _np(scores(c, "test")).T, test.labels, cand.labels
 
 
 def protocol_report(
@@ -241,13 +238,9 @@ def protocol_report(
     Returns {"protocol", "label", "text2image": {metric: ...}, "image2text": {...}, "mean": headline mean}.
     """
     out: dict[str, Any] = {"protocol": protocol.name, "label": protocol.label, "metric": protocol.metric}
-    for direction, s, ql, cl in _directions(
-        text2image_scores,
-        text_query_labels,
-        image_candidate_labels,
-        image2text_scores,
-        image_query_labels,
-        text_candidate_labels,
+    for direction, s, ql, cl in (
+        ("text2image", text2image_scores, text_query_labels, image_candidate_labels),
+        ("image2text", image2text_scores, image_query_labels, text_candidate_labels),
     ):
         row = {protocol.metric: mean_average_precision(s, ql, cl, protocol.k, protocol.k_normalization)}
         for k in protocol.extra_ks:
@@ -282,18 +275,8 @@ def evaluate_protocols(
             cache[text_split, image_split] = _np(score_fn(getattr(dataset, text_split), getattr(dataset, image_split)))
         return cache[text_split, image_split]
 
-    test = dataset.test
     for p in get_protocols(protocols):
-        cand = getattr(dataset, p.candidates)
-        reports[p.name] = protocol_report(
-            p,
-            scores("test", p.candidates),
-            test.labels,
-            cand.labels,
-            scores(p.candidates, "test").T,
-            test.labels,
-            cand.labels,
-        )
+        reports[p.name] = protocol_report(p, *protocol_inputs(p, scores, dataset))
     return reports
 
 

@@ -156,4 +156,4 @@ def test_evaluate_baseline_writes_and_prints_the_paired_comparisons(run, capsys)
     assert "comparisons" not in json.loads((run / "e0" / "evaluate_results.json").read_text())
     with pytest.raises(SystemExit):
         main([*argv, "--bootstrap", "-3", "--out", str(run / "e1")])
-    assert "--bootstrap takes a whole number of resamples >= 0, got '-3'" in capsys.readouterr().err
+    assert "--bootstrap=-3: --bootstrap must be an int >= 0" in capsys.readouterr().err

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from scanet.cli._common import dataset_options, load_dataset, load_trained, module_options, use_fused
-from scanet.config import TrainConfig, arg_type
+from scanet.config import TrainConfig, arg_type, flag_type
 from scanet.precision import PRECISIONS
 
 
@@ -259,20 +258,10 @@ def cmd_evaluate(args) -> None:
     _print_comparisons(name, comparisons)
 
 
-def _resamples(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"--bootstrap takes a whole number of resamples >= 0, got {text!r}")
-    return n
-
-
 def _bootstrap_option(p, when: str) -> None:
     p.add_argument(
         "--bootstrap",
-        type=_resamples,
+        type=flag_type(int, "--bootstrap", lo=0),
         default=10_000,
         metavar="N",
         help=f"{when}: resamples of the paired bootstrap over test items that gives each difference (model minus "
