@@ -1,6 +1,6 @@
 """README and docs/ point only at files that exist: every relative Markdown link resolves, and every results
-file named (``docs/results/....json`` linked or in backticks, or a bare ```...-cpu.json``` in a table whose
-column says docs/results/) is in the tree and parses as JSON. README's results summary and the record in
+file named (``docs/results/....json`` linked or in backticks, or a bare ``...-cpu.json`` name in a table
+whose column says docs/results/) is in the tree and parses as JSON. README's results summary and the record in
 docs/eng-wiki.md cite those files for each figure."""
 
 import json
